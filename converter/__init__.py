@@ -1,0 +1,1 @@
+"""Offline half: timm classifier + labelled images -> ProtoNMF artifact (may import torch)."""

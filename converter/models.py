@@ -1,0 +1,246 @@
+"""Load a timm classifier and decide whether its head decomposes into prototypes.
+
+Models are touched only through timm's contract: ``forward_features`` (unpooled map),
+``forward_head``, ``get_classifier``, ``num_prefix_tokens`` (ViT) and ``pretrained_cfg``.
+
+Supported heads, each checked numerically on a probe input, not only by type:
+
+- ``avg_linear``: mean over positions → Linear (ResNet, EfficientNet, VGG-like, ViT with
+  ``global_pool='avg'`` and no ``fc_norm``). Exact.
+- ``avg_norm_linear``: mean → LayerNorm → Linear (ConvNeXt, ViT with ``global_pool='avg'``).
+  Exact through a per-image affine: logit = (Σ a_i score_i − μ s)/σ + b.
+
+Anything else (class-token pooling, MLP heads, MobileNetV3's conv_head after pooling)
+raises ``UnsupportedModelError`` saying why and what would work.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from protonmf.artifact import Preprocessing, sha256_file
+
+__all__ = ["HeadSpec", "ModelSource", "UnsupportedModelError", "analyse_head", "features_nhwc",
+           "load_model", "preprocessing_from_timm"]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's head is not 'average pool → (LayerNorm) → linear'; no exact conversion."""
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from, recorded in the manifest so ``verify`` can reload it."""
+
+    model: str  # timm architecture name, or a local-dir folder
+    checkpoint: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    weights_sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def load_model(source: ModelSource) -> nn.Module:
+    """Build the timm model from a local-dir folder or an architecture + checkpoint file.
+
+    A checkpoint whose keys differ from timm's but align one-to-one by order and shape
+    (e.g. EfficientNet-Lite0 weights from other ports) is remapped by order.
+    """
+    import timm
+
+    kwargs = dict(source.model_kwargs or {})
+    path = Path(source.model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json (a timm local-dir model folder)")
+        weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin")
+                        if (path / n).is_file()), None)  # fmt: skip
+        if weights is None:
+            raise FileNotFoundError(f"{path} has no model.safetensors or pytorch_model.bin")
+        model = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True, **kwargs)
+        source.weights_sha256 = sha256_file(weights)
+    elif source.checkpoint:
+        state = _read_state_dict(source.checkpoint)
+        model = timm.create_model(source.model, pretrained=False, **kwargs)
+        model.load_state_dict(_align_state_dict(state, model.state_dict(), source.checkpoint))
+        source.weights_sha256 = sha256_file(source.checkpoint)
+    else:
+        raise ValueError(
+            f"no weights for {source.model!r}: give a checkpoint file or a timm local-dir folder "
+            "(nothing is downloaded at run time)"
+        )
+    return model.eval()
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            return state[key]
+    return state
+
+
+def _align_state_dict(state: dict, target: dict, path: str) -> dict:
+    if state.keys() == target.keys():
+        return state
+    pairs = list(zip(state.items(), target.items(), strict=False))
+    if len(state) != len(target) or any(v.shape != t.shape for (_, v), (_, t) in pairs):
+        missing = sorted(set(target) - set(state))[:3]
+        raise ValueError(
+            f"{path}: keys differ from the model's (e.g. missing {missing}) and do not align "
+            "by order and shape either; is it the right architecture?"
+        )
+    log.warning("%s: keys differ from timm's; loading by order (all %d shapes match)", path,
+                len(state))  # fmt: skip
+    return {tk: v for (_, v), (tk, _) in pairs}
+
+
+def preprocessing_from_timm(model: nn.Module) -> Preprocessing:
+    """The eval transform timm would use for this model, as the artifact records it."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    c, h, w = cfg["input_size"]
+    crop_pct = cfg.get("crop_pct", 1.0) or 1.0
+    interpolation = cfg.get("interpolation", "bilinear")
+    return Preprocessing(
+        height=h,
+        width=w,
+        resize=int(round(min(h, w) / crop_pct)),
+        color_mode="L" if c == 1 else "RGB",
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
+        mean=tuple(float(m) for m in cfg["mean"]),
+        std=tuple(float(s) for s in cfg["std"]),
+    )
+
+
+def features_nhwc(model: nn.Module, feats: torch.Tensor, layout: str) -> torch.Tensor:
+    """``forward_features`` output → (N, H, W, D) grid of feature vectors."""
+    if layout == "nchw":
+        return feats.permute(0, 2, 3, 1)
+    if layout == "nhwc":
+        return feats
+    # tokens: drop class/prefix tokens, reshape patch tokens to their grid
+    tokens = feats[:, getattr(model, "num_prefix_tokens", 0) :]
+    n, length, d = tokens.shape
+    gh, gw = model.patch_embed.grid_size
+    if gh * gw != length:
+        raise UnsupportedModelError(f"{length} patch tokens do not form the {gh}×{gw} grid")
+    return tokens.reshape(n, gh, gw, d)
+
+
+@dataclass
+class HeadSpec:
+    """What the converter needs of the head: layout, class vectors, bias, optional norm."""
+
+    kind: str  # "avg_linear" | "avg_norm_linear"
+    layout: str  # forward_features layout: "nchw" | "nhwc" | "tokens"
+    weight: torch.Tensor  # (C, D)
+    bias: torch.Tensor  # (C,)
+    norm_weight: torch.Tensor | None = None  # (D,)
+    norm_bias: torch.Tensor | None = None  # (D,)
+    norm_eps: float = 0.0
+    probe_max_abs_diff: float = 0.0
+
+    @property
+    def class_vectors(self) -> torch.Tensor:
+        """V: the vectors the prototypes rebuild (LayerNorm's scale folded in)."""
+        if self.norm_weight is None:
+            return self.weight
+        return self.weight * self.norm_weight
+
+    @property
+    def effective_bias(self) -> torch.Tensor:
+        if self.norm_bias is None:
+            return self.bias
+        return self.bias + self.weight @ self.norm_bias
+
+
+def _layout(model: nn.Module, feats: torch.Tensor, num_features: int) -> str:
+    if feats.ndim == 3:
+        return "tokens"
+    if feats.ndim == 4 and feats.shape[1] == num_features:
+        return "nchw"
+    if feats.ndim == 4 and feats.shape[-1] == num_features:
+        return "nhwc"
+    raise UnsupportedModelError(f"forward_features returned shape {tuple(feats.shape)}")
+
+
+def _find_post_pool_norm(model: nn.Module) -> nn.Module | None:
+    for owner, name in ((getattr(model, "head", None), "norm"), (model, "fc_norm")):
+        norm = getattr(owner, name, None) if owner is not None else None
+        if isinstance(norm, nn.LayerNorm) or type(norm).__name__ in ("LayerNorm2d", "LayerNorm"):
+            return norm
+    return None
+
+
+@torch.no_grad()
+def analyse_head(model: nn.Module, probe: torch.Tensor, rtol: float = 1e-4) -> HeadSpec:
+    """Classify the head and prove the decomposition on ``probe`` (a small input batch)."""
+    model.eval()
+    name = type(model).__name__
+    pool = getattr(model, "global_pool", None)
+    pool_type = pool if isinstance(pool, str) else getattr(pool, "pool_type", None)
+    if pool_type == "token":
+        raise UnsupportedModelError(
+            f"{name} pools the class token (global_pool='token'): its logit is not a sum over "
+            "patches, so no prototype model equals it. Create the model with global_pool='avg' "
+            "(a different model: fine-tune it first), then convert that."
+        )
+    if getattr(model, "conv_head", None) is not None and not hasattr(model, "bn2"):
+        raise UnsupportedModelError(
+            f"{name} applies conv_head + activation after pooling (MobileNetV3-style): the "
+            "head is non-linear in the pooled features. Supported: average pool → "
+            "(LayerNorm) → linear heads (ResNet, EfficientNet, ConvNeXt, ViT with avg pooling)."
+        )
+    fc = model.get_classifier()
+    if not isinstance(fc, nn.Linear):
+        raise UnsupportedModelError(
+            f"{name}'s classifier is {type(fc).__name__}, not a single nn.Linear (an MLP or "
+            "convolutional head is not decomposable into prototypes)."
+        )
+    feats = model.forward_features(probe)
+    layout = _layout(model, feats, fc.in_features)
+    grid = features_nhwc(model, feats, layout)  # (N, H, W, D)
+    pooled = grid.mean((1, 2))
+    want = model.forward_head(feats)
+    bias = fc.bias if fc.bias is not None else torch.zeros(fc.out_features)
+    candidates = [("avg_linear", None)]
+    norm = _find_post_pool_norm(model)
+    if norm is not None:
+        candidates.insert(0, ("avg_norm_linear", norm))
+    for kind, nrm in candidates:
+        x = pooled if nrm is None else torch.nn.functional.layer_norm(
+            pooled, (pooled.shape[-1],), nrm.weight, nrm.bias, nrm.eps
+        )  # fmt: skip
+        got = fc(x)
+        diff = (got - want).abs().max().item()
+        if diff <= rtol * max(want.abs().max().item(), 1e-6):
+            return HeadSpec(
+                kind=kind,
+                layout=layout,
+                weight=fc.weight.detach().double(),
+                bias=bias.detach().double(),
+                norm_weight=None if nrm is None else nrm.weight.detach().double(),
+                norm_bias=None if nrm is None else nrm.bias.detach().double(),
+                norm_eps=0.0 if nrm is None else float(nrm.eps),
+                probe_max_abs_diff=diff,
+            )
+    raise UnsupportedModelError(
+        f"{name}'s forward_head is not average pool → (LayerNorm) → linear on a probe input "
+        f"(max |Δ| {diff:.3g}); a head with non-linear steps after pooling cannot be rebuilt "
+        "exactly from prototypes."
+    )

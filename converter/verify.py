@@ -1,0 +1,55 @@
+"""``protonmf verify``: the artifact's ONNX graph vs the original timm model on images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from protonmf.artifact import ArtifactError, Preprocessing, preprocess
+from protonmf.data import load_image_folder
+from service.runtime import Explainer
+
+from .convert import exactness
+from .models import ModelSource, load_model
+
+__all__ = ["verify"]
+
+
+def default_data(manifest: dict) -> str:
+    conv = manifest["conversion"]
+    data = conv.get("heldout") or conv.get("data")
+    if not data or not Path(data).is_dir():
+        raise FileNotFoundError(
+            f"the images this artifact was built with ({data}) are not here; pass --data DIR"
+        )
+    return data
+
+
+def verify(artifact, data=None, device="cpu", batch_size=32, max_images=None,
+           progress=True) -> dict:  # fmt: skip
+    """Run ONNX (onnxruntime) and the original model (torch) on the same preprocessed images."""
+    explainer = Explainer.load(artifact, device=device)
+    manifest = explainer.manifest
+    data = data or default_data(manifest)
+    samples = load_image_folder(data, manifest["classes"])[:max_images]
+    b = manifest["backbone"]
+    source = ModelSource(b["model"], b.get("checkpoint"), b.get("model_kwargs"))
+    model = load_model(source)
+    if b.get("weights_sha256") and source.weights_sha256 != b["weights_sha256"]:
+        raise ArtifactError(
+            f"the weights at {b.get('checkpoint') or b['model']} are not the ones this artifact "
+            "was converted from (sha256 differs)"
+        )
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    want, got = [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(samples), batch_size), desc="verify", disable=not progress):
+            x = np.stack([preprocess(s.open(), prep) for s in samples[i : i + batch_size]])
+            want.append(model(torch.from_numpy(x)).double().numpy())
+            got.append(explainer.run(x)["logits"].astype(np.float64))
+    report = exactness(np.concatenate(want), np.concatenate(got))
+    report.update(provider=explainer.provider, data=str(Path(data).resolve()))
+    return report

@@ -1,0 +1,173 @@
+"""``protonmf`` command line: convert, inspect, verify, evaluate.
+
+``convert`` and ``verify`` need the convert extra (torch, timm); ``inspect`` and
+``evaluate`` need only the artifact and onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .artifact import ArtifactError, load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "models" / "fashion-resnet"
+DEFAULT_DATA = REPO / "data" / "fashion-mnist"
+DEFAULT_ARTIFACT = Path("artifacts") / "fashion-default"
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="timm classifier + labelled images -> artifact directory")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="timm local-dir model folder, or a timm architecture name with "
+                        "--checkpoint (default: the embedded Fashion-MNIST ResNet)")
+    p.add_argument("--checkpoint", help="weights file (.safetensors or .pth) for --model NAME")
+    p.add_argument("--model-kwargs", type=json.loads, default={},
+                   help='JSON kwargs for timm.create_model, e.g. \'{"global_pool": "avg"}\'')
+    p.add_argument("--data", default=str(DEFAULT_DATA),
+                   help="ImageFolder ROOT/<class>/<image>, or ROOT with train/ and val/ or "
+                        "test/ (the latter held out for verify)")
+    p.add_argument("--heldout", help="held-out ImageFolder for verification (overrides split)")
+    p.add_argument("--max-per-class", type=int, help="cap on images per class")
+    p.add_argument("-p", "--prototypes", dest="p", type=int, default=3,
+                   help="prototypes per class (default 3)")
+    p.add_argument("--solver", choices=["mu", "hals"], default="mu",
+                   help="NMF solver: mu = Lee-Seung (the paper), hals (faster)")
+    p.add_argument("--init", choices=["random", "paper"], default="random",
+                   help="NMF init: random = |Gaussian| scaled (default), paper = clipped Gaussian")
+    p.add_argument("--tol", type=float, default=1e-4, help="NMF relative error-change stop")
+    p.add_argument("--max-iter", type=int, default=200, help="NMF iteration cap")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nonneg", action="store_true",
+                   help="constrain coefficients a >= 0 (cvxpy)")
+    p.add_argument("--min-sum-ratio", type=float, default=0.5,
+                   help="guard: below this |sum a|/||a||_1 fold the residual by the "
+                        "minimum-norm split instead of Eq. 8's R/sum(a) (default 0.5)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--maps", choices=["topk", "all", "none"], default="topk",
+                   help="similarity maps in the graph: top-k classes only (default), all, none")
+    p.add_argument("-k", "--topk", dest="k", type=int, default=5, help="k for --maps topk")
+    p.add_argument("--out", default=str(DEFAULT_ARTIFACT), help="artifact directory to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_convert(args) -> int:
+    from converter.convert import ConvertConfig, convert
+
+    cfg = ConvertConfig(
+        model=args.model, data=args.data, out=args.out, checkpoint=args.checkpoint,
+        model_kwargs=args.model_kwargs, heldout=args.heldout, max_per_class=args.max_per_class,
+        p=args.p, solver=args.solver, init=args.init, tol=args.tol, max_iter=args.max_iter,
+        seed=args.seed, nonneg=args.nonneg, min_sum_ratio=args.min_sum_ratio,
+        device=args.device, batch_size=args.batch_size, maps=args.maps, k=args.k,
+        progress=not args.quiet,
+    )  # fmt: skip
+    out = convert(cfg)
+    manifest = load_manifest(out)
+    print(_summary(manifest, out))
+    print(f"artifact: {out}")
+    return 0
+
+
+def _summary(m: dict, path) -> str:
+    d = m["diagnostics"]
+    ex = d["torch_exactness"]
+    lines = [
+        f"ProtoNMF artifact {path} (format v{m['format_version']}, protonmf {m['protonmf_version']})",
+        f"  backbone     {m['backbone'].get('architecture')} ({m['backbone']['model']})",
+        f"  head         {m['head']['kind']}, features {m['feature_dim']} x "
+        f"{m['feature_grid'][0]}x{m['feature_grid'][1]}",
+        f"  classes      {d['classes_total']} ({d['classes_explained']} explained by prototypes)",
+        f"  prototypes   p={m['p']} per class, solver {m['conversion']['solver']}, "
+        f"{m['conversion']['n_images']} images",
+        f"  guarded      {len(d['guarded_classes'])} classes folded by the min-norm split",
+        f"  rebuild      max ||sum a b' - V|| / ||V|| = {d['max_rebuild_rel_error']:.2e}",
+        f"  exactness    torch: max rel logit diff {ex['max_rel_logit_diff']:.2e}, "
+        f"top-1 agreement {ex['top1_agreement']:.2%} on {ex['n_images']} images",
+        f"  graph        {', '.join(m['graph']['outputs'])} (opset {m['graph']['opset']})",
+        f"  input        {m['graph']['input']['shape']} {m['preprocessing']['color_mode']}",
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_inspect(args) -> int:
+    manifest = load_manifest(args.artifact)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        print(_summary(manifest, args.artifact))
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from converter.verify import verify
+
+    report = verify(args.artifact, args.data, device=args.device, batch_size=args.batch_size,
+                    max_images=args.max_images, progress=not args.json)  # fmt: skip
+    _print_report(report, args.json)
+    ok = report["top1_agreement"] == 1.0 and report["max_rel_logit_diff"] <= args.rtol
+    return 0 if ok else 1
+
+
+def _cmd_evaluate(args) -> int:
+    from service.evaluate import evaluate
+
+    report = evaluate(args.artifact, args.data, device=args.device, batch_size=args.batch_size,
+                      progress=not args.json)  # fmt: skip
+    _print_report(report, args.json)
+    return 0
+
+
+def _print_report(report: dict, as_json: bool):
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        for k, v in report.items():
+            if not isinstance(v, dict):
+                print(f"{k:>26}  {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="protonmf", description=__doc__.splitlines()[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    p = sub.add_parser("inspect", help="summarise an artifact")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print the full manifest as JSON")
+    for name, text in (("verify", "ONNX graph vs the original model: exactness on images"),
+                       ("evaluate", "accuracy of the ONNX graph on labelled images")):  # fmt: skip
+        p = sub.add_parser(name, help=text)
+        p.add_argument("artifact")
+        p.add_argument("--data", help="ImageFolder (default: the artifact's held-out images)")
+        p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--json", action="store_true")
+        if name == "verify":
+            p.add_argument("--max-images", type=int)
+            p.add_argument("--rtol", type=float, default=1e-5,
+                           help="exit 1 if max_rel_logit_diff exceeds this (default 1e-5)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("converter", "service", "protonmf"):
+        logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
+    handlers = {"convert": _cmd_convert, "inspect": _cmd_inspect, "verify": _cmd_verify,
+                "evaluate": _cmd_evaluate}  # fmt: skip
+    try:
+        return handlers[args.command](args)
+    except (ArtifactError, FileNotFoundError, ValueError) as e:
+        print(f"protonmf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Online half: serves a ProtoNMF artifact with onnxruntime. Never imports torch."""

@@ -1,0 +1,99 @@
+"""Run an artifact's ONNX graph with onnxruntime: no torch, provider checked, I/O named.
+
+onnxruntime-gpu lists CUDA as *available* even on machines without a GPU and silently
+falls back to CPU when CUDA fails, so the provider actually in use is read back from
+``session.get_providers()`` and a request for CUDA that did not take is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from protonmf.artifact import (
+    MODEL_FILE,
+    ArtifactError,
+    Preprocessing,
+    load_manifest,
+    load_tensors,
+    preprocess,
+)
+
+__all__ = ["Explainer", "ProviderError", "create_session"]
+
+
+class ProviderError(RuntimeError):
+    """The requested execution provider could not be used."""
+
+
+def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+    """An InferenceSession on ``device`` ("cpu", "cuda" or "auto"), full graph optimisation.
+
+    Returns (session, provider_in_use).
+    """
+    import onnxruntime as ort
+
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    want_cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers()
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else [
+        "CPUExecutionProvider"
+    ]
+    session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+    in_use = session.get_providers()[0]
+    if device == "cuda" and in_use != "CUDAExecutionProvider":
+        raise ProviderError(
+            f"CUDA was requested but onnxruntime runs on {in_use} "
+            f"(available: {ort.get_available_providers()}); is there a GPU and CUDA runtime?"
+        )
+    return session, in_use
+
+
+@dataclass
+class Explainer:
+    """An artifact loaded for inference: manifest, prototype tensors and ONNX session."""
+
+    manifest: dict
+    tensors: dict
+    session: object
+    provider: str
+
+    @classmethod
+    def load(cls, artifact_dir: str | os.PathLike, device: str = "cpu", threads=None):
+        artifact_dir = Path(artifact_dir)
+        manifest = load_manifest(artifact_dir)
+        if MODEL_FILE not in manifest["files"]:
+            raise ArtifactError(f"{artifact_dir} has no {MODEL_FILE}: re-run `protonmf convert`")
+        tensors = load_tensors(artifact_dir, manifest)
+        session, provider = create_session(artifact_dir / MODEL_FILE, device, threads)
+        got = [o.name for o in session.get_outputs()]
+        want = list(manifest["graph"]["outputs"])
+        if got != want:
+            raise ArtifactError(f"{artifact_dir}: graph outputs {got} != manifest {want}")
+        return cls(manifest, tensors, session, provider)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.manifest["preprocessing"])
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    def preprocess(self, images) -> np.ndarray:
+        """PIL images → (N, c, h, w) float32 batch, as the manifest says."""
+        spec = self.preprocessing
+        return np.stack([preprocess(im, spec) for im in images])
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the graph on a preprocessed batch; outputs by name."""
+        name = self.manifest["graph"]["input"]["name"]
+        values = self.session.run(None, {name: np.ascontiguousarray(batch, np.float32)})
+        return dict(zip(self.manifest["graph"]["outputs"], values, strict=True))

@@ -1,0 +1,108 @@
+"""The artifact contract: atomic write, checksums, versions, preprocessing (no torch)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from protonmf.artifact import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    TENSORS_FILE,
+    ArtifactError,
+    Preprocessing,
+    load_manifest,
+    load_tensors,
+    preprocess,
+    write_artifact,
+)
+
+
+def tiny(tmp_path, **extra):
+    C, p, D = 4, 2, 3
+    tensors = {
+        "prototypes": np.ones((C, p, D), np.float32),
+        "nmf_prototypes": np.ones((C, p, D), np.float32),
+        "coefficients": np.ones((C, p), np.float32),
+        "residuals": np.zeros((C, D), np.float32),
+        "class_vectors": np.ones((C, D), np.float32),
+        "bias": np.zeros(C, np.float32),
+    }
+    manifest = {"classes": list("abcd"), "p": p, "feature_dim": D, **extra}
+    return write_artifact(tmp_path / "art", manifest, tensors)
+
+
+def test_round_trip(tmp_path):
+    out = tiny(tmp_path)
+    m = load_manifest(out)
+    assert m["format_version"] == FORMAT_VERSION
+    assert set(m["files"]) == {TENSORS_FILE}
+    t = load_tensors(out, m)
+    assert t["prototypes"].shape == (4, 2, 3)
+    # no temp dirs left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_rewrite_replaces_whole(tmp_path):
+    tiny(tmp_path)
+    out = tiny(tmp_path, note="second")
+    assert load_manifest(out)["note"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_corrupt_file_refused(tmp_path):
+    out = tiny(tmp_path)
+    with open(out / TENSORS_FILE, "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    with pytest.raises(ArtifactError, match="checksum mismatch for prototypes.safetensors"):
+        load_manifest(out)
+
+
+def test_other_version_refused(tmp_path):
+    out = tiny(tmp_path)
+    m = json.loads((out / MANIFEST_FILE).read_text())
+    m["format_version"] = 999
+    (out / MANIFEST_FILE).write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="format version 999"):
+        load_manifest(out)
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(ArtifactError, match="not a ProtoNMF artifact"):
+        load_manifest(tmp_path)
+
+
+def test_shape_mismatch_refused(tmp_path):
+    out = tiny(tmp_path)
+    m = load_manifest(out)
+    m["p"] = 5
+    with pytest.raises(ArtifactError, match="manifest implies"):
+        load_tensors(out, m)
+
+
+def test_missing_tensor_refused(tmp_path):
+    with pytest.raises(ArtifactError, match="missing tensors"):
+        write_artifact(tmp_path / "x", {}, {"prototypes": np.zeros(1)})
+
+
+def test_preprocess_resize_crop_normalise():
+    spec = Preprocessing(height=4, width=4, resize=4, color_mode="L", mean=(0.5,), std=(0.5,))
+    img = Image.fromarray(np.full((8, 16), 255, np.uint8))  # wide, white
+    x = preprocess(img, spec)
+    assert x.shape == (1, 4, 4) and x.dtype == np.float32
+    np.testing.assert_allclose(x, 1.0)
+
+
+def test_preprocess_converts_modes():
+    spec = Preprocessing(height=2, width=2, resize=2)
+    rgba = Image.new("RGBA", (2, 2), (255, 0, 0, 128))
+    x = preprocess(rgba, spec)
+    assert x.shape == (3, 2, 2)
+    assert x[0, 0, 0] > x[1, 0, 0]  # red channel survives the conversion
+
+
+def test_preprocessing_dict_round_trip():
+    spec = Preprocessing(height=56, width=56, resize=64, color_mode="L", mean=(0.3,), std=(0.4,))
+    assert Preprocessing.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
