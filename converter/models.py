@@ -114,6 +114,9 @@ def preprocessing_from_timm(model: nn.Module) -> Preprocessing:
 
     cfg = resolve_data_config({}, model=model)
     c, h, w = cfg["input_size"]
+    patch_embed = getattr(model, "patch_embed", None)
+    if getattr(patch_embed, "strict_img_size", False):
+        h, w = patch_embed.img_size  # built for another size than its pretrained_cfg says
     crop_pct = cfg.get("crop_pct", 1.0) or 1.0
     interpolation = cfg.get("interpolation", "bilinear")
     return Preprocessing(

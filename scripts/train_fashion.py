@@ -26,8 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from protonmf.data import read_idx  # noqa: E402
 from protonmf.artifact import Preprocessing, preprocess  # noqa: E402
+from protonmf.data import read_idx  # noqa: E402
 
 CLASS_NAMES = [
     "tshirt_top", "trouser", "pullover", "dress", "coat",

@@ -1,0 +1,198 @@
+"""End-to-end conversion on real models and real images; exactness against the original."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import FASHION_DATA, FASHION_MODEL, lite0_checkpoint, manifest_of, run_cli
+
+from converter.convert import ConvertConfig, convert, exactness, logits_of
+from converter.models import ModelSource, UnsupportedModelError, analyse_head, load_model
+from converter.protomodel import ProtoModel
+from protonmf.artifact import Preprocessing, load_tensors
+from protonmf.data import load_image_folder
+
+pytestmark = pytest.mark.slow
+
+
+def proto_model_from_artifact(artifact, maps="none"):
+    """Rebuild the prototype model from the artifact's saved tensors + the original model."""
+    m = manifest_of(artifact)
+    b = m["backbone"]
+    model = load_model(ModelSource(b["model"], b.get("checkpoint"), b.get("model_kwargs")))
+    prep = Preprocessing.from_dict(m["preprocessing"])
+    head = analyse_head(model, torch.randn(2, prep.channels, prep.height, prep.width))
+    t = load_tensors(artifact, m)
+    proto = ProtoModel(model, head, t["prototypes"], t["coefficients"], maps=maps).eval()
+    return model, proto, prep, m
+
+
+def torch_parity(artifact, data):
+    model, proto, prep, m = proto_model_from_artifact(artifact)
+    samples = load_image_folder(data, m["classes"])
+    want = logits_of(model, samples, prep).double().numpy()
+    got = logits_of(proto, samples, prep).double().numpy()
+    return exactness(want, got)
+
+
+def test_fashion_default_is_exact_in_torch(fashion_artifact):
+    report = torch_parity(fashion_artifact, FASHION_DATA / "test")
+    assert report["n_images"] == 500
+    assert report["top1_agreement"] == 1.0
+    assert report["max_rel_logit_diff"] <= 1e-5
+
+
+def test_lite0_is_exact_in_torch_on_photos(lite0_artifact, imagenet_photos):
+    report = torch_parity(lite0_artifact, imagenet_photos)
+    assert report["n_images"] == 20
+    assert report["top1_agreement"] == 1.0
+    assert report["max_rel_logit_diff"] <= 1e-5
+
+
+def test_fashion_manifest_diagnostics(fashion_artifact):
+    m = manifest_of(fashion_artifact)
+    d = m["diagnostics"]
+    assert m["classes"][0] == "tshirt_top" and m["p"] == 3 and m["feature_grid"] == [7, 7]
+    assert d["classes_explained"] == d["classes_total"] == 10
+    for c in d["per_class"]:
+        assert c["n_images"] == 200
+        assert 1 <= c["nmf_iterations"] <= 200
+        assert 0 < c["feature_rel_error"] < 1
+        assert c["rebuild_rel_error"] < 1e-5
+        assert c["fold"] in ("sum", "min_norm")
+        assert (c["fold"] == "min_norm") == (c["sum_a_ratio"] < 0.5)
+    assert m["conversion"]["heldout"].endswith("fashion-mnist/test")
+
+
+def test_prototypes_rebuild_class_vectors(fashion_artifact, lite0_artifact):
+    for artifact in (fashion_artifact, lite0_artifact):
+        t = load_tensors(artifact)
+        rebuilt = np.einsum("cp,cpd->cd", t["coefficients"].astype(np.float64),
+                            t["prototypes"].astype(np.float64))  # fmt: skip
+        V = t["class_vectors"].astype(np.float64)
+        rel = np.linalg.norm(rebuilt - V, axis=1) / np.linalg.norm(V, axis=1)
+        assert rel.max() < 1e-5
+
+
+def test_classes_without_images_are_flagged(lite0_artifact):
+    m = manifest_of(lite0_artifact)
+    d = m["diagnostics"]
+    assert d["classes_total"] == 1000
+    assert d["classes_explained"] == 19  # 20 photos, two of class 609
+    flagged = [c for c in d["per_class"] if not c["explained"]]
+    assert len(flagged) == 981 and all(c["fold"] == "no_images" for c in flagged)
+    t = load_tensors(lite0_artifact)
+    idx = m["classes"].index(flagged[0]["class"])
+    np.testing.assert_array_equal(t["coefficients"][idx], [1, 0, 0])
+    np.testing.assert_allclose(t["prototypes"][idx, 0], t["class_vectors"][idx])
+
+
+def test_guard_can_be_switched_off(tmp_path):
+    out = convert(ConvertConfig(model=str(FASHION_MODEL), data=str(FASHION_DATA), out=str(tmp_path / "a"),
+                                max_per_class=20, min_sum_ratio=0.0, maps="none", progress=False))  # fmt: skip
+    d = manifest_of(out)["diagnostics"]
+    assert d["guarded_classes"] == []
+    assert all(c["fold"] == "sum" for c in d["per_class"])
+    assert d["torch_exactness"]["max_rel_logit_diff"] <= 1e-5
+
+
+def test_nonneg_hals_variant(tmp_path):
+    out = convert(ConvertConfig(model=str(FASHION_MODEL), data=str(FASHION_DATA), out=str(tmp_path / "a"),
+                                max_per_class=20, nonneg=True, solver="hals", maps="none",
+                                progress=False))  # fmt: skip
+    t = load_tensors(out)
+    m = manifest_of(out)
+    assert (t["coefficients"] >= 0).all()
+    assert m["conversion"]["solver"] == "hals" and m["conversion"]["nonneg"] is True
+    assert m["diagnostics"]["torch_exactness"]["max_rel_logit_diff"] <= 1e-5
+
+
+def test_inspect_json(fashion_artifact, capsys):
+    code, out = run_cli("inspect", fashion_artifact, "--json", capsys=capsys)
+    assert code == 0
+    assert json.loads(out)["classes"] == manifest_of(fashion_artifact)["classes"]
+    code, out = run_cli("inspect", fashion_artifact, capsys=capsys)
+    assert "10 (10 explained by prototypes)" in out
+
+
+def test_cli_reports_bad_paths(tmp_path, capsys):
+    code, _ = run_cli("inspect", tmp_path)
+    assert code == 2
+    assert "not a ProtoNMF artifact" in capsys.readouterr().err
+    code, _ = run_cli("convert", "--quiet", "--data", tmp_path / "nope", "--out", tmp_path / "o")
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_wrong_folders_refused(tmp_path):
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(ValueError, match="match neither the model's class names"):
+        load_image_folder(tmp_path, ["tshirt_top", "trouser"])
+
+
+# --- heads: supported kinds are exact, the rest are refused with a reason ---------
+
+
+def random_model(name, **kwargs):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, match",
+    [
+        ("vit_tiny_patch16_224", dict(img_size=64), "pools the class token"),
+        ("mobilenetv3_small_050", {}, "conv_head"),
+    ],
+)
+def test_unsupported_heads_are_refused(name, kwargs, match):
+    model = random_model(name, **kwargs)
+    size = kwargs.get("img_size", 64)
+    with pytest.raises(UnsupportedModelError, match=match):
+        analyse_head(model, torch.randn(2, 3, size, size))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, kind",
+    [
+        ("convnext_atto", {}, "avg_norm_linear"),
+        ("vit_tiny_patch16_224", dict(img_size=64, global_pool="avg"), "avg_norm_linear"),
+        ("resnet18", {}, "avg_linear"),
+    ],
+)
+def test_supported_heads_convert_exactly(name, kwargs, kind, tmp_path, imagenet_photos):
+    """Random weights through the real checkpoint path, then parity on the photos."""
+    from safetensors.torch import save_file
+
+    model = random_model(name, **kwargs)
+    ckpt = tmp_path / "w.safetensors"
+    save_file(model.state_dict(), ckpt)
+    out = convert(ConvertConfig(model=name, checkpoint=str(ckpt), model_kwargs=kwargs,
+                                data=str(imagenet_photos), out=str(tmp_path / "a"), p=2,
+                                maps="none", progress=False))  # fmt: skip
+    m = manifest_of(out)
+    assert m["head"]["kind"] == kind
+    report = torch_parity(out, imagenet_photos)
+    assert report["top1_agreement"] == 1.0
+    assert report["max_rel_logit_diff"] <= 1e-5
+
+
+def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(3)}, tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="do not align"):
+        load_model(ModelSource("resnet18", str(tmp_path / "w.safetensors")))
+
+
+def test_no_weights_refused():
+    with pytest.raises(ValueError, match="nothing is downloaded"):
+        load_model(ModelSource("resnet18"))
+
+
+def test_lite0_weights_load_by_order():
+    model = load_model(ModelSource("tf_efficientnet_lite0", str(lite0_checkpoint())))
+    assert model.get_classifier().out_features == 1000

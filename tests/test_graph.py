@@ -1,0 +1,146 @@
+"""The fused ONNX explainer graph: parity with the original model, structure, outputs."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from conftest import FASHION_DATA, manifest_of, run_cli
+from test_convert import proto_model_from_artifact
+
+from converter.export import export_onnx
+from protonmf.data import load_image_folder
+from service.runtime import Explainer, ProviderError, create_session
+
+pytestmark = pytest.mark.slow
+
+
+def verify_json(artifact, capsys, *extra):
+    code, out = run_cli("verify", artifact, "--json", *extra, capsys=capsys)
+    return code, json.loads(out)
+
+
+def test_verify_fashion_default_data(fashion_artifact, capsys):
+    code, r = verify_json(fashion_artifact, capsys)  # --data defaults to the held-out split
+    assert code == 0
+    assert r["n_images"] == 500 and r["data"].endswith("fashion-mnist/test")
+    assert r["top1_agreement"] == 1.0
+    assert r["max_rel_logit_diff"] <= 1e-5
+    assert r["provider"] == "CPUExecutionProvider"
+
+
+def test_verify_lite0_on_photos(lite0_artifact, imagenet_photos, capsys):
+    code, r = verify_json(lite0_artifact, capsys, "--data", imagenet_photos)
+    assert code == 0
+    assert r["n_images"] == 20 and r["top1_agreement"] == 1.0
+    assert r["max_rel_logit_diff"] <= 1e-5
+
+
+def test_evaluate_fashion(fashion_artifact, capsys):
+    code, out = run_cli("evaluate", fashion_artifact, "--json", capsys=capsys)
+    r = json.loads(out)
+    assert code == 0 and r["n_images"] == 500
+    assert r["top1_accuracy"] >= 0.88  # the model's 91% on the full test set
+    assert r["max_explanation_residual"] <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def fashion_batch(fashion_artifact):
+    ex = Explainer.load(fashion_artifact)
+    samples = load_image_folder(FASHION_DATA / "test", ex.classes)[::5][:32]
+    return ex, ex.preprocess([s.open() for s in samples])
+
+
+def test_contributions_add_up_to_logits(fashion_batch):
+    ex, x = fashion_batch
+    out = ex.run(x)
+    total = out["contributions"].sum(-1) + out["bias"]
+    scale = np.abs(out["logits"]).max(1, keepdims=True)
+    assert (np.abs(total - out["logits"]) / scale).max() <= 1e-5
+    np.testing.assert_allclose(out["contributions"], out["scores"] * ex.tensors["coefficients"],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [1, 3, 32])
+def test_dynamic_batch(fashion_batch, n):
+    ex, x = fashion_batch
+    out = ex.run(x[:n])
+    m = ex.manifest
+    C, p, (H, W), k = len(m["classes"]), m["p"], m["feature_grid"], m["graph"]["k"]
+    assert out["logits"].shape == (n, C)
+    assert out["scores"].shape == out["contributions"].shape == (n, C, p)
+    assert out["topk_classes"].shape == (n, k)
+    assert out["topk_maps"].shape == (n, k, p, H, W)
+    # per-image results do not depend on the batch they came in
+    np.testing.assert_allclose(out["logits"], ex.run(x)["logits"][:n], rtol=1e-5, atol=1e-5)
+
+
+def test_topk_maps_are_slices_of_all_maps(fashion_artifact, fashion_batch, tmp_path):
+    ex, x = fashion_batch
+    _, proto, prep, _ = proto_model_from_artifact(fashion_artifact, maps="all")
+    path = export_onnx(proto, (prep.channels, prep.height, prep.width), tmp_path / "all.onnx")
+    session, _ = create_session(path)
+    logits_all, *_, maps = session.run(None, {"image": x})
+    out = ex.run(x)
+    np.testing.assert_allclose(logits_all, out["logits"], rtol=1e-5, atol=1e-5)
+    top = out["topk_classes"]
+    np.testing.assert_array_equal(top, np.argsort(-out["logits"], 1)[:, : top.shape[1]])
+    want = np.take_along_axis(maps, top[:, :, None, None, None], axis=1)
+    np.testing.assert_allclose(out["topk_maps"], want, rtol=1e-4, atol=1e-4)
+    # scores are the maps' spatial means (Eq. 9 maps, mean-pooled)
+    np.testing.assert_allclose(maps.mean((3, 4)), out["scores"], rtol=1e-4, atol=1e-4)
+
+
+def op_counts(path):
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def test_graph_structure(fashion_artifact, lite0_artifact):
+    for artifact in (fashion_artifact, lite0_artifact):
+        m = manifest_of(artifact)
+        g = onnx.load(str(artifact / "model.onnx"))
+        ops = op_counts(artifact / "model.onnx")
+        assert ops["TopK"] == 1  # top-k classes picked in-graph
+        assert ops["GatherND"] + ops["Gather"] >= 1  # their prototypes gathered for the maps
+        assert ops["Einsum"] == 1  # maps for the k gathered classes only
+        # the prototype head: one (D, C·p) matmul on pooled features; no C·p-filter conv
+        C, p, D = len(m["classes"]), m["p"], m["feature_dim"]
+        inits = {i.name: tuple(i.dims) for i in g.graph.initializer}
+        convs = [n for n in g.graph.node if n.op_type == "Conv"]
+        assert all(inits.get(n.input[1], (0,))[0] != C * p for n in convs)
+        assert (C, p, D) in inits.values()
+        assert sum(1 for s in inits.values() if s == (C, p, D)) == 1  # stored once
+        assert [o.name for o in g.graph.output] == list(m["graph"]["outputs"])
+        assert g.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+        assert m["graph"]["opset"] == 18
+        assert any(o.domain in ("", "ai.onnx") and o.version == 18 for o in g.opset_import)
+
+
+def test_all_maps_graph_uses_one_conv_for_prototypes(fashion_artifact, tmp_path):
+    _, proto, prep, m = proto_model_from_artifact(fashion_artifact, maps="all")
+    path = export_onnx(proto, (prep.channels, prep.height, prep.width), tmp_path / "all.onnx")
+    g = onnx.load(str(path))
+    C, p = len(m["classes"]), m["p"]
+    inits = {i.name: tuple(i.dims) for i in g.graph.initializer}
+    convs = [n for n in g.graph.node if n.op_type == "Conv"]
+    proto_convs = [n for n in convs if inits.get(n.input[1], (0,))[0] == C * p]
+    assert len(proto_convs) <= 1  # exporter may emit it as Conv or MatMul
+    assert op_counts(path)["TopK"] == 0
+
+
+def test_cuda_request_without_gpu_is_an_error(fashion_artifact):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA provider present: covered by the gpu-marked test")
+    with pytest.raises(ProviderError, match="CUDA was requested"):
+        create_session(fashion_artifact / "model.onnx", device="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_provider_parity(fashion_artifact, fashion_batch):
+    ex_cpu, x = fashion_batch
+    ex_gpu = Explainer.load(fashion_artifact, device="cuda")
+    assert ex_gpu.provider == "CUDAExecutionProvider"
+    np.testing.assert_allclose(ex_gpu.run(x)["logits"], ex_cpu.run(x)["logits"], rtol=1e-4, atol=1e-4)
