@@ -33,7 +33,9 @@ __all__ = [
     "Preprocessing",
     "load_manifest",
     "load_tensors",
+    "normalize",
     "preprocess",
+    "resize_crop",
     "sha256_file",
     "write_artifact",
 ]
@@ -93,8 +95,13 @@ class Preprocessing:
 _RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1}  # PIL enum values
 
 
-def preprocess(image, spec: Preprocessing) -> np.ndarray:
-    """PIL image -> float32 array of shape (channels, height, width), normalised."""
+def resize_crop(image, spec: Preprocessing) -> np.ndarray:
+    """PIL image -> uint8 array (height, width) for "L" or (height, width, 3) for "RGB".
+
+    The geometric half of preprocessing: colour conversion, shorter side to
+    ``spec.resize``, centre crop. Kept apart from ``normalize`` so a server can move
+    compact uint8 crops around and normalise whole batches at once.
+    """
     from PIL import Image
 
     if spec.interpolation not in _RESAMPLE:
@@ -108,11 +115,21 @@ def preprocess(image, spec: Preprocessing) -> np.ndarray:
     w, h = image.size
     left, top = (w - spec.width) // 2, (h - spec.height) // 2
     image = image.crop((left, top, left + spec.width, top + spec.height))
-    x = np.asarray(image, dtype=np.float32) / 255.0
-    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)  # (c, h, w)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def normalize(crops: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """uint8 crops (N, h, w) or (N, h, w, 3) -> float32 (N, channels, h, w), normalised."""
+    x = crops.astype(np.float32) / 255.0
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, c, h, w)
     mean = np.asarray(spec.mean, np.float32)[:, None, None]
     std = np.asarray(spec.std, np.float32)[:, None, None]
     return (x - mean) / std
+
+
+def preprocess(image, spec: Preprocessing) -> np.ndarray:
+    """PIL image -> float32 array of shape (channels, height, width), normalised."""
+    return normalize(resize_crop(image, spec)[None], spec)[0]
 
 
 def sha256_file(path: str | os.PathLike) -> str:

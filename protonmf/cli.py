@@ -1,4 +1,4 @@
-"""``protonmf`` command line: convert, inspect, verify, evaluate.
+"""``protonmf`` command line: convert, inspect, verify, evaluate, serve.
 
 ``convert`` and ``verify`` need the convert extra (torch, timm); ``inspect`` and
 ``evaluate`` need only the artifact and onnxruntime.
@@ -132,6 +132,20 @@ def _print_report(report: dict, as_json: bool):
                 print(f"{k:>26}  {v}")
 
 
+def _cmd_serve(args) -> int:
+    """Replace this process with ``bentoml serve`` so its PID is the server's."""
+    import os
+
+    load_manifest(args.artifact)  # refuse a bad artifact here, with a clear message
+    env = dict(os.environ, PROTONMF_ARTIFACT=str(Path(args.artifact).resolve()),
+               PROTONMF_DEVICE=args.device, BENTOML_DO_NOT_TRACK="true")  # fmt: skip
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ProtoNMFService",
+           "--host", args.host, "--port", str(args.port), "--working-dir", str(REPO)]  # fmt: skip
+    print(f"serving {args.artifact} on http://{args.host}:{args.port}", flush=True)
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="protonmf", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -152,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-images", type=int)
             p.add_argument("--rtol", type=float, default=1e-5,
                            help="exit 1 if max_rel_logit_diff exceeds this (default 1e-5)")
+    p = sub.add_parser("serve", help="serve an artifact over REST (BentoML)")
+    p.add_argument("artifact", nargs="?", default=str(DEFAULT_ARTIFACT))
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     return ap
 
 
@@ -161,7 +180,7 @@ def main(argv=None) -> int:
     for name in ("converter", "service", "protonmf"):
         logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
     handlers = {"convert": _cmd_convert, "inspect": _cmd_inspect, "verify": _cmd_verify,
-                "evaluate": _cmd_evaluate}  # fmt: skip
+                "evaluate": _cmd_evaluate, "serve": _cmd_serve}  # fmt: skip
     try:
         return handlers[args.command](args)
     except (ArtifactError, FileNotFoundError, ValueError) as e:

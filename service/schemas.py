@@ -1,0 +1,22 @@
+"""Request fields shared by the REST endpoints (pydantic)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .core import Intervention
+
+__all__ = ["InterventionIn"]
+
+
+class InterventionIn(BaseModel):
+    """Switch one prototype of one class off for this request (test-time intervention)."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid",
+                              json_schema_extra={"examples": [{"class": "bag", "prototype": 1}]})  # fmt: skip
+
+    class_name: str | int = Field(alias="class", description="class name or index")
+    prototype: int = Field(description="prototype index within the class, 0..p-1")
+
+    def to_core(self) -> Intervention:
+        return Intervention(self.class_name, self.prototype)

@@ -1,0 +1,208 @@
+"""BentoML adapter: REST endpoints over the core, with adaptive batching in the middle.
+
+    POST /classify   images → top-k classes with probabilities
+    POST /explain    images → per top-k class: prototypes, contributions, heatmaps;
+                     optional test-time intervention (counterfactual logits)
+    POST /overlay    one image → PNG of the top class's prototype maps over it
+    POST /model      classes, p, coefficients, artifact identity, provider in use
+    POST /infer      the batchable step (uint8 crops in, packed outputs out); the public
+                     endpoints reach it through BentoML's own client so concurrent
+                     requests merge into one onnxruntime run
+
+Images come as multipart files (``images``) or base64 strings in JSON (``images_base64``).
+Configuration (environment): PROTONMF_ARTIFACT (required), PROTONMF_DEVICE (cpu|cuda|auto),
+PROTONMF_ORT_THREADS, PROTONMF_DECODE_THREADS, PROTONMF_MAX_BATCH_SIZE,
+PROTONMF_MAX_LATENCY_MS, PROTONMF_MAX_CONCURRENCY, PROTONMF_WORKERS, and the limits of ``imaging.Limits``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import BentoMLException
+from PIL import Image
+from pydantic import Field
+
+from .core import Core, ExplainOptions
+from .errors import InvalidInput, ServiceError
+from .imaging import Limits
+from .metrics import METRICS
+from .schemas import InterventionIn
+
+MAX_BATCH_SIZE = int(os.environ.get("PROTONMF_MAX_BATCH_SIZE", "32"))
+MAX_LATENCY_MS = int(os.environ.get("PROTONMF_MAX_LATENCY_MS", "10000"))
+MAX_CONCURRENCY = int(os.environ.get("PROTONMF_MAX_CONCURRENCY", "128"))
+
+
+def _error_class(status: int) -> type[BentoMLException]:
+    return type(f"HTTP{status}", (BentoMLException,), {"error_code": HTTPStatus(status)})
+
+
+_HTTP_ERRORS = {s: _error_class(s) for s in (400, 413, 415, 422, 429, 500, 503)}
+
+
+def _http_error(e: ServiceError) -> BentoMLException:
+    METRICS.rejected.labels(reason=e.reason).inc()
+    return _HTTP_ERRORS.get(e.status, _HTTP_ERRORS[500])(f"{e.message} [{e.reason}]")
+
+
+IMAGES = Field(default_factory=list, description="image files (multipart), JPEG/PNG/WebP")
+IMAGES_B64 = Field(default_factory=list, description="base64-encoded images (JSON requests)",
+                   examples=[["iVBORw0KGgo..."]])  # fmt: skip
+
+
+@bentoml.service(
+    name="protonmf",
+    workers=int(os.environ.get("PROTONMF_WORKERS", "1")),
+    traffic={"timeout": 60, "max_concurrency": MAX_CONCURRENCY},
+)
+class ProtoNMFService:
+    """Serves one ProtoNMF artifact; every prediction comes with its explanation."""
+
+    def __init__(self) -> None:
+        artifact = os.environ.get("PROTONMF_ARTIFACT")
+        if not artifact:
+            raise RuntimeError("set PROTONMF_ARTIFACT to an artifact directory (protonmf convert)")
+        threads = os.environ.get("PROTONMF_ORT_THREADS")
+        self.core = Core.load(
+            artifact,
+            device=os.environ.get("PROTONMF_DEVICE", "cpu"),
+            threads=int(threads) if threads else None,
+            limits=Limits.from_env(),
+        )
+        decode_threads = int(os.environ.get("PROTONMF_DECODE_THREADS", os.cpu_count() or 2))
+        self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="protonmf-decode")
+        # Warm-up: the first onnxruntime run allocates and plans; do it before /readyz.
+        self.core.infer(np.zeros((MAX_BATCH_SIZE, *self.core.crop_shape), np.uint8))
+        self.core.infer(np.zeros((1, *self.core.crop_shape), np.uint8))
+        self.ready = True
+
+    def __is_ready__(self) -> bool:
+        return getattr(self, "ready", False)
+
+    # --- the batchable step ---------------------------------------------------------
+
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def infer(self, crops: list[str]) -> list[str]:
+        """Base64 uint8 crops (preprocessing.height × width [× 3]) → base64 float32 outputs
+        in graph output order. A malformed crop yields "" without failing its batch-mates."""
+        decoded, ok = [], []
+        for text in crops:
+            try:
+                decoded.append(self.core.decode_crop(text))
+                ok.append(True)
+            except (ServiceError, binascii.Error, ValueError):
+                ok.append(False)
+        packed = iter(self.core.pack(self.core.infer(np.stack(decoded)))) if decoded else iter(())
+        return [next(packed) if good else "" for good in ok]
+
+    # --- shared flow (REST now, gRPC too) -------------------------------------------
+
+    async def prepare(self, blobs: list[bytes]) -> list[np.ndarray]:
+        """Decode + crop every image in parallel threads, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await asyncio.gather(*(loop.run_in_executor(self.pool, self.core.prepare, b)
+                                      for b in blobs))  # fmt: skip
+
+    async def run(self, blobs: list[bytes]) -> tuple[list[np.ndarray], list[dict]]:
+        self.core.check_request(len(blobs))
+        METRICS.images_per_request.observe(len(blobs))
+        crops = await self.prepare(blobs)
+        packed = await self.to_async.infer([self.core.encode_crop(c) for c in crops])
+        if any(not p for p in packed):
+            raise ServiceError("inference returned no output for an image", "internal")
+        return crops, [self.core.unpack(p) for p in packed]
+
+    @staticmethod
+    async def _read(images: list[Path], images_base64: list[str]) -> list[bytes]:
+        blobs = [p.read_bytes() for p in images]
+        for i, text in enumerate(images_base64):
+            try:
+                blobs.append(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError) as e:
+                raise InvalidInput(f"images_base64[{i}] is not valid base64: {e}",
+                                   "bad_base64") from e  # fmt: skip
+        return blobs
+
+    # --- public endpoints ---------------------------------------------------------------
+
+    @bentoml.api
+    async def classify(
+        self,
+        images: list[Path] = IMAGES,
+        images_base64: list[str] = IMAGES_B64,
+        top_k: int = Field(default=5, ge=1, description="classes to return per image"),
+    ) -> dict:
+        """Top-k classes with probabilities for each image."""
+        try:
+            blobs = await self._read(images, images_base64)
+            self.core.check_request(len(blobs), ExplainOptions(top_k=top_k, heatmaps=False))
+            _, outs = await self.run(blobs)
+            return {"predictions": [self.core.classification(o, top_k) for o in outs]}
+        except ServiceError as e:
+            raise _http_error(e) from e
+
+    @bentoml.api
+    async def explain(
+        self,
+        images: list[Path] = IMAGES,
+        images_base64: list[str] = IMAGES_B64,
+        top_k: int = Field(default=3, ge=1, description="classes to explain per image"),
+        heatmaps: bool = Field(default=True, description="include prototype heatmaps"),
+        box_percentile: float = Field(default=90.0, description="heatmap box threshold"),
+        interventions: list[InterventionIn] = Field(
+            default_factory=list,
+            description="prototypes to switch off: counterfactual logits and top-k",
+            examples=[[{"class": "bag", "prototype": 1}]],
+        ),
+    ) -> dict:
+        """Per top-k class: logit, probability, bias and every prototype's coefficient,
+        score, contribution, share of the logit and heatmap; plus the exactness gap
+        logit − (Σ contributions + bias) and, if asked, a test-time intervention."""
+        try:
+            blobs = await self._read(images, images_base64)
+            options = ExplainOptions(
+                top_k=top_k, heatmaps=heatmaps, box_percentile=box_percentile,
+                interventions=tuple(i.to_core() for i in interventions),
+            )  # fmt: skip
+            self.core.check_request(len(blobs), options)
+            _, outs = await self.run(blobs)
+            return {"explanations": [self.core.explanation(o, options) for o in outs],
+                    "provider": self.core.explainer.provider}  # fmt: skip
+        except ServiceError as e:
+            raise _http_error(e) from e
+
+    @bentoml.api
+    async def overlay(
+        self,
+        images: list[Path] = IMAGES,
+        images_base64: list[str] = IMAGES_B64,
+        rank: int = Field(default=0, ge=0, description="which of the top-k classes (0 = top)"),
+    ) -> Image.Image:
+        """PNG: the image as the model saw it, each prototype's map in its own colour."""
+        try:
+            blobs = await self._read(images, images_base64)
+            if len(blobs) != 1:
+                raise InvalidInput(f"overlay takes exactly one image, got {len(blobs)}",
+                                   "one_image")  # fmt: skip
+            if rank >= self.core.graph_k:
+                raise InvalidInput(f"rank must be < {self.core.graph_k}", "rank")
+            crops, outs = await self.run(blobs)
+            png = self.core.overlay(crops[0], outs[0], rank)
+            return Image.open(io.BytesIO(png))
+        except ServiceError as e:
+            raise _http_error(e) from e
+
+    @bentoml.api
+    def model(self) -> dict:
+        """Classes, p, coefficients, prototype descriptions, artifact identity, provider."""
+        return self.core.model_info()

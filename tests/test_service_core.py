@@ -1,0 +1,216 @@
+"""Tier 1: the transport-free core, called directly (no BentoML, no torch in service/)."""
+
+import io
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from conftest import FASHION_DATA
+from PIL import Image
+
+from service.core import Core, ExplainOptions, Intervention
+from service.errors import InvalidInput, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from service.imaging import Limits, decode_image
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def core(fashion_artifact):
+    return Core.load(fashion_artifact)
+
+
+def png_bytes(image: Image.Image, **kw) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", **kw)
+    return out.getvalue()
+
+
+def jpeg_bytes(image: Image.Image, **kw) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=95, **kw)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bag_png():
+    return next((FASHION_DATA / "test" / "bag").glob("*.png")).read_bytes()
+
+
+def test_service_does_not_import_torch():
+    code = "import service.service, service.core, sys; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_explanation_adds_up_and_names_classes(core, bag_png):
+    (out,) = core.run_images([bag_png])
+    exp = core.explanation(out, ExplainOptions(top_k=3))
+    assert exp["top_k"][0]["class"] == "bag"
+    assert exp["exactness"] <= 1e-4
+    for entry in exp["top_k"]:
+        total = sum(p["contribution"] for p in entry["prototypes"]) + entry["bias"]
+        assert total == pytest.approx(entry["logit"], abs=1e-4 * abs(entry["logit"]) + 1e-6)
+        assert len(entry["prototypes"]) == core.p
+        hm = entry["prototypes"][0]["heatmap"]
+        assert hm["shape"] == [7, 7] and len(hm["values"]) == 7
+        assert 0 <= hm["peak"]["row"] < 7
+        box = hm["box"]["feature"]
+        assert box["top"] < box["bottom"] <= 7 and box["left"] < box["right"] <= 7
+    probs = [e["probability"] for e in exp["top_k"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+def test_intervention_equals_recomputed_logits(core, bag_png):
+    (out,) = core.run_images([bag_png])
+    top = int(np.argmax(out["logits"]))
+    best = int(np.argmax(out["contributions"][top]))
+    opts = ExplainOptions(top_k=3, interventions=(Intervention(core.classes[top], best),))
+    iv = core.explanation(out, opts)["intervention"]
+    want = out["logits"][top] - out["contributions"][top, best]
+    assert iv["logits"][core.classes[top]] == pytest.approx(float(want), rel=1e-6)
+    logits = out["logits"].astype(np.float64).copy()
+    logits[top] = want
+    assert iv["prediction_after"] == core.classes[int(np.argmax(logits))]
+    assert iv["prediction_changed"] == (int(np.argmax(logits)) != top)
+    assert iv["switched_off"] == [{"class": core.classes[top], "prototype": best}]
+
+
+def test_intervention_by_index_and_unknowns(core):
+    assert core.resolve([Intervention(3, 0), Intervention("3", 2)]) == [(3, 0), (3, 2)]
+    with pytest.raises(Unprocessable, match="unknown class 'zebra'"):
+        core.resolve([Intervention("zebra", 0)])
+    with pytest.raises(Unprocessable, match="has prototypes 0..2, got 7"):
+        core.resolve([Intervention("bag", 7)])
+
+
+def test_request_checks(core):
+    with pytest.raises(PayloadTooLarge, match="the limit is 16"):
+        core.check_request(17)
+    with pytest.raises(Unprocessable, match="no images"):
+        core.check_request(0)
+    with pytest.raises(Unprocessable, match="heatmaps are computed for the top 5"):
+        core.check_request(1, ExplainOptions(top_k=6))
+    core.check_request(1, ExplainOptions(top_k=10, heatmaps=False))
+
+
+def test_batch_equals_single(core, bag_png):
+    blobs = [p.read_bytes() for p in sorted((FASHION_DATA / "test" / "coat").glob("*.png"))[:5]]
+    batch = core.run_images(blobs + [bag_png])
+    single = core.run_images([bag_png])[0]
+    np.testing.assert_allclose(batch[-1]["logits"], single["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_pack_round_trip(core, bag_png):
+    crop = core.prepare(bag_png)
+    outputs = core.infer(crop[None])
+    (text,) = core.pack(outputs)
+    back = core.unpack(text)
+    for name, value in outputs.items():
+        np.testing.assert_array_equal(back[name], value[0].astype(back[name].dtype))
+    np.testing.assert_array_equal(core.decode_crop(core.encode_crop(crop)), crop)
+
+
+def test_overlay_png(core, bag_png):
+    crop = core.prepare(bag_png)
+    (out,) = core.run_images([bag_png])
+    im = Image.open(io.BytesIO(core.overlay(crop, out)))
+    assert im.format == "PNG" and min(im.size) >= 256
+
+
+def test_model_info(core):
+    info = core.model_info()
+    assert info["p"] == 3 and len(info["coefficients"]) == 10
+    assert info["provider"] == "CPUExecutionProvider"
+    assert info["artifact"]["model_sha256"] == core.manifest["files"]["model.onnx"]
+
+
+# --- hostile and unusual images -----------------------------------------------------
+
+
+def bomb_png(width=100_000, height=100_000) -> bytes:
+    """A tiny PNG whose header declares 10^10 pixels."""
+    data = png_bytes(Image.new("L", (8, 8)))
+    ihdr = struct.pack(">II", width, height) + data[24:29]
+    crc = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
+    return data[:16] + ihdr + crc + data[33:]
+
+
+def animated(fmt: str) -> bytes:
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    out = io.BytesIO()
+    frames[0].save(out, format=fmt, save_all=True, append_images=frames[1:])
+    return out.getvalue()
+
+
+HOSTILE = [
+    ("zero bytes", lambda j: b"", InvalidInput, "empty"),
+    ("text file", lambda j: b"hello, this is text\n" * 10, UnsupportedMediaType, "not a decodable"),
+    ("truncated JPEG", lambda j: j[: len(j) // 2], InvalidInput, "cannot decode"),
+    ("1x1 image", lambda j: png_bytes(Image.new("L", (1, 1))), Unprocessable, "at least 8"),
+    ("decompression bomb", lambda j: bomb_png(), PayloadTooLarge, "pixels"),
+    ("over pixel limit", lambda j: png_bytes(Image.new("L", (5000, 5000))), PayloadTooLarge,
+     "limit is 24000000"),
+    ("animated GIF", lambda j: animated("GIF"), UnsupportedMediaType, "not a decodable"),
+    ("animated PNG", lambda j: animated("PNG"), UnsupportedMediaType, "animated"),
+    ("over byte limit", lambda j: j + b"\0" * (9 * 2**20), PayloadTooLarge, "bytes"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, make, error, match", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_images_are_refused(core, name, make, error, match):
+    jpeg = jpeg_bytes(Image.new("RGB", (64, 64), "gray"))
+    with pytest.raises(error, match=match):
+        core.prepare(make(jpeg))
+
+
+def test_modes_users_send(core):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8))
+    arr16 = (np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)
+    cases = {
+        "palette": rgb.convert("P"),
+        "rgba": rgb.convert("RGBA"),
+        "la": rgb.convert("LA"),
+        "grey16": Image.fromarray(arr16),
+        "cmyk-jpeg": rgb.convert("CMYK"),
+    }
+    for name, im in cases.items():
+        blob = jpeg_bytes(im) if name.endswith("jpeg") else png_bytes(im)
+        crop = core.prepare(blob)
+        assert crop.shape == core.crop_shape and crop.dtype == np.uint8, name
+    # 16-bit is scaled by range, not clipped: the brightest pixel stays bright.
+    assert core.prepare(png_bytes(Image.fromarray(arr16))).max() > 200
+
+
+def test_exif_orientation_is_applied():
+    im = Image.new("RGB", (60, 30), "white")
+    im.paste((0, 0, 0), (0, 0, 30, 30))  # left half black
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    blob = jpeg_bytes(im, exif=exif)
+    upright = decode_image(blob, Limits(jpeg_draft=False))
+    assert upright.size == (30, 60)
+    assert np.asarray(upright.convert("L"))[5, 15] < 60  # black half now on top
+
+
+def test_jpeg_draft_decodes_smaller_but_close(core):
+    rng = np.random.default_rng(1)
+    big = Image.fromarray(rng.integers(0, 255, (8, 8), np.uint8)).resize((448, 448))
+    blob = jpeg_bytes(big)
+    drafted = decode_image(blob, Limits(jpeg_draft=True), core.spec)
+    full = decode_image(blob, Limits(jpeg_draft=False), core.spec)
+    assert drafted.size[0] < full.size[0] and min(drafted.size) >= core.spec.resize
+    from protonmf.artifact import resize_crop
+
+    a = resize_crop(drafted, core.spec).astype(int)
+    b = resize_crop(full, core.spec).astype(int)
+    assert np.abs(a - b).mean() < 4  # grey levels out of 255
+
+
+def test_limits_from_env():
+    limits = Limits.from_env({"PROTONMF_MAX_IMAGES": "4", "PROTONMF_JPEG_DRAFT": "false"})
+    assert limits.max_images == 4 and limits.jpeg_draft is False
+    with pytest.raises(ValueError, match="must be >= 1"):
+        Limits.from_env({"PROTONMF_MAX_BYTES": "0"})
