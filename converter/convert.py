@@ -23,7 +23,14 @@ from protonmf.data import Sample, find_split, load_image_folder
 
 from .export import export_onnx, graph_spec
 from .head import fit_coefficients, fold_residual
-from .models import HeadSpec, ModelSource, analyse_head, load_model, preprocessing_from_timm
+from .models import (
+    HeadSpec,
+    ModelSource,
+    analyse_head,
+    features_nhwc,
+    load_model,
+    preprocessing_from_timm,
+)
 from .nmf import nmf
 from .protomodel import ProtoModel
 
@@ -96,8 +103,6 @@ def _batches(samples: list[Sample], prep: Preprocessing, batch_size: int):
 @torch.no_grad()
 def extract_features(model, head: HeadSpec, samples, prep, batch_size, device, progress=True):
     """Raw feature grids per class: {class: tensor (n_images, H, W, D)} (float32, CPU)."""
-    from .models import features_nhwc
-
     per_class: dict[int, list[torch.Tensor]] = {}
     bar = tqdm(total=len(samples), desc="features", unit="img", disable=not progress)
     for x, labels in _batches(samples, prep, batch_size):

@@ -145,6 +145,7 @@ def write_artifact(
     manifest: dict[str, Any],
     tensors: dict[str, np.ndarray],
     onnx_path: str | os.PathLike | None = None,
+    extra_files: dict[str, str | os.PathLike] | None = None,
 ) -> Path:
     """Write an artifact atomically: build it in a sibling temp dir, then swap it in.
 
@@ -164,6 +165,9 @@ def write_artifact(
         if onnx_path is not None:
             shutil.copyfile(onnx_path, tmp / MODEL_FILE)
             files.append(MODEL_FILE)
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+            files.append(name)
         manifest = dict(manifest)
         manifest["format_version"] = FORMAT_VERSION
         manifest["files"] = {name: sha256_file(tmp / name) for name in files}

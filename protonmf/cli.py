@@ -138,12 +138,24 @@ def _cmd_serve(args) -> int:
 
     load_manifest(args.artifact)  # refuse a bad artifact here, with a clear message
     env = dict(os.environ, PROTONMF_ARTIFACT=str(Path(args.artifact).resolve()),
-               PROTONMF_DEVICE=args.device, BENTOML_DO_NOT_TRACK="true")  # fmt: skip
+               PROTONMF_DEVICE=args.device, PROTONMF_VARIANT=args.variant,
+               BENTOML_DO_NOT_TRACK="true")  # fmt: skip
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ProtoNMFService",
            "--host", args.host, "--port", str(args.port), "--working-dir", str(REPO)]  # fmt: skip
     print(f"serving {args.artifact} on http://{args.host}:{args.port}", flush=True)
     os.execve(sys.executable, cmd, env)
     return 0  # not reached
+
+
+def _cmd_variants(args) -> int:
+    from converter.variants import add_variants
+
+    kinds = [k for k, on in (("int8", args.int8), ("fp16", args.fp16)) if on]
+    if not kinds:
+        raise ValueError("choose at least one of --int8, --fp16")
+    variants = add_variants(args.artifact, kinds)
+    print(json.dumps(variants, indent=2))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,11 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-images", type=int)
             p.add_argument("--rtol", type=float, default=1e-5,
                            help="exit 1 if max_rel_logit_diff exceeds this (default 1e-5)")
+    p = sub.add_parser("variants", help="add int8 / fp16 graphs with measured agreement")
+    p.add_argument("artifact")
+    p.add_argument("--int8", action="store_true", help="static QDQ int8 (CPU), calibrated")
+    p.add_argument("--fp16", action="store_true", help="half precision (for GPUs)")
     p = sub.add_parser("serve", help="serve an artifact over REST (BentoML)")
     p.add_argument("artifact", nargs="?", default=str(DEFAULT_ARTIFACT))
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    p.add_argument("--variant", default="fp32", help="graph: fp32 (exact, default), int8, fp16")
     return ap
 
 
@@ -180,7 +197,7 @@ def main(argv=None) -> int:
     for name in ("converter", "service", "protonmf"):
         logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
     handlers = {"convert": _cmd_convert, "inspect": _cmd_inspect, "verify": _cmd_verify,
-                "evaluate": _cmd_evaluate, "serve": _cmd_serve}  # fmt: skip
+                "evaluate": _cmd_evaluate, "serve": _cmd_serve, "variants": _cmd_variants}  # fmt: skip
     try:
         return handlers[args.command](args)
     except (ArtifactError, FileNotFoundError, ValueError) as e:

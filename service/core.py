@@ -69,8 +69,8 @@ class Core:
 
     @classmethod
     def load(cls, artifact: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-             limits: Limits | None = None) -> Core:  # fmt: skip
-        return cls(Explainer.load(Path(artifact), device=device, threads=threads), limits)
+             limits: Limits | None = None, variant: str = "fp32") -> Core:  # fmt: skip
+        return cls(Explainer.load(Path(artifact), device, threads, variant), limits)
 
     # --- per image, before batching ---------------------------------------------------
 
@@ -299,5 +299,6 @@ class Core:
                 "prototypes_sha256": m["files"].get("prototypes.safetensors"),
             },
             "provider": self.explainer.provider,
+            "variant": self.explainer.variant,
             "limits": self.limits.__dict__,
         }

@@ -64,20 +64,30 @@ class Explainer:
     tensors: dict
     session: object
     provider: str
+    variant: str = "fp32"
 
     @classmethod
-    def load(cls, artifact_dir: str | os.PathLike, device: str = "cpu", threads=None):
+    def load(cls, artifact_dir: str | os.PathLike, device: str = "cpu", threads=None,
+             variant: str = "fp32"):  # fmt: skip
+        """``variant``: "fp32" (model.onnx, exact) or one listed in the manifest's variants."""
         artifact_dir = Path(artifact_dir)
         manifest = load_manifest(artifact_dir)
         if MODEL_FILE not in manifest["files"]:
             raise ArtifactError(f"{artifact_dir} has no {MODEL_FILE}: re-run `protonmf convert`")
+        graph = MODEL_FILE
+        if variant != "fp32":
+            known = manifest.get("variants", {})
+            if variant not in known:
+                raise ArtifactError(f"{artifact_dir} has no {variant!r} graph (has: fp32"
+                                    f"{''.join(', ' + k for k in known)}); see `protonmf variants`")
+            graph = known[variant]["file"]
         tensors = load_tensors(artifact_dir, manifest)
-        session, provider = create_session(artifact_dir / MODEL_FILE, device, threads)
+        session, provider = create_session(artifact_dir / graph, device, threads)
         got = [o.name for o in session.get_outputs()]
         want = list(manifest["graph"]["outputs"])
         if got != want:
             raise ArtifactError(f"{artifact_dir}: graph outputs {got} != manifest {want}")
-        return cls(manifest, tensors, session, provider)
+        return cls(manifest, tensors, session, provider, variant)
 
     @property
     def preprocessing(self) -> Preprocessing:

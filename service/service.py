@@ -10,7 +10,7 @@
                      requests merge into one onnxruntime run
 
 Images come as multipart files (``images``) or base64 strings in JSON (``images_base64``).
-Configuration (environment): PROTONMF_ARTIFACT (required), PROTONMF_DEVICE (cpu|cuda|auto),
+Configuration (environment): PROTONMF_ARTIFACT (required), PROTONMF_DEVICE (cpu|cuda|auto), PROTONMF_VARIANT,
 PROTONMF_ORT_THREADS, PROTONMF_DECODE_THREADS, PROTONMF_MAX_BATCH_SIZE,
 PROTONMF_MAX_LATENCY_MS, PROTONMF_MAX_CONCURRENCY, PROTONMF_WORKERS, and the limits of ``imaging.Limits``.
 """
@@ -78,6 +78,7 @@ class ProtoNMFService:
             device=os.environ.get("PROTONMF_DEVICE", "cpu"),
             threads=int(threads) if threads else None,
             limits=Limits.from_env(),
+            variant=os.environ.get("PROTONMF_VARIANT", "fp32"),
         )
         decode_threads = int(os.environ.get("PROTONMF_DECODE_THREADS", os.cpu_count() or 2))
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="protonmf-decode")

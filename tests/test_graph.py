@@ -10,6 +10,7 @@ from conftest import FASHION_DATA, manifest_of, run_cli
 from test_convert import proto_model_from_artifact
 
 from converter.export import export_onnx
+from protonmf.artifact import ArtifactError
 from protonmf.data import load_image_folder
 from service.runtime import Explainer, ProviderError, create_session
 
@@ -144,3 +145,29 @@ def test_cuda_provider_parity(fashion_artifact, fashion_batch):
     ex_gpu = Explainer.load(fashion_artifact, device="cuda")
     assert ex_gpu.provider == "CUDAExecutionProvider"
     np.testing.assert_allclose(ex_gpu.run(x)["logits"], ex_cpu.run(x)["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_int8_and_fp16_variants(fashion_artifact, tmp_path):
+    import shutil
+
+    from converter.variants import add_variants
+
+    art = tmp_path / "art"
+    shutil.copytree(fashion_artifact, art)
+    variants = add_variants(art, ("int8", "fp16"), calibration_images=64, eval_images=200)
+    m = manifest_of(art)
+    assert set(m["variants"]) == {"int8", "fp16"} and "model.int8.onnx" in m["files"]
+    int8 = variants["int8"]["agreement"]
+    assert int8["n_images"] == 200 and int8["top1_agreement"] >= 0.95
+    assert variants["int8"]["exact"] is False
+    fp16 = variants["fp16"]
+    assert fp16["agreement"] is not None or "not_measured" in fp16
+    ex = Explainer.load(art, variant="int8")
+    samples = load_image_folder(FASHION_DATA / "test", ex.classes)[:8]
+    out = ex.run(ex.preprocess([s.open() for s in samples]))
+    gap = np.abs(out["logits"] - out["contributions"].sum(-1) - out["bias"]).max()
+    assert gap <= 1e-4 * np.abs(out["logits"]).max()  # the fp32 head still adds up
+    ops = op_counts(art / "model.int8.onnx")
+    assert ops["QuantizeLinear"] >= 1 and ops["DequantizeLinear"] >= 1
+    with pytest.raises(ArtifactError, match="has no 'bf16' graph"):
+        Explainer.load(art, variant="bf16")

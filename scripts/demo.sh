@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: convert, verify, serve, explain one image, stop.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export BENTOML_DO_NOT_TRACK=true
+ART=artifacts/fashion-default
+PORT=${PORT:-3000}
+.venv/bin/protonmf convert --out "$ART"
+.venv/bin/protonmf verify "$ART" --json
+.venv/bin/protonmf serve "$ART" --port "$PORT" > /tmp/protonmf-demo-serve.log 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 90); do curl -sf "localhost:$PORT/readyz" >/dev/null && break; sleep 1; done
+img=$(ls data/fashion-mnist/test/bag/*.png | head -1)
+echo "explanation of $img (top 2 classes, no heatmaps):"
+curl -sf -F "images=@$img" -F top_k=2 -F heatmaps=false "localhost:$PORT/explain" | .venv/bin/python -m json.tool
+curl -sf -F "images=@$img" "localhost:$PORT/overlay" -o "$ART/overlay-example.png"
+echo "overlay: $ART/overlay-example.png"
+echo "artifact: $(cd "$ART" && pwd)"

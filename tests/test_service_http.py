@@ -1,0 +1,211 @@
+"""Tiers 2 and 3: the BentoML service in-process (ASGI) and as a real `protonmf serve`."""
+
+import asyncio
+import base64
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import FASHION_DATA
+from PIL import Image
+from test_service_core import animated, bomb_png, png_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def test_images():
+    files = []
+    for cls in ("bag", "coat", "sneaker", "trouser"):
+        files += sorted((FASHION_DATA / "test" / cls).glob("*.png"))[:8]
+    return [f.read_bytes() for f in files]  # 32 images
+
+
+# --- tier 2: ASGI in-process ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(fashion_artifact):
+    from starlette.testclient import TestClient
+
+    os.environ["PROTONMF_ARTIFACT"] = str(fashion_artifact)
+    from service.service import ProtoNMFService
+
+    with TestClient(ProtoNMFService.to_asgi()) as c:
+        yield c
+
+
+def test_asgi_explain_multipart_and_json_agree(client):
+    blob = test_images()[0]
+    a = client.post("/explain", files={"images": ("bag.png", blob, "image/png")},
+                    data={"top_k": "2"})  # fmt: skip
+    b = client.post("/explain", json={"images_base64": [base64.b64encode(blob).decode()],
+                                      "top_k": 2})  # fmt: skip
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
+    ea, eb = a.json()["explanations"][0], b.json()["explanations"][0]
+    assert ea["top_k"][0]["class"] == "bag" and ea == eb
+    assert ea["exactness"] <= 1e-4
+
+
+def test_asgi_classify_model_overlay(client):
+    blob = test_images()[0]
+    r = client.post("/classify", files={"images": ("x.png", blob, "image/png")})
+    assert r.status_code == 200 and r.json()["predictions"][0]["top_k"][0]["class"] == "bag"
+    m = client.post("/model", json={})
+    assert m.status_code == 200 and m.json()["p"] == 3
+    o = client.post("/overlay", files={"images": ("x.png", blob, "image/png")})
+    assert o.status_code == 200 and o.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(o.content)).format == "PNG"
+
+
+def test_asgi_intervention(client):
+    blob = test_images()[0]
+    r = client.post("/explain", json={"images_base64": [base64.b64encode(blob).decode()],
+                                      "interventions": [{"class": "bag", "prototype": 1}]})  # fmt: skip
+    assert r.status_code == 200, r.text
+    iv = r.json()["explanations"][0]["intervention"]
+    assert iv["switched_off"] == [{"class": "bag", "prototype": 1}]
+
+
+def b64(blob):
+    return base64.b64encode(blob).decode()
+
+
+BAD_REQUESTS = [
+    ("zero bytes", dict(files={"images": ("a.png", b"", "image/png")}), 400, "empty"),
+    ("text file", dict(files={"images": ("a.txt", b"hello" * 20, "text/plain")}), 415,
+     "unsupported_format"),
+    ("truncated", dict(json={"images_base64": [b64(png_bytes(Image.new("L", (64, 64)))[:40])]}),
+     400, "corrupt"),
+    ("1x1", dict(json={"images_base64": [b64(png_bytes(Image.new("L", (1, 1))))]}), 422,
+     "too_small"),
+    ("bomb", dict(json={"images_base64": [b64(bomb_png())]}), 413, "too_many_pixels"),
+    ("animated", dict(json={"images_base64": [b64(animated("PNG"))]}), 415, "animated"),
+    ("bad base64", dict(json={"images_base64": ["***"]}), 400, "bad_base64"),
+    ("wrong JSON types", dict(json={"images_base64": "x", "top_k": "many"}), 400, "validation"),
+    ("no images", dict(json={}), 422, "no images"),
+    ("too many images", dict(json={"images_base64": [b64(b"x")] * 17}), 413, "too_many_images"),
+    ("unknown class", dict(json={"images_base64": [b64(b"x")],
+                                 "interventions": [{"class": "zebra", "prototype": 0}]}), 422,
+     "unknown_class"),
+    ("unknown prototype", dict(json={"images_base64": [b64(b"x")],
+                                     "interventions": [{"class": "bag", "prototype": 9}]}), 422,
+     "unknown_prototype"),
+    ("top_k over graph", dict(json={"images_base64": [b64(b"x")], "top_k": 8}), 422,
+     "top_k_exceeds_graph"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, kwargs, status, reason", BAD_REQUESTS,
+                         ids=[b[0] for b in BAD_REQUESTS])  # fmt: skip
+def test_asgi_bad_input_gets_4xx(client, name, kwargs, status, reason):
+    r = client.post("/explain", **kwargs)
+    assert r.status_code == status, r.text
+    assert reason in r.text
+    assert client.get("/readyz").status_code == 200
+
+
+# --- tier 3: a real server ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(fashion_artifact, request):
+    workers = getattr(request, "param", 1)
+    port = free_port()
+    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_WORKERS=str(workers),
+               PROTONMF_MAX_LATENCY_MS="30000")  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "protonmf.cli", "serve", str(fashion_artifact), "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise TimeoutError("server not ready in 90 s")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def explain_all(url, blobs):
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        rs = await asyncio.gather(*(
+            c.post("/explain", files={"images": ("x.png", b, "image/png")}) for b in blobs
+        ))  # fmt: skip
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
+    return [r.json()["explanations"][0] for r in rs]
+
+
+def histogram_count(text: str, name: str, le: str | None = None) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (le is None or f'le="{le}"' in line):
+            if le is None and not line.startswith(f"{name}_count"):
+                continue
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_concurrent_requests_are_batched_and_identical(server):
+    blobs = test_images()
+    singles = [asyncio.run(explain_all(server, [b]))[0] for b in blobs[:4]]
+    before = httpx.get(f"{server}/metrics").text
+    merged = asyncio.run(explain_all(server, blobs))
+    after = httpx.get(f"{server}/metrics").text
+    for s, m in zip(singles, merged[:4], strict=True):
+        assert [e["class"] for e in s["top_k"]] == [e["class"] for e in m["top_k"]]
+        for es, em in zip(s["top_k"], m["top_k"], strict=True):
+            assert em["logit"] == pytest.approx(es["logit"], rel=1e-5, abs=1e-5)
+    name = "bentoml_service_adaptive_batch_size"
+    batches = histogram_count(after, f"{name}_count") - histogram_count(before, f"{name}_count")
+    ones = histogram_count(after, f"{name}_bucket", "1.0") - histogram_count(before, f"{name}_bucket", "1.0")
+    assert 0 < batches < 32, "32 concurrent requests should merge into fewer batches"
+    assert batches - ones >= 1, "at least one batch should hold more than one request"
+    assert all(e["exactness"] <= 1e-4 for e in merged)
+
+
+def test_server_metrics_and_hostile_input(server):
+    r = httpx.post(f"{server}/explain", files={"images": ("a.gif", animated("GIF"), "image/gif")})
+    assert r.status_code == 415
+    assert httpx.get(f"{server}/readyz").status_code == 200
+    text = httpx.get(f"{server}/metrics").text
+    for metric in ("protonmf_stage_duration_seconds", "protonmf_inference_batch_size",
+                   "protonmf_predictions_total", "protonmf_prototype_top_contribution_total",
+                   "protonmf_rejected_requests_total", "protonmf_exactness_gap_max"):  # fmt: skip
+        assert metric in text, metric
+    assert re.search(r'protonmf_rejected_requests_total\{reason="unsupported_format"\} [1-9]', text)
+
+
+@pytest.mark.parametrize("server", [2], indirect=True)
+def test_metrics_with_two_workers(server):
+    asyncio.run(explain_all(server, test_images()[:8]))
+    text = httpx.get(f"{server}/metrics").text
+    assert "protonmf_stage_duration_seconds" in text
+    assert histogram_count(text, "protonmf_inference_batch_size_count") >= 1
