@@ -432,7 +432,12 @@ def server(name: str, cmd: list[str], env: dict, log_path: Path):
 
 
 def server_commands(args, artifact: Path, blackbox: Path) -> dict:
-    base = dict(os.environ, BENTOML_DO_NOT_TRACK="true")
+    # A private BENTOML_HOME: every `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir
+    # at start-up, so a server started elsewhere on this machine (a test run) would reset our
+    # counters mid-run (and we theirs).
+    base = dict(
+        os.environ, BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=str(args.workdir / "bentoml_home")
+    )
     if args.ort_threads:
         base["PROTONMF_ORT_THREADS"] = base["LOGITS_ORT_THREADS"] = str(args.ort_threads)
     protonmf_env = dict(

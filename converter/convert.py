@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import protonmf
 from protonmf.artifact import Preprocessing, preprocess, write_artifact
-from protonmf.data import Sample, find_split, load_image_folder
+from protonmf.data import Sample, find_split, load_samples
 
 from .export import export_onnx, graph_spec
 from .head import fit_coefficients, fold_residual
@@ -174,7 +174,7 @@ def convert(cfg: ConvertConfig) -> Path:
 
     train_dir, split_heldout = find_split(cfg.data)
     heldout_dir = Path(cfg.heldout) if cfg.heldout else split_heldout
-    samples = load_image_folder(train_dir, classes, cfg.max_per_class)
+    samples = load_samples(train_dir, classes, cfg.max_per_class)
     features = extract_features(model, head, samples, prep, cfg.batch_size, device, cfg.progress)
     grid_hw = tuple(next(iter(features.values())).shape[1:3])
     nmf_out = _run_nmf(features, classes, cfg.p, cfg, device, cfg.progress)
@@ -214,7 +214,8 @@ def convert(cfg: ConvertConfig) -> Path:
 
     proto = ProtoModel(model, head, fold.prototypes, fold.coefficients, maps=cfg.maps, k=cfg.k)
     proto = proto.eval().to(device)
-    check_samples = load_image_folder(heldout_dir, classes) if heldout_dir else samples[:256]
+    check_samples = (load_samples(heldout_dir, classes, cfg.max_per_class) if heldout_dir
+                     else samples[:256])  # fmt: skip
     exact = torch_exactness(model, proto, check_samples, prep, cfg.batch_size, device)
     log.info("torch exactness: %s", exact)
 

@@ -26,7 +26,7 @@ from protonmf.artifact import (
     preprocess,
     write_artifact,
 )
-from protonmf.data import load_image_folder
+from protonmf.data import load_samples
 
 __all__ = ["add_variants"]
 
@@ -35,7 +35,7 @@ VARIANT_FILES = {"int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 
 
 def _images(manifest, folder, limit):
-    samples = load_image_folder(folder, manifest["classes"])
+    samples = load_samples(folder, manifest["classes"])
     step = max(1, len(samples) // limit)
     spec = Preprocessing.from_dict(manifest["preprocessing"])
     return np.stack([preprocess(s.open(), spec) for s in samples[::step][:limit]])

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from protonmf.artifact import ArtifactError, Preprocessing, preprocess
-from protonmf.data import load_image_folder
+from protonmf.data import load_samples
 from service.runtime import Explainer
 
 from .convert import exactness
@@ -21,7 +21,7 @@ __all__ = ["verify"]
 def default_data(manifest: dict) -> str:
     conv = manifest["conversion"]
     data = conv.get("heldout") or conv.get("data")
-    if not data or not Path(data).is_dir():
+    if not data or not Path(data).exists():
         raise FileNotFoundError(
             f"the images this artifact was built with ({data}) are not here; pass --data DIR"
         )
@@ -34,7 +34,7 @@ def verify(artifact, data=None, device="cpu", batch_size=32, max_images=None,
     explainer = Explainer.load(artifact, device=device)
     manifest = explainer.manifest
     data = data or default_data(manifest)
-    samples = load_image_folder(data, manifest["classes"])[:max_images]
+    samples = load_samples(data, manifest["classes"])[:max_images]
     b = manifest["backbone"]
     source = ModelSource(b["model"], b.get("checkpoint"), b.get("model_kwargs"))
     model = load_model(source)

@@ -30,7 +30,8 @@ def _add_convert(sub):
                    help='JSON kwargs for timm.create_model, e.g. \'{"global_pool": "avg"}\'')
     p.add_argument("--data", default=str(DEFAULT_DATA),
                    help="ImageFolder ROOT/<class>/<image>, or ROOT with train/ and val/ or "
-                        "test/ (the latter held out for verify)")
+                        "test/ (the latter held out for verify), or a Fashion-MNIST IDX "
+                        "folder (train-* for prototypes, t10k-* held out)")
     p.add_argument("--heldout", help="held-out ImageFolder for verification (overrides split)")
     p.add_argument("--max-per-class", type=int, help="cap on images per class")
     p.add_argument("-p", "--prototypes", dest="p", type=int, default=3,

@@ -20,6 +20,7 @@ __all__ = [
     "Sample",
     "find_split",
     "load_image_folder",
+    "load_samples",
     "load_idx",
     "read_idx",
 ]
@@ -82,15 +83,42 @@ def load_image_folder(
     return samples
 
 
+def _idx_images(root: Path, prefix: str) -> Path | None:
+    for name in (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-images-idx3-ubyte"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
 def find_split(root: str | Path) -> tuple[Path, Path | None]:
-    """``root`` with ``train/`` and ``val/`` or ``test/`` inside -> (train, held-out)."""
+    """Where to take conversion and held-out images from.
+
+    ``root`` with ``train/`` and ``val/`` or ``test/`` inside -> (train, held-out) folders;
+    a Fashion-MNIST/MNIST IDX folder -> (train images file, t10k images file);
+    anything else -> (root, None).
+    """
     root = Path(root)
+    if root.is_dir() and _idx_images(root, "train"):
+        return _idx_images(root, "train"), _idx_images(root, "t10k")
     if (root / "train").is_dir():
         for name in ("val", "test"):
             if (root / name).is_dir():
                 return root / "train", root / name
         return root / "train", None
     return root, None
+
+
+def load_samples(
+    path: str | Path, class_names: Sequence[str], max_per_class: int | None = None
+) -> list[Sample]:
+    """An ImageFolder, or an IDX images file (its labels file beside it)."""
+    path = Path(path)
+    if path.is_file() and "-images-idx3-ubyte" in path.name:
+        labels = path.with_name(path.name.replace("-images-idx3-ubyte", "-labels-idx1-ubyte"))
+        if not labels.is_file():
+            raise FileNotFoundError(f"{path} has no labels file {labels.name} beside it")
+        return load_idx(path, labels, max_per_class)
+    return load_image_folder(path, class_names, max_per_class)
 
 
 def read_idx(path: str | Path) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from protonmf.data import load_image_folder
+from protonmf.data import load_samples
 
 from .runtime import Explainer
 
@@ -23,9 +23,9 @@ def evaluate(artifact, data=None, device="cpu", batch_size=32, progress=True) ->
     explainer = Explainer.load(artifact, device=device)
     conv = explainer.manifest["conversion"]
     data = data or conv.get("heldout") or conv.get("data")
-    if not data or not Path(data).is_dir():
+    if not data or not Path(data).exists():
         raise FileNotFoundError(f"no labelled images at {data}; pass --data DIR")
-    samples = load_image_folder(data, explainer.classes)
+    samples = load_samples(data, explainer.classes)
     labels = np.array([s.label for s in samples])
     logits, residual = [], []
     for i in tqdm(range(0, len(samples), batch_size), desc="evaluate", disable=not progress):

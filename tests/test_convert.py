@@ -196,3 +196,40 @@ def test_no_weights_refused():
 def test_lite0_weights_load_by_order():
     model = load_model(ModelSource("tf_efficientnet_lite0", str(lite0_checkpoint())))
     assert model.get_classifier().out_features == 1000
+
+
+def write_idx(folder, prefix, images, labels):
+    import gzip
+    import struct
+
+    images, labels = np.asarray(images, np.uint8), np.asarray(labels, np.uint8)
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">HBB3I", 0, 8, 3, *images.shape) + images.tobytes())
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">HBBI", 0, 8, 1, len(labels)) + labels.tobytes())
+
+
+def test_convert_from_idx_files(tmp_path, capsys):
+    """Fashion-MNIST's own IDX format: train-* for prototypes, t10k-* held out."""
+    from PIL import Image
+
+    m = manifest_of_model_classes()
+    for prefix, split, n in (("train", "train", 20), ("t10k", "test", 5)):
+        images, labels = [], []
+        for c, name in enumerate(m):
+            for f in sorted((FASHION_DATA / split / name).glob("*.png"))[:n]:
+                images.append(np.asarray(Image.open(f)))
+                labels.append(c)
+        write_idx(tmp_path, prefix, images, labels)
+    out = convert(ConvertConfig(model=str(FASHION_MODEL), data=str(tmp_path), out=str(tmp_path / "a"),
+                                maps="none", progress=False))  # fmt: skip
+    man = manifest_of(out)
+    assert man["conversion"]["n_images"] == 200
+    assert man["conversion"]["heldout"].endswith("t10k-images-idx3-ubyte.gz")
+    code, text = run_cli("verify", out, "--json", capsys=capsys)
+    r = json.loads(text)
+    assert code == 0 and r["n_images"] == 50 and r["top1_agreement"] == 1.0
+
+
+def manifest_of_model_classes():
+    return json.loads((FASHION_MODEL / "config.json").read_text())["label_names"]

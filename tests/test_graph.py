@@ -171,3 +171,16 @@ def test_int8_and_fp16_variants(fashion_artifact, tmp_path):
     assert ops["QuantizeLinear"] >= 1 and ops["DequantizeLinear"] >= 1
     with pytest.raises(ArtifactError, match="has no 'bf16' graph"):
         Explainer.load(art, variant="bf16")
+
+
+def test_verify_lite0_on_scikit_image_photos(lite0_artifact, tmp_path, capsys):
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path / "photos" / "0"  # labels do not matter for exactness
+    folder.mkdir(parents=True)
+    for name in ("astronaut", "chelsea", "coffee"):
+        Image.fromarray(getattr(data, name)()).save(folder / f"{name}.png")
+    code, r = verify_json(lite0_artifact, capsys, "--data", tmp_path / "photos")
+    assert code == 0 and r["n_images"] == 3
+    assert r["top1_agreement"] == 1.0 and r["max_rel_logit_diff"] <= 1e-5
