@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -45,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from converter.convert import ConvertConfig, convert  # noqa: E402
-from converter.export import OPSET, export_onnx  # noqa: E402
+from converter.export import export_module, export_onnx  # noqa: E402
 from converter.models import ModelSource, analyse_head, load_model  # noqa: E402
 from converter.protomodel import ProtoModel  # noqa: E402
 from protonmf.artifact import MODEL_FILE, Preprocessing, load_manifest, load_tensors, preprocess  # noqa: E402
@@ -204,26 +202,8 @@ def random_resnet34_checkpoint(path: Path) -> Path:
 
 
 def export_blackbox(model: torch.nn.Module, input_shape: tuple[int, int, int], path: Path) -> Path:
-    """The timm model itself → ONNX (logits only), exported like converter/export.py."""
-    model = model.eval()
-    example = torch.randn(2, *input_shape)  # (2, c, h, w)
-    arg = next(iter(inspect.signature(model.forward).parameters))  # "x" for timm models
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # exporter chatter about deprecations
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_shapes={arg: {0: batch}},
-            opset_version=OPSET,
-            external_data=False,
-            dynamo=True,
-            verbose=False,
-        )
-    return path
+    """The timm model itself → ONNX (logits only), exported exactly like the artifact."""
+    return export_module(model, input_shape, path, ["logits"])
 
 
 def export_all_maps(model, manifest: dict, tensors: dict, path: Path) -> Path:

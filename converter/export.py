@@ -10,33 +10,37 @@ import torch
 
 from .protomodel import OUTPUTS, ProtoModel
 
-__all__ = ["OPSET", "export_onnx", "graph_spec"]
+__all__ = ["OPSET", "export_module", "export_onnx", "graph_spec"]
 
 OPSET = 18
 INPUT_NAME = "image"
 log = logging.getLogger(__name__)
 
 
-def export_onnx(model: ProtoModel, input_shape: tuple[int, int, int], path: str | Path) -> Path:
-    """Write ``model`` as ONNX with a symbolic batch dimension, then run the full checker.
+def export_module(module, input_shape: tuple[int, int, int], path: str | Path,
+                  output_names: list[str]) -> Path:  # fmt: skip
+    """Any image model → one ONNX file with a symbolic batch dimension, fully checked.
 
     input_shape : (channels, height, width) of one preprocessed image.
     """
+    import inspect
+
     import onnx
 
     path = Path(path)
-    model = model.eval()
-    example = torch.randn(2, *input_shape)
+    module = module.eval()
+    example = torch.randn(2, *input_shape)  # (2, c, h, w)
+    arg = next(iter(inspect.signature(module.forward).parameters))  # "x" for timm and ours
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # exporter chatter about deprecations
         torch.onnx.export(
-            model,
+            module,
             (example,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=OUTPUTS[model.maps],
-            dynamic_shapes={"x": {0: batch}},
+            output_names=output_names,
+            dynamic_shapes={arg: {0: batch}},
             opset_version=OPSET,
             external_data=False,
             dynamo=True,
@@ -44,6 +48,11 @@ def export_onnx(model: ProtoModel, input_shape: tuple[int, int, int], path: str 
         )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path
+
+
+def export_onnx(model: ProtoModel, input_shape: tuple[int, int, int], path: str | Path) -> Path:
+    """The prototype model → ONNX with the outputs of its maps mode (``OUTPUTS``)."""
+    return export_module(model, input_shape, path, OUTPUTS[model.maps])
 
 
 def graph_spec(model: ProtoModel, input_shape, grid_hw) -> dict:
