@@ -47,6 +47,10 @@ class _Metrics:
             "Largest |logit − (Σ contributions + bias)| / max|logit| seen by this process",
             multiprocess_mode="max",
         )
+        self.internal_retries = Counter(
+            "protonmf_internal_retries_total",
+            "Calls to the batchable step re-sent after BentoML's client dropped the connection",
+        )
         self.rejected = Counter(
             "protonmf_rejected_requests_total", "Requests refused, by reason", ["reason"]
         )

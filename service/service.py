@@ -33,14 +33,15 @@ from PIL import Image
 from pydantic import Field
 
 from .core import Core, ExplainOptions
-from .errors import InvalidInput, ServiceError
+from .errors import InvalidInput, Overloaded, ServiceError
 from .imaging import Limits
 from .metrics import METRICS
 from .schemas import InterventionIn
 
 MAX_BATCH_SIZE = int(os.environ.get("PROTONMF_MAX_BATCH_SIZE", "32"))
 MAX_LATENCY_MS = int(os.environ.get("PROTONMF_MAX_LATENCY_MS", "10000"))
-MAX_CONCURRENCY = int(os.environ.get("PROTONMF_MAX_CONCURRENCY", "128"))
+# Each public request holds two slots while it waits: its own and its call to ``infer``.
+MAX_CONCURRENCY = int(os.environ.get("PROTONMF_MAX_CONCURRENCY", "256"))
 
 
 def _error_class(status: int) -> type[BentoMLException]:
@@ -118,10 +119,30 @@ class ProtoNMFService:
         self.core.check_request(len(blobs))
         METRICS.images_per_request.observe(len(blobs))
         crops = await self.prepare(blobs)
-        packed = await self.to_async.infer([self.core.encode_crop(c) for c in crops])
+        packed = await self._infer_batched([self.core.encode_crop(c) for c in crops])
         if any(not p for p in packed):
             raise ServiceError("inference returned no output for an image", "internal")
         return crops, [self.core.unpack(p) for p in packed]
+
+    async def _infer_batched(self, crops: list[str], attempts: int = 4) -> list[str]:
+        """Through BentoML's client to the batchable ``infer``, so requests merge.
+
+        BentoML 1.4's internal client renews its session every ~100 calls and closes the
+        old one under in-flight calls (ServerDisconnectedError / "Cannot write to closing
+        transport"). ``infer`` is a pure function, so such a call is safely sent again.
+        """
+        import aiohttp
+
+        last = None
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self.to_async.infer(crops)
+            except aiohttp.ClientConnectionError as e:
+                METRICS.internal_retries.inc()
+                last = e
+                await asyncio.sleep(0.01 * attempt)
+        raise Overloaded(f"internal batching call failed {attempts} times: {last}",
+                         "internal_retry_exhausted") from last  # fmt: skip
 
     @staticmethod
     async def _read(images: list[Path], images_base64: list[str]) -> list[bytes]:

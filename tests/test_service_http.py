@@ -125,21 +125,27 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(fashion_artifact, request):
+def server(fashion_artifact, request, tmp_path_factory):
     workers = getattr(request, "param", 1)
     port = free_port()
     env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_WORKERS=str(workers),
                PROTONMF_MAX_LATENCY_MS="30000")  # fmt: skip
+    # A file, not a pipe: nobody reads a pipe during the test, and a full one blocks the
+    # server's request logging (a hang that looks like the server's fault).
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    # Each server its own BENTOML_HOME: BentoML clears its shared metrics folder at start.
+    env["BENTOML_HOME"] = str(log.parent / "bentoml")
+    log_file = open(log, "wb")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "protonmf.cli", "serve", str(fashion_artifact), "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-3000:]}")
+                raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                     break
@@ -156,6 +162,7 @@ def server(fashion_artifact, request):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        log_file.close()
 
 
 async def explain_all(url, blobs):
@@ -193,6 +200,24 @@ def test_concurrent_requests_are_batched_and_identical(server):
     assert 0 < batches < 32, "32 concurrent requests should merge into fewer batches"
     assert batches - ones >= 1, "at least one batch should hold more than one request"
     assert all(e["exactness"] <= 1e-4 for e in merged)
+
+
+def test_sustained_concurrency_has_no_server_errors(server):
+    """Past BentoML's internal-client renewal (every ~100 calls) nothing may turn into a 500."""
+    blobs = test_images()
+
+    async def bursts():
+        codes = []
+        async with httpx.AsyncClient(base_url=server, timeout=120) as c:
+            for _ in range(5):  # 5 × 32 concurrent requests: 160 internal calls
+                rs = await asyncio.gather(*(
+                    c.post("/classify", files={"images": ("x.png", b, "image/png")}) for b in blobs
+                ))  # fmt: skip
+                codes += [r.status_code for r in rs]
+        return codes
+
+    codes = asyncio.run(bursts())
+    assert codes.count(200) == len(codes), {c: codes.count(c) for c in set(codes)}
 
 
 def test_server_metrics_and_hostile_input(server):
