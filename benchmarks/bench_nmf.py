@@ -287,7 +287,7 @@ def top_load_line():
             if "load average" in line:
                 return line.strip()
         return out.splitlines()[0].strip() if out else "(empty)"
-    except Exception as e:  # noqa: BLE001
+    except (OSError, subprocess.SubprocessError) as e:
         return f"(top failed: {e})"
 
 
@@ -301,7 +301,7 @@ def machine_info(threads):
                     for k in ("user_api", "internal_api", "num_threads", "version", "architecture")
                 }
             )
-    except Exception as e:  # noqa: BLE001
+    except ImportError as e:
         pools.append({"error": str(e)})
     return {
         "platform": platform.platform(),

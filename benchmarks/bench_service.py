@@ -87,6 +87,15 @@ TARGETS = {
 # ----------------------------------------------------------------------------- inputs
 
 
+
+_PS_ERRORS: tuple[type[BaseException], ...] = (ImportError, OSError)
+try:
+    import psutil
+
+    _PS_ERRORS += (psutil.Error,)
+except ImportError:
+    pass
+
 def photo_files() -> list[Path]:
     """foolbox's 20 bundled ImageNet JPEGs (data only: foolbox itself is not imported)."""
     spec = importlib.util.find_spec("foolbox")
@@ -343,7 +352,7 @@ def tree_stats(pid: int) -> dict:
     rss, cpu, n = 0, 0.0, 0
     try:
         procs = process_tree(pid)
-    except Exception:  # noqa: BLE001 - psutil missing or process gone
+    except _PS_ERRORS:  # psutil missing or process gone
         return _tree_stats_proc(pid)
     for p in procs:
         try:
@@ -351,7 +360,7 @@ def tree_stats(pid: int) -> dict:
             t = p.cpu_times()
             cpu += t.user + t.system
             n += 1
-        except Exception:  # noqa: BLE001 - exited meanwhile
+        except _PS_ERRORS:  # exited meanwhile
             continue
     return {"rss_mb": rss / 2**20, "cpu_s": cpu, "processes": n}
 
@@ -380,7 +389,7 @@ def _tree_stats_proc(pid: int) -> dict:
 def tree_uss_mb(pid: int) -> float | None:
     try:
         return sum(p.memory_full_info().uss for p in process_tree(pid)) / 2**20
-    except Exception:  # noqa: BLE001 - psutil missing or no permission
+    except _PS_ERRORS:  # psutil missing or no permission
         return None
 
 
@@ -499,7 +508,8 @@ async def check_answers(url: str, key: str, payloads: list[tuple[str, bytes]]) -
             body = r.json()
             if key == "explain":
                 e = body["explanations"][0]
-                assert len(e["top_k"]) == 3 and "heatmap" in e["top_k"][0]["prototypes"][0], e
+                if len(e["top_k"]) != 3 or "heatmap" not in e["top_k"][0]["prototypes"][0]:
+                    raise RuntimeError(f"unexpected /explain answer: {e}")
             tops.append(top1_of(key, body))
         return tops
 
