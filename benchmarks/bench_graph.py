@@ -40,7 +40,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +52,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _machine import cpu_model, top_snapshot  # noqa: E402
 
 from converter.convert import ConvertConfig, convert  # noqa: E402
 from converter.export import export_module, export_onnx  # noqa: E402
@@ -427,25 +428,17 @@ def bench_gradcam(subject: Subject, rounds: int) -> dict:
 def machine_info() -> dict:
     import onnxruntime
 
-    top = subprocess.run(["top", "-bn1"], capture_output=True, text=True, check=True).stdout
-    cpu_model = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        "",
-    )
+    top, busiest = top_snapshot()
     return {
         "processor": platform.processor(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "onnxruntime": onnxruntime.__version__,
         "torch": torch.__version__,
         "torch_threads": THREADS,
         "ort_intra_op_threads": THREADS,
-        "top": top.splitlines()[:5],  # `top -bn1 | head -5`
-        "busiest_processes": top.splitlines()[6:10],  # header + 3 busiest, to name other load
+        "top": top,  # `top -bn1 | head -5`
+        "busiest_processes": busiest,  # header + 3 busiest, to name other load
         "load_1min": os.getloadavg()[0],
     }
 

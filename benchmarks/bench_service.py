@@ -58,6 +58,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _machine import cpu_model, top_snapshot  # noqa: E402
+
 from protonmf.artifact import (  # noqa: E402
     MODEL_FILE,
     Preprocessing,
@@ -629,26 +631,18 @@ def run_load(url, key, pid, payloads, clients, warmup, duration) -> dict:
 def machine_info() -> dict:
     import onnxruntime
 
-    top = subprocess.run(["top", "-bn1"], capture_output=True, text=True, check=False).stdout
-    cpu_model = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        "",
-    )
+    top, busiest = top_snapshot()
     return {
         "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "bentoml": _version("bentoml"),
         "httpx": httpx.__version__,
         "load_avg": list(os.getloadavg()),
-        "top": top.splitlines()[:5],
-        "busiest": top.splitlines()[6:10],
+        "top": top,
+        "busiest": busiest,
     }
 
 

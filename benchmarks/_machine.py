@@ -1,0 +1,20 @@
+"""What the benchmarks record about the machine they ran on (shared by the scripts)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def top_snapshot() -> tuple[list[str], list[str]]:
+    """(`top -bn1 | head -5`, header + 3 busiest processes): the load beside the run."""
+    lines = subprocess.run(["top", "-bn1"], capture_output=True, text=True, check=False).stdout
+    lines = lines.splitlines()
+    return lines[:5], lines[6:10]
