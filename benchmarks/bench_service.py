@@ -440,7 +440,8 @@ def server_commands(args, artifact: Path, blackbox: Path) -> dict:
     )
     return {
         # `protonmf serve` execs `bentoml serve`: the PID we hold is the server's
-        "protonmf": ([sys.executable, "-m", "protonmf.cli", "serve", str(artifact)], protonmf_env),
+        "protonmf": ([sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--grpc-port", "0"],
+                     protonmf_env),
         "logits": (
             [
                 sys.executable,

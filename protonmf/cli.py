@@ -140,10 +140,12 @@ def _cmd_serve(args) -> int:
     load_manifest(args.artifact)  # refuse a bad artifact here, with a clear message
     env = dict(os.environ, PROTONMF_ARTIFACT=str(Path(args.artifact).resolve()),
                PROTONMF_DEVICE=args.device, PROTONMF_VARIANT=args.variant,
+               PROTONMF_GRPC_PORT=str(args.grpc_port), PROTONMF_GRPC_HOST=args.host,
                BENTOML_DO_NOT_TRACK="true")  # fmt: skip
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ProtoNMFService",
            "--host", args.host, "--port", str(args.port), "--working-dir", str(REPO)]  # fmt: skip
-    print(f"serving {args.artifact} on http://{args.host}:{args.port}", flush=True)
+    grpc = f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port > 0 else ""
+    print(f"serving {args.artifact} on http://{args.host}:{args.port}{grpc}", flush=True)
     os.execve(sys.executable, cmd, env)
     return 0  # not reached
 
@@ -185,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="half precision (for GPUs)")
     p = sub.add_parser("serve", help="serve an artifact over REST (BentoML)")
     p.add_argument("artifact", nargs="?", default=str(DEFAULT_ARTIFACT))
-    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--port", type=int, default=3000, help="HTTP (REST) port")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port; 0 turns gRPC off")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     p.add_argument("--variant", default="fp32", help="graph: fp32 (exact, default), int8, fp16")

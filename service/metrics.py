@@ -51,6 +51,12 @@ class _Metrics:
             "protonmf_internal_retries_total",
             "Calls to the batchable step re-sent after BentoML's client dropped the connection",
         )
+        self.batching_in_process = Gauge(
+            "protonmf_batching_in_process",
+            "1 when requests reach BentoML's adaptive batcher in-process, 0 when through "
+            "the HTTP self-call fallback (lowest over workers)",
+            multiprocess_mode="min",
+        )
         self.rejected = Counter(
             "protonmf_rejected_requests_total", "Requests refused, by reason", ["reason"]
         )

@@ -42,6 +42,9 @@ def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: 
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    if os.environ.get("PROTONMF_ORT_SPINNING", "1") == "0":
+        # Idle intra-op threads sleep instead of spinning: CPU goes to decode/serving.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     want_cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers()
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else [
         "CPUExecutionProvider"

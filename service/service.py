@@ -6,13 +6,15 @@
     POST /overlay    one image → PNG of the top class's prototype maps over it
     POST /model      classes, p, coefficients, artifact identity, provider in use
     POST /infer      the batchable step (uint8 crops in, packed outputs out); the public
-                     endpoints reach it through BentoML's own client so concurrent
-                     requests merge into one onnxruntime run
+                     endpoints (and gRPC) reach its adaptive batcher in-process, so
+                     concurrent requests merge into one onnxruntime run
 
 Images come as multipart files (``images``) or base64 strings in JSON (``images_base64``).
 Configuration (environment): PROTONMF_ARTIFACT (required), PROTONMF_DEVICE (cpu|cuda|auto), PROTONMF_VARIANT,
 PROTONMF_ORT_THREADS, PROTONMF_DECODE_THREADS, PROTONMF_MAX_BATCH_SIZE,
-PROTONMF_MAX_LATENCY_MS, PROTONMF_MAX_CONCURRENCY, PROTONMF_WORKERS, and the limits of ``imaging.Limits``.
+PROTONMF_MAX_LATENCY_MS, PROTONMF_MAX_CONCURRENCY, PROTONMF_WORKERS, PROTONMF_ORT_SPINNING,
+PROTONMF_BATCH_PATH (in_process | http), the gRPC settings of ``grpc_api.GrpcConfig`` and
+the limits of ``imaging.Limits``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import asyncio
 import base64
 import binascii
 import functools
+import inspect
 import io
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
@@ -35,14 +39,17 @@ from pydantic import Field
 
 from .core import Core, ExplainOptions
 from .errors import InvalidInput, Overloaded, ServiceError
+from .grpc_api import GrpcConfig, GrpcServer
 from .imaging import Limits
 from .metrics import METRICS
 from .schemas import InterventionIn
 
 MAX_BATCH_SIZE = int(os.environ.get("PROTONMF_MAX_BATCH_SIZE", "32"))
 MAX_LATENCY_MS = int(os.environ.get("PROTONMF_MAX_LATENCY_MS", "10000"))
-# Each public request holds two slots while it waits: its own and its call to ``infer``.
+# Public requests in flight per worker (beyond: 429). With the HTTP self-call fallback each
+# request holds two slots (its own and its call to ``infer``).
 MAX_CONCURRENCY = int(os.environ.get("PROTONMF_MAX_CONCURRENCY", "256"))
+log = logging.getLogger("protonmf.service")
 
 
 def _error_class(status: int) -> type[BentoMLException]:
@@ -105,21 +112,71 @@ class ProtoNMFService:
     def __is_ready__(self) -> bool:
         return getattr(self, "ready", False)
 
+    # --- start-up: the batcher's in-process entry, the gRPC twin (service/grpc_api.py) ---
+
+    @bentoml.on_startup
+    async def start(self) -> None:
+        if os.environ.get("PROTONMF_BATCH_PATH", "in_process") != "http":
+            self._find_batcher()  # here: the hook's caller owns the batchers
+        METRICS.batching_in_process.set(1 if self._batcher else 0)
+        limits = self.core.limits
+        config = GrpcConfig.from_env(limits.max_bytes * limits.max_images + (1 << 20))
+        self.grpc = GrpcServer(self, config) if config.port > 0 else None
+        if self.grpc:
+            await self.grpc.start()
+            self._grpc_warmup = asyncio.create_task(self._grpc_when_batching_works())
+
+    async def _grpc_when_batching_works(self, attempts: int = 120) -> None:
+        """Health says SERVING once an image has gone through the batched path gRPC uses.
+        (BentoML attaches ``to_async`` after the start-up hooks; HTTP may not listen yet.)"""
+        crop = np.zeros(self.core.crop_shape, np.uint8)
+        for _ in range(attempts):
+            try:
+                if self._batcher is not None or getattr(self, "to_async", None) is not None:
+                    await self._infer_crops([crop])
+                    await self.grpc.ready()
+                    return
+            except Exception as e:  # noqa: BLE001 - not up yet; health stays NOT_SERVING
+                log.debug("gRPC warm-up: %s", e)
+            await asyncio.sleep(0.5)
+        log.error("gRPC: the batched path never answered; health stays NOT_SERVING")
+
+    @bentoml.on_shutdown
+    async def stop(self) -> None:
+        if getattr(self, "grpc", None):
+            self._grpc_warmup.cancel()
+            await self.grpc.stop()
+
     # --- the batchable step ---------------------------------------------------------
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def infer(self, crops: list[str]) -> list[str]:
         """Base64 uint8 crops (preprocessing.height × width [× 3]) → base64 float32 outputs
-        in graph output order. A malformed crop yields "" without failing its batch-mates."""
-        decoded, ok = [], []
-        for text in crops:
+        in graph output order. A malformed crop yields "" without failing its batch-mates.
+
+        In-process callers (``run``) hand the batcher uint8 arrays instead and get each
+        image's outputs back as arrays; one batch may hold both kinds."""
+        arrays, kinds = [], []
+        for item in crops:
+            if isinstance(item, np.ndarray):
+                arrays.append(item)
+                kinds.append("array")
+                continue
             try:
-                decoded.append(self.core.decode_crop(text))
-                ok.append(True)
+                arrays.append(self.core.decode_crop(item))
+                kinds.append("text")
             except (ServiceError, binascii.Error, ValueError):
-                ok.append(False)
-        packed = iter(self.core.pack(self.core.infer(np.stack(decoded)))) if decoded else iter(())
-        return [next(packed) if good else "" for good in ok]
+                kinds.append(None)
+        outs = self.core.infer(np.stack(arrays)) if arrays else {}
+        packed = self.core.pack(outs) if "text" in kinds else []
+        results, i = [], 0
+        for kind in kinds:
+            if kind is None:
+                results.append("")
+                continue
+            results.append(packed[i] if kind == "text" else {k: v[i] for k, v in outs.items()})
+            i += 1
+        return results
 
     # --- shared flow (REST now, gRPC too) -------------------------------------------
 
@@ -133,13 +190,43 @@ class ProtoNMFService:
         self.core.check_request(len(blobs))
         METRICS.images_per_request.observe(len(blobs))
         crops = await self.prepare(blobs)
+        return crops, await self._infer_crops(crops)
+
+    async def _infer_crops(self, crops: list[np.ndarray]) -> list[dict]:
+        """uint8 crops → each image's graph outputs, through the adaptive batcher."""
+        if self._batcher is not None:
+            return await self._batcher.batch_infer("infer", (list(crops),), {})
         packed = await self._infer_batched([self.core.encode_crop(c) for c in crops])
         if any(not p for p in packed):
             raise ServiceError("inference returned no output for an image", "internal")
-        return crops, [self.core.unpack(p) for p in packed]
+        return [self.core.unpack(p) for p in packed]
+
+    _batcher = None  # BentoML's in-process batch entry, found at start-up (see below)
+
+    def _find_batcher(self) -> None:
+        """Reach ``infer``'s adaptive batcher in-process, without the HTTP/JSON round trip.
+
+        BentoML 1.4 runs start-up hooks from the ServiceAppFactory that owns this instance
+        and its batch dispatchers; its ``batch_infer`` is the batcher every ``/infer``
+        request goes through (same queue, same bentoml_service_adaptive_batch_size), minus
+        ~200 KB of base64 JSON per image each way. It is not public API: if it is missing
+        (another BentoML), ``run`` falls back to the self-call through BentoML's client.
+        """
+        frame = inspect.currentframe()
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if (getattr(owner, "_service_instance", None) is self
+                    and "infer" in getattr(owner, "dispatchers", {})
+                    and callable(getattr(owner, "batch_infer", None))):  # fmt: skip
+                self._batcher = owner
+                break
+            frame = frame.f_back
+        del frame
+        if self._batcher is None:
+            log.warning("BentoML's in-process batcher not found; batching through HTTP")
 
     async def _infer_batched(self, crops: list[str], attempts: int = 4) -> list[str]:
-        """Through BentoML's client to the batchable ``infer``, so requests merge.
+        """Fallback: through BentoML's client to the batchable ``infer``, so requests merge.
 
         BentoML 1.4's internal client renews its session every ~100 calls and closes the
         old one under in-flight calls (ServerDisconnectedError / "Cannot write to closing

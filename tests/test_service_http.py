@@ -5,22 +5,18 @@ import base64
 import io
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 from conftest import FASHION_DATA
 from PIL import Image
+from served import serve
 from test_service_core import animated, bomb_png, jpeg_bytes, png_bytes
 
 pytestmark = pytest.mark.slow
 
 
-def test_images():
+def sample_images():
     files = []
     for cls in ("bag", "coat", "sneaker", "trouser"):
         files += sorted((FASHION_DATA / "test" / cls).glob("*.png"))[:8]
@@ -35,6 +31,7 @@ def client(fashion_artifact):
     from starlette.testclient import TestClient
 
     os.environ["PROTONMF_ARTIFACT"] = str(fashion_artifact)
+    os.environ["PROTONMF_GRPC_PORT"] = "0"  # in-process: no gRPC listener (tested elsewhere)
     from service.service import ProtoNMFService
 
     with TestClient(ProtoNMFService.to_asgi()) as c:
@@ -42,7 +39,7 @@ def client(fashion_artifact):
 
 
 def test_asgi_explain_multipart_and_json_agree(client):
-    blob = test_images()[0]
+    blob = sample_images()[0]
     a = client.post("/explain", files={"images": ("bag.png", blob, "image/png")},
                     data={"top_k": "2"})  # fmt: skip
     b = client.post("/explain", json={"images_base64": [base64.b64encode(blob).decode()],
@@ -54,7 +51,7 @@ def test_asgi_explain_multipart_and_json_agree(client):
 
 
 def test_asgi_classify_model_overlay(client):
-    blob = test_images()[0]
+    blob = sample_images()[0]
     r = client.post("/classify", files={"images": ("x.png", blob, "image/png")})
     assert r.status_code == 200 and r.json()["predictions"][0]["top_k"][0]["class"] == "bag"
     m = client.post("/model", json={})
@@ -65,7 +62,7 @@ def test_asgi_classify_model_overlay(client):
 
 
 def test_asgi_intervention(client):
-    blob = test_images()[0]
+    blob = sample_images()[0]
     r = client.post("/explain", json={"images_base64": [base64.b64encode(blob).decode()],
                                       "interventions": [{"class": "bag", "prototype": 1}]})  # fmt: skip
     assert r.status_code == 200, r.text
@@ -118,51 +115,19 @@ def test_asgi_bad_input_gets_4xx(client, name, kwargs, status, reason):
 # --- tier 3: a real server ---------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(fashion_artifact, request, tmp_path_factory):
-    workers = getattr(request, "param", 1)
-    port = free_port()
-    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_WORKERS=str(workers),
-               PROTONMF_MAX_LATENCY_MS="30000")  # fmt: skip
-    # A file, not a pipe: nobody reads a pipe during the test, and a full one blocks the
-    # server's request logging (a hang that looks like the server's fault).
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    # Each server its own BENTOML_HOME: BentoML clears its shared metrics folder at start.
-    env["BENTOML_HOME"] = str(log.parent / "bentoml")
-    log_file = open(log, "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "protonmf.cli", "serve", str(fashion_artifact), "--port", str(port)],
-        env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise TimeoutError("server not ready in 90 s")
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log_file.close()
+    """param: {"workers": N, "batch_path": "in_process" | "http"} (defaults 1, in_process)."""
+    param = getattr(request, "param", {})
+    env = {"PROTONMF_BATCH_PATH": param.get("batch_path", "in_process")}
+    with serve(fashion_artifact, tmp_path_factory.mktemp("server"), param.get("workers", 1),
+               env) as served:  # fmt: skip
+        yield served.url
+
+
+# the batcher reached in-process (default) and through BentoML's HTTP client (fallback)
+BOTH_PATHS = pytest.mark.parametrize("server", [{}, {"batch_path": "http"}], indirect=True,
+                                     ids=["in_process", "http_self_call"])  # fmt: skip
 
 
 async def explain_all(url, blobs):
@@ -184,8 +149,9 @@ def histogram_count(text: str, name: str, le: str | None = None) -> float:
     return total
 
 
-def test_concurrent_requests_are_batched_and_identical(server):
-    blobs = test_images()
+@BOTH_PATHS
+def test_concurrent_requests_are_batched_and_identical(server, request):
+    blobs = sample_images()
     singles = [asyncio.run(explain_all(server, [b]))[0] for b in blobs[:4]]
     before = httpx.get(f"{server}/metrics").text
     merged = asyncio.run(explain_all(server, blobs))
@@ -200,11 +166,15 @@ def test_concurrent_requests_are_batched_and_identical(server):
     assert 0 < batches < 32, "32 concurrent requests should merge into fewer batches"
     assert batches - ones >= 1, "at least one batch should hold more than one request"
     assert all(e["exactness"] <= 1e-4 for e in merged)
+    in_process = "http" not in request.node.callspec.id
+    assert re.search(rf"^protonmf_batching_in_process {float(in_process)}$", after, re.M), \
+        "the batching path in use is reported"
 
 
+@BOTH_PATHS
 def test_sustained_concurrency_has_no_server_errors(server):
     """Past BentoML's internal-client renewal (every ~100 calls) nothing may turn into a 500."""
-    blobs = test_images()
+    blobs = sample_images()
 
     async def bursts():
         codes = []
@@ -221,6 +191,7 @@ def test_sustained_concurrency_has_no_server_errors(server):
 
 
 def test_server_metrics_and_hostile_input(server):
+    asyncio.run(explain_all(server, sample_images()[:2]))
     r = httpx.post(f"{server}/explain", files={"images": ("a.gif", animated("GIF"), "image/gif")})
     assert r.status_code == 415
     assert httpx.get(f"{server}/readyz").status_code == 200
@@ -232,9 +203,9 @@ def test_server_metrics_and_hostile_input(server):
     assert re.search(r'protonmf_rejected_requests_total\{reason="unsupported_format"\} [1-9]', text)
 
 
-@pytest.mark.parametrize("server", [2], indirect=True)
+@pytest.mark.parametrize("server", [{"workers": 2}], indirect=True)
 def test_metrics_with_two_workers(server):
-    asyncio.run(explain_all(server, test_images()[:8]))
+    asyncio.run(explain_all(server, sample_images()[:8]))
     text = httpx.get(f"{server}/metrics").text
     assert "protonmf_stage_duration_seconds" in text
     assert histogram_count(text, "protonmf_inference_batch_size_count") >= 1

@@ -1,0 +1,197 @@
+"""gRPC vs REST: the same server, the same images, /explain vs protonmf.v1.ProtoNMF/Explain.
+
+One `protonmf serve` (1 worker, max_batch_size 32) with both transports. Closed loops of N
+concurrent clients (one JPEG per request, heatmaps on, top-3): REST through one
+httpx.AsyncClient, gRPC through one grpc.aio channel. The two transports alternate in
+windows (REST, gRPC, REST, gRPC, …) so drift on this shared machine hits both; per
+transport the windows are pooled: throughput = answers / counted seconds, latency
+percentiles over all answers. Adaptive batch sizes are deltas of
+bentoml_service_adaptive_batch_size over each window (both transports use one batcher).
+
+    .venv/bin/python benchmarks/bench_grpc.py              # 32 clients, 4 × 10 s per transport
+    .venv/bin/python benchmarks/bench_grpc.py --quick      # 2 × 4 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_service import (  # noqa: E402
+    BATCH_METRIC,
+    ensure_artifact,
+    free_port,
+    hist_delta,
+    machine_info,
+    parse_metrics,
+    server,
+)
+
+from protonmf.sample_data import imagenet_photo_files  # noqa: E402
+from service.grpc_api import pb, pb_grpc  # noqa: E402
+
+TIMEOUT_S = 60
+
+
+async def closed_loop(send, payloads, clients: int, warmup: float, duration: float) -> dict:
+    """N tasks; each sends, waits, sends the next. Returns answers and latencies in the window."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    t_window, t_end = t0 + warmup, t0 + warmup + duration
+    latencies, errors = [], {}
+
+    async def task(i: int) -> None:
+        k = i
+        while loop.time() < t_end:
+            blob = payloads[k % len(payloads)]
+            k += clients
+            start = loop.time()
+            status = await send(blob)
+            end = loop.time()
+            if start >= t_window and end <= t_end:
+                if status == "OK":
+                    latencies.append((end - start) * 1e3)
+                else:
+                    errors[status] = errors.get(status, 0) + 1
+
+    await asyncio.gather(*(task(i) for i in range(clients)))
+    return {"latencies_ms": latencies, "errors": errors, "seconds": duration}
+
+
+async def rest_window(url, payloads, clients, warmup, duration):
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S, limits=limits) as c:
+
+        async def send(blob):
+            try:
+                r = await c.post("/explain", files={"images": ("x.jpg", blob, "image/jpeg")})
+            except httpx.HTTPError as e:
+                return type(e).__name__
+            if r.status_code == 200:
+                r.json()  # the client's share of the work: parse the answer
+                return "OK"
+            return str(r.status_code)
+
+        return await closed_loop(send, payloads, clients, warmup, duration)
+
+
+async def grpc_window(target, payloads, clients, warmup, duration):
+    async with grpc.aio.insecure_channel(target, options=[
+        ("grpc.max_receive_message_length", 64 << 20)]) as channel:  # fmt: skip
+        stub = pb_grpc.ProtoNMFStub(channel)
+
+        async def send(blob):
+            try:
+                await stub.Explain(pb.ExplainRequest(images=[blob]), timeout=TIMEOUT_S)
+                return "OK"
+            except grpc.aio.AioRpcError as e:
+                return e.code().name
+
+        return await closed_loop(send, payloads, clients, warmup, duration)
+
+
+def summarise(windows: list[dict], batches: list[dict]) -> dict:
+    lat = np.array([x for w in windows for x in w["latencies_ms"]])
+    seconds = sum(w["seconds"] for w in windows)
+    errors: dict[str, int] = {}
+    for w in windows:
+        for k, v in w["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    n_batches = sum(b["count"] for b in batches)
+    return {
+        "answers": int(lat.size),
+        "images_per_s": lat.size / seconds,
+        "images_per_s_by_window": [len(w["latencies_ms"]) / w["seconds"] for w in windows],
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "errors": errors,
+        "mean_batch": sum(b["sum"] for b in batches) / n_batches if n_batches else None,
+        "batches": int(n_batches),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--artifact", type=Path, help="default: Lite0 artifact as in bench_service")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_service_work"))
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--windows", type=int, default=4, help="windows per transport")
+    ap.add_argument("--duration", type=float, default=10.0, help="counted seconds per window")
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_grpc.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.windows, args.duration = 2, 4.0
+    args.workdir = args.workdir.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.blackbox = None
+    artifact = ensure_artifact(args)
+    payloads = [f.read_bytes() for f in imagenet_photo_files()]
+    grpc_port = free_port()
+    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_MAX_BATCH_SIZE="32",
+               PROTONMF_WORKERS="1", BENTOML_HOME=str(args.workdir / "bentoml_home_grpc"))  # fmt: skip
+    cmd = [sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--grpc-port", str(grpc_port)]
+    start = machine_info()
+    results: dict[str, dict] = {"rest": {"w": [], "b": []}, "grpc": {"w": [], "b": []}}
+    with server("protonmf", cmd, env, args.workdir / "server-grpc.log") as (url, _pid):
+        target = f"127.0.0.1:{grpc_port}"
+        for _ in range(100):  # gRPC health turns SERVING shortly after /readyz
+            try:
+                with grpc.insecure_channel(target) as ch:
+                    pb_grpc.ProtoNMFStub(ch).ModelInfo(pb.ModelInfoRequest(), timeout=2)
+                break
+            except grpc.RpcError:
+                time.sleep(0.2)
+        windows = {
+            "rest": lambda: rest_window(url, payloads, args.clients, args.warmup, args.duration),
+            "grpc": lambda: grpc_window(target, payloads, args.clients, args.warmup, args.duration),
+        }
+        for i in range(args.windows):
+            for name, window in windows.items():
+                before = parse_metrics(httpx.get(f"{url}/metrics").text)
+                w = asyncio.run(window())
+                after = parse_metrics(httpx.get(f"{url}/metrics").text)
+                results[name]["w"].append(w)
+                results[name]["b"].append(hist_delta(before, after, BATCH_METRIC, method_name="infer"))
+                print(f"  window {i + 1} {name:<4}: {len(w['latencies_ms']) / w['seconds']:6.1f} img/s, "
+                      f"errors {w['errors'] or 0}", flush=True)  # fmt: skip
+    summary = {k: summarise(v["w"], v["b"]) for k, v in results.items()}
+    report = {
+        "settings": {"artifact": str(artifact), "clients": args.clients, "windows": args.windows,
+                     "duration_s": args.duration, "warmup_s": args.warmup, "workers": 1,
+                     "max_batch_size": 32, "payloads": "20 foolbox ImageNet JPEGs, one per request",
+                     "request": "explain, top_k 3, heatmaps on"},  # fmt: skip
+        "machine": {"start": start, "end": machine_info()},
+        "rest": summary["rest"],
+        "grpc": summary["grpc"],
+        "grpc_over_rest_images_per_s": summary["grpc"]["images_per_s"] / summary["rest"]["images_per_s"],
+        "grpc_over_rest_p99": summary["grpc"]["p99_ms"] / summary["rest"]["p99_ms"],
+    }
+    print("\n| transport | img/s | p50 ms | p99 ms | mean batch | errors |\n|---|---:|---:|---:|---:|---:|")
+    for k in ("rest", "grpc"):
+        s = summary[k]
+        print(f"| {k} | {s['images_per_s']:.1f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | "
+              f"{s['mean_batch'] or 0:.1f} | {sum(s['errors'].values())} |")  # fmt: skip
+    print(f"\ngRPC / REST throughput = {report['grpc_over_rest_images_per_s']:.2f} (target ≥ 0.9), "
+          f"p99 ratio = {report['grpc_over_rest_p99']:.2f}")  # fmt: skip
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

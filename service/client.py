@@ -1,0 +1,136 @@
+"""A small client for both transports, returning the REST response shapes.
+
+    from service.client import RestClient, GrpcClient
+    with RestClient("http://127.0.0.1:3000") as c:       # or GrpcClient("127.0.0.1:50051")
+        body = c.explain([open("cat.jpg", "rb").read()], top_k=3,
+                         interventions=[{"class": "tabby", "prototype": 0}])
+
+Both raise ``RequestFailed`` with the REST status or gRPC code and the service's reason
+(``too_large``, ``unsupported_media_type``, ...). Needs httpx (REST) or grpcio (gRPC).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Sequence
+
+__all__ = ["GrpcClient", "RequestFailed", "RestClient"]
+
+_REASON = re.compile(r"\[([a-z_]+)\]\s*$")
+
+
+class RequestFailed(Exception):
+    def __init__(self, code: int | str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        match = _REASON.search(message)
+        self.reason = match.group(1) if match else None
+
+
+class RestClient:
+    def __init__(self, url: str, timeout: float = 60.0):
+        import httpx
+
+        self._http = httpx.Client(base_url=url, timeout=timeout)
+
+    def _post(self, path: str, body: dict) -> dict:
+        r = self._http.post(path, json=body)
+        if r.status_code != 200:
+            raise RequestFailed(r.status_code, r.text)
+        return r.json()
+
+    @staticmethod
+    def _b64(images: Sequence[bytes]) -> list[str]:
+        return [base64.b64encode(b).decode() for b in images]
+
+    def classify(self, images: Sequence[bytes], top_k: int = 5) -> dict:
+        return self._post("/classify", {"images_base64": self._b64(images), "top_k": top_k})
+
+    def explain(self, images: Sequence[bytes], top_k: int = 3, heatmaps: bool = True,
+                box_percentile: float = 90.0, interventions: Sequence[dict] = ()) -> dict:  # fmt: skip
+        return self._post("/explain", {
+            "images_base64": self._b64(images), "top_k": top_k, "heatmaps": heatmaps,
+            "box_percentile": box_percentile, "interventions": list(interventions),
+        })  # fmt: skip
+
+    def model(self) -> dict:
+        return self._post("/model", {})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class GrpcClient:
+    def __init__(self, target: str, timeout: float = 60.0, max_message_bytes: int = 256 << 20):
+        import grpc
+
+        from .grpc_api import pb, pb_grpc
+
+        self._grpc, self._pb, self.timeout = grpc, pb, timeout
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ])  # fmt: skip
+        self.stub = pb_grpc.ProtoNMFStub(self._channel)
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except self._grpc.RpcError as e:
+            raise RequestFailed(e.code().name, e.details() or "") from e
+
+    def classify(self, images: Sequence[bytes], top_k: int = 5) -> dict:
+        r = self._call(self.stub.Classify, self._pb.ClassifyRequest(images=images, top_k=top_k))
+        return _to_dict(r)
+
+    def explain(self, images: Sequence[bytes], top_k: int = 3, heatmaps: bool = True,
+                box_percentile: float = 90.0, interventions: Sequence[dict] = ()) -> dict:  # fmt: skip
+        request = self._pb.ExplainRequest(
+            images=images, top_k=top_k, heatmaps=heatmaps, box_percentile=box_percentile,
+            interventions=[self._pb.Intervention(class_name=str(i["class"]),
+                                                 prototype=i["prototype"]) for i in interventions],
+        )  # fmt: skip
+        return explain_response_to_dict(self._call(self.stub.Explain, request))
+
+    def model(self) -> dict:
+        return json.loads(self._call(self.stub.ModelInfo, self._pb.ModelInfoRequest()).json)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _to_dict(message) -> dict:
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+def explain_response_to_dict(response) -> dict:
+    """ExplainResponse → the REST /explain body (nested heatmaps, explicit nulls)."""
+    body = _to_dict(response)
+    for explanation in body["explanations"]:
+        explanation.setdefault("intervention", None)
+        for entry in explanation["top_k"]:
+            entry.setdefault("description", None)
+            for proto in entry["prototypes"]:
+                proto.setdefault("share_of_logit", None)
+                if "heatmap" in proto:
+                    hm = proto["heatmap"]
+                    h, w = hm["shape"]
+                    hm["values"] = [hm["values"][r * w : (r + 1) * w] for r in range(h)]
+    return body
