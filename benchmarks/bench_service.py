@@ -86,6 +86,8 @@ TARGETS = {
     "explain": ("protonmf /explain", "protonmf", "/explain", "infer"),
     "classify": ("protonmf /classify", "protonmf", "/classify", "infer"),
     "logits": ("logits-only /classify", "logits", "/classify", "classify"),
+    # --compare-paths: the batcher reached through BentoML's HTTP client (the fallback)
+    "explain_http": ("protonmf /explain, HTTP self-call", "protonmf_http", "/explain", "infer"),
 }
 
 
@@ -438,10 +440,11 @@ def server_commands(args, artifact: Path, blackbox: Path) -> dict:
         LOGITS_WORKERS=str(WORKERS),
         LOGITS_MAX_LATENCY_MS=str(args.max_latency_ms),
     )
+    serve = [sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--grpc-port", "0"]
     return {
         # `protonmf serve` execs `bentoml serve`: the PID we hold is the server's
-        "protonmf": ([sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--grpc-port", "0"],
-                     protonmf_env),
+        "protonmf": (serve, protonmf_env),
+        "protonmf_http": (serve, dict(protonmf_env, PROTONMF_BATCH_PATH="http")),
         "logits": (
             [
                 sys.executable,
@@ -465,7 +468,7 @@ def post_image(client: httpx.AsyncClient, path: str, blob: bytes, name: str):
 
 
 def top1_of(key: str, body) -> int:
-    if key == "explain":
+    if key.startswith("explain"):
         return int(body["explanations"][0]["top_k"][0]["index"])
     if key == "classify":
         return int(body["predictions"][0]["top_k"][0]["index"])
@@ -482,7 +485,7 @@ async def check_answers(url: str, key: str, payloads: list[tuple[str, bytes]]) -
             if r.status_code != 200:
                 raise RuntimeError(f"{url}{path}: {r.status_code} {r.text[:500]}")
             body = r.json()
-            if key == "explain":
+            if key.startswith("explain"):
                 e = body["explanations"][0]
                 if len(e["top_k"]) != 3 or "heatmap" not in e["top_k"][0]["prototypes"][0]:
                     raise RuntimeError(f"unexpected /explain answer: {e}")
@@ -580,7 +583,7 @@ async def closed_loop(
         "rss_mb_end": tree_after["rss_mb"],
         "server_processes": tree_after["processes"],
     }
-    if TARGETS[key][1] == "protonmf":
+    if TARGETS[key][1].startswith("protonmf"):
         result["stages"] = stage_means(before, after)
     return result
 
@@ -684,6 +687,9 @@ def ratios(runs: list[dict], raw: dict) -> dict:
         out["explain_over_logits"] = explain["images_per_s"] / logits["images_per_s"]
     if explain:
         out["explain_over_raw_blackbox_b32"] = explain["images_per_s"] / raw_bb
+    via_http = find_run(runs, "explain_http", c)
+    if explain and via_http and via_http["images_per_s"]:
+        out["explain_in_process_over_http_self_call"] = explain["images_per_s"] / via_http["images_per_s"]
     out["fused_over_blackbox_raw_b32"] = raw["fused"][str(MAX_BATCH_SIZE)]["images_per_s"] / raw_bb
     return out
 
@@ -728,6 +734,9 @@ def print_report(report: dict) -> None:
     print(
         f"raw ORT fused / black-box at batch 32 (img/s) = {rt['fused_over_blackbox_raw_b32']:.2f}"
     )
+    if "explain_in_process_over_http_self_call" in rt:
+        print(f"explain img/s, batcher in-process / via HTTP self-call = "
+              f"{rt['explain_in_process_over_http_self_call']:.2f}")
     agree = report.get("top1_agreement")
     if agree is not None:
         print(f"top-1 class, protonmf /explain vs logits-only, on the 20 photos: {agree:.0%} agree")
@@ -776,6 +785,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         help="onnxruntime intra-op threads (servers and raw); default: ORT's own",
     )
+    ap.add_argument("--compare-paths", action="store_true",
+                    help="also serve with PROTONMF_BATCH_PATH=http (the fallback) and load /explain")
     ap.add_argument("--repeats", type=int, default=10, help="raw ORT rounds at batch 32")
     ap.add_argument(
         "--quick",
@@ -821,6 +832,8 @@ def main(argv=None) -> int:
     runs, tops, idle = [], {}, {}
     commands = server_commands(args, artifact, blackbox)
     plan = [("protonmf", args.endpoints), ("logits", ["logits"])]
+    if args.compare_paths:
+        plan.append(("protonmf_http", ["explain_http"]))
     for srv, keys in plan:
         cmd, env = commands[srv]
         with server(srv, cmd, env, args.workdir / f"server-{srv}.log") as (url, pid):

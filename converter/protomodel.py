@@ -58,15 +58,21 @@ class ProtoModel(nn.Module):
             self.center = None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C_in, H_in, W_in) → raw features (N, H, W, D), before any pooling."""
-        return features_nhwc(self.backbone, self.backbone.forward_features(x), self.layout)
+        """(N, C_in, H_in, W_in) → raw features (N, D, H, W), before any pooling.
+
+        Channels first: a CNN's own layout, so pooling and maps read the backbone's output
+        without a transpose (the pooling is then the black box's own ReduceMean)."""
+        feats = self.backbone.forward_features(x)
+        if self.layout == "nchw":
+            return feats
+        return features_nhwc(self.backbone, feats, self.layout).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor):
-        grid = self.features(x)  # (N, H, W, D)
-        n = grid.shape[0]
+        grid = self.features(x)  # (N, D, H, W)
+        n, _, H, W = grid.shape
         C, p, D = self.prototypes.shape
         flat = self.prototypes.reshape(C * p, D)  # (C·p, D)
-        pooled = grid.mean((1, 2))  # (N, D)
+        pooled = grid.mean((2, 3))  # (N, D)
         scores = (pooled @ flat.t()).reshape(n, C, p)  # (N, C, p)
         contributions = scores * self.coefficients  # (N, C, p)
         if self.center is None:
@@ -79,11 +85,12 @@ class ProtoModel(nn.Module):
         logits = contributions.sum(-1) + bias  # (N, C)
         out = [logits, scores, contributions, bias]
         if self.maps == "all":
-            sim = F.conv2d(grid.permute(0, 3, 1, 2), flat[:, :, None, None])  # (N, C·p, H, W)
+            sim = F.conv2d(grid, flat[:, :, None, None])  # (N, C·p, H, W)
             out.append(sim.reshape(n, C, p, *sim.shape[2:]))
         elif self.maps == "topk":
             top = logits.topk(self.k, dim=1).indices  # (N, k)
-            protos = self.prototypes[top]  # (N, k, p, D)
-            maps = torch.einsum("nhwd,nkpd->nkphw", grid, protos)  # (N, k, p, H, W)
+            protos = self.prototypes[top].reshape(n, self.k * p, D)  # (N, k·p, D)
+            # one batched MatMul on the flattened grid (an Einsum costs transposes in ORT)
+            maps = (protos @ grid.flatten(2)).reshape(n, self.k, p, H, W)  # (N, k, p, H, W)
             out += [top, maps]
         return tuple(out)

@@ -18,4 +18,7 @@ echo "bootstrap: installing protonmf[convert,serve,dev] into .venv (torch from l
 pip_install -c constraints.txt -e '.[convert,serve,dev]'
 # foolbox only for its 20 bundled ImageNet photos (test data); its own deps are not needed.
 pip_install --no-deps foolbox==3.3.4
+# Deploy checks (tests/test_deploy.py, tests/test_prometheus_integration.py): promtool,
+# prometheus, kubectl/kustomize, kubernetes-validate, hadolint, uv.
+bash scripts/install_deploy_tools.sh
 .venv/bin/python -c "import torch, timm, onnxruntime, protonmf; print('bootstrap: ready: torch', torch.__version__, '| timm', timm.__version__, '| onnxruntime', onnxruntime.__version__)"

@@ -12,8 +12,10 @@ __all__ = ["InterventionIn"]
 class InterventionIn(BaseModel):
     """Switch one prototype of one class off for this request (test-time intervention)."""
 
+    # BentoML's OpenAPI Schema takes the singular ``example`` (``examples`` breaks
+    # /docs.json and `bentoml build`).
     model_config = ConfigDict(populate_by_name=True, extra="forbid",
-                              json_schema_extra={"examples": [{"class": "bag", "prototype": 1}]})  # fmt: skip
+                              json_schema_extra={"example": {"class": "bag", "prototype": 1}})  # fmt: skip
 
     class_name: str | int = Field(alias="class", description="class name or index")
     prototype: int = Field(description="prototype index within the class, 0..p-1")

@@ -78,6 +78,18 @@ def test_intervention_equals_recomputed_logits(core, bag_png):
     assert iv["switched_off"] == [{"class": core.classes[top], "prototype": best}]
 
 
+def test_exactness_metric_keeps_the_largest_gap(core, bag_png):
+    from service.metrics import METRICS
+
+    out = core.run_images([bag_png])[0]
+    broken = dict(out, bias=out["bias"] + 1.0)  # logit ≠ Σ contributions + bias
+    assert core.explanation(broken, ExplainOptions(heatmaps=False))["exactness"] > 1e-3
+    breach = METRICS.exactness_gap._value.get()
+    assert breach > 1e-3
+    core.explanation(out, ExplainOptions(heatmaps=False))  # a good one after the breach
+    assert METRICS.exactness_gap._value.get() == breach
+
+
 def test_intervention_by_index_and_unknowns(core):
     assert core.resolve([Intervention(3, 0), Intervention("3", 2)]) == [(3, 0), (3, 2)]
     with pytest.raises(Unprocessable, match="unknown class 'zebra'"):

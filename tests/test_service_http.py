@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import io
+import json
 import os
 import re
 
@@ -59,6 +60,15 @@ def test_asgi_classify_model_overlay(client):
     o = client.post("/overlay", files={"images": ("x.png", blob, "image/png")})
     assert o.status_code == 200 and o.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(o.content)).format == "PNG"
+
+
+def test_asgi_openapi_documents_every_endpoint(client):
+    r = client.get("/docs.json")
+    assert r.status_code == 200, r.text
+    spec = r.json()
+    assert {"/classify", "/explain", "/overlay", "/model"} <= spec["paths"].keys()
+    text = json.dumps(spec)
+    assert '"prototype": 1' in text  # the intervention example is in the schema
 
 
 def test_asgi_intervention(client):

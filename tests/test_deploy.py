@@ -1,0 +1,514 @@
+"""Static checks of deploy/ and the bentofiles: Dockerfiles (hadolint), Kubernetes manifests
+(kustomize render, schemas of two Kubernetes versions, CRD schemas), Prometheus rules
+(promtool), the Grafana dashboard, and an offline `bentoml build` + serve of the bento.
+
+Every tool comes from scripts/install_deploy_tools.sh; a missing one fails, never skips.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import FASHION_DATA, REPO
+
+DEPLOY = REPO / "deploy"
+DOCKER = DEPLOY / "docker"
+K8S = DEPLOY / "k8s"
+MONITORING = DEPLOY / "monitoring"
+OVERLAYS = ("cpu", "gpu")
+# Not the bare kind: conftest skips every test with a "gpu" keyword where CUDA is missing.
+KIND_IDS = ["cpu-kind", "gpu-kind"]
+# Oldest and newest minor a cluster is likely to run; both ship in kubernetes-validate.
+K8S_VERSIONS = ("1.30.0", "1.33.0")
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+ORT_GPU = "onnxruntime-gpu==1.26.0"
+
+
+def tool(name: str) -> str:
+    """A tool from .venv/bin (preferred: pinned by the install script) or PATH."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which(name, path=path)
+    if not found:
+        pytest.fail(f"{name} not found: run scripts/install_deploy_tools.sh")
+    return found
+
+
+def run(*cmd, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300,
+                          **kwargs)  # fmt: skip
+
+
+# --- Dockerfiles ------------------------------------------------------------------------
+
+
+def dockerfile(kind: str) -> str:
+    return (DOCKER / f"Dockerfile.{kind}").read_text()
+
+
+@pytest.mark.parametrize("kind", OVERLAYS, ids=KIND_IDS)
+def test_dockerfile_passes_hadolint(kind):
+    r = run(tool("hadolint"), "--no-color", DOCKER / f"Dockerfile.{kind}")
+    assert r.returncode == 0 and not r.stdout.strip(), r.stdout + r.stderr
+
+
+def test_hadolint_flags_a_bad_dockerfile(tmp_path):
+    """The lint is live: an unpinned base and pip without pins or --no-cache-dir fail."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install flask\n")
+    r = run(tool("hadolint"), "--no-color", bad)
+    assert r.returncode != 0
+    assert "DL3007" in r.stdout and "DL3013" in r.stdout and "DL3042" in r.stdout, r.stdout
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(
+        line for line in text.splitlines() if not line.lstrip().startswith("#")))  # fmt: skip
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
+            for line in joined.splitlines() if line.strip()]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", OVERLAYS, ids=KIND_IDS)
+def test_dockerfile_shape(kind):
+    text = dockerfile(kind)
+    ins = instructions(text)
+    froms = [a for i, a in ins if i == "FROM"]
+    assert len(froms) == 2 and froms[0].endswith("AS builder"), froms
+    base = re.search(r"ARG (?:PYTHON|CUDA)_IMAGE=(\S+)", text).group(1)
+    expected = ("python:3.11-slim-bookworm" if kind == "cpu"
+                else "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04")  # fmt: skip
+    assert base == expected
+    last_from = max(i for i, (k, _) in enumerate(ins) if k == "FROM")
+    final = ins[last_from:]
+    args = {k: [a for i, a in final if i == k] for k in ("USER", "EXPOSE", "ENV", "COPY", "RUN")}
+    assert args["USER"] == ["10001:10001"]
+    assert args["EXPOSE"] == ["3000 50051"]
+    env = " ".join(args["ENV"])
+    for setting in ("PROTONMF_ARTIFACT=/opt/protonmf/artifact", "PROTONMF_GRPC_PORT=50051",
+                    "BENTOML_DO_NOT_TRACK=true", "BENTOML_HOME=/home/protonmf/bentoml",
+                    f"PROTONMF_DEVICE={'cpu' if kind == 'cpu' else 'cuda'}"):  # fmt: skip
+        assert setting in env, setting
+    assert "${ARTIFACT}/ /opt/protonmf/artifact/" in args["COPY"]
+    assert "--from=builder /opt/venv /opt/venv" in args["COPY"]
+    # The final stage installs no build tools.
+    assert not re.search(r"build-essential|gcc|python3-dev|pip install", " ".join(args["RUN"]))
+    health = [a for i, a in final if i == "HEALTHCHECK"]
+    assert len(health) == 1 and "urllib.request" in health[0]
+    assert "http://127.0.0.1:3000/readyz" in health[0]
+    entry = [a for i, a in final if i in ("ENTRYPOINT", "CMD")]
+    command = "bentoml serve service.service:ProtoNMFService --port 3000 --host 0.0.0.0"
+    assert json.loads(entry[0]) + json.loads(entry[1]) == command.split()
+
+
+def test_dockerignore_keeps_the_context_small():
+    lines = [line for line in (REPO / ".dockerignore").read_text().splitlines()
+             if line and not line.startswith("#")]  # fmt: skip
+    assert lines[0] == "*", "everything is excluded first, then the few paths let back in"
+    for needed in (
+        "!service/",
+        "!protonmf/",
+        "!artifacts/",
+        "!deploy/docker/requirements-serve.txt",
+    ):
+        assert needed in lines, needed
+
+
+# --- one set of pins ----------------------------------------------------------------------
+
+
+def requirements() -> list[str]:
+    text = (DOCKER / "requirements-serve.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_serving_pins_agree_and_exclude_torch():
+    reqs = requirements()
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.]*", r) for r in reqs), reqs
+    names = {r.split("==")[0].lower() for r in reqs}
+    assert not names & {"torch", "torchvision", "timm", "cvxpy", "onnxscript"}
+    assert {"bentoml", "onnxruntime", "grpcio", "prometheus-client"} <= names
+    cpu = yaml.safe_load((REPO / "bentofile.yaml").read_text())
+    gpu = yaml.safe_load((DEPLOY / "bentofile-gpu.yaml").read_text())
+    assert cpu["python"]["packages"] == reqs
+    assert gpu["python"]["packages"] == [ORT_GPU if r.startswith("onnxruntime==") else r
+                                         for r in reqs]  # fmt: skip
+    assert f"ARG ORT_GPU_VERSION={ORT_GPU.split('==')[1]}" in dockerfile("gpu")
+    for bentofile in (cpu, gpu):
+        assert bentofile["python"]["lock_packages"] is False
+        assert bentofile["service"] == "service.service:ProtoNMFService"
+        assert {"name": "BENTOML_DO_NOT_TRACK", "value": "true"} in bentofile["envs"]
+
+
+# --- Kubernetes ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, Path]:
+    """`kubectl kustomize` of each overlay, written to a file."""
+    out = tmp_path_factory.mktemp("k8s")
+    files = {}
+    for overlay in OVERLAYS:
+        r = run(tool("kubectl"), "kustomize", K8S / "overlays" / overlay)
+        assert r.returncode == 0, r.stderr
+        files[overlay] = out / f"{overlay}.yaml"
+        files[overlay].write_text(r.stdout)
+    return files
+
+
+def docs(path: Path) -> dict[str, dict]:
+    return {d["kind"]: d for d in yaml.safe_load_all(path.read_text()) if d}
+
+
+def kubernetes_validate(path: Path, version: str) -> subprocess.CompletedProcess:
+    return run(tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, path)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=KIND_IDS)
+def test_manifests_validate_strictly(rendered, overlay, version):
+    r = kubernetes_validate(rendered[overlay], version)
+    assert r.returncode == 0 and "ERROR" not in r.stdout + r.stderr, r.stdout + r.stderr
+    # Only the CRD kinds go unchecked here (test_crds_validate_against_their_schemas).
+    skipped = set(re.findall(r"Couldn't find schema for kind (\w+)", r.stdout + r.stderr))
+    assert skipped == CRD_KINDS
+    kinds = set(docs(rendered[overlay]))
+    assert kinds == {"ServiceAccount", "ConfigMap", "Service", "Deployment", "PodDisruptionBudget",
+                     "HorizontalPodAutoscaler", "NetworkPolicy", *CRD_KINDS}  # fmt: skip
+
+
+def _container(d):
+    return d["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+
+
+PLANTED = {
+    "unknown container field": lambda d: _container(d).update(imagePullPolicyy="Always"),
+    "unknown Service field": lambda d: d["Service"]["spec"].update(portz=[]),
+    "wrong type": lambda d: d["HorizontalPodAutoscaler"]["spec"].update(maxReplicas="eight"),
+    "missing required": lambda d: _container(d).pop("name"),
+}
+
+
+@pytest.mark.parametrize("plant", PLANTED, ids=list(PLANTED))
+def test_kubernetes_validate_rejects_planted_errors(rendered, tmp_path, plant):
+    objects = docs(rendered["cpu"])
+    PLANTED[plant](objects)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump_all(list(objects.values())))
+    for version in K8S_VERSIONS:
+        r = kubernetes_validate(bad, version)
+        assert r.returncode != 0 and "did not validate" in r.stdout + r.stderr, (plant, r.stdout)
+
+
+def strict_schema(model) -> dict:
+    """JSON schema of a cloudcoil (pydantic) model, with unknown fields forbidden like
+    `kubectl apply --validate=strict` does for CRDs with a structural schema."""
+    schema = model.model_json_schema(by_alias=True)
+
+    def close(node):
+        if isinstance(node, dict):
+            if "properties" in node and "additionalProperties" not in node:
+                node["additionalProperties"] = False
+            for value in node.values():
+                close(value)
+        elif isinstance(node, list):
+            for value in node:
+                close(value)
+
+    close(schema)
+    return schema
+
+
+@pytest.fixture(scope="module")
+def crd_validators() -> dict:
+    import jsonschema
+    from cloudcoil.models.prometheus_operator import v1
+
+    return {kind: jsonschema.Draft202012Validator(strict_schema(getattr(v1, kind)))
+            for kind in CRD_KINDS}  # fmt: skip
+
+
+def crd_errors(validators, obj) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validators[obj["kind"]].iter_errors(obj)]  # fmt: skip
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=KIND_IDS)
+def test_crds_validate_against_their_schemas(rendered, crd_validators, overlay):
+    objects = docs(rendered[overlay])
+    for kind in CRD_KINDS:
+        assert objects[kind]["apiVersion"] == "monitoring.coreos.com/v1"
+        assert crd_errors(crd_validators, objects[kind]) == [], kind
+
+
+CRD_PLANTED = {
+    "unknown endpoint field": ("ServiceMonitor",
+                               lambda o: o["spec"]["endpoints"][0].update(intervall="15s")),
+    "interval not a string": ("ServiceMonitor",
+                              lambda o: o["spec"]["endpoints"][0].update(interval=15)),
+    "bad duration": ("PrometheusRule",
+                     lambda o: o["spec"]["groups"][1]["rules"][0].update({"for": "5 minutes"})),
+    "unknown rule field": ("PrometheusRule",
+                           lambda o: o["spec"]["groups"][0]["rules"][0].update(exprr="up")),
+    "unknown spec field": ("PrometheusRule", lambda o: o["spec"].update(group=[])),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("plant", CRD_PLANTED, ids=list(CRD_PLANTED))
+def test_crd_validation_rejects_planted_errors(rendered, crd_validators, plant):
+    kind, change = CRD_PLANTED[plant]
+    obj = copy.deepcopy(docs(rendered["cpu"])[kind])
+    change(obj)
+    assert crd_errors(crd_validators, obj), plant
+
+
+def test_rendered_objects_fit_together(rendered):
+    for overlay in OVERLAYS:
+        o = docs(rendered[overlay])
+        dep, svc, cm = o["Deployment"], o["Service"], o["ConfigMap"]
+        pod = dep["spec"]["template"]
+        labels = pod["metadata"]["labels"]
+        c = pod["spec"]["containers"][0]
+        # Selectors of every object select the pods.
+        for selector in (dep["spec"]["selector"]["matchLabels"], svc["spec"]["selector"],
+                         o["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+                         o["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"]):  # fmt: skip
+            assert selector.items() <= labels.items()
+        assert o["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items() <= \
+            svc["metadata"]["labels"].items()  # fmt: skip
+        target = o["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+        assert target["name"] == dep["metadata"]["name"]
+        assert "replicas" not in dep["spec"], "the HPA owns the replica count"
+        # Ports: container, Service, ServiceMonitor and NetworkPolicy use the same names.
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"http": 3000, "grpc": 50051}
+        assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == \
+            {"http": (3000, "http"), "grpc": (50051, "grpc")}  # fmt: skip
+        assert o["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "http"
+        assert {p["port"] for p in o["NetworkPolicy"]["spec"]["ingress"][0]["ports"]} == set(ports)
+        # Probes.
+        assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        startup = c["startupProbe"]
+        assert startup["httpGet"]["path"] == "/readyz"
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "model load"
+        # Locked down; writable only where BentoML writes.
+        ctx = c["securityContext"]
+        assert ctx["readOnlyRootFilesystem"] and ctx["runAsNonRoot"]
+        assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"]["drop"] == ["ALL"]
+        assert pod["spec"]["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        env = {e["name"]: e["value"] for e in c["env"]}
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert {"/tmp", env["BENTOML_HOME"]} <= mounts
+        assert {v["name"] for v in pod["spec"]["volumes"]} == {m["name"] for m in c["volumeMounts"]}
+        assert all("emptyDir" in v for v in pod["spec"]["volumes"])
+        # Graceful stop: the preStop sleep fits in the grace period, with room to drain.
+        sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+        assert pod["spec"]["terminationGracePeriodSeconds"] >= sleep + 20
+        res = c["resources"]
+        assert {"cpu", "memory"} <= res["requests"].keys() & res["limits"].keys()
+        # Settings come from the hashed ConfigMap.
+        assert c["envFrom"][0]["configMapRef"]["name"] == cm["metadata"]["name"]
+        assert cm["metadata"]["name"].startswith("protonmf-config-")
+        assert cm["data"]["PROTONMF_ARTIFACT"] == "/opt/protonmf/artifact"
+        assert cm["data"]["PROTONMF_GRPC_PORT"] == "50051"
+        gpu = overlay == "gpu"
+        assert cm["data"]["PROTONMF_DEVICE"] == ("cuda" if gpu else "cpu")
+        assert c["image"] == f"protonmf:0.1.0-{overlay}"
+        assert ("nvidia.com/gpu" in c["resources"]["limits"]) is gpu
+        assert ("tolerations" in pod["spec"] and "nodeSelector" in pod["spec"]) is gpu
+
+
+# --- Prometheus rules and dashboard ----------------------------------------------------------
+
+
+def test_prometheusrule_carries_the_rule_file():
+    sys.path.insert(0, str(MONITORING))
+    try:
+        from render_prometheusrule import RULES, TARGET, render
+    finally:
+        sys.path.pop(0)
+    assert TARGET.read_text() == render(RULES.read_text()), \
+        "stale: python deploy/monitoring/render_prometheusrule.py"  # fmt: skip
+    cr = yaml.safe_load(TARGET.read_text())
+    assert cr["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+
+
+def test_promtool_checks_the_rules():
+    r = run(tool("promtool"), "check", "rules", MONITORING / "prometheus-rules.yaml")
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+
+
+def test_promtool_unit_tests_pass():
+    r = run(tool("promtool"), "test", "rules", "prometheus-rules.test.yaml", cwd=MONITORING)
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
+
+
+def test_every_alert_is_tested_firing_and_quiet():
+    rules = yaml.safe_load((MONITORING / "prometheus-rules.yaml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    assert len(alerts) >= 6
+    tests = yaml.safe_load((MONITORING / "prometheus-rules.test.yaml").read_text())["tests"]
+    cases = [c for t in tests for c in t.get("alert_rule_test", [])]
+    fires = {c["alertname"] for c in cases if c.get("exp_alerts")}
+    quiet = {c["alertname"] for c in cases if not c.get("exp_alerts")}
+    assert alerts <= fires, alerts - fires
+    assert alerts <= quiet, alerts - quiet
+
+
+def dashboard() -> dict:
+    return json.loads((MONITORING / "grafana-dashboard.json").read_text())
+
+
+def dashboard_exprs() -> dict[str, list[str]]:
+    """Panel title -> its PromQL, Grafana variables replaced by what they expand to."""
+    subst = {"$__rate_interval": "1m", "$__interval": "1m", "$namespace": ".*", "$instance": ".*"}
+    out = {}
+    for panel in dashboard()["panels"]:
+        exprs = [t["expr"] for t in panel.get("targets", [])]
+        for var, value in subst.items():
+            exprs = [e.replace(var, value) for e in exprs]
+        if exprs:
+            out[panel["title"]] = exprs
+    return out
+
+
+def promtool_check_exprs(exprs: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """promtool parses PromQL only inside rules: one recording rule per expression."""
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:expr_{i}", "expr": e} for i, e in enumerate(exprs)]}]}  # fmt: skip
+    path = tmp_path / "exprs.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    return run(tool("promtool"), "check", "rules", path)
+
+
+def test_dashboard_panels_and_queries_parse(tmp_path):
+    d = dashboard()
+    assert d["uid"] == "protonmf-service"
+    exprs = dashboard_exprs()
+    for title in ("Request rate by endpoint", "Error ratio (4xx, 5xx)",
+                  "Latency p50 / p99 by endpoint", "Adaptive batch size (BentoML)",
+                  "Stage latency p50 / p99", "Predictions by class", "Prototype usage",
+                  "Exactness gap (max)", "Rejections by reason"):  # fmt: skip
+        assert title in exprs, title
+    flat = [e for es in exprs.values() for e in es]
+    assert any("histogram_quantile(0.5," in e for e in flat)
+    assert any("histogram_quantile(0.99," in e for e in flat)
+    r = promtool_check_exprs(flat, tmp_path)
+    assert r.returncode == 0 and f"SUCCESS: {len(flat)} rules found" in r.stdout, (
+        r.stdout + r.stderr
+    )
+    # Every panel reads through the data-source variable.
+    for panel in d["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_promtool_rejects_a_broken_expression(tmp_path):
+    r = promtool_check_exprs(["sum by (le (rate(x[1m]))"], tmp_path)
+    assert r.returncode != 0
+
+
+# --- the bento -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_context(root: Path, artifact: Path) -> Path:
+    """What a user's checkout holds after `protonmf convert`: sources, bentofiles, artifact."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for part in ("service", "protonmf"):
+        shutil.copytree(REPO / part, root / part, ignore=ignore)
+    shutil.copy(REPO / "bentofile.yaml", root)
+    (root / "deploy").mkdir()
+    shutil.copy(DEPLOY / "bentofile-gpu.yaml", root / "deploy")
+    shutil.copytree(artifact, root / "artifacts" / "fashion-default")
+    return root
+
+
+def bentoml_build(ctx: Path, bentofile: str, env: dict) -> Path:
+    r = run(sys.executable, "-m", "bentoml", "build", "-f", bentofile, "-o", "tag", ctx,
+            cwd=ctx, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    tag = r.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    name, version = tag.split(":")
+    return Path(env["BENTOML_HOME"]) / "bentos" / name / version
+
+
+@pytest.mark.slow
+def test_bentos_build_offline_without_torch_and_serve(fashion_artifact, tmp_path):
+    tool("uv")  # bentoml build would otherwise try to install it
+    ctx = build_context(tmp_path / "ctx", fashion_artifact)
+    env = dict(os.environ, BENTOML_HOME=str(tmp_path / "bentoml"), BENTOML_DO_NOT_TRACK="true")
+    bentos = {"cpu": bentoml_build(ctx, "bentofile.yaml", env),
+              "gpu": bentoml_build(ctx, "deploy/bentofile-gpu.yaml", env)}  # fmt: skip
+    for kind, bento in bentos.items():
+        reqs = (bento / "env" / "python" / "requirements.txt").read_text()
+        assert not re.search(r"^(torch|torchvision|timm)\b", reqs, re.M), reqs
+        assert ("onnxruntime-gpu==" in reqs) is (kind == "gpu")
+        assert bool(re.search(r"^onnxruntime==", reqs, re.M)) is (kind == "cpu")
+        src = bento / "src"
+        for path in (
+            "service/service.py",
+            "protonmf/artifact.py",
+            "artifacts/fashion-default/manifest.json",
+            "artifacts/fashion-default/model.onnx",
+        ):
+            assert (src / path).is_file(), path
+        assert not (src / "converter").exists() and not (src / "tests").exists()
+        assert not list(src.rglob("__pycache__"))
+    dockerfile_gpu = (bentos["gpu"] / "env" / "docker" / "Dockerfile").read_text()
+    assert "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04" in dockerfile_gpu
+
+    # Serve the CPU bento as its image would: PROTONMF_ARTIFACT from its envs, relative to
+    # the bento's src/ (bentofile envs reach only the image, so pass them here).
+    meta = yaml.safe_load((bentos["cpu"] / "bento.yaml").read_text())
+    env.update({e["name"]: e["value"] for e in meta["envs"]})
+    env["PROTONMF_GRPC_PORT"] = str(free_port())
+    port = free_port()
+    log = tmp_path / "bento.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", str(bentos["cpu"]), "--port", str(port)],
+            env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"bento not ready in 90 s: {log.read_text()[-3000:]}")
+        image = (FASHION_DATA / "test" / "bag" / "00030.png").read_bytes()
+        r = httpx.post(f"{url}/classify", files={"images": ("bag.png", image, "image/png")},
+                       timeout=30)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0]["top_k"][0]["class"] == "bag"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
