@@ -30,7 +30,18 @@ class RequestFailed(Exception):
         self.reason = match.group(1) if match else None
 
 
-class RestClient:
+class _Client:
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RestClient(_Client):
     def __init__(self, url: str, timeout: float = 60.0):
         import httpx
 
@@ -62,14 +73,8 @@ class RestClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class GrpcClient:
+class GrpcClient(_Client):
     def __init__(self, target: str, timeout: float = 60.0, max_message_bytes: int = 256 << 20):
         import grpc
 
@@ -106,12 +111,6 @@ class GrpcClient:
 
     def close(self) -> None:
         self._channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _to_dict(message) -> dict:

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .core import ExplainOptions, Intervention
-from .errors import ServiceError
+from .errors import NotReady, ServiceError
 from .metrics import METRICS
 from .proto.protonmf.v1 import protonmf_pb2 as pb
 from .proto.protonmf.v1 import protonmf_pb2_grpc as pb_grpc
@@ -123,11 +123,15 @@ class ProtoNMFServicer(pb_grpc.ProtoNMFServicer):
     def __init__(self, service):
         self.service = service
         self.core = service.core
+        self.ready = False  # set with health SERVING: no RPC runs before the batcher works
 
     async def _guarded(self, context: grpc.aio.ServicerContext, work):
         """Typed errors → status codes (REST's reasons in the message); deadline enforced
         here too, so a request queued behind a long batch does not outlive its caller."""
         try:
+            if not self.ready:
+                work.close()  # never started
+                raise NotReady("the model is warming up; retry shortly", "not_ready")
             remaining = context.time_remaining()
             if remaining is None:
                 return await work
@@ -200,7 +204,8 @@ class GrpcServer:
                 ("grpc.max_send_message_length", config.max_message_bytes),
             ],
         )
-        pb_grpc.add_ProtoNMFServicer_to_server(ProtoNMFServicer(service), self.server)
+        self.servicer = ProtoNMFServicer(service)
+        pb_grpc.add_ProtoNMFServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME)  # fmt: skip
@@ -215,9 +220,11 @@ class GrpcServer:
         log.info("gRPC listening on %s", self.address)
 
     async def ready(self) -> None:
+        self.servicer.ready = True
         await self._set(health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self) -> None:
+        self.servicer.ready = False
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_s)
 

@@ -129,6 +129,8 @@ class ProtoNMFService:
     async def _grpc_when_batching_works(self, attempts: int = 120) -> None:
         """Health says SERVING once an image has gone through the batched path gRPC uses.
         (BentoML attaches ``to_async`` after the start-up hooks; HTTP may not listen yet.)"""
+        import aiohttp
+
         crop = np.zeros(self.core.crop_shape, np.uint8)
         for _ in range(attempts):
             try:
@@ -136,8 +138,8 @@ class ProtoNMFService:
                     await self._infer_crops([crop])
                     await self.grpc.ready()
                     return
-            except Exception as e:  # noqa: BLE001 - not up yet; health stays NOT_SERVING
-                log.debug("gRPC warm-up: %s", e)
+            except (OSError, aiohttp.ClientError, BentoMLException, ServiceError) as e:
+                log.debug("gRPC warm-up: %s", e)  # HTTP not up yet: health stays NOT_SERVING
             await asyncio.sleep(0.5)
         log.error("gRPC: the batched path never answered; health stays NOT_SERVING")
 

@@ -1,4 +1,5 @@
-"""A real `protonmf serve` subprocess for tests: free ports, own BENTOML_HOME, stopped by PID."""
+"""Processes for tests: a real `protonmf serve` (free ports, own BENTOML_HOME) and the
+helpers to start any server, wait for it and stop it by PID."""
 
 from __future__ import annotations
 
@@ -21,51 +22,64 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_process(cmd: list[str], log: Path, env: dict | None = None, cwd=None) -> subprocess.Popen:
+    """Own session (stopped as a group); output to a file, not a pipe: a full pipe nobody
+    reads blocks the server's logging (a hang that looks like the server's fault)."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    """Poll ``url`` until it answers 200; fail with the log's tail if the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready in {timeout} s: {log.read_text()[-3000:]}")
+
+
 @dataclass(frozen=True)
 class Served:
     url: str  # http://127.0.0.1:PORT
     grpc_target: str  # 127.0.0.1:PORT
     log: Path
-    pid: int
+    proc: subprocess.Popen
 
 
 @contextlib.contextmanager
 def serve(artifact: Path, workdir: Path, workers: int = 1, env: dict | None = None):
     """Start the service, wait for /readyz (90 s), yield a ``Served``, then stop it."""
-    port, grpc_port = free_port(), free_port()
+    port, grpc_port = free_port(), free_port()  # gRPC's SO_REUSEPORT would share a taken one
     env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_WORKERS=str(workers),
                PROTONMF_MAX_LATENCY_MS="30000", **(env or {}))  # fmt: skip
     # Each server its own BENTOML_HOME: BentoML clears its shared metrics folder at start.
     env["BENTOML_HOME"] = str(workdir / "bentoml")
-    # A file, not a pipe: nobody reads a pipe during the test, and a full one blocks the
-    # server's request logging (a hang that looks like the server's fault).
     log = workdir / "server.log"
-    log_file = open(log, "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(
+    proc = start_process(
         [sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--port", str(port),
-         "--grpc-port", str(grpc_port)],
-        env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+         "--grpc-port", str(grpc_port)], log, env,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise TimeoutError(f"server not ready in 90 s: {log.read_text()[-3000:]}")
-        yield Served(url, f"127.0.0.1:{grpc_port}", log, proc.pid)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(f"{url}/readyz", proc, log)
+        yield Served(url, f"127.0.0.1:{grpc_port}", log, proc)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log_file.close()
+        stop_process(proc)

@@ -12,17 +12,15 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 from conftest import FASHION_DATA, REPO
+from served import free_port, start_process, stop_process, wait_ready
 
 DEPLOY = REPO / "deploy"
 DOCKER = DEPLOY / "docker"
@@ -424,12 +422,6 @@ def test_promtool_rejects_a_broken_expression(tmp_path):
 # --- the bento -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build_context(root: Path, artifact: Path) -> Path:
     """What a user's checkout holds after `protonmf convert`: sources, bentofiles, artifact."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -483,32 +475,15 @@ def test_bentos_build_offline_without_torch_and_serve(fashion_artifact, tmp_path
     env["PROTONMF_GRPC_PORT"] = str(free_port())
     port = free_port()
     log = tmp_path / "bento.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", str(bentos["cpu"]), "--port", str(port)],
-            env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = start_process([sys.executable, "-m", "bentoml", "serve", str(bentos["cpu"]),
+                          "--port", str(port)], log, env, cwd=tmp_path)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"bento not ready in 90 s: {log.read_text()[-3000:]}")
+        wait_ready(f"{url}/readyz", proc, log)
         image = (FASHION_DATA / "test" / "bag" / "00030.png").read_bytes()
         r = httpx.post(f"{url}/classify", files={"images": ("bag.png", image, "image/png")},
                        timeout=30)  # fmt: skip
         assert r.status_code == 200, r.text
         assert r.json()["predictions"][0]["top_k"][0]["class"] == "bag"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process(proc)

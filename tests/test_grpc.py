@@ -105,12 +105,18 @@ def test_health_is_not_serving_until_ready(fashion_artifact):
                 statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
 
             await check()
+            stub_api = pb_grpc.ProtoNMFStub(channel)
+            try:  # no RPC runs before the batcher has answered once
+                await stub_api.Classify(pb.ClassifyRequest(images=[BLOB]))
+            except grpc.aio.AioRpcError as e:
+                statuses.append(f"{e.code().name} {e.details()}")
             await server.ready()
             await check()
         await server.stop()
         return statuses
 
-    assert asyncio.run(scenario()) == ["NOT_SERVING", "SERVING"]
+    assert asyncio.run(scenario()) == [
+        "NOT_SERVING", "UNAVAILABLE the model is warming up; retry shortly [not_ready]", "SERVING"]
 
 
 # --- a real server ----------------------------------------------------------------------

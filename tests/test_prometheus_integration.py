@@ -12,17 +12,15 @@ import io
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 from conftest import FASHION_DATA, REPO
 from PIL import Image
-from test_deploy import dashboard_exprs, free_port, run, tool
+from served import free_port, serve, start_process, stop_process, wait_ready
+from test_deploy import dashboard_exprs, run, tool
 
 pytestmark = pytest.mark.slow
 
@@ -32,54 +30,10 @@ CLASSIFY = {"bag": 2, "trouser": 1}
 EXPLAIN = {"sneaker": 2, "coat": 1}
 
 
-def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    # A file, not a pipe: a full pipe nobody reads blocks the process.
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} not ready in {timeout} s: {log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def service(fashion_artifact, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("service")
-    port = free_port()
-    # Own BENTOML_HOME: BentoML clears its shared metrics folder at start.
-    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=str(tmp / "bentoml"))
-    log = tmp / "server.log"
-    # gRPC binds with SO_REUSEPORT: a taken default port would be shared silently.
-    proc = start([sys.executable, "-m", "protonmf.cli", "serve", str(fashion_artifact),
-                  "--port", str(port), "--grpc-port", str(free_port())], log, env)  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/readyz", proc, log)
-        yield {"url": url, "port": port, "proc": proc}
-    finally:
-        stop(proc)
+    with serve(fashion_artifact, tmp_path_factory.mktemp("service")) as served:
+        yield {"url": served.url, "port": int(served.url.rsplit(":", 1)[1]), "proc": served.proc}
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +48,17 @@ def prometheus(service, tmp_path_factory):
     }  # fmt: skip
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = tmp / "prometheus.log"
-    proc = start([tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
+    proc = start_process([tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
                   f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
                   "--log.level=warn"], log)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/-/ready", proc, log, timeout=30)
+        wait_ready(f"{url}/-/ready", proc, log, timeout=30)
         # One scrape before any traffic: rate() counts increases only after a first sample.
         poll(url, 'up{job="protonmf"} == 1', lambda r: True)
         yield url
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def query(prom: str, promql: str) -> list[dict]:
