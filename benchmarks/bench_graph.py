@@ -35,8 +35,6 @@ import argparse
 import copy
 import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -51,7 +49,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _machine import cpu_model, top_snapshot  # noqa: E402
+import _machine  # noqa: E402
 
 from converter.convert import ConvertConfig, convert  # noqa: E402
 from converter.export import export_module, export_onnx  # noqa: E402
@@ -462,21 +460,8 @@ def bench_gradcam(subject: Subject, rounds: int) -> dict:
 
 
 def machine_info() -> dict:
-    import onnxruntime
-
-    top, busiest = top_snapshot()
-    return {
-        "processor": platform.processor(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "onnxruntime": onnxruntime.__version__,
-        "torch": torch.__version__,
-        "torch_threads": THREADS,
-        "ort_intra_op_threads": THREADS,
-        "top": top,  # `top -bn1 | head -5`
-        "busiest_processes": busiest,  # header + 3 busiest, to name other load
-        "load_1min": os.getloadavg()[0],
-    }
+    return _machine.machine_info(torch=torch.__version__, torch_threads=THREADS,
+                                 ort_intra_op_threads=THREADS)  # fmt: skip
 
 
 def machine_line(info: dict, when: str) -> str:

@@ -38,7 +38,6 @@ import inspect
 import io
 import json
 import os
-import platform
 import re
 import signal
 import socket
@@ -56,7 +55,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _machine import cpu_model, top_snapshot  # noqa: E402
+import _machine  # noqa: E402
 
 from protonmf.artifact import (  # noqa: E402
     MODEL_FILE,
@@ -606,21 +605,7 @@ def run_load(url, key, pid, payloads, clients, warmup, duration) -> dict:
 
 
 def machine_info() -> dict:
-    import onnxruntime
-
-    top, busiest = top_snapshot()
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "bentoml": _version("bentoml"),
-        "httpx": httpx.__version__,
-        "load_avg": list(os.getloadavg()),
-        "top": top,
-        "busiest": busiest,
-    }
+    return _machine.machine_info(bentoml=_version("bentoml"), httpx=httpx.__version__)
 
 
 def _version(dist: str) -> str | None:
