@@ -1,6 +1,7 @@
 """Latency of the fused explainer graph vs the plain black-box model, and vs Grad-CAM.
 
-One process, CPU only, 2 threads for both torch and onnxruntime. Every timed call is
+One process; CPU by default, 2 threads for both torch and onnxruntime (``--device cuda``:
+onnxruntime's CUDA provider, TF32 off, and eager torch on the GPU). Every timed call is
 preceded by one untimed call of the same variant (idle gaps inflate onnxruntime latency
 on these machines), variants are interleaved (A B C D A B C D …), and each figure is a
 median over rounds; ratios are against a baseline measured in the same rounds.
@@ -61,6 +62,7 @@ from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint  # noqa
 from service.runtime import create_session  # noqa: E402
 
 THREADS = 2
+DEVICE = "cpu"  # --device: "cuda" runs the ORT graphs on the CUDA provider, eager on the GPU
 BATCHES = (1, 32)
 GRADCAM_BATCH = 8
 TOP_K = 5
@@ -218,19 +220,29 @@ class Subject:
     paths: dict  # variant → ONNX file
 
 
-def build_subject(name: str, artifact: Path, images: Path, work: Path) -> Subject:
+def _exported(path: Path, export: Callable[[Path], Path]) -> Path:
+    """``path`` if an earlier run with the same --workdir left it there, else ``export(path)``."""
+    return path if path.is_file() else export(path)
+
+
+def build_subject(name: str, artifact: Path, images: Path, work: Path,
+                  prepare_only: bool = False) -> Subject | None:  # fmt: skip
     manifest = load_manifest(artifact)
     tensors = load_tensors(artifact, manifest)
     model = load_backbone(manifest)
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     input_shape = (prep.channels, prep.height, prep.width)
-    print(f"[{name}] exporting black-box and all-maps graphs …", flush=True)
+    print(f"[{name}] black-box and all-maps graphs (exported unless in --workdir) …", flush=True)
     paths = {
         "fused-topk": artifact / MODEL_FILE,
-        "fused-all": export_all_maps(model, manifest, tensors, work / f"{name}-all.onnx"),
-        "black-box": export_blackbox(model, input_shape, work / f"{name}-blackbox.onnx"),
-    }
-    sessions = {v: create_session(p, "cpu", threads=THREADS)[0] for v, p in paths.items()}
+        "fused-all": _exported(work / f"{name}-all.onnx",
+                               lambda p: export_all_maps(model, manifest, tensors, p)),
+        "black-box": _exported(work / f"{name}-blackbox.onnx",
+                               lambda p: export_blackbox(model, input_shape, p)),
+    }  # fmt: skip
+    if prepare_only:
+        return None
+    sessions = {v: create_session(p, DEVICE, threads=THREADS)[0] for v, p in paths.items()}
     return Subject(name, manifest, tensors, model, sessions, image_pool(images, manifest), paths)
 
 
@@ -240,13 +252,33 @@ def ort_fn(session, x: np.ndarray) -> Callable[[], list]:
 
 
 def eager_fn(model: torch.nn.Module, x: np.ndarray) -> Callable[[], torch.Tensor]:
-    xt = torch.from_numpy(x)
+    """model(x) as a user calls it; on CUDA the host→device copy and the logits' copy back
+    are timed too, as they are in onnxruntime's session.run."""
+    if DEVICE == "cpu":
+        xt = torch.from_numpy(x)
 
-    def run():
+        def run():
+            with torch.no_grad():
+                return model(xt)  # (N, C)
+
+        return run
+    gpu = on_device(model)
+
+    def run_gpu():
         with torch.no_grad():
-            return model(xt)  # (N, C)
+            return gpu(torch.from_numpy(x).to(DEVICE)).cpu()  # (N, C); .cpu() synchronises
 
-    return run
+    return run_gpu
+
+
+_ON_DEVICE: dict[int, torch.nn.Module] = {}
+
+
+def on_device(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` on DEVICE, made once per model (the CPU model stays the reference)."""
+    if id(model) not in _ON_DEVICE:
+        _ON_DEVICE[id(model)] = copy.deepcopy(model).to(DEVICE).eval()
+    return _ON_DEVICE[id(model)]
 
 
 def variant_fns(subject: Subject, x: np.ndarray) -> dict[str, Callable[[], object]]:
@@ -262,7 +294,9 @@ def logits_check(subject: Subject) -> dict:
     """Max |Δ logits| of each variant vs eager torch on 4 images (are we timing the same model?)."""
     x = batch_of(subject.pool, 4)  # (4, c, h, w)
     fns = variant_fns(subject, x)
-    want = fns.pop("eager")().numpy()  # (4, C)
+    fns.pop("eager")
+    with torch.no_grad():
+        want = subject.model(torch.from_numpy(x)).numpy()  # (4, C): fp32 CPU reference
     scale = float(np.abs(want).max())
     return {v: float(np.abs(fn()[0] - want).max()) / scale for v, fn in fns.items()}
 
@@ -299,8 +333,9 @@ def bench_subject(subject: Subject, repeats: dict[int, int]) -> dict:
         print(f"[{subject.name}] batch {batch}: {repeats[batch]} interleaved rounds …", flush=True)
         times = interleaved(variant_fns(subject, batch_of(subject.pool, batch)), repeats[batch])
         result["timings"] += summarise(times, BASELINE, batch)
-        result.setdefault("kernel_profile", {})[str(batch)] = kernel_profile(
-            subject.paths, batch_of(subject.pool, batch), max(3, repeats[batch] // 3))
+        if DEVICE == "cpu":  # onnxruntime's per-node profile is CPU kernel time
+            result.setdefault("kernel_profile", {})[str(batch)] = kernel_profile(
+                subject.paths, batch_of(subject.pool, batch), max(3, repeats[batch] // 3))
     return result
 
 
@@ -434,14 +469,18 @@ def bench_gradcam(subject: Subject, rounds: int) -> dict:
 
     torch.set_num_threads(THREADS)
     x = batch_of(subject.pool, GRADCAM_BATCH)  # (8, 3, 224, 224)
-    xt = torch.from_numpy(x)
-    cam_model = copy.deepcopy(subject.model)  # GradCAM's hooks stay on this copy only
+    model = on_device(subject.model) if DEVICE != "cpu" else subject.model
+    cam_model = copy.deepcopy(model)  # GradCAM's hooks stay on this copy only
     layer = cam_model.bn2  # conv_head → BN → act: its output is forward_features' map
     cam = GradCAM(model=cam_model, target_layers=[layer])
+
+    def host(fn):  # input copied to the device and maps back to the host, as users would
+        return lambda: np.asarray(fn(model, torch.from_numpy(x).to(DEVICE), TOP_K).cpu())
+
     fns = {
-        "gradcam-lib": lambda: gradcam_library(cam, subject.model, xt, TOP_K),
-        "gradcam-eager": lambda: gradcam_eager(subject.model, xt, TOP_K),
-        "gradcam-eager-nobb": lambda: gradcam_eager_nobb(subject.model, xt, TOP_K),
+        "gradcam-lib": lambda: gradcam_library(cam, model, torch.from_numpy(x).to(DEVICE), TOP_K),
+        "gradcam-eager": host(gradcam_eager),
+        "gradcam-eager-nobb": host(gradcam_eager_nobb),
         "fused-topk": ort_fn(subject.sessions["fused-topk"], x),
     }
     print(f"[gradcam] batch {GRADCAM_BATCH}: {rounds} interleaved rounds …", flush=True)
@@ -461,13 +500,14 @@ def bench_gradcam(subject: Subject, rounds: int) -> dict:
 
 def machine_info() -> dict:
     return _machine.machine_info(torch=torch.__version__, torch_threads=THREADS,
-                                 ort_intra_op_threads=THREADS)  # fmt: skip
+                                 ort_intra_op_threads=THREADS, device=DEVICE)  # fmt: skip
 
 
 def machine_line(info: dict, when: str) -> str:
     line = (
         f"machine ({when}): processor={info['processor']!r} ({info['cpu_model']}), "
-        f"cpus={info['cpu_count']}, onnxruntime {info['onnxruntime']}, torch {info['torch']}, "
+        f"cpus={info['cpu_count']}, gpu={info['gpu']}, device={info['device']}, "
+        f"onnxruntime {info['onnxruntime']}, torch {info['torch']}, "
         f"threads: torch {info['torch_threads']}, ORT intra-op {info['ort_intra_op_threads']}\n"
         f"  {info['top'][0]}"
     )
@@ -496,23 +536,28 @@ def markdown_table(rows: list[dict], model_of: Callable[[dict], str]) -> str:
 
 def print_model_report(results: list[dict]) -> None:
     rows = [dict(r, model=m["model"]) for m in results for r in m["timings"]]
-    print("\n## Graph latency (onnxruntime CPU, ORT_ENABLE_ALL; baseline = black-box ORT)\n")
+    where = "CPU" if DEVICE == "cpu" else "CUDA provider, TF32 off; eager torch on the GPU"
+    print(f"\n## Graph latency (onnxruntime {where}, ORT_ENABLE_ALL; baseline = black-box ORT)\n")
     print(markdown_table(rows, lambda r: r["model"]))
     print()
     for m in results:
         for r in m["timings"]:
             if r["variant"] == "fused-topk":
                 ok = "met" if r["ratio_vs_baseline"] <= 1.03 else "NOT met"
-                kp = m["kernel_profile"][str(r["batch"])]
-                top = ", ".join(f"{op} {us:.0f}" for op, us in list(kp["fused_head_by_op_us"].items())[:3])
-                print(
+                line = (
                     f"{m['model']} batch {r['batch']}: fused/black-box = "
                     f"{r['ratio_vs_baseline']:.3f} (paired {r['paired_ratio_vs_baseline']:.3f}); "
-                    f"target ≤ 1.03 {ok}; kernel profile: structural ratio "
-                    f"{kp['structural_ratio']:.3f} (head {kp['head_us']['fused-topk']:.0f} µs vs "
-                    f"{kp['head_us']['black-box']:.0f} µs of {kp['black_box_total_us']:.0f} µs; "
-                    f"{top})"
+                    f"target ≤ 1.03 {ok}"
                 )
+                kp = m.get("kernel_profile", {}).get(str(r["batch"]))
+                if kp:
+                    top = ", ".join(f"{op} {us:.0f}" for op, us in list(kp["fused_head_by_op_us"].items())[:3])
+                    line += (
+                        f"; kernel profile: structural ratio {kp['structural_ratio']:.3f} (head "
+                        f"{kp['head_us']['fused-topk']:.0f} µs vs {kp['head_us']['black-box']:.0f} µs "
+                        f"of {kp['black_box_total_us']:.0f} µs; {top})"
+                    )
+                print(line)
         b = m["output_bytes_per_image"]
         print(
             f"{m['model']} output bytes/image: topk {b['fused-topk']['total']:,} "
@@ -571,6 +616,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--quick", action="store_true", help="smoke test: 3/2/1 rounds, skip resnet34")
     ap.add_argument("--skip-resnet34", action="store_true")
+    ap.add_argument("--skip-gradcam", action="store_true", help="skip part 2 (Grad-CAM)")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="convert and export into --workdir, time nothing (a later run reuses them)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: onnxruntime's CUDA provider (TF32 off) and eager torch on the GPU")
     ap.add_argument(
         "--workdir",
         type=Path,
@@ -609,19 +659,26 @@ def subjects(args, work: Path) -> list[tuple[str, Path, Path]]:
 
 
 def run(args, work: Path) -> dict:
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(THREADS)
     info = machine_info()
     print(machine_line(info, "start"), flush=True)
+    if args.prepare_only:
+        for name, artifact, images in subjects(args, work):
+            build_subject(name, artifact, images, work, prepare_only=True)
+        return {"prepared": str(work)}
     repeats = {1: args.repeats, 32: args.repeats_large}
     results, lite0 = [], None
     for name, artifact, images in subjects(args, work):
         subject = build_subject(name, artifact, images, work)
         results.append(bench_subject(subject, repeats))
         lite0 = subject if name == "tf_efficientnet_lite0" else lite0
-    gradcam = bench_gradcam(lite0, args.gradcam_repeats)
+    gradcam = None if args.skip_gradcam else bench_gradcam(lite0, args.gradcam_repeats)
     end = machine_info()
     print_model_report(results)
-    print_gradcam_report(gradcam)
+    if gradcam:
+        print_gradcam_report(gradcam)
     print("\n" + machine_line(end, "end"))
     return {
         "machine": {"start": info, "end": end},
@@ -630,6 +687,8 @@ def run(args, work: Path) -> dict:
             "repeats_batch32": args.repeats_large,
             "gradcam_repeats": args.gradcam_repeats,
             "quick": args.quick,
+            "device": args.device,
+            "cuda_tf32": False if args.device == "cuda" else None,
             "warmup": "one untimed call right before each timed call",
             "order": "interleaved per round in the listed variant order",
         },
@@ -647,9 +706,10 @@ def main(argv=None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="bench_graph.") as tmp:
             report = run(args, Path(tmp))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    if args.prepare_only:
+        print(f"\nprepared {report['prepared']}")
+        return 0
+    _machine.write_result(args.out, report)
     return 0
 
 

@@ -7,6 +7,9 @@ windows (REST, gRPC, REST, gRPC, …) so drift on this shared machine hits both;
 transport the windows are pooled: throughput = answers / counted seconds, latency
 percentiles over all answers. Adaptive batch sizes are deltas of
 bentoml_service_adaptive_batch_size over each window (both transports use one batcher).
+After the server stops, the same script times raw onnxruntime in-process at batch 32 on
+preprocessed tensors (black-box graph and the artifact's graph, ORT's default threads as
+the server), so each transport's throughput is also a ratio against raw onnxruntime.
 
     .venv/bin/python benchmarks/bench_grpc.py              # 32 clients, 4 × 10 s per transport
     .venv/bin/python benchmarks/bench_grpc.py --quick      # 2 × 4 s
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -30,16 +32,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import _machine  # noqa: E402
 from bench_service import (  # noqa: E402
     BATCH_METRIC,
     ensure_artifact,
+    ensure_blackbox,
     free_port,
     hist_delta,
     machine_info,
     parse_metrics,
+    raw_ort,
     server,
 )
 
+from protonmf.artifact import Preprocessing, load_manifest  # noqa: E402
 from protonmf.sample_data import imagenet_photo_files  # noqa: E402
 from service.grpc_api import pb, pb_grpc  # noqa: E402
 
@@ -140,6 +146,8 @@ def main(argv=None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.blackbox = None
     artifact = ensure_artifact(args)
+    manifest = load_manifest(artifact)
+    blackbox = ensure_blackbox(args, artifact, manifest)
     payloads = [f.read_bytes() for f in imagenet_photo_files()]
     grpc_port = free_port()
     env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_MAX_BATCH_SIZE="32",
@@ -170,6 +178,9 @@ def main(argv=None) -> int:
                 print(f"  window {i + 1} {name:<4}: {len(w['latencies_ms']) / w['seconds']:6.1f} img/s, "
                       f"errors {w['errors'] or 0}", flush=True)  # fmt: skip
     summary = {k: summarise(v["w"], v["b"]) for k, v in results.items()}
+    raw = raw_ort(artifact, blackbox, Preprocessing.from_dict(manifest["preprocessing"]), None,
+                  repeats=10)  # fmt: skip
+    raw32 = raw["black-box"]["32"]["images_per_s"]
     report = {
         "settings": {"artifact": str(artifact), "clients": args.clients, "windows": args.windows,
                      "duration_s": args.duration, "warmup_s": args.warmup, "workers": 1,
@@ -180,6 +191,8 @@ def main(argv=None) -> int:
         "grpc": summary["grpc"],
         "grpc_over_rest_images_per_s": summary["grpc"]["images_per_s"] / summary["rest"]["images_per_s"],
         "grpc_over_rest_p99": summary["grpc"]["p99_ms"] / summary["rest"]["p99_ms"],
+        "raw_onnxruntime": raw,
+        "over_raw_blackbox_batch32": {k: summary[k]["images_per_s"] / raw32 for k in summary},
     }
     print("\n| transport | img/s | p50 ms | p99 ms | mean batch | errors |\n|---|---:|---:|---:|---:|---:|")
     for k in ("rest", "grpc"):
@@ -188,8 +201,11 @@ def main(argv=None) -> int:
               f"{s['mean_batch'] or 0:.1f} | {sum(s['errors'].values())} |")  # fmt: skip
     print(f"\ngRPC / REST throughput = {report['grpc_over_rest_images_per_s']:.2f} (target ≥ 0.9), "
           f"p99 ratio = {report['grpc_over_rest_p99']:.2f}")  # fmt: skip
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"raw onnxruntime black-box at batch 32: {raw32:.1f} img/s (fused graph "
+          f"{raw['fused']['32']['images_per_s']:.1f}); over raw: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in report["over_raw_blackbox_batch32"].items())
+          + " (target ≥ 0.6)")  # fmt: skip
+    _machine.write_result(args.out, report)
     return 0
 
 

@@ -144,9 +144,10 @@ def svd_floor(A, ps, chunk=8192):
 
 
 def run_ours(A_t, p, solver):
-    """A_t: (K, n, D) torch tensor. Returns (seconds, NMFResult)."""
+    """A_t: (K, n, D) torch tensor on its device. Returns (seconds, NMFResult on the host)."""
     t0 = time.perf_counter()
     res = nmf(A_t, p, solver=solver, init="random", tol=TOL, max_iter=MAX_ITER, seed=0)
+    res = type(res)(**{k: v.cpu() for k, v in vars(res).items()})  # waits for the GPU
     dt = time.perf_counter() - t0
     return dt, res
 
@@ -170,16 +171,19 @@ METHODS = [
     ("sklearn mu", "sklearn", "mu"),
     ("sklearn cd", "sklearn", "cd"),
 ]
+GPU_METHODS = [("ours mu cuda", "ours-cuda", "mu"), ("ours hals cuda", "ours-cuda", "hals")]
 
 
 def bench_single(A, p, repeats):
     A_t = torch.from_numpy(A).unsqueeze(0)  # (1, n, D), shares memory
+    # On the GPU the features are already there in the converter: the copy is not timed.
+    A_dev = {"ours": A_t, "ours-cuda": A_t.cuda() if METHODS[-1][1] == "ours-cuda" else None}
     times = {name: [] for name, _, _ in METHODS}
     last = {}
     for rep in range(repeats):
         for name, lib, solver in METHODS:  # interleaved: A B C D A B C D …
-            if lib == "ours":
-                dt, res = run_ours(A_t, p, solver)
+            if lib.startswith("ours"):
+                dt, res = run_ours(A_dev[lib], p, solver)
                 rec = {
                     "n_iter": int(res.n_iter[0]),
                     "E": res.E[0].numpy(),
@@ -230,18 +234,21 @@ def bench_single(A, p, repeats):
     return rows
 
 
-def bench_batched(classes, p, repeats):
+def bench_batched(classes, p, repeats, cuda=False):
     """classes: list of K (n_b, D) float32 arrays of equal shape. ours "mu" only."""
     A_t = torch.from_numpy(np.stack(classes))  # (K, n_b, D)
     singles = [torch.from_numpy(c).unsqueeze(0) for c in classes]
-    times = {"batched": [], "loop": []}
+    devices = {"batched": A_t, **({"batched cuda": A_t.cuda()} if cuda else {})}
+    times = {"batched": [], "loop": [], **({"batched cuda": []} if cuda else {})}
     out = {}
     for rep in range(repeats):
-        dt, res = run_ours(A_t, p, "mu")
-        times["batched"].append(dt)
-        out["batched"] = [
-            (int(res.n_iter[k]), res.E[k].numpy(), res.B[k].numpy()) for k in range(len(classes))
-        ]
+        for mode, A_d in devices.items():
+            dt, res = run_ours(A_d, p, "mu")
+            times[mode].append(dt)
+            out[mode] = [
+                (int(res.n_iter[k]), res.E[k].numpy(), res.B[k].numpy())
+                for k in range(len(classes))
+            ]
         t0 = time.perf_counter()
         loop_res = [
             nmf(a, p, solver="mu", init="random", tol=TOL, max_iter=MAX_ITER, seed=0)
@@ -250,12 +257,12 @@ def bench_batched(classes, p, repeats):
         times["loop"].append(time.perf_counter() - t0)
         out["loop"] = [(int(r.n_iter[0]), r.E[0].numpy(), r.B[0].numpy()) for r in loop_res]
         print(
-            f"  p={p:<3d} rep {rep + 1}/{repeats}  batched {times['batched'][-1]:8.3f} s   "
-            f"loop {times['loop'][-1]:8.3f} s",
+            f"  p={p:<3d} rep {rep + 1}/{repeats}  "
+            + "   ".join(f"{mode} {ts[-1]:8.3f} s" for mode, ts in times.items()),
             flush=True,
         )
     rows = []
-    for mode in ("batched", "loop"):
+    for mode in times:
         its = [it for it, _, _ in out[mode]]
         errs = [rel_error(c, E, B) for c, (_, E, B) in zip(classes, out[mode], strict=True)]
         rows.append(
@@ -272,8 +279,9 @@ def bench_batched(classes, p, repeats):
                 "mean_rel_error": float(np.mean(errs)),
             }
         )
-    rows[0]["speedup_vs_loop"] = rows[1]["median_s"] / rows[0]["median_s"]
-    rows[1]["speedup_vs_loop"] = 1.0
+    loop = next(r for r in rows if r["method"] == "ours mu loop")
+    for r in rows:
+        r["speedup_vs_loop"] = loop["median_s"] / r["median_s"]
     return rows
 
 
@@ -313,6 +321,7 @@ def machine_info(threads):
         "sklearn": sklearn.__version__,
         "numpy": np.__version__,
         "torch_num_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "threads_requested": threads,
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "threadpools": pools,
@@ -383,6 +392,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="data generator seed")
     ap.add_argument("--quick", action="store_true", help="smoke test: 5,000 × 128, 1 repeat")
     ap.add_argument("--skip-batched", action="store_true", help="skip the batched case")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: also time ours on the GPU (same data, copy not timed)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_nmf.json")
     args = ap.parse_args(argv)
 
@@ -392,6 +403,8 @@ def main(argv=None):
     batch_rows = args.batch_rows or (500 if args.quick else 5_000)
 
     torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        METHODS.extend(GPU_METHODS)
     with threadpool_limits(limits=args.threads):
         info = machine_info(args.threads)
         print("## Machine")
@@ -405,6 +418,7 @@ def main(argv=None):
             "sklearn",
             "numpy",
             "torch_num_threads",
+            "gpu",
         ):
             print(f"- {k}: {info[k]}")
         ct = info["OPENBLAS_CORETYPE"]
@@ -453,6 +467,8 @@ def main(argv=None):
         wt = torch.from_numpy(np.ascontiguousarray(w)).unsqueeze(0)
         for solver in ("mu", "hals"):
             nmf(wt, 3, solver=solver, max_iter=5)
+            if args.device == "cuda":  # CUDA context, kernels, allocator: not in the first rep
+                nmf(wt.cuda(), 3, solver=solver, max_iter=5).B.cpu()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             for solver in ("mu", "cd"):
@@ -500,7 +516,7 @@ def main(argv=None):
                 bdoc = f"{K} classes from the same generator, seeds {args.seed + 1}…{args.seed + K}"
             print(f"\n## Batched over classes (ours, solver 'mu'): {bdoc}")
             for p in PS:
-                batched.extend(bench_batched(classes, p, repeats))
+                batched.extend(bench_batched(classes, p, repeats, cuda=args.device == "cuda"))
             print()
             print(fmt_batched(batched))
             print(
@@ -520,6 +536,7 @@ def main(argv=None):
             "repeats": repeats,
             "quick": args.quick,
             "threads": args.threads,
+            "device": args.device,
             "tol": TOL,
             "max_iter": MAX_ITER,
             "ps": list(PS),

@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import inspect
 import io
-import json
 import os
 import re
 import signal
@@ -171,14 +170,15 @@ def ensure_blackbox(args, artifact: Path, manifest: dict) -> Path:
 # ----------------------------------------------------------------------------- in-process
 
 
-def raw_ort(artifact: Path, blackbox: Path, spec: Preprocessing, threads, repeats: int) -> dict:
+def raw_ort(artifact: Path, blackbox: Path, spec: Preprocessing, threads, repeats: int,
+            device: str = "cpu") -> dict:  # fmt: skip
     """images/s of each graph on preprocessed tensors, batch 1 and 32, interleaved, medians."""
     from PIL import Image
 
     pool = np.stack([preprocess(Image.open(f), spec) for f in imagenet_photo_files()])  # (20, c, h, w)
     sessions = {
-        "black-box": create_session(blackbox, "cpu", threads)[0],
-        "fused": create_session(artifact / MODEL_FILE, "cpu", threads)[0],
+        "black-box": create_session(blackbox, device, threads)[0],
+        "fused": create_session(artifact / MODEL_FILE, device, threads)[0],
     }
     out = {}
     for batch, rounds in ((1, repeats * 3), (MAX_BATCH_SIZE, repeats)):
@@ -425,6 +425,7 @@ def server_commands(args, artifact: Path, blackbox: Path) -> dict:
     )
     if args.ort_threads:
         base["PROTONMF_ORT_THREADS"] = base["LOGITS_ORT_THREADS"] = str(args.ort_threads)
+    base["LOGITS_DEVICE"] = args.device
     protonmf_env = dict(
         base,
         PROTONMF_MAX_BATCH_SIZE=str(MAX_BATCH_SIZE),
@@ -439,7 +440,8 @@ def server_commands(args, artifact: Path, blackbox: Path) -> dict:
         LOGITS_WORKERS=str(WORKERS),
         LOGITS_MAX_LATENCY_MS=str(args.max_latency_ms),
     )
-    serve = [sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--grpc-port", "0"]
+    serve = [sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--grpc-port", "0",
+             "--device", args.device]  # fmt: skip
     return {
         # `protonmf serve` execs `bentoml serve`: the PID we hold is the server's
         "protonmf": (serve, protonmf_env),
@@ -773,6 +775,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compare-paths", action="store_true",
                     help="also serve with PROTONMF_BATCH_PATH=http (the fallback) and load /explain")
     ap.add_argument("--repeats", type=int, default=10, help="raw ORT rounds at batch 32")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="onnxruntime provider of both servers and of the raw reference")
     ap.add_argument(
         "--quick",
         action="store_true",
@@ -811,7 +815,7 @@ def main(argv=None) -> int:
     payloads = [(f.name, f.read_bytes()) for f in imagenet_photo_files()]
 
     print("raw onnxruntime (in-process) …", flush=True)
-    raw = raw_ort(artifact, blackbox, spec, args.ort_threads, args.repeats)
+    raw = raw_ort(artifact, blackbox, spec, args.ort_threads, args.repeats, args.device)
     dec = decode_costs(spec, rounds=3 if args.quick else 5)
 
     runs, tops, idle = [], {}, {}
@@ -843,6 +847,7 @@ def main(argv=None) -> int:
             "workers": WORKERS,
             "max_latency_ms": args.max_latency_ms,
             "ort_threads": args.ort_threads,
+            "device": args.device,
             "quick": args.quick,
             "payloads": f"{len(payloads)} foolbox ImageNet JPEGs, one per request, round-robin",
             "client": "one httpx.AsyncClient, N asyncio tasks in a closed loop",
@@ -859,9 +864,7 @@ def main(argv=None) -> int:
     report["ratios"] = ratios(runs, raw)
     report["machine"]["end"] = machine_info()
     print_report(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    _machine.write_result(args.out, report)
     return 0
 
 

@@ -10,7 +10,7 @@ classes and logits per image. No explanation, no heatmaps, no decode thread pool
 
 Environment: LOGITS_ONNX (black-box graph, required), LOGITS_ARTIFACT (artifact whose
 manifest gives the preprocessing, required), LOGITS_ORT_THREADS, LOGITS_MAX_BATCH_SIZE
-(32), LOGITS_MAX_LATENCY_MS (10000), LOGITS_WORKERS (1).
+(32), LOGITS_MAX_LATENCY_MS (10000), LOGITS_WORKERS (1), LOGITS_DEVICE (cpu|cuda).
 
 Serve from the repository root:
 
@@ -44,7 +44,8 @@ class LogitsService:
         self.spec = Preprocessing.from_dict(manifest["preprocessing"])
         threads = os.environ.get("LOGITS_ORT_THREADS")
         self.session, self.provider = create_session(
-            os.environ["LOGITS_ONNX"], "cpu", int(threads) if threads else None
+            os.environ["LOGITS_ONNX"], os.environ.get("LOGITS_DEVICE", "cpu"),
+            int(threads) if threads else None,
         )
         self.input = self.session.get_inputs()[0].name
         shape = (self.spec.channels, self.spec.height, self.spec.width)

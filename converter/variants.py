@@ -73,10 +73,10 @@ def _to_fp16(fp32: Path, out: Path) -> None:
     onnx.save(model, str(out))
 
 
-def _agreement(reference: np.ndarray, path: Path, images: np.ndarray) -> dict:
+def _agreement(reference: np.ndarray, path: Path, images: np.ndarray, device: str) -> dict:
     from service.runtime import create_session
 
-    session, provider = create_session(path)
+    session, provider = create_session(path, device)
     got = np.concatenate([session.run(["logits"], {"image": b})[0]
                           for b in np.array_split(images, max(1, len(images) // 32))])  # fmt: skip
     scale = np.maximum(np.abs(reference).max(1), 1e-12)
@@ -117,7 +117,9 @@ def add_variants(artifact: str | Path, kinds=("int8",), calibration_images: int 
             (_quantize_int8(fp32, out, calib) if kind == "int8" else _to_fp16(fp32, out))
             entry = {"file": out.name, "exact": False}
             try:
-                entry["agreement"] = _agreement(reference, out, held)
+                # fp16 is meant for GPUs: measured there when one is usable (provider recorded).
+                device = "auto" if kind == "fp16" else "cpu"
+                entry["agreement"] = _agreement(reference, out, held, device)
             except RuntimeError as e:  # onnxruntime's Fail/NotImplemented are RuntimeErrors
                 # e.g. no fp16 kernels on this CPU: keep the graph, say it was not measured.
                 entry["agreement"] = None

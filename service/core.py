@@ -90,6 +90,21 @@ class Core:
             raise Unprocessable(f"crop has {len(raw)} bytes, expected shape {self.crop_shape}")
         return np.frombuffer(raw, np.uint8).reshape(self.crop_shape)
 
+    def warm_up(self, max_batch: int) -> list[int]:
+        """Run the graph on blank crops before the service says ready; returns the sizes run.
+
+        On CPU the largest batch and a single image (allocation, planning). On CUDA every
+        size from max_batch down to 1: the CUDA provider prepares cuDNN convolutions per
+        input shape (~5 ms per conv layer even with the heuristic search), and the adaptive
+        batcher forms any size up to max_batch — measured on an H100, a batch of a size not
+        seen before took 140–380 ms against ~6 ms once seen.
+        """
+        cuda = self.explainer.provider == "CUDAExecutionProvider"
+        sizes = list(range(max_batch, 0, -1)) if cuda else sorted({max_batch, 1}, reverse=True)
+        for n in sizes:
+            self.explainer.run(normalize(np.zeros((n, *self.crop_shape), np.uint8), self.spec))
+        return sizes
+
     # --- one merged batch ---------------------------------------------------------------
 
     def infer(self, crops: np.ndarray) -> dict[str, np.ndarray]:

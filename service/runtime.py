@@ -22,11 +22,35 @@ from protonmf.artifact import (
     preprocess,
 )
 
-__all__ = ["Explainer", "ProviderError", "create_session"]
+__all__ = ["Explainer", "ProviderError", "create_session", "cuda_options"]
 
 
 class ProviderError(RuntimeError):
     """The requested execution provider could not be used."""
+
+
+CUDNN_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
+
+
+def cuda_options() -> dict[str, str]:
+    """CUDA provider options.
+
+    TF32 is off unless PROTONMF_CUDA_TF32=1: onnxruntime enables it by default on Ampere and
+    later, which rounds conv/matmul inputs to 10 mantissa bits and breaks the fp32 graph's
+    exactness contract (logits equal to the black box's).
+
+    cuDNN's convolution algorithm search is HEURISTIC unless PROTONMF_CUDNN_SEARCH says
+    otherwise: onnxruntime's default, EXHAUSTIVE, benchmarks every algorithm for each new
+    input shape, and the adaptive batcher makes a new batch size (a new shape) every few
+    batches — measured on an H100, batches took ~700 ms instead of ~5 ms under load.
+    """
+    search = os.environ.get("PROTONMF_CUDNN_SEARCH", "HEURISTIC").upper()
+    if search not in CUDNN_SEARCH:
+        raise ValueError(f"PROTONMF_CUDNN_SEARCH must be one of {CUDNN_SEARCH}, got {search!r}")
+    return {
+        "use_tf32": "1" if os.environ.get("PROTONMF_CUDA_TF32", "0") == "1" else "0",
+        "cudnn_conv_algo_search": search,
+    }
 
 
 def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
@@ -46,7 +70,7 @@ def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: 
         # Idle intra-op threads sleep instead of spinning: CPU goes to decode/serving.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     want_cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers()
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else [
+    providers = [("CUDAExecutionProvider", cuda_options()), "CPUExecutionProvider"] if want_cuda else [
         "CPUExecutionProvider"
     ]
     session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)

@@ -12,7 +12,7 @@
 Images come as multipart files (``images``) or base64 strings in JSON (``images_base64``).
 Configuration (environment): PROTONMF_ARTIFACT (required), PROTONMF_DEVICE (cpu|cuda|auto), PROTONMF_VARIANT,
 PROTONMF_ORT_THREADS, PROTONMF_DECODE_THREADS, PROTONMF_MAX_BATCH_SIZE,
-PROTONMF_MAX_LATENCY_MS, PROTONMF_MAX_CONCURRENCY, PROTONMF_WORKERS, PROTONMF_ORT_SPINNING,
+PROTONMF_MAX_LATENCY_MS, PROTONMF_MAX_CONCURRENCY, PROTONMF_WORKERS, PROTONMF_ORT_SPINNING, PROTONMF_CUDA_TF32,
 PROTONMF_BATCH_PATH (in_process | http), the gRPC settings of ``grpc_api.GrpcConfig`` and
 the limits of ``imaging.Limits``.
 """
@@ -104,9 +104,8 @@ class ProtoNMFService:
         )
         decode_threads = int(os.environ.get("PROTONMF_DECODE_THREADS", os.cpu_count() or 2))
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="protonmf-decode")
-        # Warm-up: the first onnxruntime run allocates and plans; do it before /readyz.
-        self.core.infer(np.zeros((MAX_BATCH_SIZE, *self.core.crop_shape), np.uint8))
-        self.core.infer(np.zeros((1, *self.core.crop_shape), np.uint8))
+        # Warm-up before /readyz: allocation and planning (and, on CUDA, every batch size).
+        self.core.warm_up(MAX_BATCH_SIZE)
         self.ready = True
 
     def __is_ready__(self) -> bool:

@@ -14,6 +14,7 @@ from protonmf.artifact import (
     Preprocessing,
     load_manifest,
     load_tensors,
+    normalize,
     preprocess,
     write_artifact,
 )
@@ -93,6 +94,20 @@ def test_preprocess_resize_crop_normalise():
     x = preprocess(img, spec)
     assert x.shape == (1, 4, 4) and x.dtype == np.float32
     np.testing.assert_allclose(x, 1.0)
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 7), (5, 6, 7, 3)])
+def test_normalize_bit_identical_to_plain_expression(shape):
+    c = 3 if len(shape) == 4 else 1
+    spec = Preprocessing(height=6, width=7, resize=7, color_mode="RGB" if c == 3 else "L",
+                         mean=(0.485, 0.456, 0.406)[:c], std=(0.229, 0.224, 0.225)[:c])  # fmt: skip
+    crops = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    x = crops.astype(np.float32) / 255.0
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    want = (x - np.float32(spec.mean)[:, None, None]) / np.float32(spec.std)[:, None, None]
+    got = normalize(crops, spec)
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
 
 
 def test_preprocess_converts_modes():

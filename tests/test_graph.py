@@ -140,12 +140,59 @@ def test_cuda_request_without_gpu_is_an_error(fashion_artifact):
         create_session(fashion_artifact / "model.onnx", device="cuda")
 
 
+def test_cuda_tf32_off_unless_asked(monkeypatch):
+    from service.runtime import cuda_options
+
+    monkeypatch.delenv("PROTONMF_CUDA_TF32", raising=False)
+    monkeypatch.delenv("PROTONMF_CUDNN_SEARCH", raising=False)
+    # exact fp32 is the contract; no per-shape benchmarking under adaptive batching
+    assert cuda_options() == {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+    monkeypatch.setenv("PROTONMF_CUDA_TF32", "1")
+    monkeypatch.setenv("PROTONMF_CUDNN_SEARCH", "exhaustive")
+    assert cuda_options() == {"use_tf32": "1", "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    monkeypatch.setenv("PROTONMF_CUDNN_SEARCH", "fastest")
+    with pytest.raises(ValueError, match="PROTONMF_CUDNN_SEARCH"):
+        cuda_options()
+
+
 @pytest.mark.gpu
 def test_cuda_provider_parity(fashion_artifact, fashion_batch):
+    """CUDA provider (TF32 off) vs CPU provider: same logits, contributions, top-k maps."""
     ex_cpu, x = fashion_batch
     ex_gpu = Explainer.load(fashion_artifact, device="cuda")
     assert ex_gpu.provider == "CUDAExecutionProvider"
-    np.testing.assert_allclose(ex_gpu.run(x)["logits"], ex_cpu.run(x)["logits"], rtol=1e-4, atol=1e-4)
+    got, want = ex_gpu.run(x), ex_cpu.run(x)
+    scale = np.abs(want["logits"]).max()
+    assert np.abs(got["logits"] - want["logits"]).max() <= 1e-5 * scale
+    assert np.abs(got["logits"] - got["contributions"].sum(-1) - got["bias"]).max() <= 1e-5 * scale
+    np.testing.assert_array_equal(got["topk_classes"], want["topk_classes"])
+    maps = want["topk_maps"]
+    assert np.abs(got["topk_maps"] - maps).max() <= 1e-5 * np.abs(maps).max()
+
+
+@pytest.mark.gpu
+def test_verify_on_cuda(fashion_artifact, capsys):
+    """`protonmf verify --device cuda`: the graph on the GPU vs the timm model on held-out images."""
+    code, out = run_cli("verify", fashion_artifact, "--device", "cuda", "--json", capsys=capsys)
+    report = json.loads(out)
+    assert code == 0 and report["provider"] == "CUDAExecutionProvider"
+    assert report["max_rel_logit_diff"] <= 1e-5 and report["top1_agreement"] == 1.0
+    print(json.dumps(report))  # recorded by benchmarks/gpu_checks.sh
+
+
+@pytest.mark.gpu
+def test_fp16_variant_measured_on_cuda(fashion_artifact, tmp_path):
+    import shutil
+
+    from converter.variants import add_variants
+
+    art = tmp_path / "art"
+    shutil.copytree(fashion_artifact, art)
+    fp16 = add_variants(art, ("fp16",), eval_images=200)["fp16"]
+    agreement = fp16["agreement"]
+    assert agreement["provider"] == "CUDAExecutionProvider" and agreement["top1_agreement"] >= 0.98
+    assert Explainer.load(art, device="cuda", variant="fp16").provider == "CUDAExecutionProvider"
+    print(json.dumps(fp16))
 
 
 def test_int8_and_fp16_variants(fashion_artifact, tmp_path):

@@ -122,3 +122,14 @@ def test_bad_arguments(kwargs, match):
 def test_negative_input_refused():
     with pytest.raises(ValueError, match="negative entries"):
         nmf(-torch.rand(1, 10, 5), 2)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    """Same init (drawn on the CPU), same updates: the GPU run lands where the CPU run does."""
+    A = features_like()
+    cpu = nmf(torch.tensor(A[None], dtype=torch.float64), 3, max_iter=100, tol=0)
+    gpu = nmf(torch.tensor(A[None], dtype=torch.float64, device="cuda"), 3, max_iter=100, tol=0)
+    assert gpu.B.device.type == "cuda"
+    np.testing.assert_allclose(gpu.B.cpu().numpy(), cpu.B.numpy(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(gpu.rel_error.cpu().numpy(), cpu.rel_error.numpy(), rtol=1e-9)

@@ -226,3 +226,15 @@ def test_limits_from_env():
     assert limits.max_images == 4 and limits.jpeg_draft is False
     with pytest.raises(ValueError, match="must be >= 1"):
         Limits.from_env({"PROTONMF_MAX_BYTES": "0"})
+
+
+def test_warm_up_runs_every_batch_size_on_cuda(core, monkeypatch):
+    """CPU: largest batch and one image. CUDA (provider faked, runs stay on CPU): every size,
+    since the CUDA provider prepares convolutions per input shape."""
+    seen = []
+    run = core.explainer.run
+    monkeypatch.setattr(core.explainer, "run", lambda x: seen.append(len(x)) or run(x))
+    assert core.warm_up(4) == [4, 1] and seen == [4, 1]
+    seen.clear()
+    monkeypatch.setattr(core.explainer, "provider", "CUDAExecutionProvider")
+    assert core.warm_up(4) == [4, 3, 2, 1] and seen == [4, 3, 2, 1]

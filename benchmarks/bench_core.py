@@ -1,0 +1,122 @@
+"""The service core's stages without a transport: decode, batched inference, explanation.
+
+Where does a request's time go, and how much does a GPU move it? One process, no BentoML,
+the same ``service.core.Core`` the service runs. For each device asked for (``cpu`` and,
+with ``--device cuda``, onnxruntime's CUDA provider, TF32 off):
+
+* ``decode``   untrusted JPEG bytes → uint8 crop (``Core.prepare``), per image, one thread;
+* ``infer``    uint8 crops → graph outputs, one onnxruntime run per batch of 1, 8 and 32
+               (``Core.infer``: normalisation + run + outputs copied back);
+* ``explain``  graph outputs → the /explain JSON dict (top-3, heatmaps), per image.
+
+Batch sizes and devices are interleaved per round (warm-up call before each timed call),
+figures are medians. The ratio that matters for serving is images/s of ``infer`` at batch
+32 against the per-image cost of ``decode`` + ``explain``, which the batcher cannot merge.
+
+    .venv/bin/python benchmarks/bench_core.py ARTIFACT [--device cuda] [--images DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import _machine  # noqa: E402
+
+from protonmf.sample_data import imagenet_photo_files  # noqa: E402
+from service.core import Core, ExplainOptions  # noqa: E402
+
+BATCHES = (1, 8, 32)
+
+
+def jpeg_blobs(images: Path | None, n: int = 32) -> list[bytes]:
+    """JPEG bytes of up to ``n`` photos (foolbox's ImageNet photos by default), cycled."""
+    files = sorted(images.rglob("*.jp*g")) if images else imagenet_photo_files()
+    if not files:
+        raise SystemExit(f"no JPEG files under {images}")
+    return [files[i % len(files)].read_bytes() for i in range(n)]
+
+
+def timed(fn) -> float:
+    fn()  # untimed warm-up right before the timed call
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def bench(cores: dict[str, Core], blobs: list[bytes], rounds: int) -> dict:
+    any_core = next(iter(cores.values()))
+    crops = np.stack([any_core.prepare(b) for b in blobs])  # (32, h, w[, 3]) uint8
+    options = ExplainOptions()
+    out = {name: core.infer(crops[:1]) for name, core in cores.items()}
+    one = {name: {k: v[0] for k, v in o.items()} for name, o in out.items()}
+    ms: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        ms.setdefault("decode", []).append(timed(lambda: any_core.prepare(blobs[0])))
+        for name, core in cores.items():
+            for b in BATCHES:
+                ms.setdefault(f"infer {name} b{b}", []).append(
+                    timed(lambda core=core, b=b: core.infer(crops[:b])))
+            ms.setdefault(f"explain {name}", []).append(
+                timed(lambda core=core, name=name: core.explanation(one[name], options)))
+    rows = []
+    for key, ts in ms.items():
+        per = int(key.rsplit("b", 1)[1]) if key.startswith("infer") else 1
+        median = statistics.median(ts)
+        rows.append({"stage": key, "median_ms": median, "ms_per_image": median / per,
+                     "images_per_s": 1e3 * per / median, "samples_ms": ts})  # fmt: skip
+    return {"rows": rows}
+
+
+def report(result: dict, devices: list[str]) -> None:
+    by = {r["stage"]: r for r in result["rows"]}
+    print("| stage | median ms | ms/image | images/s |\n|---|---:|---:|---:|")
+    for r in result["rows"]:
+        print(f"| {r['stage']} | {r['median_ms']:.2f} | {r['ms_per_image']:.2f} | "
+              f"{r['images_per_s']:.0f} |")  # fmt: skip
+    per_image = by["decode"]["ms_per_image"]
+    for d in devices:
+        b32 = by[f"infer {d} b32"]
+        serial = per_image + by[f"explain {d}"]["ms_per_image"]
+        print(f"\n{d}: infer at batch 32 {b32['images_per_s']:.0f} img/s; decode + explain "
+              f"{serial:.2f} ms/image on one thread = {1e3 / serial:.0f} img/s per core; "
+              f"batch 32 vs batch 1: {by[f'infer {d} b1']['ms_per_image'] / b32['ms_per_image']:.1f}×")  # fmt: skip
+    if len(devices) == 2:
+        ratio = by["infer cuda b32"]["images_per_s"] / by["infer cpu b32"]["images_per_s"]
+        print(f"cuda/cpu infer throughput at batch 32: {ratio:.1f}×")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: time the CUDA provider beside the CPU one")  # fmt: skip
+    ap.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: photos)")
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_core.json")
+    args = ap.parse_args(argv)
+    devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
+    cores = {d: Core.load(args.artifact, device=d, threads=args.threads) for d in devices}
+    providers = {d: c.explainer.provider for d, c in cores.items()}
+    info = _machine.machine_info(providers=providers, ort_threads=args.threads)
+    print(f"machine: {info['cpu_model']} × {info['cpu_count']}, gpu={info['gpu']}, "
+          f"onnxruntime {info['onnxruntime']}, providers {providers}", flush=True)  # fmt: skip
+    result = bench(cores, jpeg_blobs(args.images), args.rounds)
+    report(result, devices)
+    out = {"machine": info, "artifact": str(args.artifact), "rounds": args.rounds,
+           "model": cores["cpu"].manifest["backbone"].get("architecture"), **result}  # fmt: skip
+    _machine.write_result(args.out, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU checks in two prepared steps, for a CUDA machine (never CI). Logs and JSON go to $OUT.
+#
+#   benchmarks/gpu_checks.sh prepare   torch only: NMF on the GPU (test + benchmark), and the
+#                                      bench_graph conversions (--device auto: NMF on CUDA) and
+#                                      exports into $WORK
+#   benchmarks/gpu_checks.sh run       onnxruntime-gpu: the gpu-marked tests (CUDA provider
+#                                      parity, verify on CUDA, fp16 variant), graph latency on
+#                                      the CUDA provider, `protonmf verify --device cuda` on
+#                                      each converted model, the service core's stages
+#   benchmarks/gpu_checks.sh service   onnxruntime-gpu + bentoml: the real service on the CUDA
+#                                      provider under 1/8/32 clients vs the logits-only
+#                                      service and raw onnxruntime, both on CUDA
+#
+# STEPS="a b" runs only the named steps of a stage (default: all).
+#
+# Needs python3 with CUDA torch, timm, onnx, onnxscript, scikit-learn, pillow, safetensors,
+# tqdm, prometheus_client, pytest; `run` also onnxruntime-gpu first on PYTHONPATH, and the
+# CUDA/cuDNN libraries it loads on LD_LIBRARY_PATH. Each step has its own time limit and a
+# failing step does not stop the others.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_checks}
+WORK=${WORK:-/tmp/gpu_work}
+PY=${PY:-python3}
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1 BENTOML_DO_NOT_TRACK=true PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LOG="$OUT/$1.log"
+
+STEPS=${STEPS:-all}
+
+step() {  # step NAME SECONDS CMD…: run with a limit, log it, keep going on failure
+    local name=$1 limit=$2
+    shift 2
+    [[ $STEPS == all || " $STEPS " == *" $name "* ]] || return 0
+    echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
+    timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+    echo "=== $name rc=${PIPESTATUS[0]} ($(date +%T))" | tee -a "$LOG"
+}
+
+case "$1" in
+prepare)
+    step gpu 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    step versions 60 "$PY" -c "import torch, timm, onnx, sklearn; print('torch', torch.__version__,
+torch.cuda.get_device_name(), '| timm', timm.__version__, '| onnx', onnx.__version__,
+'| sklearn', sklearn.__version__)"
+    step nmf-test 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_nmf.py
+    step bench-nmf 200 "$PY" benchmarks/bench_nmf.py --device cuda --threads 8 --rows 20000 \
+        --repeats 2 --out "$OUT/bench_nmf_cuda.json"
+    step graph-prepare 300 "$PY" benchmarks/bench_graph.py --prepare-only --workdir "$WORK" \
+        --fashion-artifact "$WORK/fashion"
+    ;;
+run)
+    step providers 60 "$PY" -c "import onnxruntime as ort; from service.runtime import create_session
+print(ort.__version__, ort.__file__, ort.get_available_providers())
+s, used = create_session('$WORK/fashion/model.onnx', 'cuda'); print('in use:', s.get_providers())"
+    step gpu-tests 240 "$PY" -m pytest -q -s -p no:cacheprovider -m gpu tests/test_graph.py
+    step bench-graph 300 "$PY" benchmarks/bench_graph.py --device cuda --workdir "$WORK" \
+        --fashion-artifact "$WORK/fashion" --out "$OUT/bench_graph_cuda.json"
+    for art in fashion lite0 resnet34; do  # the report to its own file, progress to the log
+        [[ -d "$WORK/$art" && ($STEPS == all || " $STEPS " == *" verify "*) ]] || continue
+        echo "=== verify-$art ($(date +%T))" | tee -a "$LOG"
+        timeout 120 "$PY" -m protonmf.cli verify "$WORK/$art" --device cuda --json \
+            >"$OUT/verify_$art.json" 2>>"$LOG"
+        echo "=== verify-$art rc=$? $(cat "$OUT/verify_$art.json")" | tee -a "$LOG"
+    done
+    step bench-core 120 "$PY" benchmarks/bench_core.py "$WORK/lite0" --device cuda \
+        --threads 8 --out "$OUT/bench_core_cuda.json"
+    ;;
+service)
+    step bench-service 400 "$PY" benchmarks/bench_service.py --device cuda \
+        --artifact "$WORK/lite0" --blackbox "$WORK/tf_efficientnet_lite0-blackbox.onnx" \
+        --workdir "$WORK/service" --endpoints explain --duration 10 \
+        --out "$OUT/bench_service_cuda.json"
+    ;;
+*)
+    echo "usage: $0 prepare|run|service" >&2
+    exit 2
+    ;;
+esac
