@@ -1,6 +1,6 @@
 """gRPC vs REST: the same server, the same images, /explain vs protonmf.v1.ProtoNMF/Explain.
 
-One `protonmf serve` (1 worker, max_batch_size 32) with both transports. Closed loops of N
+One `protonmf serve` (`--workers`, default 1; max_batch_size 32) with both transports. Closed loops of N
 concurrent clients (one JPEG per request, heatmaps on, top-3): REST through one
 httpx.AsyncClient, gRPC through one grpc.aio channel. The two transports alternate in
 windows (REST, gRPC, REST, gRPC, …) so drift on this shared machine hits both; per
@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", type=Path, help="default: Lite0 artifact as in bench_service")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_service_work"))
     ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="server workers (onnxruntime threads: the service's default split)")
     ap.add_argument("--windows", type=int, default=4, help="windows per transport")
     ap.add_argument("--duration", type=float, default=10.0, help="counted seconds per window")
     ap.add_argument("--warmup", type=float, default=2.0)
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     payloads = [f.read_bytes() for f in imagenet_photo_files()]
     grpc_port = free_port()
     env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_MAX_BATCH_SIZE="32",
-               PROTONMF_WORKERS="1", BENTOML_HOME=str(args.workdir / "bentoml_home_grpc"))  # fmt: skip
+               PROTONMF_WORKERS=str(args.workers), BENTOML_HOME=str(args.workdir / "bentoml_home_grpc"))  # fmt: skip
     cmd = [sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--grpc-port", str(grpc_port)]
     start = machine_info()
     results: dict[str, dict] = {"rest": {"w": [], "b": []}, "grpc": {"w": [], "b": []}}
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
     raw32 = raw["black-box"]["32"]["images_per_s"]
     report = {
         "settings": {"artifact": str(artifact), "clients": args.clients, "windows": args.windows,
-                     "duration_s": args.duration, "warmup_s": args.warmup, "workers": 1,
+                     "duration_s": args.duration, "warmup_s": args.warmup, "workers": args.workers,
                      "max_batch_size": 32, "payloads": "20 foolbox ImageNet JPEGs, one per request",
                      "request": "explain, top_k 3, heatmaps on"},  # fmt: skip
         "machine": {"start": start, "end": machine_info()},

@@ -70,8 +70,8 @@ class Core:
 
     @classmethod
     def load(cls, artifact: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-             limits: Limits | None = None, variant: str = "fp32") -> Core:  # fmt: skip
-        return cls(Explainer.load(Path(artifact), device, threads, variant), limits)
+             limits: Limits | None = None, variant: str = "fp32", spinning: bool = True) -> Core:  # fmt: skip
+        return cls(Explainer.load(Path(artifact), device, threads, variant, spinning), limits)
 
     # --- per image, before batching ---------------------------------------------------
 

@@ -53,9 +53,12 @@ def cuda_options() -> dict[str, str]:
     }
 
 
-def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                   spinning: bool = True):  # fmt: skip
     """An InferenceSession on ``device`` ("cpu", "cuda" or "auto"), full graph optimisation.
 
+    ``spinning=False``: idle intra-op threads sleep instead of busy-waiting for the next
+    kernel, leaving the CPU to work beside the graph (the service's decoding and HTTP).
     Returns (session, provider_in_use).
     """
     import onnxruntime as ort
@@ -66,8 +69,7 @@ def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: 
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    if os.environ.get("PROTONMF_ORT_SPINNING", "1") == "0":
-        # Idle intra-op threads sleep instead of spinning: CPU goes to decode/serving.
+    if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     want_cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers()
     providers = [("CUDAExecutionProvider", cuda_options()), "CPUExecutionProvider"] if want_cuda else [
@@ -95,7 +97,7 @@ class Explainer:
 
     @classmethod
     def load(cls, artifact_dir: str | os.PathLike, device: str = "cpu", threads=None,
-             variant: str = "fp32"):  # fmt: skip
+             variant: str = "fp32", spinning: bool = True):  # fmt: skip
         """``variant``: "fp32" (model.onnx, exact) or one listed in the manifest's variants."""
         artifact_dir = Path(artifact_dir)
         manifest = load_manifest(artifact_dir)
@@ -109,7 +111,7 @@ class Explainer:
                                     f"{''.join(', ' + k for k in known)}); see `protonmf variants`")
             graph = known[variant]["file"]
         tensors = load_tensors(artifact_dir, manifest)
-        session, provider = create_session(artifact_dir / graph, device, threads)
+        session, provider = create_session(artifact_dir / graph, device, threads, spinning)
         got = [o.name for o in session.get_outputs()]
         want = list(manifest["graph"]["outputs"])
         if got != want:

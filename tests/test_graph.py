@@ -232,3 +232,14 @@ def test_verify_lite0_on_scikit_image_photos(lite0_artifact, tmp_path, capsys):
     code, r = verify_json(lite0_artifact, capsys, "--data", tmp_path / "photos")
     assert code == 0 and r["n_images"] == 3
     assert r["top1_agreement"] == 1.0 and r["max_rel_logit_diff"] <= 1e-5
+
+
+def test_spinning_off_is_set_on_the_session(fashion_artifact):
+    on, _ = create_session(fashion_artifact / "model.onnx")
+    off, _ = create_session(fashion_artifact / "model.onnx", spinning=False)
+    key = "session.intra_op.allow_spinning"
+    assert off.get_session_options().get_session_config_entry(key) == "0"
+    try:  # unset (onnxruntime's default: spin) raises, or anything but "0"
+        assert on.get_session_options().get_session_config_entry(key) != "0"
+    except RuntimeError:
+        pass

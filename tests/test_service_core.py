@@ -238,3 +238,14 @@ def test_warm_up_runs_every_batch_size_on_cuda(core, monkeypatch):
     seen.clear()
     monkeypatch.setattr(core.explainer, "provider", "CUDAExecutionProvider")
     assert core.warm_up(4) == [4, 3, 2, 1] and seen == [4, 3, 2, 1]
+
+
+def test_default_ort_threads_share_the_cpus_between_workers():
+    import os
+
+    from service.service import default_ort_threads
+
+    cpus = len(os.sched_getaffinity(0))
+    assert default_ort_threads(1) == cpus
+    assert default_ort_threads(cpus) == 1
+    assert default_ort_threads(cpus * 4) == 1  # never 0

@@ -1,0 +1,89 @@
+"""A/B of one service setting: two `protonmf serve` processes, alternating load windows.
+
+Server A runs the defaults, server B the same artifact with extra environment (e.g.
+``PROTONMF_ORT_THREADS=1``). Both stay up for the whole run (an idle BentoML server costs
+next to no CPU) and /explain is loaded on one at a time, A B A B …, with
+bench_service.py's closed loop (N clients, one JPEG per request), so drift on a shared
+machine hits both. Reports img/s per window and B/A of the pooled throughput.
+
+    .venv/bin/python benchmarks/bench_env_ab.py PROTONMF_ORT_THREADS=1 [--clients 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _machine  # noqa: E402
+from bench_service import MAX_BATCH_SIZE, ensure_artifact, run_load, server  # noqa: E402
+
+from protonmf.sample_data import imagenet_photo_files  # noqa: E402
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"expected NAME=VALUE, got {pair!r}")
+        out[name] = value
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("env_b", nargs="+", help="NAME=VALUE settings of server B")
+    ap.add_argument("--artifact", type=Path, help="default: Lite0 artifact as in bench_service")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_service_work"))
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="A B windows per round")
+    ap.add_argument("--duration", type=float, default=15.0, help="counted seconds per window")
+    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_env_ab.json")
+    args = ap.parse_args(argv)
+    args.workdir = args.workdir.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    artifact = ensure_artifact(args)
+    extra = parse_env(args.env_b)
+    payloads = [(f.name, f.read_bytes()) for f in imagenet_photo_files()]
+    base = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_WORKERS="1",
+                PROTONMF_MAX_BATCH_SIZE=str(MAX_BATCH_SIZE))  # fmt: skip
+    cmd = [sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--grpc-port", "0"]
+    envs = {"A": dict(base, BENTOML_HOME=str(args.workdir / "bentoml_home_a")),
+            "B": dict(base, BENTOML_HOME=str(args.workdir / "bentoml_home_b"), **extra)}  # fmt: skip
+    start = _machine.machine_info()
+    windows: dict[str, list[dict]] = {"A": [], "B": []}
+    with ExitStack() as stack:
+        servers = {k: stack.enter_context(server(k, cmd, env, args.workdir / f"server-ab-{k}.log"))
+                   for k, env in envs.items()}  # fmt: skip
+        for _ in range(args.rounds):
+            for k, (url, pid) in servers.items():
+                windows[k].append(run_load(url, "explain", pid, payloads, args.clients,
+                                           args.warmup, args.duration))  # fmt: skip
+    rate = {k: statistics.mean(w["images_per_s"] for w in ws) for k, ws in windows.items()}
+    cpu = {k: statistics.mean(w["server_cpu_ms_per_image"] for w in ws) for k, ws in windows.items()}
+    report = {
+        "env_b": extra, "clients": args.clients, "rounds": args.rounds,
+        "duration_s": args.duration, "artifact": str(artifact),
+        "images_per_s": rate, "b_over_a": rate["B"] / rate["A"],
+        "server_cpu_ms_per_image": cpu,
+        "per_window_images_per_s": {k: [w["images_per_s"] for w in ws] for k, ws in windows.items()},
+        "machine": {"start": start, "end": _machine.machine_info()},
+        "windows": windows,
+    }  # fmt: skip
+    print(f"\nA (defaults) {rate['A']:.1f} img/s, B ({' '.join(args.env_b)}) {rate['B']:.1f} img/s: "
+          f"B/A = {report['b_over_a']:.2f}; server CPU ms/img A {cpu['A']:.1f}, B {cpu['B']:.1f}")  # fmt: skip
+    _machine.write_result(args.out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
