@@ -249,3 +249,30 @@ def test_default_ort_threads_share_the_cpus_between_workers():
     assert default_ort_threads(1) == cpus
     assert default_ort_threads(cpus) == 1
     assert default_ort_threads(cpus * 4) == 1  # never 0
+
+
+def _heatmap_reference(m, percentile, height, width):
+    """One map the plain way: peak by argmax, box around the cells ≥ the percentile."""
+    H, W = m.shape
+    peak = np.unravel_index(int(m.argmax()), m.shape)
+    rows, cols = np.nonzero(m >= np.percentile(m, percentile))
+    box = [int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1]
+    sy, sx = height / H, width / W
+    return {"shape": [H, W], "values": np.round(m, 5).tolist(),
+            "peak": {"row": int(peak[0]), "col": int(peak[1])},
+            "box": {"percentile": percentile,
+                    "feature": {"top": box[0], "left": box[1], "bottom": box[2], "right": box[3]},
+                    "input": {"top": box[0] * sy, "left": box[1] * sx,
+                              "bottom": box[2] * sy, "right": box[3] * sx}}}  # fmt: skip
+
+
+@pytest.mark.parametrize("percentile", [0.0, 50.0, 90.0, 100.0])
+def test_heatmaps_equal_the_per_map_reference(core, percentile):
+    rng = np.random.default_rng(0)
+    maps = rng.random((4, 7, 5)).astype(np.float32)
+    maps[1] = 0.25  # constant map: every cell is hot
+    maps[2, 3:, :] = 0.0  # ties at the bottom
+    maps[3] = np.round(maps[3], 1)  # many ties
+    got = core._heatmaps(maps, percentile)
+    want = [_heatmap_reference(m, percentile, core.spec.height, core.spec.width) for m in maps]
+    assert got == want
