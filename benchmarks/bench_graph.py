@@ -233,11 +233,12 @@ def build_subject(name: str, artifact: Path, images: Path, work: Path,
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     input_shape = (prep.channels, prep.height, prep.width)
     print(f"[{name}] black-box and all-maps graphs (exported unless in --workdir) …", flush=True)
+    tag = manifest["files"][MODEL_FILE][:12]  # a re-converted artifact gets fresh exports
     paths = {
         "fused-topk": artifact / MODEL_FILE,
-        "fused-all": _exported(work / f"{name}-all.onnx",
+        "fused-all": _exported(work / f"{name}-{tag}-all.onnx",
                                lambda p: export_all_maps(model, manifest, tensors, p)),
-        "black-box": _exported(work / f"{name}-blackbox.onnx",
+        "black-box": _exported(work / f"{name}-{tag}-blackbox.onnx",
                                lambda p: export_blackbox(model, input_shape, p)),
     }  # fmt: skip
     if prepare_only:

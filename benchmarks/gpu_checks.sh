@@ -68,8 +68,9 @@ s, used = create_session('$WORK/fashion/model.onnx', 'cuda'); print('in use:', s
         --threads 8 --out "$OUT/bench_core_cuda.json"
     ;;
 service)
+    blackbox=$(ls "$WORK"/tf_efficientnet_lite0-*-blackbox.onnx 2>/dev/null | head -n 1)
     step bench-service 400 "$PY" benchmarks/bench_service.py --device cuda \
-        --artifact "$WORK/lite0" --blackbox "$WORK/tf_efficientnet_lite0-blackbox.onnx" \
+        --artifact "$WORK/lite0" ${blackbox:+--blackbox "$blackbox"} \
         --workdir "$WORK/service" --endpoints explain --duration 10 \
         --out "$OUT/bench_service_cuda.json"
     ;;

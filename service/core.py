@@ -208,7 +208,7 @@ class Core:
                 "contribution": float(contributions[i]),
                 "share_of_logit": float(contributions[i] / logit) if abs(logit) > 1e-12 else None,
             }
-            if maps:
+            if maps is not None:
                 proto["heatmap"] = maps[i]
             entry["prototypes"].append(proto)
         return entry

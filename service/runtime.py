@@ -42,7 +42,7 @@ def cuda_options() -> dict[str, str]:
     cuDNN's convolution algorithm search is HEURISTIC unless PROTONMF_CUDNN_SEARCH says
     otherwise: onnxruntime's default, EXHAUSTIVE, benchmarks every algorithm for each new
     input shape, and the adaptive batcher makes a new batch size (a new shape) every few
-    batches — measured on an H100, batches took ~700 ms instead of ~5 ms under load.
+    batches — measured on an H100, batches took ~700 ms instead of ~6 ms under load.
     """
     search = os.environ.get("PROTONMF_CUDNN_SEARCH", "HEURISTIC").upper()
     if search not in CUDNN_SEARCH:

@@ -12,7 +12,7 @@
 Images come as multipart files (``images``) or base64 strings in JSON (``images_base64``).
 Configuration (environment): PROTONMF_ARTIFACT (required), PROTONMF_DEVICE (cpu|cuda|auto), PROTONMF_VARIANT,
 PROTONMF_ORT_THREADS, PROTONMF_DECODE_THREADS, PROTONMF_MAX_BATCH_SIZE,
-PROTONMF_MAX_LATENCY_MS, PROTONMF_MAX_CONCURRENCY, PROTONMF_WORKERS, PROTONMF_ORT_SPINNING, PROTONMF_CUDA_TF32,
+PROTONMF_MAX_LATENCY_MS, PROTONMF_MAX_CONCURRENCY, PROTONMF_WORKERS, PROTONMF_ORT_SPINNING, PROTONMF_CUDA_TF32, PROTONMF_CUDNN_SEARCH,
 PROTONMF_BATCH_PATH (in_process | http), the gRPC settings of ``grpc_api.GrpcConfig`` and
 the limits of ``imaging.Limits``.
 """
@@ -85,13 +85,15 @@ IMAGES_B64 = Field(default_factory=list, description="base64-encoded images (JSO
 WORKERS = int(os.environ.get("PROTONMF_WORKERS", "1"))
 
 
-def default_ort_threads(workers: int = WORKERS) -> int:
-    """onnxruntime threads per worker when PROTONMF_ORT_THREADS is unset: this process's
-    CPUs shared out between the workers, so that workers × threads never oversubscribes
-    (onnxruntime alone would take every core in every worker). On 2 vCPUs, 2 workers × 1
-    thread served 1.23× the images/s of 1 worker × 2 threads, and 2 × 2 0.97× (A/B runs,
+def default_ort_threads(workers: int = WORKERS) -> int | None:
+    """onnxruntime threads per worker when PROTONMF_ORT_THREADS is unset. One worker:
+    onnxruntime's own choice (None). Several: this process's CPUs shared out between them,
+    since onnxruntime alone would take every core in every worker. On 2 vCPUs, 2 workers ×
+    1 thread served 1.23× the images/s of 1 worker × 2 threads, and 2 × 2 0.97× (A/B runs,
     benchmarks/bench_env_ab.py)."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, workers))
+    if workers <= 1:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // workers)
 
 
 @bentoml.service(
