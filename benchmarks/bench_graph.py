@@ -9,8 +9,9 @@ median over rounds; ratios are against a baseline measured in the same rounds.
 Part 1, per model (Fashion-MNIST default artifact, tf_efficientnet_lite0 with real
 weights, timm resnet34 with random weights), at batch 1 and batch 32:
 
-    fused-topk   the artifact's model.onnx (maps="topk", the default)
-    fused-all    the same prototypes exported with maps="all"
+    fused-topk       the artifact's model.onnx (scores="topk", maps="topk": the defaults)
+    fused-allscores  the same prototypes with scores="all" (every class's contributions)
+    fused-all        the same prototypes with scores="all", maps="all"
     black-box    the timm model itself exported to ONNX (logits only)   ← baseline
     eager        the timm model in PyTorch (eval, no_grad)
 
@@ -56,7 +57,14 @@ from converter.convert import ConvertConfig, convert  # noqa: E402
 from converter.export import export_module, export_onnx  # noqa: E402
 from converter.models import ModelSource, analyse_head, load_model  # noqa: E402
 from converter.protomodel import ProtoModel  # noqa: E402
-from protonmf.artifact import MODEL_FILE, Preprocessing, load_manifest, load_tensors, preprocess  # noqa: E402
+from protonmf.artifact import (  # noqa: E402
+    FORMAT_VERSION,
+    MODEL_FILE,
+    Preprocessing,
+    load_manifest,
+    load_tensors,
+    preprocess,
+)
 from protonmf.data import find_split, load_image_folder  # noqa: E402
 from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint  # noqa: E402
 from service.runtime import create_session  # noqa: E402
@@ -67,7 +75,8 @@ BATCHES = (1, 32)
 GRADCAM_BATCH = 8
 TOP_K = 5
 BASELINE = "black-box"
-VARIANTS = ("fused-topk", "fused-all", "black-box", "eager")
+VARIANTS = ("fused-topk", "fused-allscores", "fused-all", "black-box", "eager")
+FUSED = ("fused-topk", "fused-allscores", "fused-all")
 log = logging.getLogger("bench_graph")
 
 
@@ -130,9 +139,15 @@ def batch_of(pool: np.ndarray, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- artifacts
 
 
+def is_current(artifact: Path) -> bool:
+    """An artifact this code writes (an older format's graph would be timed as ours)."""
+    manifest = artifact / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
+
+
 def ensure_fashion(path: Path) -> Path:
     """The default Fashion-MNIST artifact; built with `protonmf convert` defaults if missing."""
-    if not (path / "manifest.json").is_file():
+    if not is_current(path):
         print(f"building {path} (protonmf convert defaults) …", flush=True)
         convert(
             ConvertConfig(
@@ -147,7 +162,7 @@ def ensure_fashion(path: Path) -> Path:
 
 def ensure_converted(out: Path, model: str, checkpoint: Path, data: Path) -> Path:
     """Convert ``model`` (+ checkpoint) on ``data`` into ``out`` unless already there."""
-    if not (out / "manifest.json").is_file():
+    if not is_current(out):
         print(f"converting {model} → {out} …", flush=True)
         t0 = time.perf_counter()
         convert(
@@ -184,8 +199,8 @@ def export_blackbox(model: torch.nn.Module, input_shape: tuple[int, int, int], p
     return export_module(model, input_shape, path, ["logits"])
 
 
-def export_all_maps(model, manifest: dict, tensors: dict, path: Path) -> Path:
-    """The artifact's prototypes on the same backbone, exported with maps="all"."""
+def export_variant(model, manifest: dict, tensors: dict, path: Path, maps: str) -> Path:
+    """The artifact's prototypes on the same backbone, exported with scores="all"."""
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     input_shape = (prep.channels, prep.height, prep.width)
     head = analyse_head(model, torch.randn(2, *input_shape))  # probe (2, c, h, w)
@@ -194,8 +209,9 @@ def export_all_maps(model, manifest: dict, tensors: dict, path: Path) -> Path:
         head,
         torch.from_numpy(tensors["prototypes"]),
         torch.from_numpy(tensors["coefficients"]),
-        maps="all",
+        maps=maps,
         k=manifest["graph"].get("k") or TOP_K,
+        scores="all",
     )
     return export_onnx(proto, input_shape, path)
 
@@ -232,12 +248,14 @@ def build_subject(name: str, artifact: Path, images: Path, work: Path,
     model = load_backbone(manifest)
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     input_shape = (prep.channels, prep.height, prep.width)
-    print(f"[{name}] black-box and all-maps graphs (exported unless in --workdir) …", flush=True)
+    print(f"[{name}] black-box and all-scores graphs (exported unless in --workdir) …", flush=True)
     tag = manifest["files"][MODEL_FILE][:12]  # a re-converted artifact gets fresh exports
     paths = {
         "fused-topk": artifact / MODEL_FILE,
+        "fused-allscores": _exported(work / f"{name}-{tag}-allscores.onnx",
+                                     lambda p: export_variant(model, manifest, tensors, p, "topk")),
         "fused-all": _exported(work / f"{name}-{tag}-all.onnx",
-                               lambda p: export_all_maps(model, manifest, tensors, p)),
+                               lambda p: export_variant(model, manifest, tensors, p, "all")),
         "black-box": _exported(work / f"{name}-{tag}-blackbox.onnx",
                                lambda p: export_blackbox(model, input_shape, p)),
     }  # fmt: skip
@@ -283,7 +301,7 @@ def on_device(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def variant_fns(subject: Subject, x: np.ndarray) -> dict[str, Callable[[], object]]:
-    fns = {v: ort_fn(subject.sessions[v], x) for v in ("fused-topk", "fused-all", "black-box")}
+    fns = {v: ort_fn(subject.sessions[v], x) for v in (*FUSED, "black-box")}
     fns["eager"] = eager_fn(subject.model, x)
     return {v: fns[v] for v in VARIANTS}
 
@@ -364,36 +382,43 @@ def _kernel_us(session) -> tuple[dict[str, float], dict[str, str]]:
     return per_node, ops
 
 
-def kernel_profile(paths: dict, x: np.ndarray, rounds: int) -> dict:
-    """The fused graph's structural cost over the black box, free of wall-clock noise.
+def kernel_profile(paths: dict, x: np.ndarray, rounds: int,
+                   fused: tuple[str, ...] = ("fused-topk", "fused-allscores")) -> dict:  # fmt: skip
+    """Each fused graph's structural cost over the black box, free of wall-clock noise.
 
-    Both graphs run interleaved with onnxruntime's profiler on one thread. Nodes present in
-    both (the backbone: same node names, same kernels) are shared; the head is what only
-    one graph has. overhead = (fused head − black-box head) / black-box total, i.e. the
-    latency ratio fused/black-box minus 1 if the shared nodes ran equally fast.
+    The graphs run interleaved with onnxruntime's profiler on one thread. Nodes a fused
+    graph shares with the black box (the backbone: same node names, same kernels) are
+    shared; the head is what only one graph has. overhead = (fused head − black-box head)
+    / black-box total, i.e. the latency ratio fused/black-box minus 1 if the shared nodes
+    ran equally fast. ``structural_ratio`` is the artifact's graph (fused-topk).
     """
-    sessions = {v: _profiled(paths[v]) for v in ("black-box", "fused-topk")}
+    variants = ("black-box", *fused)
+    sessions = {v: _profiled(paths[v]) for v in variants}
     for _ in range(rounds):
         for s in sessions.values():
             s.run(None, {s.get_inputs()[0].name: x})
-    (bb, bb_ops), (fu, fu_ops) = (_kernel_us(sessions[v]) for v in ("black-box", "fused-topk"))
-    shared = bb.keys() & fu.keys()
-    head = {"black-box": sum(v for k, v in bb.items() if k not in shared) / rounds,
-            "fused-topk": sum(v for k, v in fu.items() if k not in shared) / rounds}  # fmt: skip
-    by_op: dict[str, float] = {}
-    for k, v in fu.items():
-        if k not in shared:
-            by_op[fu_ops[k]] = by_op.get(fu_ops[k], 0.0) + v / rounds
+    profiles = {v: _kernel_us(sessions[v]) for v in variants}
+    bb, _ = profiles["black-box"]
     bb_total = sum(bb.values()) / rounds
-    return {
-        "rounds": rounds,
-        "black_box_total_us": bb_total,
-        "head_us": head,
-        "fused_head_by_op_us": dict(sorted(by_op.items(), key=lambda t: -t[1])),
-        "shared_nodes": len(shared),
-        "shared_fused_over_black_box": sum(fu[k] for k in shared) / sum(bb[k] for k in shared),
-        "structural_ratio": 1 + (head["fused-topk"] - head["black-box"]) / bb_total,
-    }
+    result = {"rounds": rounds, "black_box_total_us": bb_total, "variants": {}}
+    for v in fused:
+        fu, fu_ops = profiles[v]
+        shared = bb.keys() & fu.keys()
+        heads = {"black-box": sum(t for k, t in bb.items() if k not in shared) / rounds,
+                 v: sum(t for k, t in fu.items() if k not in shared) / rounds}  # fmt: skip
+        by_op: dict[str, float] = {}
+        for k, t in fu.items():
+            if k not in shared:
+                by_op[fu_ops[k]] = by_op.get(fu_ops[k], 0.0) + t / rounds
+        result["variants"][v] = {
+            "head_us": heads,
+            "head_by_op_us": dict(sorted(by_op.items(), key=lambda t: -t[1])),
+            "shared_nodes": len(shared),
+            "shared_over_black_box": sum(fu[k] for k in shared) / sum(bb[k] for k in shared),
+            "structural_ratio": 1 + (heads[v] - heads["black-box"]) / bb_total,
+        }
+    result["structural_ratio"] = result["variants"][fused[0]]["structural_ratio"]
+    return result
 
 
 # ----------------------------------------------------------------------------- part 2
@@ -551,18 +576,19 @@ def print_model_report(results: list[dict]) -> None:
                     f"target ≤ 1.03 {ok}"
                 )
                 kp = m.get("kernel_profile", {}).get(str(r["batch"]))
-                if kp:
-                    top = ", ".join(f"{op} {us:.0f}" for op, us in list(kp["fused_head_by_op_us"].items())[:3])
+                for v, kv in (kp or {}).get("variants", {}).items():
+                    top = ", ".join(f"{op} {us:.0f}" for op, us in list(kv["head_by_op_us"].items())[:3])
                     line += (
-                        f"; kernel profile: structural ratio {kp['structural_ratio']:.3f} (head "
-                        f"{kp['head_us']['fused-topk']:.0f} µs vs {kp['head_us']['black-box']:.0f} µs "
+                        f"\n  kernel profile {v}: structural ratio {kv['structural_ratio']:.3f} "
+                        f"(head {kv['head_us'][v]:.0f} µs vs {kv['head_us']['black-box']:.0f} µs "
                         f"of {kp['black_box_total_us']:.0f} µs; {top})"
                     )
                 print(line)
         b = m["output_bytes_per_image"]
         print(
             f"{m['model']} output bytes/image: topk {b['fused-topk']['total']:,} "
-            f"(maps {b['fused-topk']['maps']:,}), all {b['fused-all']['total']:,} "
+            f"(maps {b['fused-topk']['maps']:,}), all scores {b['fused-allscores']['total']:,}, "
+            f"all {b['fused-all']['total']:,} "
             f"(maps {b['fused-all']['maps']:,}), black-box {b['black-box']['total']:,}; "
             f"max rel |Δlogit| vs eager: "
             + ", ".join(f"{k} {v:.1e}" for k, v in m["max_rel_logit_diff_vs_eager"].items())

@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import inspect
 import io
+import json
 import os
 import re
 import signal
@@ -57,6 +58,7 @@ sys.path.insert(0, str(REPO))
 import _machine  # noqa: E402
 
 from protonmf.artifact import (  # noqa: E402
+    FORMAT_VERSION,
     MODEL_FILE,
     Preprocessing,
     load_manifest,
@@ -105,7 +107,8 @@ def ensure_artifact(args) -> Path:
     if args.artifact:
         return args.artifact.resolve()
     out = args.workdir / "lite0"
-    if (out / "manifest.json").is_file():
+    manifest = out / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text())["format_version"] == FORMAT_VERSION:
         print(f"reusing artifact {out}", flush=True)
         return out
     from converter.convert import ConvertConfig, convert
@@ -370,13 +373,13 @@ def tree_uss_mb(pid: int) -> float | None:
 
 
 @contextmanager
-def server(name: str, cmd: list[str], env: dict, log_path: Path):
+def server(name: str, cmd: list[str], env: dict, log_path: Path, cwd: Path = REPO):
     """A server subprocess in its own session on a free port; yields (url, pid)."""
     port = free_port()
     cmd = [*cmd, "--host", "127.0.0.1", "--port", str(port)]
     log = log_path.open("w")
     proc = subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -61,6 +61,7 @@ class ConvertConfig:
     device: str = "auto"
     batch_size: int = 64
     maps: str = "topk"
+    scores: str = "topk"
     k: int = 5
     progress: bool = True
 
@@ -212,7 +213,8 @@ def convert(cfg: ConvertConfig) -> Path:
             fold.coefficients[c] = 0.0
             fold.coefficients[c, 0] = 1.0
 
-    proto = ProtoModel(model, head, fold.prototypes, fold.coefficients, maps=cfg.maps, k=cfg.k)
+    proto = ProtoModel(model, head, fold.prototypes, fold.coefficients, maps=cfg.maps, k=cfg.k,
+                       scores=cfg.scores)  # fmt: skip
     proto = proto.eval().to(device)
     check_samples = (load_samples(heldout_dir, classes, cfg.max_per_class) if heldout_dir
                      else samples[:256])  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .protomodel import OUTPUTS, ProtoModel
+from .protomodel import ProtoModel
 
 __all__ = ["OPSET", "export_module", "export_onnx", "graph_spec"]
 
@@ -51,27 +51,34 @@ def export_module(module, input_shape: tuple[int, int, int], path: str | Path,
 
 
 def export_onnx(model: ProtoModel, input_shape: tuple[int, int, int], path: str | Path) -> Path:
-    """The prototype model → ONNX with the outputs of its maps mode (``OUTPUTS``)."""
-    return export_module(model, input_shape, path, OUTPUTS[model.maps])
+    """The prototype model → ONNX with the outputs of its (scores, maps) mode."""
+    return export_module(model, input_shape, path, model.output_names)
 
 
 def graph_spec(model: ProtoModel, input_shape, grid_hw) -> dict:
     """The graph's I/O as the manifest documents it ("N" is the symbolic batch)."""
-    C, p, _ = model.prototypes.shape
+    C, p, D = model.prototypes.shape
     H, W = grid_hw
+    k = model.k
     shapes = {
         "logits": ["N", C],
         "scores": ["N", C, p],
         "contributions": ["N", C, p],
         "bias": ["N", C],
-        "topk_classes": ["N", model.k],
-        "topk_maps": ["N", model.k, p, H, W],
+        "topk_classes": ["N", k],
+        "topk_scores": ["N", k, p],
+        "topk_contributions": ["N", k, p],
+        "topk_bias": ["N", k],
+        "pooled": ["N", D],
+        "topk_maps": ["N", k, p, H, W],
         "maps": ["N", C, p, H, W],
     }
+    names = model.output_names
     return {
         "opset": OPSET,
         "input": {"name": INPUT_NAME, "shape": ["N", *input_shape], "dtype": "float32"},
-        "outputs": {name: shapes[name] for name in OUTPUTS[model.maps]},
+        "outputs": {name: shapes[name] for name in names},
         "maps": model.maps,
-        "k": model.k if model.maps == "topk" else None,
+        "scores": model.scores,
+        "k": k if "topk_classes" in names else None,
     }

@@ -1,16 +1,24 @@
 """The prototype model in torch: the black box's backbone + the augmented prototypes.
 
 This module is what ``export`` turns into ``model.onnx``, and what the exactness tests
-run against the original timm model. For raw features F (N, D, H, W):
+run against the original timm model. For raw features F (N, D, H, W), f = mean_hw(F):
 
-    score_ci        = mean_hw(F) · b'_ci          (= mean_hw of the similarity map)
+    score_ci        = f · b'_ci                   (= mean_hw of the similarity map)
     contribution_ci = a_ci · score_ci  [/ σ for a LayerNorm head]
     logit_c         = Σ_i contribution_ci + bias_c
     map_ci(h, w)    = F(h, w) · b'_ci             (Eq. 9's similarity maps)
 
-Scores come from the pooled features (a (N, D)×(D, C·p) matmul) rather than from the
-maps: same numbers, and with ``maps="topk"`` only the k predicted classes' maps are
-computed at all, so explanations cost almost nothing over the plain model.
+Two ``scores`` modes, same numbers where both have them:
+
+- ``"topk"`` (default): logit_c = (Σ_i a_ci b'_ci) · f [/ σ] + bias_c — the same sum
+  regrouped, so all C logits cost one (D, C) matmul, the black box's own head size — and
+  scores/contributions for the k predicted classes only (k·p prototype rows gathered).
+  The pooled features f are an output: the service computes any other class's
+  contribution from them (an intervention on a class outside the top-k).
+- ``"all"``: scores and contributions of every class, a (D, C·p) matmul (p× the head's
+  weights read per image: ~8% over the black box at batch 1 for a 1,000-class model).
+
+Maps: ``"topk"`` (the k predicted classes), ``"all"`` (every class) or ``"none"``.
 """
 
 from __future__ import annotations
@@ -21,31 +29,45 @@ from torch import nn
 
 from .models import HeadSpec, features_nhwc
 
-__all__ = ["OUTPUTS", "ProtoModel"]
+__all__ = ["MAPS", "SCORES", "ProtoModel", "output_names"]
 
-# Output names, in order, for each maps mode (the manifest documents their shapes).
-OUTPUTS = {
-    "topk": ["logits", "scores", "contributions", "bias", "topk_classes", "topk_maps"],
-    "all": ["logits", "scores", "contributions", "bias", "maps"],
-    "none": ["logits", "scores", "contributions", "bias"],
-}
+MAPS = ("topk", "all", "none")
+SCORES = ("topk", "all")
+
+
+def output_names(scores: str = "topk", maps: str = "topk") -> list[str]:
+    """The graph's outputs, in order, for a (scores, maps) mode (the manifest documents shapes)."""
+    if scores == "all":
+        names = ["logits", "scores", "contributions", "bias"]
+    else:
+        names = ["logits", "topk_classes", "topk_scores", "topk_contributions", "topk_bias",
+                 "pooled"]  # fmt: skip
+    if maps == "all":
+        names.append("maps")
+    elif maps == "topk":
+        names += [n for n in ("topk_classes", "topk_maps") if n not in names]
+    return names
 
 
 class ProtoModel(nn.Module):
-    """Backbone + prototype head. Outputs are listed in ``OUTPUTS[maps]``.
+    """Backbone + prototype head. Outputs are ``output_names(scores, maps)``.
 
     prototypes (C, p, D), coefficients (C, p), bias (C,): float32 buffers, stored once;
     the (C·p, D) view is derived in ``forward`` so ONNX export keeps a single copy.
     """
 
-    def __init__(self, backbone, head: HeadSpec, prototypes, coefficients, maps="topk", k=5):
+    def __init__(self, backbone, head: HeadSpec, prototypes, coefficients, maps="topk", k=5,
+                 scores="topk"):  # fmt: skip
         super().__init__()
-        if maps not in OUTPUTS:
-            raise ValueError(f"maps must be one of {sorted(OUTPUTS)}, got {maps!r}")
+        if maps not in MAPS:
+            raise ValueError(f"maps must be one of {list(MAPS)}, got {maps!r}")
+        if scores not in SCORES:
+            raise ValueError(f"scores must be one of {list(SCORES)}, got {scores!r}")
         C, p, D = prototypes.shape
         self.backbone = backbone
         self.layout = head.layout
         self.maps = maps
+        self.scores = scores
         self.k = min(k, C)
         self.register_buffer("prototypes", torch.as_tensor(prototypes, dtype=torch.float32))
         self.register_buffer("coefficients", torch.as_tensor(coefficients, dtype=torch.float32))
@@ -57,6 +79,10 @@ class ProtoModel(nn.Module):
         else:
             self.center = None
 
+    @property
+    def output_names(self) -> list[str]:
+        return output_names(self.scores, self.maps)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H_in, W_in) → raw features (N, D, H, W), before any pooling.
 
@@ -67,30 +93,67 @@ class ProtoModel(nn.Module):
             return feats
         return features_nhwc(self.backbone, feats, self.layout).permute(0, 3, 1, 2)
 
+    def _norm(self, pooled: torch.Tensor):
+        """LayerNorm heads: (1/σ (N, 1), bias (N, C)); plain heads: (None, bias (C,))."""
+        if self.center is None:
+            return None, self.head_bias
+        mu = pooled.mean(1, keepdim=True)  # (N, 1)
+        inv_sigma = torch.rsqrt(((pooled - mu) ** 2).mean(1, keepdim=True) + self.norm_eps)
+        return inv_sigma, self.head_bias - mu * inv_sigma * self.center
+
     def forward(self, x: torch.Tensor):
         grid = self.features(x)  # (N, D, H, W)
+        pooled = grid.mean((2, 3))  # (N, D)
+        if self.scores == "all":
+            out, top, protos = self._all_scores(pooled), None, None
+        else:
+            out, top, protos = self._topk_scores(pooled)
+        return tuple(out + self._maps(grid, out[0], top, protos))
+
+    def _all_scores(self, pooled):
+        n = pooled.shape[0]
+        C, p, D = self.prototypes.shape
+        scores = (pooled @ self.prototypes.reshape(C * p, D).t()).reshape(n, C, p)  # (N, C, p)
+        contributions = scores * self.coefficients  # (N, C, p)
+        inv_sigma, bias = self._norm(pooled)
+        if inv_sigma is not None:
+            contributions = contributions * inv_sigma.unsqueeze(-1)
+        logits = contributions.sum(-1) + bias  # (N, C)
+        return [logits, scores, contributions, bias.expand(n, C)]
+
+    def _topk_scores(self, pooled):
+        n = pooled.shape[0]
+        _, p, D = self.prototypes.shape
+        # Σ_i a_ci b'_ci: (C, D), the prototype model's logits regrouped (constant-folded)
+        weights = (self.coefficients.unsqueeze(-1) * self.prototypes).sum(1)
+        inv_sigma, bias = self._norm(pooled)
+        raw = pooled @ weights.t()  # (N, C)
+        logits = (raw if inv_sigma is None else raw * inv_sigma) + bias
+        top = logits.topk(self.k, dim=1).indices  # (N, k)
+        protos = self.prototypes[top].reshape(n, self.k * p, D)  # (N, k·p, D)
+        scores = (protos @ pooled.unsqueeze(-1)).reshape(n, self.k, p)  # (N, k, p)
+        contributions = scores * self.coefficients[top]  # (N, k, p)
+        if inv_sigma is None:
+            top_bias = bias[top]  # (N, k)
+        else:
+            contributions = contributions * inv_sigma.unsqueeze(-1)
+            top_bias = bias.gather(1, top)
+        return [logits, top, scores, contributions, top_bias, pooled], top, protos
+
+    def _maps(self, grid, logits, top=None, protos=None) -> list:
+        """The maps outputs; ``top``/``protos``: the top-k classes and their gathered
+        prototypes (N, k·p, D) when the scores already computed them."""
         n, _, H, W = grid.shape
         C, p, D = self.prototypes.shape
-        flat = self.prototypes.reshape(C * p, D)  # (C·p, D)
-        pooled = grid.mean((2, 3))  # (N, D)
-        scores = (pooled @ flat.t()).reshape(n, C, p)  # (N, C, p)
-        contributions = scores * self.coefficients  # (N, C, p)
-        if self.center is None:
-            bias = self.head_bias.expand(n, C)
-        else:
-            mu = pooled.mean(1, keepdim=True)  # (N, 1)
-            inv_sigma = torch.rsqrt(((pooled - mu) ** 2).mean(1, keepdim=True) + self.norm_eps)
-            contributions = contributions * inv_sigma.unsqueeze(-1)
-            bias = self.head_bias - mu * inv_sigma * self.center  # (N, C)
-        logits = contributions.sum(-1) + bias  # (N, C)
-        out = [logits, scores, contributions, bias]
         if self.maps == "all":
-            sim = F.conv2d(grid, flat[:, :, None, None])  # (N, C·p, H, W)
-            out.append(sim.reshape(n, C, p, *sim.shape[2:]))
-        elif self.maps == "topk":
+            sim = F.conv2d(grid, self.prototypes.reshape(C * p, D)[:, :, None, None])
+            return [sim.reshape(n, C, p, H, W)]  # (N, C, p, H, W)
+        if self.maps == "none":
+            return []
+        new_top = top is None
+        if new_top:
             top = logits.topk(self.k, dim=1).indices  # (N, k)
             protos = self.prototypes[top].reshape(n, self.k * p, D)  # (N, k·p, D)
-            # one batched MatMul on the flattened grid (an Einsum costs transposes in ORT)
-            maps = (protos @ grid.flatten(2)).reshape(n, self.k, p, H, W)  # (N, k, p, H, W)
-            out += [top, maps]
-        return tuple(out)
+        # one batched MatMul on the flattened grid (an Einsum costs transposes in ORT)
+        maps = (protos @ grid.flatten(2)).reshape(n, self.k, p, H, W)  # (N, k, p, H, W)
+        return [top, maps] if new_top else [maps]

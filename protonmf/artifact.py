@@ -8,7 +8,9 @@ An artifact is a directory::
     prototypes.safetensors   augmented prototypes, NMF prototypes, coefficients, bias, residuals
 
 This module needs numpy, safetensors and Pillow only: never torch. Both halves import it,
-so a change of layout is a change of ``FORMAT_VERSION``.
+so a change of layout is a change of ``FORMAT_VERSION``. Version 2 added the graph's
+``scores`` mode (``"topk"``: scores for the predicted classes + pooled features); version 1
+artifacts (all-class scores, no ``graph.scores``) are still read, as ``scores="all"``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ __all__ = [
     "write_artifact",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 TENSORS_FILE = "prototypes.safetensors"
@@ -209,11 +212,14 @@ def load_manifest(artifact_dir: str | os.PathLike, verify_checksums: bool = True
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path} is not valid JSON: {e}") from e
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ArtifactError(
             f"{artifact_dir}: artifact format version {version!r}, this protonmf reads "
-            f"version {FORMAT_VERSION}; re-run `protonmf convert` with this version"
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}; re-run `protonmf convert` "
+            "with this version"
         )
+    if isinstance(manifest.get("graph"), dict):  # version 1 graphs: all-class scores
+        manifest["graph"].setdefault("scores", "all")
     files = manifest.get("files", {})
     if TENSORS_FILE not in files:
         raise ArtifactError(f"{path} lists no {TENSORS_FILE}")

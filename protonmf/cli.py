@@ -52,7 +52,11 @@ def _add_convert(sub):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--maps", choices=["topk", "all", "none"], default="topk",
                    help="similarity maps in the graph: top-k classes only (default), all, none")
-    p.add_argument("-k", "--topk", dest="k", type=int, default=5, help="k for --maps topk")
+    p.add_argument("--scores", choices=["topk", "all"], default="topk",
+                   help="per-prototype scores/contributions in the graph: for the top-k classes "
+                        "+ pooled features (default; any class stays computable) or all classes")
+    p.add_argument("-k", "--topk", dest="k", type=int, default=5,
+                   help="k for the top-k maps and scores")
     p.add_argument("--out", default=str(DEFAULT_ARTIFACT), help="artifact directory to write")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -65,7 +69,7 @@ def _cmd_convert(args) -> int:
         model_kwargs=args.model_kwargs, heldout=args.heldout, max_per_class=args.max_per_class,
         p=args.p, solver=args.solver, init=args.init, tol=args.tol, max_iter=args.max_iter,
         seed=args.seed, nonneg=args.nonneg, min_sum_ratio=args.min_sum_ratio,
-        device=args.device, batch_size=args.batch_size, maps=args.maps, k=args.k,
+        device=args.device, batch_size=args.batch_size, maps=args.maps, k=args.k, scores=args.scores,
         progress=not args.quiet,
     )  # fmt: skip
     out = convert(cfg)

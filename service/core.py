@@ -60,7 +60,10 @@ class Core:
         self.p: int = m["p"]
         self.grid = tuple(m["feature_grid"])
         self.graph_k: int = m["graph"].get("k") or 0
+        self.scores_mode: str = m["graph"].get("scores", "all")
         self.coefficients = explainer.tensors["coefficients"]
+        head = m.get("head", {})
+        self._norm_eps = head.get("norm_eps", 0.0) if head.get("kind") == "avg_norm_linear" else None
         self._index = {name: i for i, name in enumerate(self.classes)}
         self._gap_max = 0.0
         self._shapes = {name: [d for d in shape[1:]] for name, shape in m["graph"]["outputs"].items()}
@@ -186,17 +189,41 @@ class Core:
             pairs.append((c, iv.prototype))
         return pairs
 
+    def terms(self, out: dict, c: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Class ``c``'s per-prototype scores and contributions (p,) and its bias, one image.
+
+        From the graph's outputs; with ``scores="topk"`` a class outside the graph's top-k
+        (an intervention elsewhere, a tie broken the other way) is computed here from the
+        pooled features, with the graph's formula (protomodel.py) in float64."""
+        if self.scores_mode == "all":
+            return out["scores"][c], out["contributions"][c], float(out["bias"][c])
+        ranks = np.flatnonzero(out["topk_classes"] == c)
+        if ranks.size:
+            r = ranks[0]
+            return out["topk_scores"][r], out["topk_contributions"][r], float(out["topk_bias"][r])
+        tensors = self.explainer.tensors
+        pooled = out["pooled"].astype(np.float64)  # (D,)
+        scores = tensors["prototypes"][c].astype(np.float64) @ pooled  # (p,)
+        contributions = scores * self.coefficients[c]
+        bias = float(tensors["bias"][c])
+        if self._norm_eps is not None:  # LayerNorm head: contributions / σ, bias − μ/σ · Σ_d V_cd
+            mu = pooled.mean()
+            inv_sigma = 1.0 / np.sqrt(((pooled - mu) ** 2).mean() + self._norm_eps)
+            contributions = contributions * inv_sigma
+            bias -= mu * inv_sigma * float(tensors["class_vectors"][c].sum(dtype=np.float64))
+        return scores, contributions, bias
+
     def _class_entry(self, out, c, probs, rank, options):
         logit = float(out["logits"][c])
-        contributions = out["contributions"][c]
+        scores, contributions, bias = self.terms(out, c)
         entry = {
             "class": self.classes[c],
             "index": int(c),
             "description": self.descriptions[c] if self.descriptions else None,
             "logit": logit,
             "probability": float(probs[c]),
-            "bias": float(out["bias"][c]),
-            "exactness_gap": float(logit - contributions.sum() - out["bias"][c]),
+            "bias": bias,
+            "exactness_gap": float(logit - contributions.sum() - bias),
             "prototypes": [],
         }
         maps = self._heatmaps(out["topk_maps"][rank], options.box_percentile) if options.heatmaps else None
@@ -204,7 +231,7 @@ class Core:
             proto = {
                 "prototype": i,
                 "coefficient": float(self.coefficients[c, i]),
-                "score": float(out["scores"][c, i]),
+                "score": float(scores[i]),
                 "contribution": float(contributions[i]),
                 "share_of_logit": float(contributions[i] / logit) if abs(logit) > 1e-12 else None,
             }
@@ -276,7 +303,7 @@ class Core:
         pairs = self.resolve(options.interventions)
         logits = out["logits"].astype(np.float64).copy()
         for c, i in set(pairs):
-            logits[c] -= out["contributions"][c, i]
+            logits[c] -= self.terms(out, c)[1][i]
         METRICS.interventions.inc(len(set(pairs)))
         probs = _softmax(logits)
         top = self.top_classes(logits, options.top_k)
@@ -293,14 +320,15 @@ class Core:
 
     def _record(self, out: dict, top1: int) -> None:
         METRICS.predictions.labels(class_name=class_label(top1, self.classes)).inc()
-        best = int(np.argmax(out["contributions"][top1]))
+        best = int(np.argmax(self.terms(out, top1)[1]))
         METRICS.prototype_usage.labels(prototype=str(best)).inc()
 
     def overlay(self, crop: np.ndarray, out: dict, rank: int = 0) -> bytes:
         """PNG: the top-``rank`` class's prototype maps over the model's input crop."""
         with stage("overlay"):
             c = int(out["topk_classes"][rank])
-            labels = [f"prototype {i}: contribution {out['contributions'][c, i]:+.3f} "
+            contributions = self.terms(out, c)[1]
+            labels = [f"prototype {i}: contribution {contributions[i]:+.3f} "
                       f"(a={self.coefficients[c, i]:+.3f})" for i in range(self.p)]  # fmt: skip
             title = f"{self.classes[c]}  logit {out['logits'][c]:.3f}"
             return render_overlay(crop, out["topk_maps"][rank], labels, title)
@@ -319,6 +347,7 @@ class Core:
             ],  # fmt: skip
             "feature_grid": list(self.grid),
             "heatmap_classes": self.graph_k,
+            "scores": self.scores_mode,
             "preprocessing": m["preprocessing"],
             "backbone": m["backbone"].get("architecture"),
             "artifact": {

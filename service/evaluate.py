@@ -11,7 +11,19 @@ from protonmf.data import load_samples
 
 from .runtime import Explainer
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "explanation_residual"]
+
+
+def explanation_residual(out: dict) -> np.ndarray:
+    """Per image: max over the classes the graph explains of |logit − (Σ contributions +
+    bias)|, over max |logit| (all classes, or the top-k with ``scores="topk"``)."""
+    if "contributions" in out:
+        logits, contributions, bias = out["logits"], out["contributions"], out["bias"]
+    else:
+        logits = np.take_along_axis(out["logits"], out["topk_classes"], 1)  # (N, k)
+        contributions, bias = out["topk_contributions"], out["topk_bias"]
+    gap = np.abs(logits - contributions.sum(-1) - bias).max(1)
+    return gap / np.maximum(np.abs(out["logits"]).max(1), 1e-12)
 
 
 def evaluate(artifact, data=None, device="cpu", batch_size=32, progress=True) -> dict:
@@ -32,8 +44,7 @@ def evaluate(artifact, data=None, device="cpu", batch_size=32, progress=True) ->
         batch = explainer.preprocess([s.open() for s in samples[i : i + batch_size]])
         out = explainer.run(batch)
         logits.append(out["logits"])
-        gap = np.abs(out["logits"] - out["contributions"].sum(-1) - out["bias"]).max(1)
-        residual.append(gap / np.maximum(np.abs(out["logits"]).max(1), 1e-12))
+        residual.append(explanation_residual(out))
     logits = np.concatenate(logits)
     top5 = np.argsort(-logits, axis=1)[:, :5]
     per_class = {}

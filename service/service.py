@@ -23,6 +23,7 @@ import asyncio
 import base64
 import binascii
 import functools
+import gc
 import inspect
 import io
 import logging
@@ -33,10 +34,13 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
+import orjson
 from bentoml.exceptions import BentoMLException
 from PIL import Image
 from pydantic import Field
+from starlette.responses import Response
 
+from . import bentoml_fixes
 from .core import Core, ExplainOptions
 from .errors import InvalidInput, Overloaded, ServiceError
 from .grpc_api import GrpcConfig, GrpcServer
@@ -50,6 +54,15 @@ MAX_LATENCY_MS = int(os.environ.get("PROTONMF_MAX_LATENCY_MS", "10000"))
 # request holds two slots (its own and its call to ``infer``).
 MAX_CONCURRENCY = int(os.environ.get("PROTONMF_MAX_CONCURRENCY", "256"))
 log = logging.getLogger("protonmf.service")
+bentoml_fixes.apply()
+
+
+def _json(body: dict) -> Response:
+    """A JSON response encoded once by orjson. Returning a dict made BentoML rebuild the
+    output schema, run pydantic's model_dump twice and json.dumps per response: ~2 ms of
+    the event loop per /explain image (profiled, 2 vCPUs). NaN/Inf become null, as before."""
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+                    media_type="application/json")  # fmt: skip
 
 
 def _error_class(status: int) -> type[BentoMLException]:
@@ -123,6 +136,9 @@ class ProtoNMFService:
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="protonmf-decode")
         # Warm-up before /readyz: allocation and planning (and, on CUDA, every batch size).
         self.core.warm_up(MAX_BATCH_SIZE)
+        # Everything alive now (modules, the artifact, BentoML's app) lives as long as the
+        # worker: out of the collector's sight, full collections only walk per-request garbage.
+        gc.freeze()
         self.ready = True
 
     def __is_ready__(self) -> bool:
@@ -288,7 +304,7 @@ class ProtoNMFService:
         blobs = await self._read(images, images_base64)
         self.core.check_request(len(blobs), ExplainOptions(top_k=top_k, heatmaps=False))
         _, outs = await self.run(blobs)
-        return {"predictions": [self.core.classification(o, top_k) for o in outs]}
+        return _json({"predictions": [self.core.classification(o, top_k) for o in outs]})
 
     @bentoml.api
     @_maps_errors
@@ -315,8 +331,8 @@ class ProtoNMFService:
         )  # fmt: skip
         self.core.check_request(len(blobs), options)
         _, outs = await self.run(blobs)
-        return {"explanations": [self.core.explanation(o, options) for o in outs],
-                "provider": self.core.explainer.provider}  # fmt: skip
+        return _json({"explanations": [self.core.explanation(o, options) for o in outs],
+                      "provider": self.core.explainer.provider})  # fmt: skip
 
     @bentoml.api
     @_maps_errors

@@ -17,7 +17,7 @@ from protonmf.sample_data import lite0_checkpoint
 pytestmark = pytest.mark.slow
 
 
-def proto_model_from_artifact(artifact, maps="none"):
+def proto_model_from_artifact(artifact, maps="none", scores="topk"):
     """Rebuild the prototype model from the artifact's saved tensors + the original model."""
     m = manifest_of(artifact)
     b = m["backbone"]
@@ -25,7 +25,8 @@ def proto_model_from_artifact(artifact, maps="none"):
     prep = Preprocessing.from_dict(m["preprocessing"])
     head = analyse_head(model, torch.randn(2, prep.channels, prep.height, prep.width))
     t = load_tensors(artifact, m)
-    proto = ProtoModel(model, head, t["prototypes"], t["coefficients"], maps=maps).eval()
+    proto = ProtoModel(model, head, t["prototypes"], t["coefficients"], maps=maps,
+                       scores=scores).eval()  # fmt: skip
     return model, proto, prep, m
 
 
@@ -173,12 +174,38 @@ def test_supported_heads_convert_exactly(name, kwargs, kind, tmp_path, imagenet_
     save_file(model.state_dict(), ckpt)
     out = convert(ConvertConfig(model=name, checkpoint=str(ckpt), model_kwargs=kwargs,
                                 data=str(imagenet_photos), out=str(tmp_path / "a"), p=2,
-                                maps="none", progress=False))  # fmt: skip
+                                k=3, progress=False))  # fmt: skip
     m = manifest_of(out)
     assert m["head"]["kind"] == kind
     report = torch_parity(out, imagenet_photos)
     assert report["top1_agreement"] == 1.0
     assert report["max_rel_logit_diff"] <= 1e-5
+    outside_topk_terms_match_torch(out, next(imagenet_photos.glob("*/*.jpg")).read_bytes())
+
+
+def outside_topk_terms_match_torch(artifact, image: bytes):
+    """The service's terms of a class outside the graph's top-k (computed from the pooled
+    features, LayerNorm heads included) == the all-scores prototype model in torch."""
+    from protonmf.artifact import normalize
+    from service.core import Core
+
+    core = Core.load(artifact)
+    crop = core.prepare(image)
+    (out,) = core.run_images([image])
+    _, proto, _, _ = proto_model_from_artifact(artifact, scores="all")
+    with torch.no_grad():
+        logits, scores, contributions, bias = (
+            t[0].double().numpy() for t in proto(torch.from_numpy(normalize(crop[None], core.spec)))
+        )
+    outside = [c for c in range(len(core.classes)) if c not in out["topk_classes"]]
+    assert outside and out["topk_classes"].shape == (core.graph_k,)
+    scale = np.abs(logits).max()
+    for c in (outside[0], outside[-1]):
+        s, contrib, b = core.terms(out, c)
+        np.testing.assert_allclose(s, scores[c], rtol=1e-4, atol=1e-5 * scale)
+        np.testing.assert_allclose(contrib, contributions[c], rtol=1e-4, atol=1e-5 * scale)
+        assert abs(b - bias[c]) <= 1e-5 * scale
+        assert abs(out["logits"][c] - contrib.sum() - b) <= 1e-5 * scale
 
 
 def test_checkpoint_that_does_not_fit_is_refused(tmp_path):

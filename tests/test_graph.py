@@ -12,6 +12,7 @@ from test_convert import proto_model_from_artifact
 from converter.export import export_onnx
 from protonmf.artifact import ArtifactError
 from protonmf.data import load_image_folder
+from service.evaluate import explanation_residual
 from service.runtime import Explainer, ProviderError, create_session
 
 pytestmark = pytest.mark.slow
@@ -56,11 +57,15 @@ def fashion_batch(fashion_artifact):
 def test_contributions_add_up_to_logits(fashion_batch):
     ex, x = fashion_batch
     out = ex.run(x)
-    total = out["contributions"].sum(-1) + out["bias"]
+    top = out["topk_classes"]  # scores="topk" (the default): the k predicted classes
+    logits = np.take_along_axis(out["logits"], top, 1)
+    total = out["topk_contributions"].sum(-1) + out["topk_bias"]
     scale = np.abs(out["logits"]).max(1, keepdims=True)
-    assert (np.abs(total - out["logits"]) / scale).max() <= 1e-5
-    np.testing.assert_allclose(out["contributions"], out["scores"] * ex.tensors["coefficients"],
+    assert (np.abs(total - logits) / scale).max() <= 1e-5
+    np.testing.assert_allclose(out["topk_contributions"],
+                               out["topk_scores"] * ex.tensors["coefficients"][top],
                                rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert explanation_residual(out).max() <= 1e-5
 
 
 @pytest.mark.parametrize("n", [1, 3, 32])
@@ -68,29 +73,47 @@ def test_dynamic_batch(fashion_batch, n):
     ex, x = fashion_batch
     out = ex.run(x[:n])
     m = ex.manifest
-    C, p, (H, W), k = len(m["classes"]), m["p"], m["feature_grid"], m["graph"]["k"]
+    C, p, D = len(m["classes"]), m["p"], m["feature_dim"]
+    (H, W), k = m["feature_grid"], m["graph"]["k"]
     assert out["logits"].shape == (n, C)
-    assert out["scores"].shape == out["contributions"].shape == (n, C, p)
-    assert out["topk_classes"].shape == (n, k)
+    assert out["topk_scores"].shape == out["topk_contributions"].shape == (n, k, p)
+    assert out["topk_classes"].shape == out["topk_bias"].shape == (n, k)
+    assert out["pooled"].shape == (n, D)
     assert out["topk_maps"].shape == (n, k, p, H, W)
     # per-image results do not depend on the batch they came in
     np.testing.assert_allclose(out["logits"], ex.run(x)["logits"][:n], rtol=1e-5, atol=1e-5)
 
 
-def test_topk_maps_are_slices_of_all_maps(fashion_artifact, fashion_batch, tmp_path):
-    ex, x = fashion_batch
-    _, proto, prep, _ = proto_model_from_artifact(fashion_artifact, maps="all")
-    path = export_onnx(proto, (prep.channels, prep.height, prep.width), tmp_path / "all.onnx")
+@pytest.fixture(scope="module")
+def all_outputs(fashion_artifact, fashion_batch, tmp_path_factory):
+    """The same prototypes exported with scores="all", maps="all": every output, every class."""
+    _, x = fashion_batch
+    _, proto, prep, _ = proto_model_from_artifact(fashion_artifact, maps="all", scores="all")
+    path = tmp_path_factory.mktemp("all") / "all.onnx"
+    export_onnx(proto, (prep.channels, prep.height, prep.width), path)
     session, _ = create_session(path)
-    logits_all, *_, maps = session.run(None, {"image": x})
-    out = ex.run(x)
-    np.testing.assert_allclose(logits_all, out["logits"], rtol=1e-5, atol=1e-5)
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["logits", "scores", "contributions", "bias", "maps"]
+    return dict(zip(names, session.run(None, {"image": x}), strict=True))
+
+
+def test_topk_outputs_are_slices_of_all_outputs(fashion_batch, all_outputs):
+    ex, x = fashion_batch
+    out, full = ex.run(x), all_outputs
+    np.testing.assert_allclose(full["logits"], out["logits"], rtol=1e-5, atol=1e-5)
     top = out["topk_classes"]
     np.testing.assert_array_equal(top, np.argsort(-out["logits"], 1)[:, : top.shape[1]])
+    pick = top[:, :, None]  # (N, k, 1)
+    for name in ("scores", "contributions"):
+        want = np.take_along_axis(full[name], pick, axis=1)
+        np.testing.assert_allclose(out[f"topk_{name}"], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["topk_bias"], np.take_along_axis(full["bias"], top, 1))
+    maps = full["maps"]
     want = np.take_along_axis(maps, top[:, :, None, None, None], axis=1)
     np.testing.assert_allclose(out["topk_maps"], want, rtol=1e-4, atol=1e-4)
     # scores are the maps' spatial means (Eq. 9 maps, mean-pooled)
-    np.testing.assert_allclose(maps.mean((3, 4)), out["scores"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(maps.mean((3, 4)), full["scores"], rtol=1e-4, atol=1e-4)
+    assert explanation_residual(full).max() <= 1e-5
 
 
 def op_counts(path):
@@ -104,10 +127,12 @@ def test_graph_structure(fashion_artifact, lite0_artifact):
         ops = op_counts(artifact / "model.onnx")
         assert ops["TopK"] == 1  # top-k classes picked in-graph
         assert ops["GatherND"] + ops["Gather"] >= 1  # their prototypes gathered for the maps
-        # two MatMuls: scores on pooled features, maps for the k gathered classes only
-        assert ops["MatMul"] == 2 and ops["Einsum"] == 0
-        # the prototype head: one (D, C·p) matmul on pooled features; no C·p-filter conv
+        # three MatMuls: logits (pooled · Σ_i a_i b'_i, the head's size), scores and maps of
+        # the k gathered classes only
+        assert ops["MatMul"] == 3 and ops["Einsum"] == 0
+        # no C·p-filter conv, and no (D, C·p) matmul: all-class scores are not computed
         C, p, D = len(m["classes"]), m["p"], m["feature_dim"]
+        assert m["graph"]["scores"] == "topk" and m["format_version"] == 2
         inits = {i.name: tuple(i.dims) for i in g.graph.initializer}
         convs = [n for n in g.graph.node if n.op_type == "Conv"]
         assert all(inits.get(n.input[1], (0,))[0] != C * p for n in convs)
@@ -120,7 +145,7 @@ def test_graph_structure(fashion_artifact, lite0_artifact):
 
 
 def test_all_maps_graph_uses_one_conv_for_prototypes(fashion_artifact, tmp_path):
-    _, proto, prep, m = proto_model_from_artifact(fashion_artifact, maps="all")
+    _, proto, prep, m = proto_model_from_artifact(fashion_artifact, maps="all", scores="all")
     path = export_onnx(proto, (prep.channels, prep.height, prep.width), tmp_path / "all.onnx")
     g = onnx.load(str(path))
     C, p = len(m["classes"]), m["p"]
@@ -164,7 +189,7 @@ def test_cuda_provider_parity(fashion_artifact, fashion_batch):
     got, want = ex_gpu.run(x), ex_cpu.run(x)
     scale = np.abs(want["logits"]).max()
     assert np.abs(got["logits"] - want["logits"]).max() <= 1e-5 * scale
-    assert np.abs(got["logits"] - got["contributions"].sum(-1) - got["bias"]).max() <= 1e-5 * scale
+    assert explanation_residual(got).max() <= 1e-5
     np.testing.assert_array_equal(got["topk_classes"], want["topk_classes"])
     maps = want["topk_maps"]
     assert np.abs(got["topk_maps"] - maps).max() <= 1e-5 * np.abs(maps).max()
@@ -213,8 +238,7 @@ def test_int8_and_fp16_variants(fashion_artifact, tmp_path):
     ex = Explainer.load(art, variant="int8")
     samples = load_image_folder(FASHION_DATA / "test", ex.classes)[:8]
     out = ex.run(ex.preprocess([s.open() for s in samples]))
-    gap = np.abs(out["logits"] - out["contributions"].sum(-1) - out["bias"]).max()
-    assert gap <= 1e-4 * np.abs(out["logits"]).max()  # the fp32 head still adds up
+    assert explanation_residual(out).max() <= 1e-4  # the fp32 head still adds up
     ops = op_counts(art / "model.int8.onnx")
     assert ops["QuantizeLinear"] >= 1 and ops["DequantizeLinear"] >= 1
     with pytest.raises(ArtifactError, match="has no 'bf16' graph"):

@@ -66,10 +66,12 @@ def test_explanation_adds_up_and_names_classes(core, bag_png):
 def test_intervention_equals_recomputed_logits(core, bag_png):
     (out,) = core.run_images([bag_png])
     top = int(np.argmax(out["logits"]))
-    best = int(np.argmax(out["contributions"][top]))
+    assert top == out["topk_classes"][0]
+    contributions = out["topk_contributions"][0]  # the graph's own, rank 0
+    best = int(np.argmax(contributions))
     opts = ExplainOptions(top_k=3, interventions=(Intervention(core.classes[top], best),))
     iv = core.explanation(out, opts)["intervention"]
-    want = out["logits"][top] - out["contributions"][top, best]
+    want = out["logits"][top] - contributions[best]
     assert iv["logits"][core.classes[top]] == pytest.approx(float(want), rel=1e-6)
     logits = out["logits"].astype(np.float64).copy()
     logits[top] = want
@@ -82,12 +84,62 @@ def test_exactness_metric_keeps_the_largest_gap(core, bag_png):
     from service.metrics import METRICS
 
     out = core.run_images([bag_png])[0]
-    broken = dict(out, bias=out["bias"] + 1.0)  # logit ≠ Σ contributions + bias
+    broken = dict(out, topk_bias=out["topk_bias"] + 1.0)  # logit ≠ Σ contributions + bias
     assert core.explanation(broken, ExplainOptions(heatmaps=False))["exactness"] > 1e-3
     breach = METRICS.exactness_gap._value.get()
     assert breach > 1e-3
     core.explanation(out, ExplainOptions(heatmaps=False))  # a good one after the breach
     assert METRICS.exactness_gap._value.get() == breach
+
+
+def scores_all_v1_copy(artifact, dst):
+    """The artifact as format version 1 wrote it: all-class scores, no ``graph.scores``."""
+    import json
+    import shutil
+
+    from test_convert import proto_model_from_artifact
+
+    from converter.export import export_onnx, graph_spec
+    from protonmf.artifact import sha256_file
+
+    shutil.copytree(artifact, dst)
+    _, proto, prep, m = proto_model_from_artifact(artifact, maps="topk", scores="all")
+    export_onnx(proto, (prep.channels, prep.height, prep.width), dst / "model.onnx")
+    m["graph"] = graph_spec(proto, (prep.channels, prep.height, prep.width), m["feature_grid"])
+    del m["graph"]["scores"]
+    m["format_version"] = 1
+    m["files"]["model.onnx"] = sha256_file(dst / "model.onnx")
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_version1_all_scores_artifact_explains_the_same(core, fashion_artifact, bag_png, tmp_path):
+    """Both scores modes give the same explanation and interventions, in the top-k and
+    outside it (computed from the pooled features in the default mode)."""
+    old = Core.load(scores_all_v1_copy(fashion_artifact, tmp_path / "v1"))
+    assert old.scores_mode == "all" and core.scores_mode == "topk"
+    (new_out,) = core.run_images([bag_png])
+    (old_out,) = old.run_images([bag_png])
+    assert "contributions" in old_out and "contributions" not in new_out
+    outside = [c for c in range(len(core.classes)) if c not in new_out["topk_classes"]]
+    pairs = (Intervention(core.classes[int(new_out["topk_classes"][0])], 0),
+             Intervention(core.classes[outside[0]], 1), Intervention(outside[-1], 2))  # fmt: skip
+    opts = ExplainOptions(top_k=3, interventions=pairs)
+    new, old_exp = core.explanation(new_out, opts), old.explanation(old_out, opts)
+    assert new["intervention"]["switched_off"] == old_exp["intervention"]["switched_off"]
+    for c, v in old_exp["intervention"]["logits"].items():
+        assert new["intervention"]["logits"][c] == pytest.approx(v, rel=1e-5, abs=1e-5)
+    for a, b in zip(new["top_k"], old_exp["top_k"], strict=True):
+        assert a["class"] == b["class"] and a["bias"] == pytest.approx(b["bias"], abs=1e-6)
+        for pa, pb in zip(a["prototypes"], b["prototypes"], strict=True):
+            assert pa["contribution"] == pytest.approx(pb["contribution"], rel=1e-5, abs=1e-5)
+            np.testing.assert_allclose(pa["heatmap"]["values"], pb["heatmap"]["values"], atol=1e-4)
+    for c in outside:  # the service's pooled-feature terms == the all-scores graph's outputs
+        scores, contributions, bias = core.terms(new_out, c)
+        np.testing.assert_allclose(contributions, old_out["contributions"][c], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(scores, old_out["scores"][c], rtol=1e-5, atol=1e-5)
+        assert bias == pytest.approx(float(old_out["bias"][c]), abs=1e-6)
+    assert old.model_info()["scores"] == "all"
 
 
 def test_intervention_by_index_and_unknowns(core):
