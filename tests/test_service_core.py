@@ -142,6 +142,18 @@ def test_version1_all_scores_artifact_explains_the_same(core, fashion_artifact, 
     assert old.model_info()["scores"] == "all"
 
 
+def test_explanation_beyond_the_graph_top_k(core, bag_png):
+    """top_k over the graph's k without heatmaps: classes k+1… come from the pooled
+    features and still add up to their logits."""
+    (out,) = core.run_images([bag_png])
+    exp = core.explanation(out, ExplainOptions(top_k=10, heatmaps=False))
+    assert [e["index"] for e in exp["top_k"]] == core.top_classes(out["logits"], 10)
+    assert exp["exactness"] <= 1e-5 and core.graph_k < 10
+    for e in exp["top_k"]:
+        total = sum(p["contribution"] for p in e["prototypes"]) + e["bias"]
+        assert total == pytest.approx(e["logit"], abs=1e-5 * float(np.abs(out["logits"]).max()))
+
+
 def test_intervention_by_index_and_unknowns(core):
     assert core.resolve([Intervention(3, 0), Intervention("3", 2)]) == [(3, 0), (3, 2)]
     with pytest.raises(Unprocessable, match="unknown class 'zebra'"):
