@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import sys
 import time
@@ -47,6 +48,7 @@ from bench_service import (  # noqa: E402
 
 from protonmf.artifact import Preprocessing, load_manifest  # noqa: E402
 from protonmf.sample_data import imagenet_photo_files  # noqa: E402
+from service.client import grpc_channel_options  # noqa: E402
 from service.grpc_api import pb, pb_grpc  # noqa: E402
 
 TIMEOUT_S = 60
@@ -94,19 +96,27 @@ async def rest_window(url, payloads, clients, warmup, duration):
         return await closed_loop(send, payloads, clients, warmup, duration)
 
 
-async def grpc_window(target, payloads, clients, warmup, duration):
-    async with grpc.aio.insecure_channel(target, options=[
-        ("grpc.max_receive_message_length", 64 << 20)]) as channel:  # fmt: skip
-        stub = pb_grpc.ProtoNMFStub(channel)
+async def grpc_window(target, payloads, clients, warmup, duration, channels=1):
+    """``channels`` > 1: one connection each (service/client.py's options), calls spread
+    round-robin — how one client reaches several workers."""
+    options = grpc_channel_options(64 << 20, own_connection=channels > 1)
+    opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+    stubs = [pb_grpc.ProtoNMFStub(c) for c in opened]
+    turn = itertools.count()
 
-        async def send(blob):
-            try:
-                await stub.Explain(pb.ExplainRequest(images=[blob]), timeout=TIMEOUT_S)
-                return "OK"
-            except grpc.aio.AioRpcError as e:
-                return e.code().name
+    async def send(blob):
+        stub = stubs[next(turn) % channels]
+        try:
+            await stub.Explain(pb.ExplainRequest(images=[blob]), timeout=TIMEOUT_S)
+            return "OK"
+        except grpc.aio.AioRpcError as e:
+            return e.code().name
 
+    try:
         return await closed_loop(send, payloads, clients, warmup, duration)
+    finally:
+        for channel in opened:
+            await channel.close()
 
 
 def summarise(windows: list[dict], batches: list[dict]) -> dict:
@@ -136,6 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1,
                     help="server workers (onnxruntime threads: the service's default split)")
+    ap.add_argument("--grpc-channels", default="1",
+                    help="gRPC connections the load is spread over (several reach several "
+                         "workers); a comma list adds one gRPC window per value, e.g. 1,2")
     ap.add_argument("--windows", type=int, default=4, help="windows per transport")
     ap.add_argument("--duration", type=float, default=10.0, help="counted seconds per window")
     ap.add_argument("--warmup", type=float, default=2.0)
@@ -156,7 +169,9 @@ def main(argv=None) -> int:
                PROTONMF_WORKERS=str(args.workers), BENTOML_HOME=str(args.workdir / "bentoml_home_grpc"))  # fmt: skip
     cmd = [sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--grpc-port", str(grpc_port)]
     start = machine_info()
-    results: dict[str, dict] = {"rest": {"w": [], "b": []}, "grpc": {"w": [], "b": []}}
+    channels = [int(n) for n in str(args.grpc_channels).split(",")]
+    grpc_names = {n: "grpc" if i == 0 else f"grpc-{n}ch" for i, n in enumerate(channels)}
+    results: dict[str, dict] = {k: {"w": [], "b": []} for k in ("rest", *grpc_names.values())}
     with server("protonmf", cmd, env, args.workdir / "server-grpc.log") as (url, _pid):
         target = f"127.0.0.1:{grpc_port}"
         for _ in range(100):  # gRPC health turns SERVING shortly after /readyz
@@ -166,10 +181,10 @@ def main(argv=None) -> int:
                 break
             except grpc.RpcError:
                 time.sleep(0.2)
-        windows = {
-            "rest": lambda: rest_window(url, payloads, args.clients, args.warmup, args.duration),
-            "grpc": lambda: grpc_window(target, payloads, args.clients, args.warmup, args.duration),
-        }
+        windows = {"rest": lambda: rest_window(url, payloads, args.clients, args.warmup, args.duration)}
+        for n, name in grpc_names.items():
+            windows[name] = lambda n=n: grpc_window(target, payloads, args.clients, args.warmup,
+                                                    args.duration, n)  # fmt: skip
         for i in range(args.windows):
             for name, window in windows.items():
                 before = parse_metrics(httpx.get(f"{url}/metrics").text)
@@ -177,7 +192,7 @@ def main(argv=None) -> int:
                 after = parse_metrics(httpx.get(f"{url}/metrics").text)
                 results[name]["w"].append(w)
                 results[name]["b"].append(hist_delta(before, after, BATCH_METRIC, method_name="infer"))
-                print(f"  window {i + 1} {name:<4}: {len(w['latencies_ms']) / w['seconds']:6.1f} img/s, "
+                print(f"  window {i + 1} {name:<9}: {len(w['latencies_ms']) / w['seconds']:6.1f} img/s, "
                       f"errors {w['errors'] or 0}", flush=True)  # fmt: skip
     summary = {k: summarise(v["w"], v["b"]) for k, v in results.items()}
     raw = raw_ort(artifact, blackbox, Preprocessing.from_dict(manifest["preprocessing"]), None,
@@ -186,18 +201,18 @@ def main(argv=None) -> int:
     report = {
         "settings": {"artifact": str(artifact), "clients": args.clients, "windows": args.windows,
                      "duration_s": args.duration, "warmup_s": args.warmup, "workers": args.workers,
+                     "grpc_channels": grpc_names,
                      "max_batch_size": 32, "payloads": "20 foolbox ImageNet JPEGs, one per request",
                      "request": "explain, top_k 3, heatmaps on"},  # fmt: skip
         "machine": {"start": start, "end": machine_info()},
-        "rest": summary["rest"],
-        "grpc": summary["grpc"],
+        **summary,
         "grpc_over_rest_images_per_s": summary["grpc"]["images_per_s"] / summary["rest"]["images_per_s"],
         "grpc_over_rest_p99": summary["grpc"]["p99_ms"] / summary["rest"]["p99_ms"],
         "raw_onnxruntime": raw,
         "over_raw_blackbox_batch32": {k: summary[k]["images_per_s"] / raw32 for k in summary},
     }
     print("\n| transport | img/s | p50 ms | p99 ms | mean batch | errors |\n|---|---:|---:|---:|---:|---:|")
-    for k in ("rest", "grpc"):
+    for k in summary:
         s = summary[k]
         print(f"| {k} | {s['images_per_s']:.1f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | "
               f"{s['mean_batch'] or 0:.1f} | {sum(s['errors'].values())} |")  # fmt: skip

@@ -12,6 +12,7 @@ Both raise ``RequestFailed`` with the REST status or gRPC code and the service's
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -74,18 +75,38 @@ class RestClient(_Client):
         self._http.close()
 
 
+def grpc_channel_options(max_message_bytes: int = 256 << 20, own_connection: bool = False):
+    """Channel options; ``own_connection``: a TCP connection of the channel's own. gRPC
+    otherwise shares one connection between channels to the same target, and the server's
+    workers share their port with SO_REUSEPORT, which balances connections, not calls."""
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]  # fmt: skip
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    return options
+
+
 class GrpcClient(_Client):
-    def __init__(self, target: str, timeout: float = 60.0, max_message_bytes: int = 256 << 20):
+    """``channels`` > 1: that many connections, calls spread round-robin over them — how
+    one client reaches several server workers (one connection stays on one worker)."""
+
+    def __init__(self, target: str, timeout: float = 60.0, max_message_bytes: int = 256 << 20,
+                 channels: int = 1):  # fmt: skip
         import grpc
 
         from .grpc_api import pb, pb_grpc
 
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
         self._grpc, self._pb, self.timeout = grpc, pb, timeout
-        self._channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ])  # fmt: skip
-        self.stub = pb_grpc.ProtoNMFStub(self._channel)
+        options = grpc_channel_options(max_message_bytes, own_connection=channels > 1)
+        self._channels = [grpc.insecure_channel(target, options=options) for _ in range(channels)]
+        self._stubs = [pb_grpc.ProtoNMFStub(c) for c in self._channels]
+        self._next = itertools.count()  # next() on a count is atomic under the GIL
+
+    @property
+    def stub(self):
+        return self._stubs[next(self._next) % len(self._stubs)]
 
     def _call(self, method, request):
         try:
@@ -110,7 +131,8 @@ class GrpcClient(_Client):
         return json.loads(self._call(self.stub.ModelInfo, self._pb.ModelInfoRequest()).json)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
 
 def _to_dict(message) -> dict:

@@ -138,6 +138,26 @@ def test_every_rpc_and_parity_with_rest(served):
                                                      {"class": "bag", "prototype": 1}]
 
 
+def connections_to(port: int) -> set:
+    import psutil  # a BentoML dependency
+
+    return {c.laddr for c in psutil.Process().net_connections("tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}  # fmt: skip
+
+
+def test_client_channels_are_separate_connections(served):
+    """channels=N opens N connections (gRPC would share one between channels to the same
+    target), calls go round-robin: how one client reaches several SO_REUSEPORT workers."""
+    port = int(served.grpc_target.rsplit(":", 1)[1])
+    before = connections_to(port)
+    with GrpcClient(served.grpc_target, channels=3) as c:
+        infos = [c.model() for _ in range(6)]
+        assert len(connections_to(port) - before) == 3
+    assert all(info == infos[0] for info in infos)
+    with pytest.raises(ValueError, match="channels must be >= 1"):
+        GrpcClient(served.grpc_target, channels=0)
+
+
 def _status(target, request) -> tuple[str, str]:
     with GrpcClient(target, timeout=30) as c:
         try:
