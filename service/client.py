@@ -1,7 +1,8 @@
 """A small client for both transports, returning the REST response shapes.
 
     from service.client import RestClient, GrpcClient
-    with RestClient("http://127.0.0.1:3000") as c:       # or GrpcClient("127.0.0.1:50051")
+    with RestClient("http://127.0.0.1:3000") as c:       # or GrpcClient("127.0.0.1:50051"),
+                                                         # channels=N to reach N workers
         body = c.explain([open("cat.jpg", "rb").read()], top_k=3,
                          interventions=[{"class": "tabby", "prototype": 0}])
 
