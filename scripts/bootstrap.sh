@@ -7,13 +7,20 @@ PYTHON=${PYTHON:-python3}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 pip_install() {  # quiet on success; the log (minus local-index noise) on failure
-  if ! .venv/bin/python -m pip install -q "$@" >"$log" 2>&1; then
+  if ! .venv/bin/python -m pip install -q --no-cache-dir "$@" >"$log" 2>&1; then
     grep -v "^WARNING: Location" "$log" >&2
     echo "bootstrap: pip install $* failed" >&2
     exit 1
   fi
 }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# A fresh .venv takes ~7 GB (torch's CUDA build and its nvidia-* wheels are most of it).
+if ! compgen -G ".venv/lib/python3*/site-packages/torch" >/dev/null; then
+  free_gb=$(df -Pk .venv | awk 'NR == 2 {printf "%d", $4 / 1048576}')
+  if [ "${free_gb:-0}" -lt 8 ]; then
+    echo "bootstrap: warning: ${free_gb} GiB free under $(pwd); the install needs ~7 GB" >&2
+  fi
+fi
 echo "bootstrap: installing protonmf[convert,serve,dev] into .venv (torch from local disk: a few minutes)"
 pip_install -c constraints.txt -e '.[convert,serve,dev]'
 # foolbox only for its 20 bundled ImageNet photos (test data); its own deps are not needed.
