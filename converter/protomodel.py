@@ -105,10 +105,9 @@ class ProtoModel(nn.Module):
         grid = self.features(x)  # (N, D, H, W)
         pooled = grid.mean((2, 3))  # (N, D)
         if self.scores == "all":
-            out, top, protos = self._all_scores(pooled), None, None
-        else:
-            out, top, protos = self._topk_scores(pooled)
-        return tuple(out + self._maps(grid, out[0], top, protos))
+            out = self._all_scores(pooled)
+            return tuple(out + self._all_or_topk_maps(grid, out[0]))
+        return tuple(self._topk(grid, pooled))
 
     def _all_scores(self, pooled):
         n = pooled.shape[0]
@@ -121,8 +120,14 @@ class ProtoModel(nn.Module):
         logits = contributions.sum(-1) + bias  # (N, C)
         return [logits, scores, contributions, bias.expand(n, C)]
 
-    def _topk_scores(self, pooled):
-        n = pooled.shape[0]
+    def _topk(self, grid, pooled) -> list:
+        """scores="topk": all C logits, then the k predicted classes' terms and maps.
+
+        Few nodes on purpose: at batch 1 on a small model every extra ONNX node costs
+        more than its arithmetic. The k·p prototypes are gathered once (N, k, p, D); with
+        top-k maps, scores are the maps' spatial means (Eq. 9 mean-pooled, = f · b'),
+        so one MatMul serves both."""
+        n, _, H, W = grid.shape
         _, p, D = self.prototypes.shape
         # Σ_i a_ci b'_ci: (C, D), the prototype model's logits regrouped (constant-folded)
         weights = (self.coefficients.unsqueeze(-1) * self.prototypes).sum(1)
@@ -130,19 +135,25 @@ class ProtoModel(nn.Module):
         raw = pooled @ weights.t()  # (N, C)
         logits = (raw if inv_sigma is None else raw * inv_sigma) + bias
         top = logits.topk(self.k, dim=1).indices  # (N, k)
-        protos = self.prototypes[top].reshape(n, self.k * p, D)  # (N, k·p, D)
-        scores = (protos @ pooled.unsqueeze(-1)).reshape(n, self.k, p)  # (N, k, p)
+        protos = self.prototypes[top]  # (N, k, p, D); export turns this into one Gather
+        maps = []
+        if self.maps == "topk":
+            flat = protos @ grid.reshape(n, 1, D, H * W)  # (N, k, p, H·W)
+            scores = flat.mean(-1)  # (N, k, p)
+            maps = [flat.reshape(n, self.k, p, H, W)]  # (N, k, p, H, W)
+        else:
+            scores = (protos @ pooled[:, None, :, None]).squeeze(-1)  # (N, k, p)
+            maps = self._all_or_topk_maps(grid, logits)  # "all" or "none"
         contributions = scores * self.coefficients[top]  # (N, k, p)
         if inv_sigma is None:
             top_bias = bias[top]  # (N, k)
         else:
             contributions = contributions * inv_sigma.unsqueeze(-1)
             top_bias = bias.gather(1, top)
-        return [logits, top, scores, contributions, top_bias, pooled], top, protos
+        return [logits, top, scores, contributions, top_bias, pooled, *maps]
 
-    def _maps(self, grid, logits, top=None, protos=None) -> list:
-        """The maps outputs; ``top``/``protos``: the top-k classes and their gathered
-        prototypes (N, k·p, D) when the scores already computed them."""
+    def _all_or_topk_maps(self, grid, logits) -> list:
+        """The maps outputs of every mode but (topk, topk), which ``_topk`` builds."""
         n, _, H, W = grid.shape
         C, p, D = self.prototypes.shape
         if self.maps == "all":
@@ -150,10 +161,8 @@ class ProtoModel(nn.Module):
             return [sim.reshape(n, C, p, H, W)]  # (N, C, p, H, W)
         if self.maps == "none":
             return []
-        new_top = top is None
-        if new_top:
-            top = logits.topk(self.k, dim=1).indices  # (N, k)
-            protos = self.prototypes[top].reshape(n, self.k * p, D)  # (N, k·p, D)
+        top = logits.topk(self.k, dim=1).indices  # (N, k)
+        protos = self.prototypes[top].reshape(n, self.k * p, D)  # (N, k·p, D)
         # one batched MatMul on the flattened grid (an Einsum costs transposes in ORT)
         maps = (protos @ grid.flatten(2)).reshape(n, self.k, p, H, W)  # (N, k, p, H, W)
-        return [top, maps] if new_top else [maps]
+        return [top, maps]
