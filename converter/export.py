@@ -71,7 +71,7 @@ def gathernd_to_gather(model) -> int:
             consumers[name] = consumers.get(name, 0) + 1
     for out in graph.output:
         consumers[out.name] = consumers.get(out.name, 0) + 1
-    dead, rewrites = set(), 0
+    dead, axes_names, rewrites = set(), set(), 0
     for i, node in enumerate(graph.node):
         unsq = producer.get(node.input[1]) if node.op_type == "GatherND" else None
         if unsq is None or unsq.op_type != "Unsqueeze" or len(unsq.input) != 2:
@@ -80,6 +80,7 @@ def gathernd_to_gather(model) -> int:
         axes = consts.get(unsq.input[1])
         if batch_dims != 0 or axes is None or numpy_helper.to_array(axes).tolist() != [-1]:
             continue
+        axes_names.add(unsq.input[1])
         graph.node[i].CopyFrom(helper.make_node(
             "Gather", [node.input[0], unsq.input[0]], list(node.output), name=node.name, axis=0))  # fmt: skip
         consumers[unsq.output[0]] -= 1
@@ -89,6 +90,10 @@ def gathernd_to_gather(model) -> int:
     kept = [n for n in graph.node if not (n.op_type == "Unsqueeze" and n.output[0] in dead)]
     del graph.node[:]
     graph.node.extend(kept)
+    # and the axes constants only those Unsqueezes read (onnxruntime warns about unused ones)
+    unused = axes_names - {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name in unused]:
+        graph.initializer.remove(init)
     return rewrites
 
 

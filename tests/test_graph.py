@@ -154,6 +154,7 @@ def test_gathernd_rewritten_as_gather():
     before = ort_run(model, idx)
     assert gathernd_to_gather(model) == 2
     assert [n.op_type for n in model.graph.node] == ["Gather", "Gather"]  # Unsqueeze gone
+    assert "axes" not in {i.name for i in model.graph.initializer}  # and its constant
     onnx.checker.check_model(model, full_check=True)
     after = ort_run(model, idx)
     for b, a in zip(before, after, strict=True):
@@ -177,10 +178,10 @@ def test_graph_structure(fashion_artifact, lite0_artifact):
         # The head, every node fed by the backbone's feature grid, node for node: pooling;
         # logits (pooled · Σ_i a_i b'_i, the head's size: MatMul + Add); TopK; three
         # Gathers (prototypes, coefficients, bias of the k classes); one MatMul for the
-        # k·p maps, whose spatial means are the scores (ReduceMean); two Reshapes; the
+        # k·p maps, whose spatial means are the scores (ReduceMean); three Reshapes; the
         # contributions (Mul). Per-node overhead is the head's cost at batch 1.
         assert head_ops(g) == Counter(ReduceMean=2, MatMul=2, Add=1, TopK=1, Gather=3,
-                                      Reshape=2, Mul=1)  # fmt: skip
+                                      Reshape=3, Mul=1)  # fmt: skip
         assert ops["GatherND"] == 0 and ops["Einsum"] == 0
         # no C·p-filter conv, and no (D, C·p) matmul: all-class scores are not computed
         C, p, D = len(m["classes"]), m["p"], m["feature_dim"]
