@@ -3,8 +3,10 @@
 One process; CPU by default, 2 threads for both torch and onnxruntime (``--device cuda``:
 onnxruntime's CUDA provider, TF32 off, and eager torch on the GPU). Every timed call is
 preceded by one untimed call of the same variant (idle gaps inflate onnxruntime latency
-on these machines), variants are interleaved (A B C D A B C D …), and each figure is a
-median over rounds; ratios are against a baseline measured in the same rounds.
+on these machines), every variant runs once per round in an order shuffled each round,
+rounds go on for ``--seconds`` (at least ``--repeats``), and each figure is a median over
+rounds; ratios are against a baseline measured in the same rounds. Eager torch is timed
+in a second pass against the black box alone (its spinning threads slowed the graphs).
 
 Part 1, per model (Fashion-MNIST default artifact, tf_efficientnet_lite0 with real
 weights, timm resnet34 with random weights), at batch 1 and batch 32:
@@ -37,6 +39,7 @@ import argparse
 import copy
 import json
 import logging
+import random
 import statistics
 import sys
 import tempfile
@@ -83,11 +86,24 @@ log = logging.getLogger("bench_graph")
 # ----------------------------------------------------------------------------- timing
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Per variant, ``rounds`` timings in ms; order A B C … per round, warm-up before each."""
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, seconds: float = 0.0,
+                max_rounds: int = 2000) -> dict[str, list[float]]:  # fmt: skip
+    """Per variant, timings in ms; every variant once per round, warm-up before each.
+
+    The order is shuffled every round (seeded): a variant that always ran right after
+    another would inherit its after-effects (torch's and onnxruntime's worker threads
+    still spinning on these 2 cores, caches). At least ``rounds`` rounds, then more until
+    ``seconds`` have passed (at most ``max_rounds``): a 1-ms model gets thousands of
+    samples, a 1-s one the minimum."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    order, shuffle = list(fns), random.Random(0).shuffle
+    end = time.perf_counter() + seconds
+    done = 0
+    while done < rounds or (time.perf_counter() < end and done < max_rounds):
+        done += 1
+        shuffle(order)
+        for name in order:
+            fn = fns[name]
             fn()  # untimed warm-up right before the timed call
             t0 = time.perf_counter()
             fn()
@@ -142,7 +158,10 @@ def batch_of(pool: np.ndarray, size: int) -> np.ndarray:
 def is_current(artifact: Path) -> bool:
     """An artifact this code writes (an older format's graph would be timed as ours)."""
     manifest = artifact / "manifest.json"
-    return manifest.is_file() and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
+    return (
+        manifest.is_file()
+        and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
+    )
 
 
 def ensure_fashion(path: Path) -> Path:
@@ -334,7 +353,7 @@ def output_bytes_per_image(subject: Subject) -> dict:
     return out
 
 
-def bench_subject(subject: Subject, repeats: dict[int, int]) -> dict:
+def bench_subject(subject: Subject, repeats: dict[int, int], seconds: float) -> dict:
     torch.set_num_threads(THREADS)
     result = {
         "model": subject.name,
@@ -349,12 +368,23 @@ def bench_subject(subject: Subject, repeats: dict[int, int]) -> dict:
         "timings": [],
     }
     for batch in BATCHES:
-        print(f"[{subject.name}] batch {batch}: {repeats[batch]} interleaved rounds …", flush=True)
-        times = interleaved(variant_fns(subject, batch_of(subject.pool, batch)), repeats[batch])
+        print(f"[{subject.name}] batch {batch}: ≥ {repeats[batch]} interleaved rounds, "
+              f"≥ {seconds:g} s …", flush=True)  # fmt: skip
+        x = batch_of(subject.pool, batch)
+        fns = variant_fns(subject, x)
+        # eager torch in its own pass against the black box: torch's worker threads keep
+        # spinning after a call and slow whatever onnxruntime graph runs next on 2 cores
+        # (in a one-off check the black box at batch 1 on Fashion: 0.8 → 1.3 ms with eager)
+        times = interleaved({v: f for v, f in fns.items() if v != "eager"}, repeats[batch],
+                            seconds)  # fmt: skip
+        eager = interleaved({v: fns[v] for v in (BASELINE, "eager")}, repeats[batch], seconds / 2)
         result["timings"] += summarise(times, BASELINE, batch)
+        eager_rows = [r for r in summarise(eager, BASELINE, batch) if r["variant"] == "eager"]
+        result["timings"] += [dict(r, own_pass=True) for r in eager_rows]
         if DEVICE == "cpu":  # onnxruntime's per-node profile is CPU kernel time
             result.setdefault("kernel_profile", {})[str(batch)] = kernel_profile(
-                subject.paths, batch_of(subject.pool, batch), max(3, repeats[batch] // 3))
+                subject.paths, x, max(3, repeats[batch] // 3), seconds / 2
+            )
     return result
 
 
@@ -369,20 +399,26 @@ def _profiled(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _kernel_us(session) -> tuple[dict[str, float], dict[str, str]]:
-    """Summed kernel time per node (µs) and each node's op type, from ORT's profiler."""
+def _kernel_us(session) -> tuple[dict[str, float], dict[str, str], int]:
+    """Summed kernel time per node (µs), each node's op type and the number of runs, from
+    ORT's profiler; the first run (a warm-up: allocations, first-touch) is left out."""
     path = Path(session.end_profiling())
+    events = json.loads(path.read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e["name"] == "model_run")
+    after_warmup = runs[0][1]
     per_node, ops = {}, {}
-    for e in json.loads(path.read_text()):
+    for e in events:
+        if e["ts"] < after_warmup:
+            continue
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             node = e["name"].removesuffix("_kernel_time")
             per_node[node] = per_node.get(node, 0.0) + e["dur"]
             ops[node] = e["args"]["op_name"]
     path.unlink()
-    return per_node, ops
+    return per_node, ops, len(runs) - 1
 
 
-def kernel_profile(paths: dict, x: np.ndarray, rounds: int,
+def kernel_profile(paths: dict, x: np.ndarray, rounds: int, seconds: float = 0.0,
                    fused: tuple[str, ...] = ("fused-topk", "fused-allscores")) -> dict:  # fmt: skip
     """Each fused graph's structural cost over the black box, free of wall-clock noise.
 
@@ -394,15 +430,19 @@ def kernel_profile(paths: dict, x: np.ndarray, rounds: int,
     """
     variants = ("black-box", *fused)
     sessions = {v: _profiled(paths[v]) for v in variants}
-    for _ in range(rounds):
+    end, done = time.perf_counter() + seconds, -1  # round -1: the warm-up, left out
+    while done < rounds or (time.perf_counter() < end and done < 2000):
+        done += 1
         for s in sessions.values():
             s.run(None, {s.get_inputs()[0].name: x})
     profiles = {v: _kernel_us(sessions[v]) for v in variants}
-    bb, _ = profiles["black-box"]
+    assert all(n == done for _, _, n in profiles.values())
+    rounds = done
+    bb, _, _ = profiles["black-box"]
     bb_total = sum(bb.values()) / rounds
     result = {"rounds": rounds, "black_box_total_us": bb_total, "variants": {}}
     for v in fused:
-        fu, fu_ops = profiles[v]
+        fu, fu_ops, _ = profiles[v]
         shared = bb.keys() & fu.keys()
         heads = {"black-box": sum(t for k, t in bb.items() if k not in shared) / rounds,
                  v: sum(t for k, t in fu.items() if k not in shared) / rounds}  # fmt: skip
@@ -572,12 +612,15 @@ def print_model_report(results: list[dict]) -> None:
                 ok = "met" if r["ratio_vs_baseline"] <= 1.03 else "NOT met"
                 line = (
                     f"{m['model']} batch {r['batch']}: fused/black-box = "
-                    f"{r['ratio_vs_baseline']:.3f} (paired {r['paired_ratio_vs_baseline']:.3f}); "
+                    f"{r['ratio_vs_baseline']:.3f} (paired {r['paired_ratio_vs_baseline']:.3f}, "
+                    f"{len(r['samples_ms'])} rounds); "
                     f"target ≤ 1.03 {ok}"
                 )
                 kp = m.get("kernel_profile", {}).get(str(r["batch"]))
                 for v, kv in (kp or {}).get("variants", {}).items():
-                    top = ", ".join(f"{op} {us:.0f}" for op, us in list(kv["head_by_op_us"].items())[:3])
+                    top = ", ".join(
+                        f"{op} {us:.0f}" for op, us in list(kv["head_by_op_us"].items())[:3]
+                    )
                     line += (
                         f"\n  kernel profile {v}: structural ratio {kv['structural_ratio']:.3f} "
                         f"(head {kv['head_us'][v]:.0f} µs vs {kv['head_us']['black-box']:.0f} µs "
@@ -633,8 +676,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=REPO / "artifacts" / "fashion-default",
         help="default Fashion-MNIST artifact (built with convert defaults if missing)",
     )
-    ap.add_argument("--repeats", type=int, default=30, help="interleaved rounds at batch 1")
-    ap.add_argument("--repeats-large", type=int, default=10, help="interleaved rounds at batch 32")
+    ap.add_argument("--repeats", type=int, default=30, help="minimum interleaved rounds at batch 1")
+    ap.add_argument(
+        "--repeats-large", type=int, default=10, help="minimum interleaved rounds at batch 32"
+    )
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=20.0,
+        help="per model and batch size, keep adding rounds until this much time "
+        "has passed (at most 2,000); the kernel profile gets half as much",
+    )
     ap.add_argument(
         "--gradcam-repeats",
         type=int,
@@ -644,10 +696,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke test: 3/2/1 rounds, skip resnet34")
     ap.add_argument("--skip-resnet34", action="store_true")
     ap.add_argument("--skip-gradcam", action="store_true", help="skip part 2 (Grad-CAM)")
-    ap.add_argument("--prepare-only", action="store_true",
-                    help="convert and export into --workdir, time nothing (a later run reuses them)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="cuda: onnxruntime's CUDA provider (TF32 off) and eager torch on the GPU")
+    ap.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="convert and export into --workdir, time nothing (a later run reuses them)",
+    )
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: onnxruntime's CUDA provider (TF32 off) and eager torch on the GPU",
+    )
     ap.add_argument(
         "--workdir",
         type=Path,
@@ -660,7 +719,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = ap.parse_args(argv)
     if args.quick:
-        args.repeats, args.repeats_large, args.gradcam_repeats = 3, 2, 1
+        args.repeats, args.repeats_large, args.gradcam_repeats, args.seconds = 3, 2, 1, 0.0
         args.skip_resnet34 = True
     return args
 
@@ -699,7 +758,7 @@ def run(args, work: Path) -> dict:
     results, lite0 = [], None
     for name, artifact, images in subjects(args, work):
         subject = build_subject(name, artifact, images, work)
-        results.append(bench_subject(subject, repeats))
+        results.append(bench_subject(subject, repeats, args.seconds))
         lite0 = subject if name == "tf_efficientnet_lite0" else lite0
     gradcam = None if args.skip_gradcam else bench_gradcam(lite0, args.gradcam_repeats)
     end = machine_info()
@@ -712,12 +771,14 @@ def run(args, work: Path) -> dict:
         "settings": {
             "repeats_batch1": args.repeats,
             "repeats_batch32": args.repeats_large,
+            "seconds_per_batch_size": args.seconds,
             "gradcam_repeats": args.gradcam_repeats,
             "quick": args.quick,
             "device": args.device,
             "cuda_tf32": False if args.device == "cuda" else None,
             "warmup": "one untimed call right before each timed call",
-            "order": "interleaved per round in the listed variant order",
+            "order": "every variant once per round, order shuffled per round (seed 0); "
+            "eager in a second pass with the black box only",
         },
         "models": results,
         "gradcam": gradcam,

@@ -1,0 +1,165 @@
+"""What each part of the explanation head costs at batch 1, against the black box.
+
+The artifact's graph is cut down to nested sets of outputs with ``onnx.utils.extract_model``
+(each keeps only the nodes its outputs need), and every cut runs beside the black-box
+graph of the same backbone, interleaved in an order shuffled each round, one untimed call
+before each timed one (``bench_graph.interleaved``):
+
+    logits      the prototype model's logits alone (pooled · Σ_i a_i b'_i + bias)
+    +topk       … and the top-k classes (TopK)
+    +maps       … and their k·p similarity maps (Gather, MatMul, Reshapes)
+    +terms      … and their scores, contributions and bias (ReduceMean, Gathers, Mul)
+    full        the artifact's graph (… and ``pooled``)
+
+``--extra NAME=PATH`` adds other graphs, e.g. the artifact exported by an earlier commit
+(a before/after of the head in one process).
+
+Run from the repository root (defaults: the Fashion-MNIST default artifact, 1 and 2
+onnxruntime threads, 20 s per thread count):
+
+    .venv/bin/python benchmarks/bench_head.py --workdir /tmp/bench_head
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _machine  # noqa: E402
+import bench_graph  # noqa: E402
+
+from protonmf.artifact import MODEL_FILE  # noqa: E402
+from protonmf.data import find_split  # noqa: E402
+from service.runtime import create_session  # noqa: E402
+
+CUTS = {
+    "logits": ["logits"],
+    "+topk": ["logits", "topk_classes"],
+    "+maps": ["logits", "topk_classes", "topk_maps"],
+    "+terms": [
+        "logits",
+        "topk_classes",
+        "topk_maps",
+        "topk_scores",
+        "topk_contributions",
+        "topk_bias",
+    ],  # fmt: skip
+}
+
+
+def cut_graphs(model_path: Path, work: Path) -> dict[str, Path]:
+    """Each cut of the artifact's graph, written into ``work``."""
+    graph = onnx.load(str(model_path))
+    inputs = [i.name for i in graph.graph.input]
+    paths = {}
+    for name, outputs in CUTS.items():
+        path = work / f"cut-{name.lstrip('+')}.onnx"
+        onnx.utils.extract_model(str(model_path), str(path), inputs, outputs)
+        paths[name] = path
+    paths["full"] = model_path
+    return paths
+
+
+def node_counts(paths: dict[str, Path]) -> dict[str, int]:
+    return {name: len(onnx.load(str(p)).graph.node) for name, p in paths.items()}
+
+
+def run(args, work: Path) -> dict:
+    artifact = args.artifact.resolve()
+    if artifact == bench_graph.REPO / "artifacts" / "fashion-default":
+        bench_graph.ensure_fashion(artifact)
+    images = find_split(REPO / "data" / "fashion-mnist")
+    subject = bench_graph.build_subject("fashion-resnet18", artifact, images[1] or images[0],
+                                        work, prepare_only=False)  # fmt: skip
+    x = bench_graph.batch_of(subject.pool, 1)
+    paths = {"black-box": subject.paths["black-box"], **cut_graphs(artifact / MODEL_FILE, work)}
+    for extra in args.extra:  # e.g. the same artifact exported by an earlier commit
+        name, _, path = extra.partition("=")
+        paths[name] = Path(path)
+    result = {"artifact": str(artifact), "nodes": node_counts(paths), "threads": {}}
+    for threads in args.threads:
+        sessions = {v: create_session(p, "cpu", threads=threads)[0] for v, p in paths.items()}
+        fns = {v: bench_graph.ort_fn(s, x) for v, s in sessions.items()}
+        print(f"{threads} thread(s): ≥ {args.repeats} rounds, ≥ {args.seconds:g} s …", flush=True)
+        times = bench_graph.interleaved(fns, args.repeats, args.seconds, max_rounds=20000)
+        base = times["black-box"]
+        result["threads"][str(threads)] = {
+            v: {
+                "median_us": statistics.median(ts) * 1e3,
+                "ratio_vs_black_box": statistics.median(ts) / statistics.median(base),
+                "paired_ratio_vs_black_box": statistics.median(
+                    t / b for t, b in zip(ts, base, strict=True)
+                ),
+                "rounds": len(ts),
+            }
+            for v, ts in times.items()
+        }
+    return result
+
+
+def report(result: dict) -> None:
+    print("\n| graph | nodes | " + " | ".join(
+        f"{t} thread(s): µs, ratio (paired)" for t in result["threads"]) + " |")  # fmt: skip
+    print("|---|---:|" + "---:|" * len(result["threads"]))
+    for v, n in result["nodes"].items():
+        cells = [
+            f"{r[v]['median_us']:,.0f}, {r[v]['ratio_vs_black_box']:.3f} "
+            f"({r[v]['paired_ratio_vs_black_box']:.3f})"
+            for r in result["threads"].values()
+        ]
+        print(f"| {v} | {n} | " + " | ".join(cells) + " |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--artifact",
+        type=Path,
+        default=REPO / "artifacts" / "fashion-default",
+        help="a Fashion-MNIST artifact (default: the README's, built if missing)",
+    )
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=200, help="minimum rounds per thread count")
+    ap.add_argument("--seconds", type=float, default=20.0, help="time per thread count")
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another graph with the same input to time beside them (repeatable)",
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the black-box export and the cut graphs here",
+    )
+    ap.add_argument("--out", type=Path,
+                    default=REPO / "benchmarks" / "results" / "bench_head.json")  # fmt: skip
+    args = ap.parse_args(argv)
+    info = bench_graph.machine_info()
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        result = run(args, args.workdir.resolve())
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench_head.") as tmp:
+            result = run(args, Path(tmp))
+    result["machine"] = {"start": info, "end": bench_graph.machine_info()}
+    result["settings"] = {"batch": 1, "repeats": args.repeats, "seconds": args.seconds,
+                          "order": "shuffled per round (seed 0), one untimed call before each"}  # fmt: skip
+    report(result)
+    _machine.write_result(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
