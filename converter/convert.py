@@ -1,8 +1,8 @@
 """The conversion pipeline: timm model + labelled images → ProtoNMF artifact directory.
 
-load model → analyse head → extract features per class → NMF (batched over classes)
-→ head fit (Eq. 4–5) → fold residual (Eq. 8, guarded) → torch exactness check
-→ ONNX export → artifact (written atomically)
+    load model → analyse head → extract features per class → NMF (batched over classes)
+    → head fit (Eq. 4–5) → fold residual (Eq. 8, guarded) → torch exactness check
+    → ONNX export → artifact (written atomically)
 """
 
 from __future__ import annotations
@@ -188,9 +188,7 @@ def convert(cfg: ConvertConfig) -> Path:
     a, R = fit_coefficients(V, B, nonneg=cfg.nonneg)
     fold = fold_residual(a, B, R, min_sum_ratio=cfg.min_sum_ratio)
     rebuilt = np.einsum("cp,cpd->cd", fold.coefficients, fold.prototypes)
-    rebuild_err = np.linalg.norm(rebuilt - V, axis=1) / np.maximum(
-        np.linalg.norm(V, axis=1), 1e-300
-    )
+    rebuild_err = np.linalg.norm(rebuilt - V, axis=1) / np.maximum(np.linalg.norm(V, axis=1), 1e-300)
 
     per_class = []
     for c in range(C):

@@ -80,9 +80,8 @@ def test_generated_code_matches_proto(tmp_path):
                     f"--grpc_python_out={tmp_path}", str(REPO / proto)], check=True)  # fmt: skip
     for name in ("protonmf_pb2.py", "protonmf_pb2.pyi", "protonmf_pb2_grpc.py"):
         fresh = (tmp_path / Path(proto).parent / name).read_text()
-        assert fresh == (REPO / Path(proto).parent / name).read_text(), (
+        assert fresh == (REPO / Path(proto).parent / name).read_text(), \
             f"{name} is stale: run scripts/gen_proto.sh"
-        )
 
 
 def test_health_is_not_serving_until_ready(fashion_artifact):
@@ -117,10 +116,7 @@ def test_health_is_not_serving_until_ready(fashion_artifact):
         return statuses
 
     assert asyncio.run(scenario()) == [
-        "NOT_SERVING",
-        "UNAVAILABLE the model is warming up; retry shortly [not_ready]",
-        "SERVING",
-    ]
+        "NOT_SERVING", "UNAVAILABLE the model is warming up; retry shortly [not_ready]", "SERVING"]
 
 
 # --- a real server ----------------------------------------------------------------------
@@ -138,10 +134,8 @@ def test_every_rpc_and_parity_with_rest(served):
         body = rpc.explain(blobs, interventions=iv)
     for e in body["explanations"]:
         assert e["exactness"] <= 1e-4
-        assert e["intervention"]["switched_off"] == [
-            {"class": "tshirt_top", "prototype": 0},
-            {"class": "bag", "prototype": 1},
-        ]
+        assert e["intervention"]["switched_off"] == [{"class": "tshirt_top", "prototype": 0},
+                                                     {"class": "bag", "prototype": 1}]
 
 
 def connections_to(port: int) -> set:
@@ -246,14 +240,11 @@ def test_concurrent_grpc_calls_share_the_batcher(served):
     responses = asyncio.run(burst())
     after = httpx.get(f"{served.url}/metrics").text
     with RestClient(served.url) as rest:
-        expected = [
-            p["top_k"][0]["class"] for p in rest.classify(blobs[:16], top_k=1)["predictions"]
-        ]
+        expected = [p["top_k"][0]["class"] for p in rest.classify(blobs[:16], top_k=1)["predictions"]]
     assert [r.explanations[0].top_k[0].class_name for r in responses[:16]] == expected
     name = "bentoml_service_adaptive_batch_size"
     batches = histogram_count(after, f"{name}_count") - histogram_count(before, f"{name}_count")
     assert 0 < batches < len(blobs), "32 concurrent gRPC calls should merge into fewer batches"
-    stages = histogram_count(after, "protonmf_images_per_request_count") - histogram_count(
-        before, "protonmf_images_per_request_count"
-    )
+    stages = histogram_count(after, "protonmf_images_per_request_count") - \
+        histogram_count(before, "protonmf_images_per_request_count")
     assert stages == len(blobs), "gRPC requests count in the same metrics as REST"

@@ -16,9 +16,7 @@ def low_rank(n=300, d=40, r=3, seed=0):
 def features_like(n=600, d=64, seed=1):
     """ReLU-like sparse non-negative features, not exactly low rank."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, 8)) @ rng.standard_normal((8, d)) + 0.3 * rng.standard_normal(
-        (n, d)
-    )
+    x = rng.standard_normal((n, 8)) @ rng.standard_normal((8, d)) + 0.3 * rng.standard_normal((n, d))
     return np.maximum(x, 0)
 
 

@@ -172,16 +172,13 @@ def test_concurrent_requests_are_batched_and_identical(server, request):
             assert em["logit"] == pytest.approx(es["logit"], rel=1e-5, abs=1e-5)
     name = "bentoml_service_adaptive_batch_size"
     batches = histogram_count(after, f"{name}_count") - histogram_count(before, f"{name}_count")
-    ones = histogram_count(after, f"{name}_bucket", "1.0") - histogram_count(
-        before, f"{name}_bucket", "1.0"
-    )
+    ones = histogram_count(after, f"{name}_bucket", "1.0") - histogram_count(before, f"{name}_bucket", "1.0")
     assert 0 < batches < 32, "32 concurrent requests should merge into fewer batches"
     assert batches - ones >= 1, "at least one batch should hold more than one request"
     assert all(e["exactness"] <= 1e-4 for e in merged)
     in_process = "http" not in request.node.callspec.id
-    assert re.search(rf"^protonmf_batching_in_process {float(in_process)}$", after, re.M), (
+    assert re.search(rf"^protonmf_batching_in_process {float(in_process)}$", after, re.M), \
         "the batching path in use is reported"
-    )
 
 
 @BOTH_PATHS
