@@ -436,7 +436,8 @@ def kernel_profile(paths: dict, x: np.ndarray, rounds: int, seconds: float = 0.0
         for s in sessions.values():
             s.run(None, {s.get_inputs()[0].name: x})
     profiles = {v: _kernel_us(sessions[v]) for v in variants}
-    assert all(n == done for _, _, n in profiles.values())
+    if any(n != done for _, _, n in profiles.values()):  # the warm-up filter lost a run
+        raise RuntimeError(f"profiles hold {[n for _, _, n in profiles.values()]} runs, not {done}")
     rounds = done
     bb, _, _ = profiles["black-box"]
     bb_total = sum(bb.values()) / rounds
@@ -785,15 +786,19 @@ def run(args, work: Path) -> dict:
     }
 
 
+def run_in_workdir(workdir: Path | None, prefix: str, fn: Callable[[Path], dict]) -> dict:
+    """``fn(workdir)``, kept for the next run; or ``fn`` on a temporary directory, removed after."""
+    if workdir:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return fn(workdir.resolve())
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        return fn(Path(tmp))
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    if args.workdir:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        report = run(args, args.workdir.resolve())
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench_graph.") as tmp:
-            report = run(args, Path(tmp))
+    report = run_in_workdir(args.workdir, "bench_graph.", lambda work: run(args, work))
     if args.prepare_only:
         print(f"\nprepared {report['prepared']}")
         return 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -147,12 +146,7 @@ def main(argv=None) -> int:
                     default=REPO / "benchmarks" / "results" / "bench_head.json")  # fmt: skip
     args = ap.parse_args(argv)
     info = bench_graph.machine_info()
-    if args.workdir:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        result = run(args, args.workdir.resolve())
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench_head.") as tmp:
-            result = run(args, Path(tmp))
+    result = bench_graph.run_in_workdir(args.workdir, "bench_head.", lambda work: run(args, work))
     result["machine"] = {"start": info, "end": bench_graph.machine_info()}
     result["settings"] = {"batch": 1, "repeats": args.repeats, "seconds": args.seconds,
                           "order": "shuffled per round (seed 0), one untimed call before each"}  # fmt: skip
