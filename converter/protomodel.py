@@ -127,8 +127,6 @@ class ProtoModel(nn.Module):
         more than its arithmetic. The k·p prototypes are gathered once (N, k, p, D); with
         top-k maps, scores are the maps' spatial means (Eq. 9 mean-pooled, = f · b'),
         so one MatMul serves both."""
-        n, _, H, W = grid.shape
-        _, p, D = self.prototypes.shape
         # Σ_i a_ci b'_ci: (C, D), the prototype model's logits regrouped (constant-folded)
         weights = (self.coefficients.unsqueeze(-1) * self.prototypes).sum(1)
         inv_sigma, bias = self._norm(pooled)
@@ -137,10 +135,7 @@ class ProtoModel(nn.Module):
         top = logits.topk(self.k, dim=1).indices  # (N, k)
         protos = self.prototypes[top]  # (N, k, p, D); export turns this into one Gather
         if self.maps == "topk":
-            # (N, k·p, D) @ (N, D, H·W): k·p rows per GEMM (a (N, k, p, D) @ (N, 1, D, H·W)
-            # broadcast runs N·k GEMMs of p rows; Fashion's head at batch 32 took ~1.4–1.7×)
-            flat = protos.reshape(n, self.k * p, D) @ grid.flatten(2)
-            maps = [flat.reshape(n, self.k, p, H, W)]  # (N, k, p, H, W)
+            maps = [self._gathered_maps(grid, protos)]  # (N, k, p, H, W)
             scores = maps[0].mean((3, 4))  # (N, k, p)
         else:
             scores = (protos @ pooled[:, None, :, None]).squeeze(-1)  # (N, k, p)
@@ -163,7 +158,14 @@ class ProtoModel(nn.Module):
         if self.maps == "none":
             return []
         top = logits.topk(self.k, dim=1).indices  # (N, k)
-        protos = self.prototypes[top].reshape(n, self.k * p, D)  # (N, k·p, D)
-        # one batched MatMul on the flattened grid (an Einsum costs transposes in ORT)
-        maps = (protos @ grid.flatten(2)).reshape(n, self.k, p, H, W)  # (N, k, p, H, W)
-        return [top, maps]
+        return [top, self._gathered_maps(grid, self.prototypes[top])]
+
+    def _gathered_maps(self, grid, protos):
+        """grid (N, D, H, W), the k classes' prototypes (N, k, p, D) → maps (N, k, p, H, W).
+
+        One batched MatMul (N, k·p, D) @ (N, D, H·W): k·p rows per GEMM. A broadcast
+        (N, k, p, D) @ (N, 1, D, H·W) runs N·k GEMMs of p rows (Fashion's head at batch 32
+        took ~1.4–1.7× as long) and an Einsum costs transposes in onnxruntime."""
+        n, _, H, W = grid.shape
+        _, k, p, D = protos.shape
+        return (protos.reshape(n, k * p, D) @ grid.flatten(2)).reshape(n, k, p, H, W)
