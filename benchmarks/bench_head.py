@@ -1,15 +1,21 @@
 """What each part of the explanation head costs at batch 1, against the black box.
 
-The artifact's graph is cut down to nested sets of outputs with ``onnx.utils.extract_model``
-(each keeps only the nodes its outputs need), and every cut runs beside the black-box
-graph of the same backbone, interleaved in an order shuffled each round, one untimed call
-before each timed one (``bench_graph.interleaved``):
+The top-k graph (scores="topk", maps="topk") is cut down to nested sets of outputs with
+``onnx.utils.extract_model`` (each keeps only the nodes its outputs need), and every cut
+runs beside the black-box graph of the same backbone and the all-class graphs, interleaved
+in an order shuffled each round, one untimed call before each timed one
+(``bench_graph.interleaved``):
 
     logits      the prototype model's logits alone (pooled · Σ_i a_i b'_i + bias)
     +topk       … and the top-k classes (TopK)
     +maps       … and their k·p similarity maps (Gather, MatMul, Reshapes)
     +terms      … and their scores, contributions and bias (ReduceMean, Gathers, Mul)
-    full        the artifact's graph (… and ``pooled``)
+    topk        the whole top-k graph (… and ``pooled``)
+    allscores   scores="all", maps="topk"
+    all         scores="all", maps="all": one 1×1 conv of C·p filters, means, a, bias
+
+One of the last three is the artifact's own graph (``default`` in the result: for the
+10-class Fashion model, ``all``); the others are the same prototypes exported in that mode.
 
 ``--extra NAME=PATH`` adds other graphs, e.g. the artifact exported by an earlier commit
 (a before/after of the head in one process).
@@ -36,7 +42,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import _machine  # noqa: E402
 import bench_graph  # noqa: E402
 
-from protonmf.artifact import MODEL_FILE  # noqa: E402
 from protonmf.data import find_split  # noqa: E402
 from service.runtime import create_session  # noqa: E402
 
@@ -56,7 +61,7 @@ CUTS = {
 
 
 def cut_graphs(model_path: Path, work: Path) -> dict[str, Path]:
-    """Each cut of the artifact's graph, written into ``work``."""
+    """Each cut of a top-k graph, written into ``work``."""
     graph = onnx.load(str(model_path))
     inputs = [i.name for i in graph.graph.input]
     paths = {}
@@ -64,7 +69,7 @@ def cut_graphs(model_path: Path, work: Path) -> dict[str, Path]:
         path = work / f"cut-{name.lstrip('+')}.onnx"
         onnx.utils.extract_model(str(model_path), str(path), inputs, outputs)
         paths[name] = path
-    paths["full"] = model_path
+    paths["topk"] = model_path
     return paths
 
 
@@ -80,11 +85,17 @@ def run(args, work: Path) -> dict:
     subject = bench_graph.build_subject("fashion-resnet18", artifact, images[1] or images[0],
                                         work, prepare_only=False)  # fmt: skip
     x = bench_graph.batch_of(subject.pool, 1)
-    paths = {"black-box": subject.paths["black-box"], **cut_graphs(artifact / MODEL_FILE, work)}
+    paths = {
+        "black-box": subject.paths["black-box"],
+        **cut_graphs(subject.paths["fused-topk"], work),
+        "allscores": subject.paths["fused-allscores"],
+        "all": subject.paths["fused-all"],
+    }
     for extra in args.extra:  # e.g. the same artifact exported by an earlier commit
         name, _, path = extra.partition("=")
         paths[name] = Path(path)
-    result = {"artifact": str(artifact), "nodes": node_counts(paths), "threads": {}}
+    result = {"artifact": str(artifact), "default": subject.default.removeprefix("fused-"),
+              "nodes": node_counts(paths), "threads": {}}  # fmt: skip
     for threads in args.threads:
         sessions = {v: create_session(p, "cpu", threads=threads)[0] for v, p in paths.items()}
         fns = {v: bench_graph.ort_fn(s, x) for v, s in sessions.items()}

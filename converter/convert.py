@@ -60,8 +60,8 @@ class ConvertConfig:
     min_sum_ratio: float = 0.5
     device: str = "auto"
     batch_size: int = 64
-    maps: str = "topk"
-    scores: str = "topk"
+    maps: str = "auto"
+    scores: str = "auto"
     k: int = 5
     progress: bool = True
 

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from protonmf.artifact import Preprocessing, sha256_file
+from protonmf.artifact import ArtifactError, Preprocessing, sha256_file
 
 __all__ = ["HeadSpec", "ModelSource", "UnsupportedModelError", "analyse_head", "features_nhwc",
-           "load_model", "preprocessing_from_timm"]  # fmt: skip
+           "load_model", "preprocessing_from_timm", "recorded_model"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,20 @@ class ModelSource:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def recorded_model(manifest: dict) -> nn.Module:
+    """The timm model an artifact was converted from, as its manifest records it; refused
+    if the weights there are not the ones converted (SHA-256)."""
+    b = manifest["backbone"]
+    source = ModelSource(b["model"], b.get("checkpoint"), b.get("model_kwargs"))
+    model = load_model(source)
+    if b.get("weights_sha256") and source.weights_sha256 != b["weights_sha256"]:
+        raise ArtifactError(
+            f"the weights at {b.get('checkpoint') or b['model']} are not the ones this artifact "
+            "was converted from (sha256 differs)"
+        )
+    return model.eval()
 
 
 def load_model(source: ModelSource) -> nn.Module:

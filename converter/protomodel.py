@@ -8,15 +8,19 @@ run against the original timm model. For raw features F (N, D, H, W), f = mean_h
     logit_c         = Σ_i contribution_ci + bias_c
     map_ci(h, w)    = F(h, w) · b'_ci             (Eq. 9's similarity maps)
 
-Two ``scores`` modes, same numbers where both have them:
+Two ``scores`` modes, same numbers where both have them (``"auto"``, the default, picks
+``"all"`` with all maps for C ≤ 2k classes, else ``"topk"`` with top-k maps:
+``resolve_modes``):
 
-- ``"topk"`` (default): logit_c = (Σ_i a_ci b'_ci) · f [/ σ] + bias_c — the same sum
+- ``"topk"``: logit_c = (Σ_i a_ci b'_ci) · f [/ σ] + bias_c — the same sum
   regrouped, so all C logits cost one (D, C) matmul, the black box's own head size — and
   scores/contributions for the k predicted classes only (k·p prototype rows gathered).
   The pooled features f are an output: the service computes any other class's
   contribution from them (an intervention on a class outside the top-k).
 - ``"all"``: scores and contributions of every class, a (D, C·p) matmul (p× the head's
   weights read per image: ~8% over the black box at batch 1 for a 1,000-class model).
+  With all maps too, the scores are the maps' means: Eq. 8's prototypes as one 1×1
+  convolution of C·p filters, then mean pooling, coefficients and bias.
 
 Maps: ``"topk"`` (the k predicted classes), ``"all"`` (every class) or ``"none"``.
 """
@@ -29,16 +33,34 @@ from torch import nn
 
 from .models import HeadSpec, features_nhwc
 
-__all__ = ["MAPS", "SCORES", "ProtoModel", "output_names"]
+__all__ = ["MAPS", "SCORES", "ProtoModel", "output_names", "resolve_modes"]
 
-MAPS = ("topk", "all", "none")
-SCORES = ("topk", "all")
+MAPS = ("auto", "topk", "all", "none")
+SCORES = ("auto", "topk", "all")
 
 
-def output_names(scores: str = "topk", maps: str = "topk") -> list[str]:
-    """The graph's outputs, in order, for a (scores, maps) mode (the manifest documents shapes)."""
+def resolve_modes(scores: str, maps: str, n_classes: int, k: int) -> tuple[str, str]:
+    """``"auto"`` → every class's scores and maps when C ≤ 2k, else the top-k classes'.
+
+    With few classes the all-class head (one 1×1 conv, means, a, bias) is cheaper than the
+    top-k machinery (TopK, Gathers, Reshapes), and all maps are small: measured on one
+    onnxruntime thread (benchmarks/bench_head_modes.py), all-class is faster at C = 10
+    (k = 5) and slower from C = 20, at D = 128…1280, batch 1 and 32."""
+    every = n_classes <= 2 * k
+    if scores == "auto":
+        scores = "all" if every else "topk"
+    if maps == "auto":
+        maps = "all" if every else "topk"
+    return scores, maps
+
+
+def output_names(scores: str = "topk", maps: str = "topk", image_bias: bool = False) -> list[str]:
+    """The graph's outputs, in order, for a (scores, maps) mode (the manifest documents shapes).
+
+    image_bias: the head's bias depends on the image (LayerNorm); only then does
+    ``scores="all"`` emit ``bias`` (N, C)."""
     if scores == "all":
-        names = ["logits", "scores", "contributions", "bias"]
+        names = ["logits", "scores", "contributions"] + (["bias"] if image_bias else [])
     else:
         names = ["logits", "topk_classes", "topk_scores", "topk_contributions", "topk_bias",
                  "pooled"]  # fmt: skip
@@ -50,20 +72,21 @@ def output_names(scores: str = "topk", maps: str = "topk") -> list[str]:
 
 
 class ProtoModel(nn.Module):
-    """Backbone + prototype head. Outputs are ``output_names(scores, maps)``.
+    """Backbone + prototype head. Outputs are ``self.output_names``.
 
     prototypes (C, p, D), coefficients (C, p), bias (C,): float32 buffers, stored once;
     the (C·p, D) view is derived in ``forward`` so ONNX export keeps a single copy.
     """
 
-    def __init__(self, backbone, head: HeadSpec, prototypes, coefficients, maps="topk", k=5,
-                 scores="topk"):  # fmt: skip
+    def __init__(self, backbone, head: HeadSpec, prototypes, coefficients, maps="auto", k=5,
+                 scores="auto"):  # fmt: skip
         super().__init__()
         if maps not in MAPS:
             raise ValueError(f"maps must be one of {list(MAPS)}, got {maps!r}")
         if scores not in SCORES:
             raise ValueError(f"scores must be one of {list(SCORES)}, got {scores!r}")
         C, p, D = prototypes.shape
+        scores, maps = resolve_modes(scores, maps, C, k)
         self.backbone = backbone
         self.layout = head.layout
         self.maps = maps
@@ -81,7 +104,7 @@ class ProtoModel(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        return output_names(self.scores, self.maps)
+        return output_names(self.scores, self.maps, image_bias=self.center is not None)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H_in, W_in) → raw features (N, D, H, W), before any pooling.
@@ -104,6 +127,8 @@ class ProtoModel(nn.Module):
     def forward(self, x: torch.Tensor):
         grid = self.features(x)  # (N, D, H, W)
         pooled = grid.mean((2, 3))  # (N, D)
+        if self.scores == "all" and self.maps == "all":
+            return tuple(self._all_classes(grid, pooled))
         if self.scores == "all":
             out = self._all_scores(pooled)
             return tuple(out + self._all_or_topk_maps(grid, out[0]))
@@ -118,7 +143,29 @@ class ProtoModel(nn.Module):
         if inv_sigma is not None:
             contributions = contributions * inv_sigma.unsqueeze(-1)
         logits = contributions.sum(-1) + bias  # (N, C)
-        return [logits, scores, contributions, bias.expand(n, C)]
+        return [logits, scores, contributions, *self._image_bias(bias, n)]
+
+    def _image_bias(self, bias, n: int) -> list:
+        """The ``bias`` output (N, C) where it depends on the image (LayerNorm heads), else
+        none: a constant bias is the artifact's ``bias`` tensor, and expanding it to (N, C)
+        in-graph cost ~2% at batch 1 on the Fashion model (Shape + Concat + Expand)."""
+        return [] if self.center is None else [bias.expand(n, bias.shape[-1])]
+
+    def _all_classes(self, grid, pooled) -> list:
+        """scores="all", maps="all": the Eq. 8 prototypes as one 1×1 convolution (C·p
+        filters), scores = the maps' spatial means, then coefficients and bias. No TopK, no
+        Gather: for a few classes the cheapest head (every class's maps cost C·p·D·H·W)."""
+        n, _, H, W = grid.shape
+        C, p, D = self.prototypes.shape
+        maps = F.conv2d(grid, self.prototypes.reshape(C * p, D)[:, :, None, None])
+        maps = maps.reshape(n, C, p, H, W)
+        scores = maps.mean((3, 4))  # (N, C, p)
+        contributions = scores * self.coefficients  # (N, C, p)
+        inv_sigma, bias = self._norm(pooled)
+        if inv_sigma is not None:
+            contributions = contributions * inv_sigma.unsqueeze(-1)
+        logits = contributions.sum(-1) + bias  # (N, C)
+        return [logits, scores, contributions, *self._image_bias(bias, n), maps]
 
     def _topk(self, grid, pooled) -> list:
         """scores="topk": all C logits, then the k predicted classes' terms and maps.

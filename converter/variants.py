@@ -41,7 +41,19 @@ def _images(manifest, folder, limit):
     return np.stack([preprocess(s.open(), spec) for s in samples[::step][:limit]])
 
 
-def _quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> None:
+def _prototype_convs(fp32: Path, n_rows: int) -> list[str]:
+    """The all-class head's 1×1 convolution(s) of the C·p prototypes: left in fp32, so the
+    explanation head is exact arithmetic on whatever features the int8 backbone gives."""
+    import onnx
+
+    graph = onnx.load(str(fp32)).graph
+    shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "Conv" and len(n.input) > 1
+            and shapes.get(n.input[1], ())[:1] == (n_rows,)
+            and shapes[n.input[1]][2:] == (1, 1)]  # fmt: skip
+
+
+def _quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, keep: list[str]) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -59,7 +71,7 @@ def _quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> None:
 
     quantize_static(
         str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["Conv"], per_channel=True,
+        op_types_to_quantize=["Conv"], nodes_to_exclude=keep, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
     )  # fmt: skip
 
@@ -114,7 +126,11 @@ def add_variants(artifact: str | Path, kinds=("int8",), calibration_images: int 
             if kind not in VARIANT_FILES:
                 raise ValueError(f"unknown variant {kind!r}; choose from {sorted(VARIANT_FILES)}")
             out = Path(tmp) / VARIANT_FILES[kind]
-            (_quantize_int8(fp32, out, calib) if kind == "int8" else _to_fp16(fp32, out))
+            if kind == "int8":
+                keep = _prototype_convs(fp32, len(manifest["classes"]) * manifest["p"])
+                _quantize_int8(fp32, out, calib, keep)
+            else:
+                _to_fp16(fp32, out)
             entry = {"file": out.name, "exact": False}
             try:
                 # fp16 is meant for GPUs: measured there when one is usable (provider recorded).

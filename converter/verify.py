@@ -8,12 +8,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from protonmf.artifact import ArtifactError, Preprocessing, preprocess
+from protonmf.artifact import Preprocessing, preprocess
 from protonmf.data import load_samples
 from service.runtime import Explainer
 
 from .convert import exactness
-from .models import ModelSource, load_model
+from .models import recorded_model
 
 __all__ = ["verify"]
 
@@ -35,14 +35,7 @@ def verify(artifact, data=None, device="cpu", batch_size=32, max_images=None,
     manifest = explainer.manifest
     data = data or default_data(manifest)
     samples = load_samples(data, manifest["classes"])[:max_images]
-    b = manifest["backbone"]
-    source = ModelSource(b["model"], b.get("checkpoint"), b.get("model_kwargs"))
-    model = load_model(source)
-    if b.get("weights_sha256") and source.weights_sha256 != b["weights_sha256"]:
-        raise ArtifactError(
-            f"the weights at {b.get('checkpoint') or b['model']} are not the ones this artifact "
-            "was converted from (sha256 differs)"
-        )
+    model = recorded_model(manifest)
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     want, got = [], []
     with torch.no_grad():

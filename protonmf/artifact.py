@@ -11,6 +11,9 @@ This module needs numpy, safetensors and Pillow only: never torch. Both halves i
 so a change of layout is a change of ``FORMAT_VERSION``. Version 2 added the graph's
 ``scores`` mode (``"topk"``: scores for the predicted classes + pooled features); version 1
 artifacts (all-class scores, no ``graph.scores``) are still read, as ``scores="all"``.
+Version 3: an all-scores graph emits ``bias`` only where it depends on the image (LayerNorm
+heads); otherwise it is the ``bias`` tensor below (``service.runtime.Explainer.run`` adds
+it back). Versions 1 and 2 read unchanged.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ __all__ = [
     "write_artifact",
 ]
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 TENSORS_FILE = "prototypes.safetensors"

@@ -50,15 +50,30 @@ def _add_convert(sub):
                         "minimum-norm split instead of Eq. 8's R/sum(a) (default 0.5)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--maps", choices=["topk", "all", "none"], default="topk",
-                   help="similarity maps in the graph: top-k classes only (default), all, none")
-    p.add_argument("--scores", choices=["topk", "all"], default="topk",
-                   help="per-prototype scores/contributions in the graph: for the top-k classes "
-                        "+ pooled features (default; any class stays computable) or all classes")
-    p.add_argument("-k", "--topk", dest="k", type=int, default=5,
-                   help="k for the top-k maps and scores")
+    _add_head_modes(p)
     p.add_argument("--out", default=str(DEFAULT_ARTIFACT), help="artifact directory to write")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_head_modes(p) -> None:
+    p.add_argument("--maps", choices=["auto", "topk", "all", "none"], default="auto",
+                   help="similarity maps in the graph: top-k classes only, all, none; "
+                        "auto (default): all when classes <= 2k, else top-k")
+    p.add_argument("--scores", choices=["auto", "topk", "all"], default="auto",
+                   help="per-prototype scores/contributions in the graph: for the top-k classes "
+                        "+ pooled features (any class stays computable) or all classes; "
+                        "auto (default): all when classes <= 2k, else top-k")
+    p.add_argument("-k", "--topk", dest="k", type=int, default=5,
+                   help="k for the top-k maps and scores (default 5)")
+
+
+def _cmd_export(args) -> int:
+    from converter.reexport import reexport
+
+    out = reexport(args.artifact, args.out, maps=args.maps, scores=args.scores, k=args.k)
+    print(_summary(load_manifest(out), out))
+    print(f"artifact: {out}")
+    return 0
 
 
 def _cmd_convert(args) -> int:
@@ -94,7 +109,8 @@ def _summary(m: dict, path) -> str:
         f"  rebuild      max ||sum a b' - V|| / ||V|| = {d['max_rebuild_rel_error']:.2e}",
         f"  exactness    torch: max rel logit diff {ex['max_rel_logit_diff']:.2e}, "
         f"top-1 agreement {ex['top1_agreement']:.2%} on {ex['n_images']} images",
-        f"  graph        {', '.join(m['graph']['outputs'])} (opset {m['graph']['opset']})",
+        f"  graph        {', '.join(m['graph']['outputs'])} (opset {m['graph']['opset']}; "
+        f"scores {m['graph'].get('scores')}, maps {m['graph'].get('maps')})",
         f"  input        {m['graph']['input']['shape']} {m['preprocessing']['color_mode']}",
     ]
     return "\n".join(lines)
@@ -185,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-images", type=int)
             p.add_argument("--rtol", type=float, default=1e-5,
                            help="exit 1 if max_rel_logit_diff exceeds this (default 1e-5)")
+    p = sub.add_parser("export", help="write an artifact's graph again in other --maps/--scores "
+                                      "modes (no NMF; int8/fp16 variants are dropped)")
+    p.add_argument("artifact")
+    _add_head_modes(p)
+    p.add_argument("--out", help="write a new artifact here (default: replace ARTIFACT's graph)")
     p = sub.add_parser("variants", help="add int8 / fp16 graphs with measured agreement")
     p.add_argument("artifact")
     p.add_argument("--int8", action="store_true", help="static QDQ int8 (CPU), calibrated")
@@ -205,7 +226,8 @@ def main(argv=None) -> int:
     for name in ("converter", "service", "protonmf"):
         logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
     handlers = {"convert": _cmd_convert, "inspect": _cmd_inspect, "verify": _cmd_verify,
-                "evaluate": _cmd_evaluate, "serve": _cmd_serve, "variants": _cmd_variants}  # fmt: skip
+                "evaluate": _cmd_evaluate, "serve": _cmd_serve, "variants": _cmd_variants,
+                "export": _cmd_export}  # fmt: skip
     try:
         return handlers[args.command](args)
     except (ArtifactError, FileNotFoundError, ValueError) as e:

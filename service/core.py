@@ -61,12 +61,15 @@ class Core:
         self.grid = tuple(m["feature_grid"])
         self.graph_k: int = m["graph"].get("k") or 0
         self.scores_mode: str = m["graph"].get("scores", "all")
+        self.maps_mode: str = m["graph"].get("maps", "topk")
+        # how many of the top classes have similarity maps in the graph's outputs
+        self.map_classes = {"all": len(self.classes), "topk": self.graph_k}.get(self.maps_mode, 0)
         self.coefficients = explainer.tensors["coefficients"]
         head = m.get("head", {})
         self._norm_eps = head.get("norm_eps", 0.0) if head.get("kind") == "avg_norm_linear" else None
         self._index = {name: i for i, name in enumerate(self.classes)}
         self._gap_max = 0.0
-        self._shapes = {name: [d for d in shape[1:]] for name, shape in m["graph"]["outputs"].items()}
+        self._shapes = {name: shape[1:] for name, shape in explainer.output_shapes.items()}
         self.crop_shape = (self.spec.height, self.spec.width) + (
             () if self.spec.color_mode == "L" else (3,)
         )
@@ -154,12 +157,10 @@ class Core:
         if options is None:
             return
         if not 1 <= options.top_k <= len(self.classes):
-            raise Unprocessable(f"top_k must be in 1..{len(self.classes)}, got {options.top_k}")
-        if options.heatmaps and options.top_k > self.graph_k:
-            raise Unprocessable(
-                f"heatmaps are computed for the top {self.graph_k} classes; ask for "
-                f"top_k <= {self.graph_k} or heatmaps=false", "top_k_exceeds_graph"
-            )  # fmt: skip
+            raise Unprocessable(f"top_k must be in 1..{len(self.classes)}, got {options.top_k}",
+                                "top_k_out_of_range")  # fmt: skip
+        if options.heatmaps:
+            self.check_maps(options.top_k)
         if not 0 <= options.box_percentile <= 100:
             raise Unprocessable(f"box_percentile must be in 0..100, got {options.box_percentile}")
         if len(options.interventions) > self.limits.max_interventions:
@@ -168,6 +169,21 @@ class Core:
                 f"{self.limits.max_interventions}", "too_many_interventions"
             )  # fmt: skip
         self.resolve(options.interventions)
+
+    def check_maps(self, top_k: int) -> None:
+        """Unprocessable unless the graph has maps for the ``top_k`` best classes."""
+        if self.map_classes == 0:
+            raise Unprocessable("this artifact's graph has no similarity maps (converted with "
+                                "--maps none); ask with heatmaps=false", "no_maps")  # fmt: skip
+        if top_k > self.map_classes:
+            raise Unprocessable(
+                f"heatmaps are computed for the top {self.map_classes} classes; ask for "
+                f"top_k <= {self.map_classes} or heatmaps=false", "top_k_exceeds_graph"
+            )  # fmt: skip
+
+    def class_maps(self, out: dict, c: int, rank: int) -> np.ndarray:
+        """Class ``c``'s p similarity maps (p, H, W); ``rank`` is its place in the top-k."""
+        return out["maps"][c] if self.maps_mode == "all" else out["topk_maps"][rank]
 
     def resolve(self, interventions) -> list[tuple[int, int]]:
         """(class name or index, prototype) pairs → index pairs; Unprocessable if unknown."""
@@ -226,7 +242,9 @@ class Core:
             "exactness_gap": float(logit - contributions.sum() - bias),
             "prototypes": [],
         }
-        maps = self._heatmaps(out["topk_maps"][rank], options.box_percentile) if options.heatmaps else None
+        maps = None
+        if options.heatmaps:
+            maps = self._heatmaps(self.class_maps(out, c, rank), options.box_percentile)
         for i in range(self.p):
             proto = {
                 "prototype": i,
@@ -285,7 +303,7 @@ class Core:
             logits = out["logits"].astype(np.float64)
             probs = _softmax(logits)
             top = self.top_classes(out["logits"], options.top_k)
-            if options.heatmaps:
+            if options.heatmaps and self.maps_mode == "topk":
                 # The graph's top-k order must be ours, or maps would go to the wrong class.
                 top = [int(c) for c in out["topk_classes"][: options.top_k]]
             entries = [self._class_entry(out, c, probs, r, options) for r, c in enumerate(top)]
@@ -326,12 +344,14 @@ class Core:
     def overlay(self, crop: np.ndarray, out: dict, rank: int = 0) -> bytes:
         """PNG: the top-``rank`` class's prototype maps over the model's input crop."""
         with stage("overlay"):
-            c = int(out["topk_classes"][rank])
+            self.check_maps(rank + 1)
+            c = (int(out["topk_classes"][rank]) if self.maps_mode == "topk"
+                 else self.top_classes(out["logits"], rank + 1)[rank])  # fmt: skip
             contributions = self.terms(out, c)[1]
             labels = [f"prototype {i}: contribution {contributions[i]:+.3f} "
                       f"(a={self.coefficients[c, i]:+.3f})" for i in range(self.p)]  # fmt: skip
             title = f"{self.classes[c]}  logit {out['logits'][c]:.3f}"
-            return render_overlay(crop, out["topk_maps"][rank], labels, title)
+            return render_overlay(crop, self.class_maps(out, c, rank), labels, title)
 
     def model_info(self) -> dict:
         m = self.manifest
@@ -346,8 +366,9 @@ class Core:
                 for c, d in enumerate(m["diagnostics"]["per_class"])
             ],  # fmt: skip
             "feature_grid": list(self.grid),
-            "heatmap_classes": self.graph_k,
+            "heatmap_classes": self.map_classes,
             "scores": self.scores_mode,
+            "maps": self.maps_mode,
             "preprocessing": m["preprocessing"],
             "backbone": m["backbone"].get("architecture"),
             "artifact": {

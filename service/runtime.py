@@ -131,8 +131,21 @@ class Explainer:
         spec = self.preprocessing
         return np.stack([preprocess(im, spec) for im in images])
 
+    @property
+    def output_shapes(self) -> dict[str, list]:
+        """The outputs ``run`` returns, with their shapes ("N" first): the graph's, and
+        ``bias`` (N, C) for an all-scores graph whose bias does not depend on the image
+        (format 3 leaves that constant out of the graph: protomodel._image_bias)."""
+        shapes = dict(self.manifest["graph"]["outputs"])
+        if "scores" in shapes and "bias" not in shapes:
+            shapes["bias"] = ["N", len(self.classes)]
+        return shapes
+
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Run the graph on a preprocessed batch; outputs by name."""
+        """Run the graph on a preprocessed batch; outputs by name (``output_shapes``)."""
         name = self.manifest["graph"]["input"]["name"]
         values = self.session.run(None, {name: np.ascontiguousarray(batch, np.float32)})
-        return dict(zip(self.manifest["graph"]["outputs"], values, strict=True))
+        out = dict(zip(self.manifest["graph"]["outputs"], values, strict=True))
+        if "scores" in out and "bias" not in out:
+            out["bias"] = np.broadcast_to(self.tensors["bias"], out["logits"].shape)
+        return out

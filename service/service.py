@@ -347,8 +347,10 @@ class ProtoNMFService:
         if len(blobs) != 1:
             raise InvalidInput(f"overlay takes exactly one image, got {len(blobs)}",
                                "one_image")  # fmt: skip
-        if rank >= self.core.graph_k:
-            raise InvalidInput(f"rank must be < {self.core.graph_k}", "rank")
+        self.core.check_maps(1)  # a graph without maps: 422 no_maps
+        if rank >= self.core.map_classes:
+            raise InvalidInput(f"rank must be < {self.core.map_classes} (the classes with maps)",
+                               "rank")  # fmt: skip
         crops, outs = await self.run(blobs)
         png = self.core.overlay(crops[0], outs[0], rank)
         return Image.open(io.BytesIO(png))

@@ -54,6 +54,18 @@ def fashion_artifact(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fashion_topk_artifact(fashion_artifact, tmp_path_factory) -> Path:
+    """The Fashion artifact with the top-k head (the 1,000-class default; Fashion's 10
+    classes get the all-class head by default), written by `protonmf export`."""
+    from protonmf.cli import main
+
+    out = tmp_path_factory.mktemp("fashion-topk") / "artifact"
+    args = ["export", fashion_artifact, "--maps", "topk", "--scores", "topk", "--out", out]
+    assert main([str(a) for a in args]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def lite0_artifact(tmp_path_factory, imagenet_photos) -> Path:
     out = tmp_path_factory.mktemp("lite0") / "artifact"
     return _convert(out, "--model", "tf_efficientnet_lite0", "--checkpoint", lite0_checkpoint(),

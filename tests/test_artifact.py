@@ -73,7 +73,7 @@ def test_other_version_refused(tmp_path):
 def test_version1_read_as_all_class_scores(tmp_path):
     out = tiny(tmp_path, graph={"outputs": {"logits": ["N", 4]}})
     m = json.loads((out / MANIFEST_FILE).read_text())
-    assert m["format_version"] == 2
+    assert m["format_version"] == 3
     m["format_version"] = 1  # version 1 wrote no graph.scores: every class's scores
     (out / MANIFEST_FILE).write_text(json.dumps(m))
     assert load_manifest(out)["graph"]["scores"] == "all"

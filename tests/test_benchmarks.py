@@ -25,3 +25,15 @@ def test_gpu_checks_script_parses_and_refuses_unknown_stage(tmp_path):
     r = subprocess.run(["bash", str(script), "nonsense"], capture_output=True, text=True,
                        env={"OUT": str(tmp_path), "WORK": str(tmp_path), "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_bench_head_modes_times_both_heads(tmp_path):
+    out = tmp_path / "modes.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_head_modes.py"), "--dims", "16",
+                    "--classes", "4", "--batches", "1", "2", "--seconds", "0", "--out", str(out)],
+                   check=True)  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["D"], r["C"], r["batch"]) for r in rows] == [(16, 4, 1), (16, 4, 2)]
+    for r in rows:
+        assert set(r["median_us"]) == {"black-box", "topk", "all"} and r["rounds"] >= 50
+        assert r["cheaper"] == min(("topk", "all"), key=r["median_us"].get)

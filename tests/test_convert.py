@@ -6,13 +6,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import FASHION_DATA, FASHION_MODEL, manifest_of, run_cli
+from PIL import Image
 
 from converter.convert import ConvertConfig, convert, exactness, logits_of
 from converter.models import ModelSource, UnsupportedModelError, analyse_head, load_model
-from converter.protomodel import ProtoModel
+from converter.reexport import prototype_model, reexport
+from converter.verify import verify
 from protonmf.artifact import Preprocessing, load_tensors
 from protonmf.data import load_image_folder
 from protonmf.sample_data import lite0_checkpoint
+from service.evaluate import explanation_residual
+from service.runtime import Explainer
 
 pytestmark = pytest.mark.slow
 
@@ -20,14 +24,8 @@ pytestmark = pytest.mark.slow
 def proto_model_from_artifact(artifact, maps="none", scores="topk"):
     """Rebuild the prototype model from the artifact's saved tensors + the original model."""
     m = manifest_of(artifact)
-    b = m["backbone"]
-    model = load_model(ModelSource(b["model"], b.get("checkpoint"), b.get("model_kwargs")))
-    prep = Preprocessing.from_dict(m["preprocessing"])
-    head = analyse_head(model, torch.randn(2, prep.channels, prep.height, prep.width))
-    t = load_tensors(artifact, m)
-    proto = ProtoModel(model, head, t["prototypes"], t["coefficients"], maps=maps,
-                       scores=scores).eval()  # fmt: skip
-    return model, proto, prep, m
+    proto = prototype_model(m, load_tensors(artifact, m), maps, scores)
+    return proto.backbone, proto, Preprocessing.from_dict(m["preprocessing"]), m
 
 
 def torch_parity(artifact, data):
@@ -181,6 +179,14 @@ def test_supported_heads_convert_exactly(name, kwargs, kind, tmp_path, imagenet_
     assert report["top1_agreement"] == 1.0
     assert report["max_rel_logit_diff"] <= 1e-5
     outside_topk_terms_match_torch(out, next(imagenet_photos.glob("*/*.jpg")).read_bytes())
+    # the all-class head (one C·p-filter conv; image-dependent bias for LayerNorm heads)
+    every = reexport(out, tmp_path / "all", maps="all", scores="all")
+    assert ("bias" in manifest_of(every)["graph"]["outputs"]) == (kind == "avg_norm_linear")
+    report = verify(every, data=imagenet_photos, progress=False)
+    assert report["top1_agreement"] == 1.0 and report["max_rel_logit_diff"] <= 1e-5
+    ex = Explainer.load(every)
+    x = ex.preprocess([Image.open(p) for p in sorted(imagenet_photos.glob("*/*.jpg"))[:4]])
+    assert explanation_residual(ex.run(x)).max() <= 1e-5
 
 
 def outside_topk_terms_match_torch(artifact, image: bytes):
@@ -194,9 +200,10 @@ def outside_topk_terms_match_torch(artifact, image: bytes):
     (out,) = core.run_images([image])
     _, proto, _, _ = proto_model_from_artifact(artifact, scores="all")
     with torch.no_grad():
-        logits, scores, contributions, bias = (
-            t[0].double().numpy() for t in proto(torch.from_numpy(normalize(crop[None], core.spec)))
-        )
+        outputs = proto(torch.from_numpy(normalize(crop[None], core.spec)))
+    want = {n: t[0].double().numpy() for n, t in zip(proto.output_names, outputs, strict=True)}
+    logits, scores, contributions = want["logits"], want["scores"], want["contributions"]
+    bias = want.get("bias", core.explainer.tensors["bias"])  # constant: not a graph output
     outside = [c for c in range(len(core.classes)) if c not in out["topk_classes"]]
     assert outside and out["topk_classes"].shape == (core.graph_k,)
     scale = np.abs(logits).max()

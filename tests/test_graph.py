@@ -8,9 +8,8 @@ import onnx
 import pytest
 from conftest import FASHION_DATA, manifest_of, run_cli
 from onnx import numpy_helper
-from test_convert import proto_model_from_artifact
 
-from converter.export import export_onnx, gathernd_to_gather
+from converter.export import gathernd_to_gather
 from protonmf.artifact import ArtifactError
 from protonmf.data import load_image_folder
 from service.evaluate import explanation_residual
@@ -49,8 +48,9 @@ def test_evaluate_fashion(fashion_artifact, capsys):
 
 
 @pytest.fixture(scope="module")
-def fashion_batch(fashion_artifact):
-    ex = Explainer.load(fashion_artifact)
+def fashion_batch(fashion_topk_artifact):
+    """The top-k graph (the default of a 1,000-class model) on 32 held-out images."""
+    ex = Explainer.load(fashion_topk_artifact)
     samples = load_image_folder(FASHION_DATA / "test", ex.classes)[::5][:32]
     return ex, ex.preprocess([s.open() for s in samples])
 
@@ -58,7 +58,7 @@ def fashion_batch(fashion_artifact):
 def test_contributions_add_up_to_logits(fashion_batch):
     ex, x = fashion_batch
     out = ex.run(x)
-    top = out["topk_classes"]  # scores="topk" (the default): the k predicted classes
+    top = out["topk_classes"]  # scores="topk": the k predicted classes
     logits = np.take_along_axis(out["logits"], top, 1)
     total = out["topk_contributions"].sum(-1) + out["topk_bias"]
     scale = np.abs(out["logits"]).max(1, keepdims=True)
@@ -86,16 +86,29 @@ def test_dynamic_batch(fashion_batch, n):
 
 
 @pytest.fixture(scope="module")
-def all_outputs(fashion_artifact, fashion_batch, tmp_path_factory):
-    """The same prototypes exported with scores="all", maps="all": every output, every class."""
+def all_outputs(fashion_artifact, fashion_batch):
+    """The Fashion default, the same prototypes with scores="all", maps="all": every class."""
     _, x = fashion_batch
-    _, proto, prep, _ = proto_model_from_artifact(fashion_artifact, maps="all", scores="all")
-    path = tmp_path_factory.mktemp("all") / "all.onnx"
-    export_onnx(proto, (prep.channels, prep.height, prep.width), path)
-    session, _ = create_session(path)
-    names = [o.name for o in session.get_outputs()]
-    assert names == ["logits", "scores", "contributions", "bias", "maps"]
-    return dict(zip(names, session.run(None, {"image": x}), strict=True))
+    ex = Explainer.load(fashion_artifact)
+    # format 3: a constant bias is not a graph output; Explainer.run adds the tensor
+    assert list(ex.manifest["graph"]["outputs"]) == ["logits", "scores", "contributions", "maps"]
+    out = ex.run(x)
+    np.testing.assert_array_equal(out["bias"][0], ex.tensors["bias"])
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 3, 32])
+def test_dynamic_batch_all_classes(fashion_artifact, fashion_batch, all_outputs, n):
+    _, x = fashion_batch
+    ex = Explainer.load(fashion_artifact)
+    out = ex.run(x[:n])
+    m = ex.manifest
+    C, p, (H, W) = len(m["classes"]), m["p"], m["feature_grid"]
+    assert out["logits"].shape == out["bias"].shape == (n, C)
+    assert out["scores"].shape == out["contributions"].shape == (n, C, p)
+    assert out["maps"].shape == (n, C, p, H, W)
+    for name in ("logits", "contributions", "maps"):
+        np.testing.assert_allclose(out[name], all_outputs[name][:n], rtol=1e-5, atol=1e-5)
 
 
 def test_topk_outputs_are_slices_of_all_outputs(fashion_batch, all_outputs):
@@ -121,10 +134,9 @@ def op_counts(path):
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
-def head_ops(graph) -> Counter:
-    """Op counts of the nodes that depend on the feature grid (the input of the pooling)."""
-    pool = next(n for n in graph.graph.node if n.output[0] == "pooled")
-    reached, ops = {pool.input[0]}, Counter()
+def head_ops(graph, grid: str) -> Counter:
+    """Op counts of the nodes that depend on the feature grid (the backbone's output)."""
+    reached, ops = {grid}, Counter()
     for node in graph.graph.node:  # exported graphs are in topological order
         if reached.intersection(node.input):
             reached.update(node.output)
@@ -169,10 +181,24 @@ def ort_run(model, idx):
     return sess.run(None, {"idx": idx})
 
 
-def test_graph_structure(fashion_artifact, lite0_artifact):
-    for artifact in (fashion_artifact, lite0_artifact):
+def common_structure(m: dict, g) -> None:
+    assert [o.name for o in g.graph.output] == list(m["graph"]["outputs"])
+    assert g.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+    assert m["graph"]["opset"] == 18 and m["format_version"] == 3
+    assert any(o.domain in ("", "ai.onnx") and o.version == 18 for o in g.opset_import)
+    C, p, D = len(m["classes"]), m["p"], m["feature_dim"]
+    sizes = [int(np.prod(i.dims)) for i in g.graph.initializer]
+    assert sizes.count(C * p * D) == 1  # the augmented prototypes, stored once
+
+
+def test_topk_graph_structure(fashion_topk_artifact, lite0_artifact):
+    """The top-k head: Lite0's default (1,000 classes) and Fashion exported with it."""
+    assert manifest_of(lite0_artifact)["conversion"]["scores"] == "auto"
+    for artifact in (fashion_topk_artifact, lite0_artifact):
         m = manifest_of(artifact)
         g = onnx.load(str(artifact / "model.onnx"))
+        common_structure(m, g)
+        assert (m["graph"]["scores"], m["graph"]["maps"]) == ("topk", "topk")
         ops = op_counts(artifact / "model.onnx")
         assert ops["TopK"] == 1  # top-k classes picked in-graph
         # The head, every node fed by the backbone's feature grid, node for node: pooling;
@@ -180,33 +206,36 @@ def test_graph_structure(fashion_artifact, lite0_artifact):
         # Gathers (prototypes, coefficients, bias of the k classes); one MatMul for the
         # k·p maps, whose spatial means are the scores (ReduceMean); three Reshapes; the
         # contributions (Mul). Per-node overhead is the head's cost at batch 1.
-        assert head_ops(g) == Counter(ReduceMean=2, MatMul=2, Add=1, TopK=1, Gather=3,
-                                      Reshape=3, Mul=1)  # fmt: skip
+        grid = next(n for n in g.graph.node if n.output[0] == "pooled").input[0]
+        assert head_ops(g, grid) == Counter(ReduceMean=2, MatMul=2, Add=1, TopK=1, Gather=3,
+                                            Reshape=3, Mul=1)  # fmt: skip
         assert ops["GatherND"] == 0 and ops["Einsum"] == 0
         # no C·p-filter conv, and no (D, C·p) matmul: all-class scores are not computed
         C, p, D = len(m["classes"]), m["p"], m["feature_dim"]
-        assert m["graph"]["scores"] == "topk" and m["format_version"] == 2
         inits = {i.name: tuple(i.dims) for i in g.graph.initializer}
         convs = [n for n in g.graph.node if n.op_type == "Conv"]
         assert all(inits.get(n.input[1], (0,))[0] != C * p for n in convs)
         assert (C, p, D) in inits.values()
-        assert sum(1 for s in inits.values() if s == (C, p, D)) == 1  # stored once
-        assert [o.name for o in g.graph.output] == list(m["graph"]["outputs"])
-        assert g.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
-        assert m["graph"]["opset"] == 18
-        assert any(o.domain in ("", "ai.onnx") and o.version == 18 for o in g.opset_import)
 
 
-def test_all_maps_graph_uses_one_conv_for_prototypes(fashion_artifact, tmp_path):
-    _, proto, prep, m = proto_model_from_artifact(fashion_artifact, maps="all", scores="all")
-    path = export_onnx(proto, (prep.channels, prep.height, prep.width), tmp_path / "all.onnx")
-    g = onnx.load(str(path))
-    C, p = len(m["classes"]), m["p"]
+def test_all_classes_graph_structure(fashion_artifact):
+    """The Fashion default (10 classes ≤ 2k: auto → all): Eq. 8's prototypes as one 1×1
+    convolution of C·p filters, then mean pooling, coefficients and bias — no TopK, no
+    Gather, no (constant) bias output; the black box's pooling and linear layer are gone."""
+    m = manifest_of(fashion_artifact)
+    g = onnx.load(str(fashion_artifact / "model.onnx"))
+    common_structure(m, g)
+    assert (m["conversion"]["scores"], m["conversion"]["maps"]) == ("auto", "auto")
+    assert (m["graph"]["scores"], m["graph"]["maps"]) == ("all", "all")
+    C, p, D = len(m["classes"]), m["p"], m["feature_dim"]
     inits = {i.name: tuple(i.dims) for i in g.graph.initializer}
-    convs = [n for n in g.graph.node if n.op_type == "Conv"]
-    proto_convs = [n for n in convs if inits.get(n.input[1], (0,))[0] == C * p]
-    assert len(proto_convs) <= 1  # exporter may emit it as Conv or MatMul
-    assert op_counts(path)["TopK"] == 0
+    (conv,) = [n for n in g.graph.node if inits.get(n.input[-1]) == (C * p, D, 1, 1)]
+    assert conv.op_type == "Conv"
+    # maps (Reshape), scores (ReduceMean), contributions (Mul), logits (ReduceSum, Add)
+    assert head_ops(g, conv.input[0]) == Counter(Conv=1, Reshape=1, ReduceMean=1, Mul=1,
+                                                 ReduceSum=1, Add=1)  # fmt: skip
+    ops = op_counts(fashion_artifact / "model.onnx")
+    assert ops["TopK"] == ops["Gather"] == ops["MatMul"] == ops["Gemm"] == ops["Expand"] == 0
 
 
 def test_cuda_request_without_gpu_is_an_error(fashion_artifact):
@@ -234,10 +263,10 @@ def test_cuda_tf32_off_unless_asked(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_provider_parity(fashion_artifact, fashion_batch):
+def test_cuda_provider_parity(fashion_topk_artifact, fashion_batch):
     """CUDA provider (TF32 off) vs CPU provider: same logits, contributions, top-k maps."""
     ex_cpu, x = fashion_batch
-    ex_gpu = Explainer.load(fashion_artifact, device="cuda")
+    ex_gpu = Explainer.load(fashion_topk_artifact, device="cuda")
     assert ex_gpu.provider == "CUDAExecutionProvider"
     got, want = ex_gpu.run(x), ex_cpu.run(x)
     scale = np.abs(want["logits"]).max()
@@ -294,6 +323,13 @@ def test_int8_and_fp16_variants(fashion_artifact, tmp_path):
     assert explanation_residual(out).max() <= 1e-4  # the fp32 head still adds up
     ops = op_counts(art / "model.int8.onnx")
     assert ops["QuantizeLinear"] >= 1 and ops["DequantizeLinear"] >= 1
+    # the all-class head's prototype conv stays fp32: its weights are not quantized
+    g = onnx.load(str(art / "model.int8.onnx")).graph
+    C, p, D = len(m["classes"]), m["p"], m["feature_dim"]
+    weights = {i.name: i for i in g.initializer}
+    (head,) = [n for n in g.node if n.op_type == "Conv" and n.input[1] in weights
+               and tuple(weights[n.input[1]].dims) == (C * p, D, 1, 1)]  # fmt: skip
+    assert weights[head.input[1]].data_type == onnx.TensorProto.FLOAT
     with pytest.raises(ArtifactError, match="has no 'bf16' graph"):
         Explainer.load(art, variant="bf16")
 

@@ -175,10 +175,10 @@ HOSTILE = {
     "1x1": (pb.ExplainRequest(images=[png_bytes(Image.new("L", (1, 1)))]), "INVALID_ARGUMENT", "too_small"),
     "animated png": (pb.ExplainRequest(images=[animated("PNG")]), "INVALID_ARGUMENT", "animated"),
     "bomb": (pb.ExplainRequest(images=[bomb_png()]), "INVALID_ARGUMENT", "too_many_pixels"),
-    "top_k over graph": (pb.ExplainRequest(images=[BLOB], top_k=8), "INVALID_ARGUMENT", "top_k_exceeds_graph"),
+    "top_k over classes": (pb.ExplainRequest(images=[BLOB], top_k=11), "INVALID_ARGUMENT", "top_k_out_of_range"),
     "no images": (pb.ExplainRequest(), "INVALID_ARGUMENT", "no_images"),
     "too many": (pb.ExplainRequest(images=[BLOB] * 17), "INVALID_ARGUMENT", "too_many_images"),
-    "top_k 0": (pb.ExplainRequest(images=[BLOB], top_k=0), "INVALID_ARGUMENT", "unprocessable"),
+    "top_k 0": (pb.ExplainRequest(images=[BLOB], top_k=0), "INVALID_ARGUMENT", "top_k_out_of_range"),
     "unknown class": (pb.ExplainRequest(images=[BLOB], interventions=[
         pb.Intervention(class_name="unicorn", prototype=0)]), "INVALID_ARGUMENT", "unknown_class"),
     "unknown prototype": (pb.ExplainRequest(images=[BLOB], interventions=[

@@ -19,7 +19,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def core(fashion_artifact):
+def core(fashion_topk_artifact):
+    """The top-k graph: maps and terms of the k predicted classes, the rest from pooled."""
+    return Core.load(fashion_topk_artifact)
+
+
+@pytest.fixture(scope="module")
+def core_all(fashion_artifact):
+    """The Fashion default: every class's scores, contributions and maps (C ≤ 2k)."""
     return Core.load(fashion_artifact)
 
 
@@ -113,10 +120,11 @@ def scores_all_v1_copy(artifact, dst):
     return dst
 
 
-def test_version1_all_scores_artifact_explains_the_same(core, fashion_artifact, bag_png, tmp_path):
+def test_version1_all_scores_artifact_explains_the_same(core, fashion_topk_artifact, bag_png,
+                                                        tmp_path):  # fmt: skip
     """Both scores modes give the same explanation and interventions, in the top-k and
-    outside it (computed from the pooled features in the default mode)."""
-    old = Core.load(scores_all_v1_copy(fashion_artifact, tmp_path / "v1"))
+    outside it (computed from the pooled features in the top-k mode)."""
+    old = Core.load(scores_all_v1_copy(fashion_topk_artifact, tmp_path / "v1"))
     assert old.scores_mode == "all" and core.scores_mode == "topk"
     (new_out,) = core.run_images([bag_png])
     (old_out,) = old.run_images([bag_png])
@@ -201,6 +209,55 @@ def test_model_info(core):
     assert info["p"] == 3 and len(info["coefficients"]) == 10
     assert info["provider"] == "CPUExecutionProvider"
     assert info["artifact"]["model_sha256"] == core.manifest["files"]["model.onnx"]
+    assert info["maps"] == "topk" and info["heatmap_classes"] == 5
+
+
+def test_all_classes_graph_explains_like_the_topk_graph(core, core_all, bag_png):
+    """The default all-class head gives the top-k head's explanation, and maps for every
+    class; its bias (constant, not a graph output in format 3) is the artifact's tensor."""
+    assert (core_all.scores_mode, core_all.maps_mode) == ("all", "all")
+    assert "bias" not in core_all.manifest["graph"]["outputs"]
+    (out,) = core_all.run_images([bag_png])
+    (topk_out,) = core.run_images([bag_png])
+    np.testing.assert_array_equal(out["bias"], core_all.explainer.tensors["bias"])
+    ivs = (Intervention("bag", 0), Intervention("coat", 2))  # coat: outside the top-k graph's k
+    opts = ExplainOptions(top_k=5, interventions=ivs)
+    got, want = core_all.explanation(out, opts), core.explanation(topk_out, opts)
+    assert got["exactness"] <= 1e-5
+    assert [e["class"] for e in got["top_k"]] == [e["class"] for e in want["top_k"]]
+    for a, b in zip(got["top_k"], want["top_k"], strict=True):
+        assert a["bias"] == pytest.approx(b["bias"], abs=1e-6)
+        for pa, pb in zip(a["prototypes"], b["prototypes"], strict=True):
+            assert pa["contribution"] == pytest.approx(pb["contribution"], rel=1e-5, abs=1e-5)
+            np.testing.assert_allclose(pa["heatmap"]["values"], pb["heatmap"]["values"], atol=1e-4)
+    for c, v in want["intervention"]["logits"].items():
+        assert got["intervention"]["logits"][c] == pytest.approx(v, rel=1e-5, abs=1e-5)
+    # every class has maps: heatmaps for all 10, an overlay of the last-ranked class
+    core_all.check_request(1, ExplainOptions(top_k=10))
+    every = core_all.explanation(out, ExplainOptions(top_k=10))
+    last = every["top_k"][-1]
+    np.testing.assert_allclose([p["heatmap"]["values"] for p in last["prototypes"]],
+                               out["maps"][last["index"]], atol=1e-5)  # fmt: skip
+    png = core_all.overlay(core_all.prepare(bag_png), out, rank=9)
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+    info = core_all.model_info()
+    assert (info["maps"], info["scores"], info["heatmap_classes"]) == ("all", "all", 10)
+
+
+def test_graph_without_maps_refuses_heatmaps(fashion_artifact, tmp_path, bag_png):
+    from conftest import run_cli
+
+    out = tmp_path / "nomaps"
+    assert run_cli("export", fashion_artifact, "--maps", "none", "--out", out)[0] == 0
+    nomaps = Core.load(out)
+    with pytest.raises(Unprocessable, match="no similarity maps") as e:
+        nomaps.check_request(1, ExplainOptions(top_k=3))
+    assert e.value.reason == "no_maps"
+    (res,) = nomaps.run_images([bag_png])
+    exp = nomaps.explanation(res, ExplainOptions(top_k=3, heatmaps=False))
+    assert exp["top_k"][0]["class"] == "bag" and exp["exactness"] <= 1e-5
+    with pytest.raises(Unprocessable, match="no similarity maps"):
+        nomaps.overlay(nomaps.prepare(bag_png), res)
 
 
 # --- hostile and unusual images -----------------------------------------------------

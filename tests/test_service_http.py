@@ -108,8 +108,8 @@ BAD_REQUESTS = [
     ("unknown prototype", dict(json={"images_base64": [b64(b"x")],
                                      "interventions": [{"class": "bag", "prototype": 9}]}), 422,
      "unknown_prototype"),
-    ("top_k over graph", dict(json={"images_base64": [b64(b"x")], "top_k": 8}), 422,
-     "top_k_exceeds_graph"),
+    ("top_k over classes", dict(json={"images_base64": [b64(b"x")], "top_k": 11}), 422,
+     "top_k_out_of_range"),
 ]  # fmt: skip
 
 
