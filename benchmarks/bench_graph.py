@@ -14,11 +14,11 @@ weights, timm resnet34 with random weights), at batch 1 and batch 32:
     fused-topk       scores="topk", maps="topk" (the default for many classes)
     fused-allscores  scores="all" (every class's contributions), maps="topk"
     fused-all        scores="all", maps="all" (the default for C ≤ 2k classes: Fashion)
+    black-box        the timm model itself exported to ONNX (logits only)   ← baseline
+    eager            the timm model in PyTorch (eval, no_grad)
 
-    one of them is the artifact's own model.onnx (``--maps/--scores auto``), the other two
-    are the same prototypes exported in those modes;
-    black-box    the timm model itself exported to ONNX (logits only)   ← baseline
-    eager        the timm model in PyTorch (eval, no_grad)
+One fused graph is the artifact's own model.onnx (``--maps/--scores auto``: ``default`` in
+the result), the other two the same prototypes exported in those modes.
 
 Part 2, Grad-CAM on tf_efficientnet_lite0, batch of 8 ImageNet photos, top-5 classes:
 
