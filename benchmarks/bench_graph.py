@@ -61,7 +61,7 @@ import _machine  # noqa: E402
 
 from converter.convert import ConvertConfig, convert  # noqa: E402
 from converter.export import export_module, export_onnx  # noqa: E402
-from converter.models import ModelSource, analyse_head, load_model  # noqa: E402
+from converter.models import analyse_head, recorded_model  # noqa: E402
 from converter.protomodel import ProtoModel  # noqa: E402
 from protonmf.artifact import (  # noqa: E402
     FORMAT_VERSION,
@@ -241,13 +241,6 @@ def export_variant(model, manifest: dict, tensors: dict, path: Path, scores: str
     return export_onnx(proto, input_shape, path)
 
 
-def load_backbone(manifest: dict) -> torch.nn.Module:
-    """The artifact's timm model, reloaded from what its manifest records."""
-    bb = manifest["backbone"]
-    source = ModelSource(bb["model"], bb.get("checkpoint"), bb.get("model_kwargs"))
-    return load_model(source).eval()
-
-
 @dataclass
 class Subject:
     """One model under test: its timm module, sessions for each graph, an image pool."""
@@ -271,7 +264,7 @@ def build_subject(name: str, artifact: Path, images: Path, work: Path,
                   prepare_only: bool = False) -> Subject | None:  # fmt: skip
     manifest = load_manifest(artifact)
     tensors = load_tensors(artifact, manifest)
-    model = load_backbone(manifest)
+    model = recorded_model(manifest)
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     input_shape = (prep.channels, prep.height, prep.width)
     print(f"[{name}] black-box and other-mode graphs (exported unless in --workdir) …", flush=True)

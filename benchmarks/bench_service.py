@@ -141,12 +141,9 @@ def ensure_blackbox(args, artifact: Path, manifest: dict) -> Path:
     import torch
 
     from converter.export import OPSET
-    from converter.models import ModelSource, load_model
+    from converter.models import recorded_model
 
-    bb = manifest["backbone"]
-    model = load_model(
-        ModelSource(bb["model"], bb.get("checkpoint"), bb.get("model_kwargs"))
-    ).eval()
+    model = recorded_model(manifest)
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     example = torch.randn(2, prep.channels, prep.height, prep.width)  # (2, c, h, w)
     arg = next(iter(inspect.signature(model.forward).parameters))  # "x" for timm models
