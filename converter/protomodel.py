@@ -45,7 +45,8 @@ def resolve_modes(scores: str, maps: str, n_classes: int, k: int) -> tuple[str, 
     With few classes the all-class head (one 1×1 conv, means, a, bias) is cheaper than the
     top-k machinery (TopK, Gathers, Reshapes), and all maps are small: measured on one
     onnxruntime thread (benchmarks/bench_head_modes.py), all-class is faster at C = 10
-    (k = 5) and slower from C = 20, at D = 128…1280, batch 1 and 32."""
+    (k = 5), even or slower at C = 20 and slower from C = 50, at D = 128…1280, batch 1
+    and 32."""
     every = n_classes <= 2 * k
     if scores == "auto":
         scores = "all" if every else "topk"
@@ -127,23 +128,26 @@ class ProtoModel(nn.Module):
     def forward(self, x: torch.Tensor):
         grid = self.features(x)  # (N, D, H, W)
         pooled = grid.mean((2, 3))  # (N, D)
-        if self.scores == "all" and self.maps == "all":
-            return tuple(self._all_classes(grid, pooled))
-        if self.scores == "all":
-            out = self._all_scores(pooled)
-            return tuple(out + self._all_or_topk_maps(grid, out[0]))
-        return tuple(self._topk(grid, pooled))
-
-    def _all_scores(self, pooled):
-        n = pooled.shape[0]
+        if self.scores == "topk":
+            return tuple(self._topk(grid, pooled))
+        if self.maps == "all":
+            # Eq. 8's prototypes as one 1×1 conv of C·p filters; scores = the maps' means
+            # (Eq. 9). No TopK, no Gather: for a few classes the cheapest head.
+            maps = self._all_maps(grid)
+            return tuple(self._all_terms(maps.mean((3, 4)), pooled) + [maps])
         C, p, D = self.prototypes.shape
-        scores = (pooled @ self.prototypes.reshape(C * p, D).t()).reshape(n, C, p)  # (N, C, p)
+        scores = (pooled @ self.prototypes.reshape(C * p, D).t()).reshape(-1, C, p)  # (N, C, p)
+        out = self._all_terms(scores, pooled)
+        return tuple(out + self._all_or_topk_maps(grid, out[0]))
+
+    def _all_terms(self, scores, pooled) -> list:
+        """scores="all": every class's scores (N, C, p) → logits, scores, contributions[, bias]."""
         contributions = scores * self.coefficients  # (N, C, p)
         inv_sigma, bias = self._norm(pooled)
         if inv_sigma is not None:
             contributions = contributions * inv_sigma.unsqueeze(-1)
         logits = contributions.sum(-1) + bias  # (N, C)
-        return [logits, scores, contributions, *self._image_bias(bias, n)]
+        return [logits, scores, contributions, *self._image_bias(bias, scores.shape[0])]
 
     def _image_bias(self, bias, n: int) -> list:
         """The ``bias`` output (N, C) where it depends on the image (LayerNorm heads), else
@@ -151,21 +155,12 @@ class ProtoModel(nn.Module):
         in-graph cost ~2% at batch 1 on the Fashion model (Shape + Concat + Expand)."""
         return [] if self.center is None else [bias.expand(n, bias.shape[-1])]
 
-    def _all_classes(self, grid, pooled) -> list:
-        """scores="all", maps="all": the Eq. 8 prototypes as one 1×1 convolution (C·p
-        filters), scores = the maps' spatial means, then coefficients and bias. No TopK, no
-        Gather: for a few classes the cheapest head (every class's maps cost C·p·D·H·W)."""
+    def _all_maps(self, grid):
+        """grid (N, D, H, W) → every class's maps (N, C, p, H, W): one 1×1 conv, C·p filters."""
         n, _, H, W = grid.shape
         C, p, D = self.prototypes.shape
         maps = F.conv2d(grid, self.prototypes.reshape(C * p, D)[:, :, None, None])
-        maps = maps.reshape(n, C, p, H, W)
-        scores = maps.mean((3, 4))  # (N, C, p)
-        contributions = scores * self.coefficients  # (N, C, p)
-        inv_sigma, bias = self._norm(pooled)
-        if inv_sigma is not None:
-            contributions = contributions * inv_sigma.unsqueeze(-1)
-        logits = contributions.sum(-1) + bias  # (N, C)
-        return [logits, scores, contributions, *self._image_bias(bias, n), maps]
+        return maps.reshape(n, C, p, H, W)
 
     def _topk(self, grid, pooled) -> list:
         """scores="topk": all C logits, then the k predicted classes' terms and maps.
@@ -197,11 +192,8 @@ class ProtoModel(nn.Module):
 
     def _all_or_topk_maps(self, grid, logits) -> list:
         """The maps outputs of every mode but (topk, topk), which ``_topk`` builds."""
-        n, _, H, W = grid.shape
-        C, p, D = self.prototypes.shape
         if self.maps == "all":
-            sim = F.conv2d(grid, self.prototypes.reshape(C * p, D)[:, :, None, None])
-            return [sim.reshape(n, C, p, H, W)]  # (N, C, p, H, W)
+            return [self._all_maps(grid)]
         if self.maps == "none":
             return []
         top = logits.topk(self.k, dim=1).indices  # (N, k)
