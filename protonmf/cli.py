@@ -153,17 +153,28 @@ def _print_report(report: dict, as_json: bool):
                 print(f"{k:>26}  {v}")
 
 
+def serve_command(args, environ: dict) -> tuple[list[str], dict]:
+    """The ``bentoml serve`` command line and environment for ``protonmf serve``'s flags.
+    --workers / --max-batch-size override PROTONMF_WORKERS / PROTONMF_MAX_BATCH_SIZE."""
+    env = dict(environ, PROTONMF_ARTIFACT=str(Path(args.artifact).resolve()),
+               PROTONMF_DEVICE=args.device, PROTONMF_VARIANT=args.variant,
+               PROTONMF_GRPC_PORT=str(args.grpc_port), PROTONMF_GRPC_HOST=args.host,
+               BENTOML_DO_NOT_TRACK="true")  # fmt: skip
+    if args.workers is not None:
+        env["PROTONMF_WORKERS"] = str(args.workers)
+    if args.max_batch_size is not None:
+        env["PROTONMF_MAX_BATCH_SIZE"] = str(args.max_batch_size)
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ProtoNMFService",
+           "--host", args.host, "--port", str(args.port), "--working-dir", str(REPO)]  # fmt: skip
+    return cmd, env
+
+
 def _cmd_serve(args) -> int:
     """Replace this process with ``bentoml serve`` so its PID is the server's."""
     import os
 
     load_manifest(args.artifact)  # refuse a bad artifact here, with a clear message
-    env = dict(os.environ, PROTONMF_ARTIFACT=str(Path(args.artifact).resolve()),
-               PROTONMF_DEVICE=args.device, PROTONMF_VARIANT=args.variant,
-               PROTONMF_GRPC_PORT=str(args.grpc_port), PROTONMF_GRPC_HOST=args.host,
-               BENTOML_DO_NOT_TRACK="true")  # fmt: skip
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ProtoNMFService",
-           "--host", args.host, "--port", str(args.port), "--working-dir", str(REPO)]  # fmt: skip
+    cmd, env = serve_command(args, os.environ)
     grpc = f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port > 0 else ""
     print(f"serving {args.artifact} on http://{args.host}:{args.port}{grpc}", flush=True)
     os.execve(sys.executable, cmd, env)
@@ -217,7 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     p.add_argument("--variant", default="fp32", help="graph: fp32 (exact, default), int8, fp16")
+    p.add_argument("--workers", type=_positive_int,
+                   help="worker processes (default: PROTONMF_WORKERS or 1); with several, "
+                        "each gets CPUs/workers onnxruntime threads — one per core is the CPU "
+                        "throughput setting")  # fmt: skip
+    p.add_argument("--max-batch-size", type=_positive_int,
+                   help="adaptive batch limit per worker (default: PROTONMF_MAX_BATCH_SIZE or 32)")
     return ap
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main(argv=None) -> int:

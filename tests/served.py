@@ -68,14 +68,14 @@ class Served:
 def serve(artifact: Path, workdir: Path, workers: int = 1, env: dict | None = None):
     """Start the service, wait for /readyz (90 s), yield a ``Served``, then stop it."""
     port, grpc_port = free_port(), free_port()  # gRPC's SO_REUSEPORT would share a taken one
-    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_WORKERS=str(workers),
-               PROTONMF_MAX_LATENCY_MS="30000", **(env or {}))  # fmt: skip
+    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_MAX_LATENCY_MS="30000",
+               **(env or {}))  # fmt: skip
     # Each server its own BENTOML_HOME: BentoML clears its shared metrics folder at start.
     env["BENTOML_HOME"] = str(workdir / "bentoml")
     log = workdir / "server.log"
     proc = start_process(
         [sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--port", str(port),
-         "--grpc-port", str(grpc_port)], log, env,
+         "--grpc-port", str(grpc_port), "--workers", str(workers)], log, env,
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"

@@ -130,3 +130,19 @@ def test_preprocess_converts_modes():
 def test_preprocessing_dict_round_trip():
     spec = Preprocessing(height=56, width=56, resize=64, color_mode="L", mean=(0.3,), std=(0.4,))
     assert Preprocessing.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_serve_flags_set_workers_and_batch_limit(tmp_path):
+    from protonmf.cli import build_parser, serve_command
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", str(tmp_path), "--workers", "2", "--max-batch-size", "4"])
+    cmd, env = serve_command(args, {"PROTONMF_WORKERS": "5", "OTHER": "x"})
+    assert env["PROTONMF_WORKERS"] == "2" and env["PROTONMF_MAX_BATCH_SIZE"] == "4"
+    assert env["OTHER"] == "x" and env["PROTONMF_ARTIFACT"] == str(tmp_path.resolve())
+    assert cmd[cmd.index("serve") + 1] == "service.service:ProtoNMFService"
+    # without the flags the environment's settings stand
+    _, env = serve_command(parser.parse_args(["serve", str(tmp_path)]), {"PROTONMF_WORKERS": "5"})
+    assert env["PROTONMF_WORKERS"] == "5" and "PROTONMF_MAX_BATCH_SIZE" not in env
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", str(tmp_path), "--workers", "0"])
