@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import _machine  # noqa: E402
-from bench_service import MAX_BATCH_SIZE, ensure_artifact, run_load, server  # noqa: E402
+from bench_service import CLIENTS, MAX_BATCH_SIZE, ensure_artifact, run_load, server  # noqa: E402
 
 from protonmf.sample_data import imagenet_photo_files  # noqa: E402
 
@@ -63,9 +63,12 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", type=Path, help="default: Lite0 artifact as in bench_service")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_service_work"))
     ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1, help="workers of both servers")
     ap.add_argument("--rounds", type=int, default=3, help="A B windows per round")
     ap.add_argument("--duration", type=float, default=15.0, help="counted seconds per window")
     ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--client", choices=sorted(CLIENTS), default="httpx",
+                    help="load generator (see bench_service.py)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_env_ab.json")
     args = ap.parse_args(argv)
     if not args.env_b and not args.a_repo:
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
     artifact = ensure_artifact(args)
     extra = parse_env(args.env_b)
     payloads = [(f.name, f.read_bytes()) for f in imagenet_photo_files()]
-    base = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_WORKERS="1",
+    base = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_WORKERS=str(args.workers),
                 PROTONMF_MAX_BATCH_SIZE=str(MAX_BATCH_SIZE))  # fmt: skip
     cmd = [sys.executable, "-m", "protonmf.cli", "serve", "{artifact}", "--grpc-port", "0"]
     a_repo = (args.a_repo or REPO).resolve()
@@ -96,11 +99,14 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             for k, (url, pid) in servers.items():
                 windows[k].append(run_load(url, "explain", pid, payloads, args.clients,
-                                           args.warmup, args.duration))  # fmt: skip
+                                           args.warmup, args.duration, args.client,
+                                           args.workdir))  # fmt: skip
     rate = {k: statistics.mean(w["images_per_s"] for w in ws) for k, ws in windows.items()}
     cpu = {k: statistics.mean(w["server_cpu_ms_per_image"] for w in ws) for k, ws in windows.items()}
     report = {
-        "env_b": extra, "clients": args.clients, "rounds": args.rounds,
+        "env_b": extra, "clients": args.clients, "client": CLIENTS[args.client],
+        "workers": args.workers,
+        "rounds": args.rounds,
         "duration_s": args.duration, "artifact": str(artifact),
         "a": {"repo": str(a_repo), "artifact": str(a_artifact), "commit": _commit(a_repo)},
         "b": {"repo": str(REPO), "artifact": str(artifact), "commit": _commit(REPO)},

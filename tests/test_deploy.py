@@ -324,6 +324,13 @@ def test_rendered_objects_fit_together(rendered):
         assert cm["data"]["PROTONMF_GRPC_PORT"] == "50051"
         gpu = overlay == "gpu"
         assert cm["data"]["PROTONMF_DEVICE"] == ("cuda" if gpu else "cpu")
+        # CPU: workers × onnxruntime threads fill the CPU limit without oversubscribing it;
+        # GPU: one worker and large batches.
+        workers, threads = (int(cm["data"][k]) for k in ("PROTONMF_WORKERS", "PROTONMF_ORT_THREADS"))
+        if gpu:
+            assert workers == 1 and int(cm["data"]["PROTONMF_MAX_BATCH_SIZE"]) == 32
+        else:
+            assert workers * threads == int(res["limits"]["cpu"])
         assert c["image"] == f"protonmf:0.1.0-{overlay}"
         assert ("nvidia.com/gpu" in c["resources"]["limits"]) is gpu
         assert ("tolerations" in pod["spec"] and "nodeSelector" in pod["spec"]) is gpu

@@ -6,6 +6,8 @@ import io
 import json
 import os
 import re
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -60,6 +62,23 @@ def test_asgi_classify_model_overlay(client):
     o = client.post("/overlay", files={"images": ("x.png", blob, "image/png")})
     assert o.status_code == 200 and o.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(o.content)).format == "PNG"
+
+
+def test_asgi_reads_the_benchmark_wrk_body_as_an_upload(client, tmp_path):
+    """benchmarks/bench_service.py's wrk load sends pre-built multipart bodies: the service
+    must read one as it reads a client's upload, or the benchmark measures error answers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_service
+
+    blob = sample_images()[0]
+    body = bench_service.wrk_bodies(tmp_path, [("bag.png", blob)])[0].read_bytes()
+    content_type = f"multipart/form-data; boundary={bench_service.BOUNDARY}"
+    a = client.post("/explain", content=body, headers={"Content-Type": content_type})
+    b = client.post("/explain", files={"images": ("bag.png", blob, "image/png")})
+    assert a.status_code == b.status_code == 200, a.text
+    assert a.json() == b.json()
+    assert f"boundary={bench_service.BOUNDARY}" in bench_service.WRK_SCRIPT % {
+        "boundary": bench_service.BOUNDARY}
 
 
 def test_asgi_openapi_documents_every_endpoint(client):
