@@ -837,6 +837,11 @@ def find_run(runs, key, clients):
     return next((r for r in runs if r["endpoint"] == key and r["clients"] == clients), None)
 
 
+def mean_rate(runs, key, clients) -> float:
+    return statistics.mean(r["images_per_s"] for r in runs
+                           if r["endpoint"] == key and r["clients"] == clients)  # fmt: skip
+
+
 def pooled_over_raw(runs, key, clients) -> dict | None:
     """Every run of ``key`` at ``clients``: img/s summed over raw img/s summed (the mean of
     the windows around each run), and the per-run ratios."""
@@ -867,8 +872,9 @@ def ratios(runs: list[dict], raw: dict) -> dict:
         # the servers run one after the other: each normalised by its own raw windows
         out["explain_over_logits_raw_normalised"] = (out["explain_over_raw_windows"]
                                                      / out["logits_over_raw_windows"])  # fmt: skip
-    if explain and logits and logits["images_per_s"]:
-        out["explain_over_logits"] = explain["images_per_s"] / logits["images_per_s"]
+    if explain and logits and logits["images_per_s"]:  # mean img/s over the rounds
+        out["explain_over_logits"] = (mean_rate(runs, "explain", c)
+                                      / mean_rate(runs, "logits", c))  # fmt: skip
     if explain:
         out["explain_over_raw_blackbox_b32"] = explain["images_per_s"] / raw_bb
     via_http = find_run(runs, "explain_http", c)
