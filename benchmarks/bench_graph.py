@@ -1,12 +1,16 @@
 """Latency of the fused explainer graph vs the plain black-box model, and vs Grad-CAM.
 
 One process; CPU by default, 2 threads for both torch and onnxruntime (``--device cuda``:
-onnxruntime's CUDA provider, TF32 off, and eager torch on the GPU). Every timed call is
-preceded by one untimed call of the same variant (idle gaps inflate onnxruntime latency
-on these machines), every variant runs once per round in an order shuffled each round,
-rounds go on for ``--seconds`` (at least ``--repeats``), and each figure is a median over
-rounds; ratios are against a baseline measured in the same rounds. Eager torch is timed
-in a second pass against the black box alone (its spinning threads slowed the graphs).
+onnxruntime's CUDA provider, TF32 off, and eager torch on the GPU). The onnxruntime
+sessions share one thread pool (``--ort-pool shared``): with a pool per session, each
+session's worker keeps spinning after its run on the cores the next graph needs (at batch
+1 on Fashion, the black box's own nodes read 0.93–1.04× the black box: ``bench_head.py``).
+Every timed call is preceded by one untimed call of the same variant (idle gaps inflate
+onnxruntime latency on these machines), every variant runs once per round in an order
+shuffled each round, rounds go on for ``--seconds`` (at least ``--repeats``), and each
+figure is a median over rounds; ratios are against a baseline measured in the same rounds.
+Eager torch is timed in a second pass against the black box alone (its spinning threads
+slowed the graphs).
 
 Part 1, per model (Fashion-MNIST default artifact, tf_efficientnet_lite0 with real
 weights, timm resnet34 with random weights), at batch 1 and batch 32:
@@ -44,6 +48,7 @@ import json
 import logging
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +78,7 @@ from protonmf.artifact import (  # noqa: E402
 )
 from protonmf.data import find_split, load_image_folder  # noqa: E402
 from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint  # noqa: E402
+from service import runtime  # noqa: E402
 from service.runtime import create_session  # noqa: E402
 
 THREADS = 2
@@ -261,7 +267,9 @@ def _exported(path: Path, export: Callable[[Path], Path]) -> Path:
 
 
 def build_subject(name: str, artifact: Path, images: Path, work: Path,
-                  prepare_only: bool = False) -> Subject | None:  # fmt: skip
+                  prepare_only: bool = False, sessions: bool = True) -> Subject | None:  # fmt: skip
+    """Export what is missing; ``sessions=False``: no onnxruntime sessions (the caller makes
+    its own, e.g. with other thread settings)."""
     manifest = load_manifest(artifact)
     tensors = load_tensors(artifact, manifest)
     model = recorded_model(manifest)
@@ -281,8 +289,12 @@ def build_subject(name: str, artifact: Path, images: Path, work: Path,
                                    lambda p: export_blackbox(model, input_shape, p))  # fmt: skip
     if prepare_only:
         return None
-    sessions = {v: create_session(p, DEVICE, threads=THREADS)[0] for v, p in paths.items()}
-    return Subject(name, manifest, tensors, model, sessions, image_pool(images, manifest), paths,
+    made = (
+        {v: create_session(p, DEVICE, threads=THREADS)[0] for v, p in paths.items()}
+        if sessions
+        else {}
+    )
+    return Subject(name, manifest, tensors, model, made, image_pool(images, manifest), paths,
                    default)  # fmt: skip
 
 
@@ -386,10 +398,27 @@ def bench_subject(subject: Subject, repeats: dict[int, int], seconds: float) -> 
         result["timings"] += [dict(r, own_pass=True) for r in eager_rows]
         if DEVICE == "cpu":  # onnxruntime's per-node profile is CPU kernel time
             fused = (subject.default, *(v for v in FUSED if v != subject.default))
-            result.setdefault("kernel_profile", {})[str(batch)] = kernel_profile(
+            result.setdefault("kernel_profile", {})[str(batch)] = kernel_profile_in_child(
                 subject.paths, x, max(3, repeats[batch] // 3), seconds / 2, fused
             )
     return result
+
+
+def kernel_profile_in_child(paths: dict, x: np.ndarray, rounds: int, seconds: float,
+                            fused: tuple[str, ...]) -> dict:  # fmt: skip
+    """``kernel_profile`` in a fresh process: its sessions need one thread each, which
+    onnxruntime refuses in a process whose sessions share a pool (and on a shared pool of 2
+    threads the profiler put ~15 µs on a Reshape of 30 floats)."""
+    with tempfile.TemporaryDirectory(prefix="bench_graph_profile.") as tmp:
+        tmp = Path(tmp)
+        np.save(tmp / "x.npy", x)
+        spec = {"paths": {v: str(p) for v, p in paths.items()}, "x": str(tmp / "x.npy"),
+                "rounds": rounds, "seconds": seconds, "fused": list(fused),
+                "out": str(tmp / "profile.json")}  # fmt: skip
+        (tmp / "spec.json").write_text(json.dumps(spec))
+        subprocess.run([sys.executable, __file__, "--kernel-profile-spec", str(tmp / "spec.json")],
+                       check=True)  # fmt: skip
+        return json.loads((tmp / "profile.json").read_text())
 
 
 def _profiled(path: Path):
@@ -571,7 +600,8 @@ def bench_gradcam(subject: Subject, rounds: int) -> dict:
 
 def machine_info() -> dict:
     return _machine.machine_info(torch=torch.__version__, torch_threads=THREADS,
-                                 ort_intra_op_threads=THREADS, device=DEVICE)  # fmt: skip
+                                 ort_intra_op_threads=THREADS, device=DEVICE,
+                                 ort_shared_pool=runtime.shared_pool_threads() is not None)  # fmt: skip
 
 
 def machine_line(info: dict, when: str) -> str:
@@ -698,6 +728,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=5,
         help="interleaved Grad-CAM rounds (the library call is ~100-300x a forward)",
     )
+    ap.add_argument(
+        "--ort-pool",
+        choices=["shared", "own"],
+        default="shared",
+        help="shared: all onnxruntime sessions on one pool of 2 threads, so no session's "
+        "spinning workers take the cores the next one's run needs; own: a pool per session",
+    )
+    ap.add_argument("--kernel-profile-spec", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="smoke test: 3/2/1 rounds, skip resnet34")
     ap.add_argument("--skip-resnet34", action="store_true")
     ap.add_argument("--skip-gradcam", action="store_true", help="skip part 2 (Grad-CAM)")
@@ -753,6 +791,8 @@ def run(args, work: Path) -> dict:
     global DEVICE
     DEVICE = args.device
     torch.set_num_threads(THREADS)
+    if args.ort_pool == "shared":  # before the first session: the pool comes with ORT's env
+        runtime.set_shared_thread_pool(THREADS)
     info = machine_info()
     print(machine_line(info, "start"), flush=True)
     if args.prepare_only:
@@ -781,6 +821,7 @@ def run(args, work: Path) -> dict:
             "quick": args.quick,
             "device": args.device,
             "cuda_tf32": False if args.device == "cuda" else None,
+            "ort_pool": args.ort_pool,
             "warmup": "one untimed call right before each timed call",
             "order": "every variant once per round, order shuffled per round (seed 0); "
             "eager in a second pass with the black box only",
@@ -802,6 +843,12 @@ def run_in_workdir(workdir: Path | None, prefix: str, fn: Callable[[Path], dict]
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.kernel_profile_spec:  # the child of kernel_profile_in_child
+        spec = json.loads(args.kernel_profile_spec.read_text())
+        profile = kernel_profile(spec["paths"], np.load(spec["x"]), spec["rounds"],
+                                 spec["seconds"], tuple(spec["fused"]))  # fmt: skip
+        Path(spec["out"]).write_text(json.dumps(profile))
+        return 0
     report = run_in_workdir(args.workdir, "bench_graph.", lambda work: run(args, work))
     if args.prepare_only:
         print(f"\nprepared {report['prepared']}")

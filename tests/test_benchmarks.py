@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +39,36 @@ def test_bench_head_modes_times_both_heads(tmp_path):
     for r in rows:
         assert set(r["median_us"]) == {"black-box", "topk", "all"} and r["rounds"] >= 50
         assert r["cheaper"] == min(("topk", "all"), key=r["median_us"].get)
+
+
+@pytest.fixture(scope="module")
+def head_work(tmp_path_factory):
+    """bench_head's exports (black box, other modes, cuts), made once for these tests."""
+    return tmp_path_factory.mktemp("bench_head_work")
+
+
+def test_bench_head_repeats_in_fresh_processes_on_a_shared_pool(fashion_artifact, head_work,
+                                                                 tmp_path):  # fmt: skip
+    out = tmp_path / "head.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_head.py"), "--artifact",
+                    str(fashion_artifact), "--ort-pool", "shared", "--threads", "1", "2", "--reps", "2",
+                    "--repeats", "3", "--seconds", "0", "--workdir", str(head_work),
+                    "--out", str(out)], check=True)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["settings"]["ort_pool"] == "shared" and result["default"] == "all"
+    assert set(result["threads"]) == {"1", "2"}
+    for rows in result["threads"].values():
+        assert set(rows) == set(result["nodes"]) >= {"black-box", "topk", "all"}
+        for row in rows.values():
+            assert row["rounds"] == 6 and len(row["paired_ratio_per_rep"]) == 2
+        assert rows["black-box"]["paired_ratio_per_rep"] == [1.0, 1.0]
+
+
+def test_bench_head_times_only_the_graphs_asked_for(fashion_artifact, head_work, tmp_path):
+    out = tmp_path / "head.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_head.py"), "--artifact",
+                    str(fashion_artifact), "--graphs", "all", "--ort-pool", "own", "--threads", "2",
+                    "--reps", "1", "--repeats", "2", "--seconds", "0", "--workdir",
+                    str(head_work), "--out", str(out)], check=True)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert set(result["nodes"]) == set(result["threads"]["2"]) == {"black-box", "all"}

@@ -1,12 +1,14 @@
 """The fused ONNX explainer graph: parity with the original model, structure, outputs."""
 
 import json
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
 import onnx
 import pytest
-from conftest import FASHION_DATA, manifest_of, run_cli
+from conftest import FASHION_DATA, REPO, manifest_of, run_cli
 from onnx import numpy_helper
 
 from converter.export import gathernd_to_gather
@@ -356,3 +358,52 @@ def test_spinning_off_is_set_on_the_session(fashion_artifact):
         assert on.get_session_options().get_session_config_entry(key) != "0"
     except RuntimeError:
         pass
+
+
+SHARED_POOL_RUN = """
+import sys
+import numpy as np
+from service.runtime import create_session, set_shared_thread_pool, shared_pool_threads
+path, x_file, out_file = sys.argv[1:]
+assert shared_pool_threads() is None
+set_shared_thread_pool(2)
+assert shared_pool_threads() == 2
+sessions = [create_session(path)[0] for _ in range(2)]  # both on the one pool
+assert all(s.get_session_options().use_per_session_threads is False for s in sessions)
+try:
+    create_session(path, threads=1)
+    sys.exit("a 1-thread session was accepted beside the 2-thread shared pool")
+except ValueError:
+    pass
+x = np.load(x_file)
+outputs = [s.run(None, {s.get_inputs()[0].name: x}) for s in sessions]
+np.savez(out_file, *outputs[0], *outputs[1])
+"""
+
+
+def test_shared_thread_pool_sessions_compute_what_own_pool_ones_do(fashion_artifact, tmp_path):
+    """The benchmarks' shared pool; in a fresh process (the pool comes with onnxruntime's env)."""
+    path = fashion_artifact / "model.onnx"
+    own, _ = create_session(path, threads=2)
+    x = np.random.default_rng(0).random((3, *own.get_inputs()[0].shape[1:]), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    run = subprocess.run(
+        [sys.executable, "-c", SHARED_POOL_RUN, str(path), str(tmp_path / "x.npy"),
+         str(tmp_path / "out.npz")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    want = own.run(None, {own.get_inputs()[0].name: x})
+    with np.load(tmp_path / "out.npz") as got:
+        assert len(got.files) == 2 * len(want)
+        for i, expected in enumerate(want * 2):
+            np.testing.assert_array_equal(got[f"arr_{i}"], expected)
+
+
+def test_shared_pool_sessions_refuse_own_threads_or_no_spinning(fashion_artifact, monkeypatch):
+    import service.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_shared_pool_threads", 2)  # checked before onnxruntime runs
+    for kwargs in ({"threads": 1}, {"spinning": False}):
+        with pytest.raises(ValueError, match="shared pool of 2 threads"):
+            create_session(fashion_artifact / "model.onnx", **kwargs)
