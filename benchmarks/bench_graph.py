@@ -410,15 +410,20 @@ def kernel_profile_in_child(paths: dict, x: np.ndarray, rounds: int, seconds: fl
     onnxruntime refuses in a process whose sessions share a pool (and on a shared pool of 2
     threads the profiler put ~15 µs on a Reshape of 30 floats)."""
     with tempfile.TemporaryDirectory(prefix="bench_graph_profile.") as tmp:
-        tmp = Path(tmp)
-        np.save(tmp / "x.npy", x)
-        spec = {"paths": {v: str(p) for v, p in paths.items()}, "x": str(tmp / "x.npy"),
-                "rounds": rounds, "seconds": seconds, "fused": list(fused),
-                "out": str(tmp / "profile.json")}  # fmt: skip
-        (tmp / "spec.json").write_text(json.dumps(spec))
-        subprocess.run([sys.executable, __file__, "--kernel-profile-spec", str(tmp / "spec.json")],
-                       check=True)  # fmt: skip
-        return json.loads((tmp / "profile.json").read_text())
+        np.save(Path(tmp) / "x.npy", x)
+        spec = {"paths": {v: str(p) for v, p in paths.items()}, "x": str(Path(tmp) / "x.npy"),
+                "rounds": rounds, "seconds": seconds, "fused": list(fused)}  # fmt: skip
+        return in_child(Path(__file__), "--kernel-profile-spec", spec, Path(tmp))
+
+
+def in_child(script: Path, flag: str, spec: dict, work: Path) -> dict:
+    """``python script flag SPEC``, a fresh process that writes its result to spec["out"]
+    (set here, in ``work``) as JSON; that result."""
+    spec = dict(spec, out=str(work / f"{script.stem}-child-out.json"))
+    spec_file = work / f"{script.stem}-child-spec.json"
+    spec_file.write_text(json.dumps(spec))
+    subprocess.run([sys.executable, str(script), flag, str(spec_file)], check=True)
+    return json.loads(Path(spec["out"]).read_text())
 
 
 def _profiled(path: Path):

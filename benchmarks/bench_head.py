@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -126,11 +125,8 @@ def rep_in_process(paths: dict[str, Path], work: Path, threads: int, args, rep: 
     sessions' memory lands is fixed for a process's life, so its repetitions share it)."""
     spec = {"paths": {v: str(p) for v, p in paths.items()}, "input": str(work / "input.npy"),
             "threads": threads, "ort_pool": args.ort_pool, "repeats": args.repeats,
-            "seconds": args.seconds, "rep": rep, "out": str(work / f"rep-{threads}-{rep}.json")}  # fmt: skip
-    spec_file = work / "rep-spec.json"
-    spec_file.write_text(json.dumps(spec))
-    subprocess.run([sys.executable, __file__, "--rep-spec", str(spec_file)], check=True)
-    return json.loads(Path(spec["out"]).read_text())
+            "seconds": args.seconds, "rep": rep}  # fmt: skip
+    return bench_graph.in_child(Path(__file__), "--rep-spec", spec, work)
 
 
 def timed_rep(spec: dict) -> dict[str, list[float]]:
