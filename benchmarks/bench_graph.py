@@ -408,7 +408,8 @@ def kernel_profile_in_child(paths: dict, x: np.ndarray, rounds: int, seconds: fl
                             fused: tuple[str, ...]) -> dict:  # fmt: skip
     """``kernel_profile`` in a fresh process: its sessions need one thread each, which
     onnxruntime refuses in a process whose sessions share a pool (and on a shared pool of 2
-    threads the profiler put ~15 µs on a Reshape of 30 floats)."""
+    threads the profiler's per-node times are not the nodes' work: a trial run, not kept,
+    put 16 µs on a Reshape of 30 floats)."""
     with tempfile.TemporaryDirectory(prefix="bench_graph_profile.") as tmp:
         np.save(Path(tmp) / "x.npy", x)
         spec = {"paths": {v: str(p) for v, p in paths.items()}, "x": str(Path(tmp) / "x.npy"),

@@ -71,6 +71,7 @@ def set_shared_thread_pool(threads: int) -> None:
     session's run needs. The service holds one session per process and does not need it.
     Call before the process's first onnxruntime session (the pool comes with onnxruntime's
     environment); afterwards onnxruntime refuses sessions with pools of their own."""
+    # onnxruntime's Python API sets the global pool only through its binding module
     import onnxruntime.capi._pybind_state as ort_c
 
     global _shared_pool_threads
