@@ -1,15 +1,15 @@
 """The conversion pipeline: timm model + labelled images → ProtoNMF artifact directory.
 
     load model → analyse head → extract features per class → NMF (batched over classes)
-    → head fit (Eq. 4–5) → fold residual (Eq. 8, guarded) → torch exactness check
-    → ONNX export → artifact (written atomically)
+    → head fit (Eq. 4–5) → fold residual (Eq. 8, guarded) → exemplars (Eq. 2's E, Eq. 9's E')
+    → torch exactness check → ONNX export → ONNX exactness check (onnxruntime, the graph
+    the service runs) → artifact (written atomically)
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,9 +18,11 @@ import torch
 from tqdm import tqdm
 
 import protonmf
-from protonmf.artifact import Preprocessing, preprocess, write_artifact
+from protonmf.artifact import Preprocessing, preprocess, scratch, write_artifact
 from protonmf.data import Sample, find_split, load_samples
+from protonmf.exemplars import EXEMPLARS_FILE, KINDS, save_exemplars
 
+from .exemplars import presence_filters, select_exemplars
 from .export import export_onnx, graph_spec
 from .head import fit_coefficients, fold_residual
 from .models import (
@@ -34,7 +36,8 @@ from .models import (
 from .nmf import nmf
 from .protomodel import ProtoModel
 
-__all__ = ["ConvertConfig", "class_names_of", "convert", "extract_features", "logits_of"]
+__all__ = ["ConvertConfig", "NotExactError", "class_names_of", "convert", "extract_features",
+           "logits_of", "onnx_exactness"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,14 @@ class ConvertConfig:
     maps: str = "auto"
     scores: str = "auto"
     k: int = 5
+    exemplars: int = 8  # per prototype and kind; 0: none
+    presence: bool = False  # Eq. 9 presence maps as a graph output
+    rtol: float = 1e-5  # the ONNX graph's largest relative logit difference allowed
     progress: bool = True
+
+
+class NotExactError(RuntimeError):
+    """The exported graph's logits differ from the black box's beyond the tolerance."""
 
 
 def _device(name: str) -> torch.device:
@@ -125,8 +135,9 @@ def logits_of(module, samples, prep, batch_size=64, device="cpu", progress=False
     return torch.cat(outs)
 
 
-def _run_nmf(features, classes, p, cfg, device, progress):
-    """NMF for every class with images, in chunks that fit memory. Returns dict per class."""
+def _run_nmf(features, classes, p, cfg, device, progress, keep_E=False):
+    """NMF for every class with images, in chunks that fit memory. Returns dict per class
+    (with keep_E, its factor E as (n, H, W, p) float32: the NMF presence maps)."""
     D = next(iter(features.values())).shape[-1]
     order = sorted(features)
     rows = {c: features[c].shape[0] * features[c].shape[1] * features[c].shape[2] for c in order}
@@ -154,6 +165,9 @@ def _run_nmf(features, classes, p, cfg, device, progress):
                 iterations=int(res.n_iter[j]),
                 feature_rel_error=float(res.rel_error[j]),
             )
+            if keep_E:
+                shape = (*features[c].shape[:3], p)
+                results[c]["E"] = res.E[j, : rows[c]].float().cpu().numpy().reshape(shape)
         i += len(chunk)
     iters.close()
     return results
@@ -163,6 +177,8 @@ def convert(cfg: ConvertConfig) -> Path:
     """Run the whole conversion; returns the artifact directory."""
     if cfg.p < 1:
         raise ValueError(f"p must be >= 1, got {cfg.p}")
+    if cfg.exemplars < 0:
+        raise ValueError(f"--exemplars must be >= 0, got {cfg.exemplars}")
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     source = ModelSource(cfg.model, cfg.checkpoint, cfg.model_kwargs or None)
@@ -172,13 +188,19 @@ def convert(cfg: ConvertConfig) -> Path:
     probe = torch.randn(2, prep.channels, prep.height, prep.width, device=device)
     head = analyse_head(model, probe)
     log.info("head: %s (layout %s)", head.kind, head.layout)
+    if cfg.p > head.weight.shape[1]:
+        raise ValueError(
+            f"-p {cfg.p} exceeds the feature dimension D = {head.weight.shape[1]}: at most D "
+            "prototypes per class can be linearly independent (and C·p·D floats are stored)"
+        )
 
     train_dir, split_heldout = find_split(cfg.data)
     heldout_dir = Path(cfg.heldout) if cfg.heldout else split_heldout
     samples = load_samples(train_dir, classes, cfg.max_per_class)
     features = extract_features(model, head, samples, prep, cfg.batch_size, device, cfg.progress)
     grid_hw = tuple(next(iter(features.values())).shape[1:3])
-    nmf_out = _run_nmf(features, classes, cfg.p, cfg, device, cfg.progress)
+    nmf_out = _run_nmf(features, classes, cfg.p, cfg, device, cfg.progress,
+                       keep_E=cfg.exemplars > 0)  # fmt: skip
 
     V = head.class_vectors.cpu().numpy()  # (C, D) float64
     C, D = V.shape
@@ -213,12 +235,21 @@ def convert(cfg: ConvertConfig) -> Path:
             fold.coefficients[c] = 0.0
             fold.coefficients[c, 0] = 1.0
 
+    filters = presence_filters(fold.prototypes)
+    exemplars = None
+    if cfg.exemplars > 0:
+        class_samples = {c: [s for s in samples if s.label == c] for c in features}
+        E = {c: r.pop("E") for c, r in nmf_out.items()}
+        exemplars = select_exemplars(features, E, filters, class_samples, prep, cfg.exemplars,
+                                     Path(train_dir), cfg.progress)  # fmt: skip
     proto = ProtoModel(model, head, fold.prototypes, fold.coefficients, maps=cfg.maps, k=cfg.k,
-                       scores=cfg.scores)  # fmt: skip
+                       scores=cfg.scores, presence_filters=filters if cfg.presence else None)  # fmt: skip
     proto = proto.eval().to(device)
     check_samples = (load_samples(heldout_dir, classes, cfg.max_per_class) if heldout_dir
                      else samples[:256])  # fmt: skip
-    exact = torch_exactness(model, proto, check_samples, prep, cfg.batch_size, device)
+    want = logits_of(model, check_samples, prep, cfg.batch_size, device).double().numpy()
+    got = logits_of(proto, check_samples, prep, cfg.batch_size, device).double().numpy()
+    exact = exactness(want, got)
     log.info("torch exactness: %s", exact)
 
     tensors = {
@@ -229,6 +260,7 @@ def convert(cfg: ConvertConfig) -> Path:
         "class_vectors": V.astype(np.float32),
         "bias": head.effective_bias.cpu().numpy().astype(np.float32),
         "fold_weights": fold.weights.astype(np.float32),
+        "presence_filters": filters.astype(np.float32),
     }
     input_shape = (prep.channels, prep.height, prep.width)
     explained = sum(1 for d in per_class if d["explained"])
@@ -259,19 +291,40 @@ def convert(cfg: ConvertConfig) -> Path:
             "per_class": per_class,
         },
     }
+    if exemplars is not None:
+        manifest["exemplars"] = {"file": EXEMPLARS_FILE, "m": cfg.exemplars, "kinds": list(KINDS),
+                                 "ranking": "peak", "images": len(exemplars.thumbnails)}  # fmt: skip
     proto = proto.cpu()
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch(cfg.out, "export") as tmp:
         onnx_path = export_onnx(proto, input_shape, Path(tmp) / "model.onnx")
         manifest["graph"] = graph_spec(proto, input_shape, grid_hw)
-        out = write_artifact(cfg.out, manifest, tensors, onnx_path)
+        onnx_exact = onnx_exactness(onnx_path, want, check_samples, prep, cfg.batch_size)
+        manifest["diagnostics"]["onnx_exactness"] = {**onnx_exact, "rtol": cfg.rtol}
+        log.info("onnx exactness: %s", onnx_exact)
+        extra = {}
+        if exemplars is not None:
+            save_exemplars(Path(tmp) / EXEMPLARS_FILE, exemplars)
+            extra[EXEMPLARS_FILE] = Path(tmp) / EXEMPLARS_FILE
+        out = write_artifact(cfg.out, manifest, tensors, onnx_path, extra_files=extra)
+    if onnx_exact["top1_agreement"] < 1.0 or onnx_exact["max_rel_logit_diff"] > cfg.rtol:
+        raise NotExactError(
+            f"{out}: the ONNX graph is not exact on {onnx_exact['n_images']} images "
+            f"(max rel logit diff {onnx_exact['max_rel_logit_diff']:.3g} > rtol {cfg.rtol:g} "
+            f"or top-1 agreement {onnx_exact['top1_agreement']:.2%}); the artifact is written "
+            "for inspection, do not serve it as exact (see `protonmf verify`)"
+        )
     return out
 
 
-def torch_exactness(model, proto, samples, prep, batch_size, device) -> dict:
-    """Prototype model vs the original model on images: the figures ``verify`` reports."""
-    want = logits_of(model, samples, prep, batch_size, device)
-    got = logits_of(proto, samples, prep, batch_size, device)
-    return exactness(want.double().numpy(), got.double().numpy())
+def onnx_exactness(onnx_path, want: np.ndarray, samples, prep, batch_size) -> dict:
+    """The exported graph, run by onnxruntime on the CPU as the service runs it, vs the
+    black box's logits ``want`` on the same images: what ``protonmf verify`` reports."""
+    from service.runtime import create_session
+
+    session, provider = create_session(onnx_path, "cpu")
+    got = np.concatenate([session.run(["logits"], {"image": x.numpy()})[0]
+                          for x, _ in _batches(samples, prep, batch_size)])  # fmt: skip
+    return {**exactness(want, got.astype(np.float64)), "provider": provider}
 
 
 def exactness(want: np.ndarray, got: np.ndarray) -> dict:

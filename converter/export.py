@@ -119,6 +119,8 @@ def graph_spec(model: ProtoModel, input_shape, grid_hw) -> dict:
         "pooled": ["N", D],
         "topk_maps": ["N", k, p, H, W],
         "maps": ["N", C, p, H, W],
+        "presence": ["N", C, p, H, W],
+        "topk_presence": ["N", k, p, H, W],
     }
     names = model.output_names
     return {
@@ -128,4 +130,5 @@ def graph_spec(model: ProtoModel, input_shape, grid_hw) -> dict:
         "maps": model.maps,
         "scores": model.scores,
         "k": k if "topk_classes" in names else None,
+        "presence": model.presence_filters is not None,
     }

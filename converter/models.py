@@ -69,8 +69,6 @@ def load_model(source: ModelSource) -> nn.Module:
     A checkpoint whose keys differ from timm's but align one-to-one by order and shape
     (e.g. EfficientNet-Lite0 weights from other ports) is remapped by order.
     """
-    import timm
-
     kwargs = dict(source.model_kwargs or {})
     path = Path(source.model)
     if path.is_dir():
@@ -80,11 +78,11 @@ def load_model(source: ModelSource) -> nn.Module:
                         if (path / n).is_file()), None)  # fmt: skip
         if weights is None:
             raise FileNotFoundError(f"{path} has no model.safetensors or pytorch_model.bin")
-        model = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True, **kwargs)
+        model = _create(f"local-dir:{path.resolve()}", kwargs, pretrained=True)
         source.weights_sha256 = sha256_file(weights)
     elif source.checkpoint:
         state = _read_state_dict(source.checkpoint)
-        model = timm.create_model(source.model, pretrained=False, **kwargs)
+        model = _create(source.model, kwargs)
         model.load_state_dict(_align_state_dict(state, model.state_dict(), source.checkpoint))
         source.weights_sha256 = sha256_file(source.checkpoint)
     else:
@@ -95,20 +93,57 @@ def load_model(source: ModelSource) -> nn.Module:
     return model.eval()
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+def _create(name: str, kwargs: dict, pretrained: bool = False) -> nn.Module:
+    """timm.create_model, with timm's refusals (unknown architecture, a keyword the model
+    does not take, a head setting it cannot build) as one-line ValueErrors."""
+    import timm
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError, OSError) as e:
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"timm cannot create {name!r} with {kwargs or 'no kwargs'}: {what}") from e
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict; anything else (random bytes, a plain tensor, a pickle
+    that weights_only refuses) is a one-line ValueError."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, EOFError, OSError,
+            TypeError, AttributeError, IndexError, SafetensorError) as e:  # fmt: skip
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(f"{path}: not a readable {'safetensors' if str(path).endswith('.safetensors') else 'PyTorch'} "
+                         f"checkpoint ({type(e).__name__}: {first})") from e  # fmt: skip
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
-            return state[key]
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
     return state
 
 
 def _align_state_dict(state: dict, target: dict, path: str) -> dict:
     if state.keys() == target.keys():
+        wrong = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in state.items()
+                 if v.shape != target[k].shape]  # fmt: skip
+        if wrong:
+            k, got, want = wrong[0]
+            raise ValueError(
+                f"{path}: {k} has shape {got} in the checkpoint but {want} in the model "
+                f"({len(wrong)} such tensors): another num_classes or variant? Set it with "
+                "--model-kwargs, e.g. '{\"num_classes\": N}'"
+            )
         return state
     pairs = list(zip(state.items(), target.items(), strict=False))
     if len(state) != len(target) or any(v.shape != t.shape for (_, v), (_, t) in pairs):
@@ -123,25 +158,95 @@ def _align_state_dict(state: dict, target: dict, path: str) -> dict:
 
 
 def preprocessing_from_timm(model: nn.Module) -> Preprocessing:
-    """The eval transform timm would use for this model, as the artifact records it."""
+    """The eval transform timm would use for this model, as the artifact records it.
+
+    That is ``timm.data.create_transform(**resolve_data_config({}, model=model))``;
+    ``resize_crop`` then gives its pixels exactly. A transform it cannot reproduce (an
+    unknown crop mode or interpolation, 2 or 4+ channels, crop_pct > 1 on a non-square
+    input) raises ``ValueError``. Two cases where the pretrained_cfg describes another model
+    than the one built (timm's transform would feed it the wrong input): a model with a
+    fixed-size patch embedding (ViT, Mixer, …) built for another ``img_size`` gets that
+    size; a model built with ``in_chans=1`` whose cfg says 3 channels gets greyscale input,
+    normalised by the mean of the cfg's per-channel mean and std (logged).
+    """
+    import math
+
     from timm.data import resolve_data_config
+
+    from protonmf.artifact import _RESAMPLE
 
     cfg = resolve_data_config({}, model=model)
     c, h, w = cfg["input_size"]
-    patch_embed = getattr(model, "patch_embed", None)
-    if getattr(patch_embed, "strict_img_size", False):
-        h, w = patch_embed.img_size  # built for another size than its pretrained_cfg says
-    crop_pct = cfg.get("crop_pct", 1.0) or 1.0
-    interpolation = cfg.get("interpolation", "bilinear")
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    embed = _fixed_size_embedding(model)
+    if embed is not None:
+        h, w = embed.img_size  # built for another size than its pretrained_cfg says
+    in_chans = _input_channels(model)
+    if c == 3 and in_chans == 1:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        log.warning("the model takes 1 channel, its pretrained_cfg describes 3: greyscale "
+                    "input normalised with mean %.4f, std %.4f", mean[0], std[0])  # fmt: skip
+        c = 1
+    crop_pct = cfg.get("crop_pct") or 0.875  # timm.data.transforms_factory's default
+    crop_mode = cfg.get("crop_mode") or "center"
+    interpolation = cfg.get("interpolation") or "bilinear"
+    if crop_mode not in ("center", "squash", "border"):
+        raise ValueError(f"timm crop_mode {crop_mode!r} is not supported (center, squash, border)")
+    if interpolation not in _RESAMPLE:
+        raise ValueError(f"timm interpolation {interpolation!r} is not supported "
+                         f"({', '.join(_RESAMPLE)})")  # fmt: skip
+    if c not in (1, 3):
+        raise ValueError(f"{c}-channel input is not supported (1 or 3 channels)")
+    scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))  # as timm: floor, not round
+    if crop_mode == "center" and h != w and scale[0] == scale[1]:  # timm pads, old specs clamp
+        raise ValueError(f"crop_pct {crop_pct} > 1 with the non-square input {h}x{w} is not "
+                         "supported")  # fmt: skip
     return Preprocessing(
         height=h,
         width=w,
-        resize=int(round(min(h, w) / crop_pct)),
+        resize=max(scale),
         color_mode="L" if c == 1 else "RGB",
-        interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bilinear",
-        mean=tuple(float(m) for m in cfg["mean"]),
-        std=tuple(float(s) for s in cfg["std"]),
+        interpolation=interpolation,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        crop_mode=crop_mode,
+        # timm resizes the shorter side for a square target, else scales to fit
+        resize_hw=None if scale[0] == scale[1] else scale,
     )
+
+
+def _fixed_size_embedding(model: nn.Module):
+    """The first patch embedding that only accepts its own img_size (timm's PatchEmbed with
+    strict_img_size), wherever the model keeps it (``patch_embed``, Mixer's ``stem``)."""
+    for module in model.modules():
+        if getattr(module, "strict_img_size", False) and getattr(module, "img_size", None):
+            return module
+    return None
+
+
+def _patch_embedding(model: nn.Module):
+    """The module that cut the image into patch tokens (has ``grid_size``), or None."""
+    embed = getattr(model, "patch_embed", None)
+    if getattr(embed, "grid_size", None) is not None:
+        return embed
+    return next((m for m in model.modules() if getattr(m, "grid_size", None) is not None), None)
+
+
+def _token_grid(model: nn.Module, length: int) -> tuple[int, int]:
+    """(H, W) of ``length`` patch tokens: the embedding's grid, or, for a model that takes
+    other image sizes (dynamic_img_size), that grid scaled evenly to ``length`` tokens."""
+    gh, gw = _patch_embedding(model).grid_size
+    if gh * gw != length:
+        scale = (length / (gh * gw)) ** 0.5
+        if round(gh * scale) * round(gw * scale) == length:
+            return round(gh * scale), round(gw * scale)
+    return gh, gw
+
+
+def _input_channels(model: nn.Module) -> int | None:
+    """Channels of the model's first convolution (the stem or patch projection)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if conv is None else conv.in_channels
 
 
 def features_nhwc(model: nn.Module, feats: torch.Tensor, layout: str) -> torch.Tensor:
@@ -153,7 +258,7 @@ def features_nhwc(model: nn.Module, feats: torch.Tensor, layout: str) -> torch.T
     # tokens: drop class/prefix tokens, reshape patch tokens to their grid
     tokens = feats[:, getattr(model, "num_prefix_tokens", 0) :]
     n, length, d = tokens.shape
-    gh, gw = model.patch_embed.grid_size
+    gh, gw = _token_grid(model, length)
     if gh * gw != length:
         raise UnsupportedModelError(f"{length} patch tokens do not form the {gh}×{gw} grid")
     return tokens.reshape(n, gh, gw, d)
@@ -186,14 +291,50 @@ class HeadSpec:
         return self.bias + self.weight @ self.norm_bias
 
 
+def _probe(model: nn.Module, probe: torch.Tensor, name: str):
+    """forward_features and forward_head on the probe batch; a model that fails on the
+    input its own config describes is refused in one line, with what it said."""
+    try:
+        feats = model.forward_features(probe)
+        if not isinstance(feats, torch.Tensor):
+            raise UnsupportedModelError(
+                f"{name}.forward_features returned a {type(feats).__name__}, not one feature "
+                "map (auxiliary outputs such as inception_v3's aux_logits are not supported)"
+            )
+        logits = model.forward_head(feats)
+    except UnsupportedModelError:
+        raise
+    except Exception as e:  # any failure of the model on its own input size: not convertible
+        first = str(e).strip().splitlines()[0][:200].rstrip(".") if str(e).strip() else ""
+        raise UnsupportedModelError(
+            f"{name} fails on a {tuple(probe.shape[1:])} input (its pretrained_cfg's size and "
+            f"channels): {type(e).__name__}: {first}. If the model was built for another "
+            "size, pass pretrained_cfg_overlay={'input_size': [C, H, W]} in --model-kwargs"
+        ) from e
+    if not isinstance(logits, torch.Tensor):
+        raise UnsupportedModelError(f"{name}.forward_head returned a {type(logits).__name__}, "
+                                    "not one logits tensor")  # fmt: skip
+    return feats, logits
+
+
 def _layout(model: nn.Module, feats: torch.Tensor, num_features: int) -> str:
-    if feats.ndim == 3:
+    name = type(model).__name__
+    if feats.ndim == 3 and feats.shape[-1] == num_features:
+        if _patch_embedding(model) is None:
+            raise UnsupportedModelError(
+                f"{name} returns tokens {tuple(feats.shape)} without a patch grid "
+                "(no patch embedding with a grid_size): no maps can be drawn from them"
+            )
         return "tokens"
     if feats.ndim == 4 and feats.shape[1] == num_features:
         return "nchw"
     if feats.ndim == 4 and feats.shape[-1] == num_features:
         return "nhwc"
-    raise UnsupportedModelError(f"forward_features returned shape {tuple(feats.shape)}")
+    raise UnsupportedModelError(
+        f"{name}'s classifier reads {num_features} features but forward_features returns "
+        f"{tuple(feats.shape)}: something non-linear (a pre-logits MLP or conv) sits between "
+        "them, so the head is not average pool → (LayerNorm) → linear"
+    )
 
 
 def _find_post_pool_norm(model: nn.Module) -> nn.Module | None:
@@ -229,11 +370,10 @@ def analyse_head(model: nn.Module, probe: torch.Tensor, rtol: float = 1e-4) -> H
             f"{name}'s classifier is {type(fc).__name__}, not a single nn.Linear (an MLP or "
             "convolutional head is not decomposable into prototypes)."
         )
-    feats = model.forward_features(probe)
+    feats, want = _probe(model, probe, name)
     layout = _layout(model, feats, fc.in_features)
     grid = features_nhwc(model, feats, layout)  # (N, H, W, D)
     pooled = grid.mean((1, 2))
-    want = model.forward_head(feats)
     bias = fc.bias if fc.bias is not None else torch.zeros(fc.out_features)
     candidates = [("avg_linear", None)]
     norm = _find_post_pool_norm(model)

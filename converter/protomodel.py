@@ -55,13 +55,17 @@ def resolve_modes(scores: str, maps: str, n_classes: int, k: int) -> tuple[str, 
     return scores, maps
 
 
-def output_names(scores: str = "topk", maps: str = "topk", image_bias: bool = False) -> list[str]:
+def output_names(scores: str = "topk", maps: str = "topk", image_bias: bool = False,
+                 presence: bool = False) -> list[str]:  # fmt: skip
     """The graph's outputs, in order, for a (scores, maps) mode (the manifest documents shapes).
 
     image_bias: the head's bias depends on the image (LayerNorm); only then does
-    ``scores="all"`` emit ``bias`` (N, C)."""
+    ``scores="all"`` emit ``bias`` (N, C). Every mode emits ``pooled`` (format 4): with it
+    the service splits any class's contributions into NMF and residual parts.
+    presence: Eq. 9's presence maps beside the similarity maps (needs maps)."""
     if scores == "all":
         names = ["logits", "scores", "contributions"] + (["bias"] if image_bias else [])
+        names.append("pooled")
     else:
         names = ["logits", "topk_classes", "topk_scores", "topk_contributions", "topk_bias",
                  "pooled"]  # fmt: skip
@@ -69,6 +73,10 @@ def output_names(scores: str = "topk", maps: str = "topk", image_bias: bool = Fa
         names.append("maps")
     elif maps == "topk":
         names += [n for n in ("topk_classes", "topk_maps") if n not in names]
+    if presence:
+        if maps == "none":
+            raise ValueError("presence maps need a graph with maps (--maps all or topk)")
+        names.append("presence" if maps == "all" else "topk_presence")
     return names
 
 
@@ -80,7 +88,7 @@ class ProtoModel(nn.Module):
     """
 
     def __init__(self, backbone, head: HeadSpec, prototypes, coefficients, maps="auto", k=5,
-                 scores="auto"):  # fmt: skip
+                 scores="auto", presence_filters=None):  # fmt: skip
         super().__init__()
         if maps not in MAPS:
             raise ValueError(f"maps must be one of {list(MAPS)}, got {maps!r}")
@@ -96,6 +104,15 @@ class ProtoModel(nn.Module):
         self.register_buffer("prototypes", torch.as_tensor(prototypes, dtype=torch.float32))
         self.register_buffer("coefficients", torch.as_tensor(coefficients, dtype=torch.float32))
         self.register_buffer("head_bias", head.effective_bias.float())
+        # Eq. 9's presence E' = A · pinv(B')ᵀ-rows per position (presence_filters (C, p, D)):
+        # linear in the clipped features, so it is one more 1×1 convolution.
+        if presence_filters is not None:
+            if maps == "none":
+                raise ValueError("presence maps need a graph with maps (--maps all or topk)")
+            self.register_buffer("presence_filters",
+                                 torch.as_tensor(presence_filters, dtype=torch.float32))  # fmt: skip
+        else:
+            self.presence_filters = None
         self.norm_eps = head.norm_eps
         if head.kind == "avg_norm_linear":
             # Σ_d V_cd: the class's response to the per-image mean μ that LayerNorm removes.
@@ -105,7 +122,8 @@ class ProtoModel(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        return output_names(self.scores, self.maps, image_bias=self.center is not None)
+        return output_names(self.scores, self.maps, image_bias=self.center is not None,
+                            presence=self.presence_filters is not None)  # fmt: skip
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H_in, W_in) → raw features (N, D, H, W), before any pooling.
@@ -129,16 +147,29 @@ class ProtoModel(nn.Module):
         grid = self.features(x)  # (N, D, H, W)
         pooled = grid.mean((2, 3))  # (N, D)
         if self.scores == "topk":
-            return tuple(self._topk(grid, pooled))
-        if self.maps == "all":
+            out = self._topk(grid, pooled)
+        elif self.maps == "all":
             # Eq. 8's prototypes as one 1×1 conv of C·p filters; scores = the maps' means
             # (Eq. 9). No TopK, no Gather: for a few classes the cheapest head.
-            maps = self._all_maps(grid)
-            return tuple(self._all_terms(maps.mean((3, 4)), pooled) + [maps])
-        C, p, D = self.prototypes.shape
-        scores = (pooled @ self.prototypes.reshape(C * p, D).t()).reshape(-1, C, p)  # (N, C, p)
-        out = self._all_terms(scores, pooled)
-        return tuple(out + self._all_or_topk_maps(grid, out[0]))
+            maps = self._all_maps(grid, self.prototypes)
+            out = self._all_terms(maps.mean((3, 4)), pooled) + [maps]
+        else:
+            C, p, D = self.prototypes.shape
+            scores = (pooled @ self.prototypes.reshape(C * p, D).t()).reshape(-1, C, p)
+            out = self._all_terms(scores, pooled)
+            out += self._all_or_topk_maps(grid, out[0])
+        if self.presence_filters is not None:
+            out.append(self._presence(grid, out))
+        return tuple(out)
+
+    def _presence(self, grid, out: list):
+        """Eq. 9's E' on the clipped features (the matrix A that NMF factorised), for the
+        classes the similarity maps cover: every class, or the graph's top-k."""
+        clipped = grid.clamp_min(0)
+        if self.maps == "all":
+            return self._all_maps(clipped, self.presence_filters)
+        top = out[self.output_names.index("topk_classes")]  # (N, k)
+        return self._gathered_maps(clipped, self.presence_filters[top])
 
     def _all_terms(self, scores, pooled) -> list:
         """scores="all": every class's scores (N, C, p) → logits, scores, contributions[, bias]."""
@@ -147,7 +178,7 @@ class ProtoModel(nn.Module):
         if inv_sigma is not None:
             contributions = contributions * inv_sigma.unsqueeze(-1)
         logits = contributions.sum(-1) + bias  # (N, C)
-        return [logits, scores, contributions, *self._image_bias(bias, scores.shape[0])]
+        return [logits, scores, contributions, *self._image_bias(bias, scores.shape[0]), pooled]
 
     def _image_bias(self, bias, n: int) -> list:
         """The ``bias`` output (N, C) where it depends on the image (LayerNorm heads), else
@@ -155,11 +186,12 @@ class ProtoModel(nn.Module):
         in-graph cost ~2% at batch 1 on the Fashion model (Shape + Concat + Expand)."""
         return [] if self.center is None else [bias.expand(n, bias.shape[-1])]
 
-    def _all_maps(self, grid):
-        """grid (N, D, H, W) → every class's maps (N, C, p, H, W): one 1×1 conv, C·p filters."""
+    def _all_maps(self, grid, filters):
+        """grid (N, D, H, W), filters (C, p, D) → every class's maps (N, C, p, H, W): one
+        1×1 conv of C·p filters."""
         n, _, H, W = grid.shape
-        C, p, D = self.prototypes.shape
-        maps = F.conv2d(grid, self.prototypes.reshape(C * p, D)[:, :, None, None])
+        C, p, D = filters.shape
+        maps = F.conv2d(grid, filters.reshape(C * p, D)[:, :, None, None])
         return maps.reshape(n, C, p, H, W)
 
     def _topk(self, grid, pooled) -> list:
@@ -193,7 +225,7 @@ class ProtoModel(nn.Module):
     def _all_or_topk_maps(self, grid, logits) -> list:
         """The maps outputs of every mode but (topk, topk), which ``_topk`` builds."""
         if self.maps == "all":
-            return [self._all_maps(grid)]
+            return [self._all_maps(grid, self.prototypes)]
         if self.maps == "none":
             return []
         top = logits.topk(self.k, dim=1).indices  # (N, k)

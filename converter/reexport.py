@@ -8,13 +8,20 @@ were derived from the old graph, so they are dropped: re-run ``protonmf variants
 from __future__ import annotations
 
 import datetime as dt
-import tempfile
 from pathlib import Path
 
 import torch
 
-from protonmf.artifact import Preprocessing, load_manifest, load_tensors, write_artifact
+from protonmf.artifact import (
+    Preprocessing,
+    kept_files,
+    load_manifest,
+    load_tensors,
+    scratch,
+    write_artifact,
+)
 
+from .exemplars import presence_filters
 from .export import export_onnx, graph_spec
 from .models import analyse_head, recorded_model
 from .protomodel import ProtoModel
@@ -23,34 +30,42 @@ __all__ = ["prototype_model", "reexport"]
 
 
 def prototype_model(manifest: dict, tensors: dict, maps="auto", scores="auto",
-                    k: int | None = None) -> ProtoModel:  # fmt: skip
+                    k: int | None = None, presence: bool = False) -> ProtoModel:  # fmt: skip
     """The artifact's prototype model on its original backbone, in the given head modes
-    (k: the artifact's when None)."""
+    (k: the artifact's when None; presence: with Eq. 9's presence maps)."""
     model = recorded_model(manifest)
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     head = analyse_head(model, torch.randn(2, prep.channels, prep.height, prep.width))
     k = k or manifest["graph"].get("k") or manifest["conversion"].get("k") or 5
     return ProtoModel(model, head, torch.from_numpy(tensors["prototypes"]),
                       torch.from_numpy(tensors["coefficients"]), maps=maps, k=k,
-                      scores=scores).eval()  # fmt: skip
+                      scores=scores,
+                      presence_filters=tensors["presence_filters"] if presence else None).eval()  # fmt: skip
 
 
-def reexport(artifact, out=None, maps="auto", scores="auto", k: int | None = None) -> Path:
-    """Write ``artifact`` (or a copy at ``out``) with its graph exported in these modes."""
+def reexport(artifact, out=None, maps="auto", scores="auto", k: int | None = None,
+             presence: bool = False) -> Path:  # fmt: skip
+    """Write ``artifact`` (or a copy at ``out``) with its graph exported in these modes.
+    An artifact of an older format is written as the current one (``pooled`` in every graph,
+    presence filters computed from its prototypes); its exemplars, if any, are kept."""
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
     tensors = load_tensors(artifact, manifest)
-    proto = prototype_model(manifest, tensors, maps, scores, k)
+    if "presence_filters" not in tensors:  # before format 4
+        tensors["presence_filters"] = presence_filters(tensors["prototypes"]).astype("float32")
+    proto = prototype_model(manifest, tensors, maps, scores, k, presence)
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     input_shape = (prep.channels, prep.height, prep.width)
     manifest = dict(manifest)
-    manifest.pop("variants", None)
+    variants = manifest.pop("variants", None) or {}
     manifest["conversion"] = {**manifest["conversion"], "maps": maps, "scores": scores,
-                              "k": proto.k, "reexported": _now()}  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
+                              "k": proto.k, "presence": presence, "reexported": _now()}  # fmt: skip
+    dropped = {v["file"] for v in variants.values()}
+    extra = {n: f for n, f in kept_files(artifact, manifest).items() if n not in dropped}
+    with scratch(out or artifact, "export") as tmp:
         onnx_path = export_onnx(proto, input_shape, Path(tmp) / "model.onnx")
         manifest["graph"] = graph_spec(proto, input_shape, tuple(manifest["feature_grid"]))
-        return write_artifact(out or artifact, manifest, tensors, onnx_path)
+        return write_artifact(out or artifact, manifest, tensors, onnx_path, extra_files=extra)
 
 
 def _now() -> str:

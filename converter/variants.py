@@ -13,7 +13,6 @@ fp32 (``model.onnx``) stays the default and the only graph called exact.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +20,11 @@ import numpy as np
 from protonmf.artifact import (
     MODEL_FILE,
     Preprocessing,
+    kept_files,
     load_manifest,
     load_tensors,
     preprocess,
+    scratch,
     write_artifact,
 )
 from protonmf.data import load_samples
@@ -121,7 +122,9 @@ def add_variants(artifact: str | Path, kinds=("int8",), calibration_images: int 
                                 for b in np.array_split(held, max(1, len(held) // 32))])  # fmt: skip
     variants = {k: v for k, v in manifest.get("variants", {}).items() if k not in kinds}
     extra = {v["file"]: artifact / v["file"] for v in variants.values()}
-    with tempfile.TemporaryDirectory() as tmp:
+    extra.update({n: f for n, f in kept_files(artifact, manifest).items()
+                  if n not in {VARIANT_FILES[k] for k in kinds if k in VARIANT_FILES}})  # fmt: skip
+    with scratch(artifact, "export") as tmp:
         for kind in kinds:
             if kind not in VARIANT_FILES:
                 raise ValueError(f"unknown variant {kind!r}; choose from {sorted(VARIANT_FILES)}")

@@ -14,13 +14,20 @@ artifacts (all-class scores, no ``graph.scores``) are still read, as ``scores="a
 Version 3: an all-scores graph emits ``bias`` only where it depends on the image (LayerNorm
 heads); otherwise it is the ``bias`` tensor below (``service.runtime.Explainer.run`` adds
 it back). Versions 1 and 2 read unchanged.
+Version 4: every graph emits ``pooled`` (the residual split of any class needs it), an
+optional ``presence`` graph output (Eq. 9's E', ``graph.presence``) with its
+``presence_filters`` tensor, and an optional ``exemplars.safetensors``
+(``protonmf/exemplars.py``). Older versions read as artifacts without these.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -38,6 +45,9 @@ __all__ = [
     "Preprocessing",
     "load_manifest",
     "load_tensors",
+    "kept_files",
+    "remove_stale",
+    "scratch",
     "normalize",
     "preprocess",
     "resize_crop",
@@ -45,8 +55,8 @@ __all__ = [
     "write_artifact",
 ]
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 TENSORS_FILE = "prototypes.safetensors"
@@ -60,6 +70,11 @@ REQUIRED_TENSORS = {
     "class_vectors": ("C", "D"),  # V: the head's weights the prototypes rebuild
     "bias": ("C",),  # the head's bias, kept as its own term
 }
+# Tensors some artifacts carry, checked when present.
+OPTIONAL_TENSORS = {
+    "fold_weights": ("C", "p"),  # w: b'_i = b_i + w_i R (Eq. 8 or the guard's split)
+    "presence_filters": ("C", "p", "D"),  # rows of pinv(B'_c): Eq. 9's E' = A · filtersᵀ
+}
 
 
 class ArtifactError(Exception):
@@ -70,17 +85,40 @@ class ArtifactError(Exception):
 class Preprocessing:
     """How an image becomes the graph's input tensor (N, channels, height, width).
 
-    Mirrors timm's eval transform: resize the shorter side to ``resize``, centre-crop
+    Reproduces timm's eval transform (``timm.data.create_transform`` of the model's resolved
+    data config) pixel for pixel on PIL images: convert to ``color_mode``, resize, centre-crop
     to ``height`` x ``width``, scale to [0, 1], then ``(x - mean) / std`` per channel.
+
+    ``crop_mode`` (added; default ``"center"``, the only mode older manifests knew) picks
+    the resize, as timm's ``crop_mode`` does:
+
+    - ``"center"``: aspect kept. Without ``resize_hw`` the shorter side becomes ``resize`` and
+      the longer ``int(resize * long / short)`` (torchvision ``Resize(int)``). With
+      ``resize_hw`` = (h, w) the image is scaled by ``min(H / h, W / w)``, each side rounded
+      (timm ``ResizeKeepRatio``); timm does this when a non-square input's two resize targets
+      differ.
+    - ``"squash"``: to exactly ``resize_hw`` (or ``resize`` x ``resize``), aspect not kept.
+    - ``"border"``: aspect kept, the longer side fits (``max`` instead of ``min``); the crop
+      pads with ``round(255 * mean)``.
+
+    The crop is torchvision's ``CenterCrop``: offset ``int(round((side - crop) / 2))``; an
+    image smaller than the crop is padded (zeros; the mean colour in ``"border"`` mode).
+    ``resize`` is always a shorter side that is enough for the resize to only shrink (JPEG
+    draft decoding relies on it): the target itself for square centre resizes, otherwise
+    ``max(resize_hw)``. ``resize_hw`` (added; default None) is written only where set.
+    Older artifacts with a non-square crop (no ``resize_hw``) keep their conversion's
+    resize: shorter side to ``resize``, then each side at least the crop's.
     """
 
     height: int
     width: int
     resize: int
     color_mode: str = "RGB"  # "RGB" (3 channels) or "L" (1 channel)
-    interpolation: str = "bilinear"
+    interpolation: str = "bilinear"  # a key of _RESAMPLE
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    crop_mode: str = "center"  # "center" | "squash" | "border"
+    resize_hw: tuple[int, int] | None = None  # (h, w) resize target where not square
 
     @property
     def channels(self) -> int:
@@ -89,38 +127,83 @@ class Preprocessing:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        # Defaults left out: a square centre crop stays readable by older services.
+        if d["crop_mode"] == "center":
+            del d["crop_mode"]
+        if d["resize_hw"] is None:
+            del d["resize_hw"]
+        else:
+            d["resize_hw"] = list(d["resize_hw"])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        if d.get("resize_hw") is not None:
+            d["resize_hw"] = tuple(d["resize_hw"])
         return cls(**d)
 
 
-_RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1}  # PIL enum values
+# PIL enum values; the names are timm's, the numbers torchvision's pil_modes_mapping.
+_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+_CROP_MODES = ("center", "squash", "border")
+
+
+def _resized_size(w: int, h: int, spec: Preprocessing) -> tuple[int, int]:
+    """(width, height) after timm's resize step; same arithmetic, so the same pixels."""
+    th, tw = spec.resize_hw or (spec.resize, spec.resize)
+    if spec.crop_mode == "squash":  # torchvision Resize((h, w))
+        return tw, th
+    if spec.crop_mode == "center" and spec.resize_hw is None:  # torchvision Resize(int)
+        short, long = (w, h) if w <= h else (h, w)
+        long = int(spec.resize * long / short)
+        new_w, new_h = (spec.resize, long) if w <= h else (long, spec.resize)
+        if spec.height != spec.width:  # only older artifacts: each side clamped to the crop
+            new_w, new_h = max(spec.width, new_w), max(spec.height, new_h)  # as converted
+        return new_w, new_h
+    # timm ResizeKeepRatio: longest=0 ("center") or 1 ("border"), Python's round
+    ratio_h, ratio_w = h / th, w / tw
+    ratio = max(ratio_h, ratio_w) if spec.crop_mode == "border" else min(ratio_h, ratio_w)
+    return round(w / ratio), round(h / ratio)
+
+
+def _crop_offset(side: int, crop: int) -> int:
+    """torchvision CenterCrop: pad a short side by (crop - side) // 2 first, else round."""
+    if crop > side:
+        return -((crop - side) // 2)
+    return int(round((side - crop) / 2.0))
 
 
 def resize_crop(image, spec: Preprocessing) -> np.ndarray:
     """PIL image -> uint8 array (height, width) for "L" or (height, width, 3) for "RGB".
 
-    The geometric half of preprocessing: colour conversion, shorter side to
-    ``spec.resize``, centre crop. Kept apart from ``normalize`` so a server can move
-    compact uint8 crops around and normalise whole batches at once.
+    The geometric half of preprocessing: colour conversion, resize, centre crop, as
+    ``Preprocessing`` describes (timm's eval transform, exactly). Kept apart from
+    ``normalize`` so a server can move compact uint8 crops around and normalise whole
+    batches at once.
     """
     from PIL import Image
 
     if spec.interpolation not in _RESAMPLE:
         raise ValueError(f"unknown interpolation {spec.interpolation!r}")
-    image = image.convert(spec.color_mode)
-    w, h = image.size
-    scale = spec.resize / min(w, h)
-    new_size = (max(spec.width, round(w * scale)), max(spec.height, round(h * scale)))
-    if new_size != (w, h):
+    if spec.crop_mode not in _CROP_MODES:
+        raise ValueError(f"unknown crop_mode {spec.crop_mode!r}; known: {', '.join(_CROP_MODES)}")
+    if image.mode != spec.color_mode:
+        image = image.convert(spec.color_mode)
+    new_size = _resized_size(*image.size, spec)
+    if new_size != image.size:
         image = image.resize(new_size, Image.Resampling(_RESAMPLE[spec.interpolation]))
     w, h = image.size
-    left, top = (w - spec.width) // 2, (h - spec.height) // 2
-    image = image.crop((left, top, left + spec.width, top + spec.height))
+    left, top = _crop_offset(w, spec.width), _crop_offset(h, spec.height)
+    if spec.width <= w and spec.height <= h:  # inside the image: the usual case
+        image = image.crop((left, top, left + spec.width, top + spec.height))
+    else:  # smaller than the crop: pad, as torchvision's CenterCrop / timm's CenterCropOrPad
+        fill = [round(255 * m) for m in spec.mean] if spec.crop_mode == "border" else [0]
+        fill = fill[0] if spec.color_mode == "L" else tuple(fill * (3 // len(fill)))
+        canvas = Image.new(spec.color_mode, (spec.width, spec.height), fill)
+        canvas.paste(image, (-left, -top))
+        image = canvas
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -153,6 +236,54 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove what interrupted writes of ``out_dir`` left beside it: scratch folders of
+    processes that are gone, and the previous artifact kept during a swap that finished.
+    (Process ids are this machine's: do not share an output folder between machines.)"""
+    out_dir = Path(out_dir).resolve()
+    owned = re.compile(rf"^\.{re.escape(out_dir.name)}\.[a-z]+-(\d+)-")
+    removed = []
+    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*"):
+        match = owned.match(path.name)
+        stale = (match is not None and not _alive(int(match.group(1)))) or (
+            path.name == f".{out_dir.name}.old" and out_dir.exists())  # fmt: skip
+        if stale and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def scratch_dir(out_dir: str | os.PathLike, purpose: str) -> Path:
+    """A new private folder beside ``out_dir`` (``.NAME.PURPOSE-PID-XXXX``), after removing
+    those that killed runs left (``remove_stale``). Beside, not in /tmp: a rename into place
+    stays on one file system, and a re-run finds and cleans what a ``kill -9`` left."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out_dir)
+    prefix = f".{out_dir.name}.{purpose}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
+
+
+@contextlib.contextmanager
+def scratch(out_dir: str | os.PathLike, purpose: str):
+    """``scratch_dir`` as a context manager: removed on exit, whatever happens."""
+    path = scratch_dir(out_dir, purpose)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def write_artifact(
     out_dir: str | os.PathLike,
     manifest: dict[str, Any],
@@ -170,8 +301,7 @@ def write_artifact(
     missing = set(REQUIRED_TENSORS) - set(tensors)
     if missing:
         raise ArtifactError(f"missing tensors: {sorted(missing)}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = scratch_dir(out_dir, "write")
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp / TENSORS_FILE)
         files = [TENSORS_FILE]
@@ -243,18 +373,25 @@ def load_manifest(artifact_dir: str | os.PathLike, verify_checksums: bool = True
 
 def load_tensors(artifact_dir: str | os.PathLike, manifest: dict | None = None) -> dict:
     """Load the prototype tensors as numpy arrays and check their shapes against the manifest."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     artifact_dir = Path(artifact_dir)
     manifest = manifest or load_manifest(artifact_dir)
-    tensors = load_file(str(artifact_dir / TENSORS_FILE))
-    dims = {
-        "C": len(manifest["classes"]),
-        "p": manifest["p"],
-        "D": manifest["feature_dim"],
-    }
-    for name, shape in REQUIRED_TENSORS.items():
+    try:
+        tensors = load_file(str(artifact_dir / TENSORS_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{artifact_dir}: {TENSORS_FILE} is unreadable: {e}") from e
+    try:
+        dims = {"C": len(manifest["classes"]), "p": int(manifest["p"]),
+                "D": int(manifest["feature_dim"])}  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{artifact_dir}: manifest lacks a valid classes/p/feature_dim: "
+                            f"{e!r}") from e  # fmt: skip
+    for name, shape in {**REQUIRED_TENSORS, **OPTIONAL_TENSORS}.items():
         if name not in tensors:
+            if name in OPTIONAL_TENSORS:
+                continue
             raise ArtifactError(f"{artifact_dir}: tensor {name!r} missing from {TENSORS_FILE}")
         want = tuple(dims[s] for s in shape)
         if tensors[name].shape != want:
@@ -263,3 +400,10 @@ def load_tensors(artifact_dir: str | os.PathLike, manifest: dict | None = None) 
                 f"manifest implies {want}"
             )
     return tensors
+
+
+def kept_files(artifact_dir: str | os.PathLike, manifest: dict) -> dict[str, Path]:
+    """Files an artifact carries beside its graph and tensors (exemplars, variants), by
+    name: what a rewrite of the graph or tensors passes on as ``extra_files``."""
+    core = {MANIFEST_FILE, MODEL_FILE, TENSORS_FILE}
+    return {n: Path(artifact_dir) / n for n in manifest.get("files", {}) if n not in core}

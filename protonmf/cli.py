@@ -50,6 +50,12 @@ def _add_convert(sub):
                         "minimum-norm split instead of Eq. 8's R/sum(a) (default 0.5)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--exemplars", type=int, default=8, metavar="M",
+                   help="keep the M training images where each prototype is most present, "
+                        "with its presence maps (default 8; 0: none)")
+    p.add_argument("--rtol", type=float, default=1e-5,
+                   help="exit 1 if the ONNX graph's max relative logit difference from the "
+                        "black box on the held-out images exceeds this (default 1e-5)")
     _add_head_modes(p)
     p.add_argument("--out", default=str(DEFAULT_ARTIFACT), help="artifact directory to write")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -65,19 +71,23 @@ def _add_head_modes(p) -> None:
                         "auto (default): all when classes <= 2k, else top-k")
     p.add_argument("-k", "--topk", dest="k", type=int, default=5,
                    help="k for the top-k maps and scores (default 5)")
+    p.add_argument("--presence", action="store_true",
+                   help="also output Eq. 9's presence maps (least-squares presence of each "
+                        "prototype per position) beside the similarity maps")
 
 
 def _cmd_export(args) -> int:
     from converter.reexport import reexport
 
-    out = reexport(args.artifact, args.out, maps=args.maps, scores=args.scores, k=args.k)
+    out = reexport(args.artifact, args.out, maps=args.maps, scores=args.scores, k=args.k,
+                   presence=args.presence)  # fmt: skip
     print(_summary(load_manifest(out), out))
     print(f"artifact: {out}")
     return 0
 
 
 def _cmd_convert(args) -> int:
-    from converter.convert import ConvertConfig, convert
+    from converter.convert import ConvertConfig, NotExactError, convert
 
     cfg = ConvertConfig(
         model=args.model, data=args.data, out=args.out, checkpoint=args.checkpoint,
@@ -85,9 +95,13 @@ def _cmd_convert(args) -> int:
         p=args.p, solver=args.solver, init=args.init, tol=args.tol, max_iter=args.max_iter,
         seed=args.seed, nonneg=args.nonneg, min_sum_ratio=args.min_sum_ratio,
         device=args.device, batch_size=args.batch_size, maps=args.maps, k=args.k, scores=args.scores,
-        progress=not args.quiet,
+        exemplars=args.exemplars, presence=args.presence, rtol=args.rtol, progress=not args.quiet,
     )  # fmt: skip
-    out = convert(cfg)
+    try:
+        out = convert(cfg)
+    except NotExactError as e:
+        print(f"protonmf convert: error: {e}", file=sys.stderr)
+        return 1
     manifest = load_manifest(out)
     print(_summary(manifest, out))
     print(f"artifact: {out}")
@@ -109,6 +123,8 @@ def _summary(m: dict, path) -> str:
         f"  rebuild      max ||sum a b' - V|| / ||V|| = {d['max_rebuild_rel_error']:.2e}",
         f"  exactness    torch: max rel logit diff {ex['max_rel_logit_diff']:.2e}, "
         f"top-1 agreement {ex['top1_agreement']:.2%} on {ex['n_images']} images",
+        *_onnx_line(d.get("onnx_exactness")),
+        f"  exemplars    {_exemplars_text(m.get('exemplars'))}",
         f"  graph        {', '.join(m['graph']['outputs'])} (opset {m['graph']['opset']}; "
         f"scores {m['graph'].get('scores')}, maps {m['graph'].get('maps')})",
         f"  input        {m['graph']['input']['shape']} {m['preprocessing']['color_mode']}",
@@ -116,8 +132,36 @@ def _summary(m: dict, path) -> str:
     return "\n".join(lines)
 
 
+def _onnx_line(ex: dict | None) -> list[str]:
+    if not ex:
+        return []  # artifacts before format 4
+    return [f"  exactness    onnx ({ex['provider']}): max rel logit diff "
+            f"{ex['max_rel_logit_diff']:.2e}, top-1 agreement {ex['top1_agreement']:.2%}"]
+
+
+def _exemplars_text(info: dict | None) -> str:
+    if not info:
+        return "none"
+    return (f"{info['m']} per prototype ({', '.join(info['kinds'])}; "
+            f"{info.get('images', '?')} distinct images)")
+
+
+def check_artifact(artifact) -> dict:
+    """Everything a server checks before it serves: checksums, tensors against the manifest,
+    exemplars, and the graph's input/outputs against the manifest (onnxruntime loads it).
+    Raises ArtifactError with the reason; returns the manifest."""
+    from .exemplars import load_exemplars
+
+    manifest = load_manifest(artifact)
+    from service.runtime import Explainer  # onnxruntime: the serve extra
+
+    explainer = Explainer.load(artifact, device="cpu", threads=1)
+    load_exemplars(artifact, explainer.manifest)
+    return manifest
+
+
 def _cmd_inspect(args) -> int:
-    manifest = load_manifest(args.artifact)
+    manifest = check_artifact(args.artifact)
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
@@ -136,11 +180,26 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from service.evaluate import evaluate
+    import time
 
+    from service.evaluate import FAITH_IMAGES, evaluate, format_report, parse_p_list
+
+    ps = parse_p_list(args.sweep_p) if args.sweep_p else None  # refuse a bad list up front
+    faith_images = FAITH_IMAGES if args.faith_images is None else (args.faith_images or None)
     report = evaluate(args.artifact, args.data, device=args.device, batch_size=args.batch_size,
-                      progress=not args.json)  # fmt: skip
-    _print_report(report, args.json)
+                      progress=not args.json, max_images=args.max_images,
+                      faith_steps=args.faith_steps, faith_images=faith_images,
+                      faithfulness_on=not args.no_faithfulness)  # fmt: skip
+    if ps:
+        try:
+            from converter.sweep import sweep
+        except ImportError as e:
+            raise ValueError(f"--sweep-p needs the convert extra (torch, timm): {e}") from None
+        start = time.perf_counter()
+        report["sweep"] = sweep(args.artifact, ps, data=args.data, max_images=args.max_images,
+                                device=args.device, progress=not args.json)  # fmt: skip
+        report["seconds"]["sweep"] = round(time.perf_counter() - start, 2)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -173,7 +232,7 @@ def _cmd_serve(args) -> int:
     """Replace this process with ``bentoml serve`` so its PID is the server's."""
     import os
 
-    load_manifest(args.artifact)  # refuse a bad artifact here, with a clear message
+    check_artifact(args.artifact)  # refuse a bad artifact here, with the reason, exit 2
     cmd, env = serve_command(args, os.environ)
     grpc = f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port > 0 else ""
     print(f"serving {args.artifact} on http://{args.host}:{args.port}{grpc}", flush=True)
@@ -189,6 +248,17 @@ def _cmd_variants(args) -> int:
         raise ValueError("choose at least one of --int8, --fp16")
     variants = add_variants(args.artifact, kinds)
     print(json.dumps(variants, indent=2))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from service.report import write_report
+
+    evaluation = json.loads(Path(args.evaluation).read_text()) if args.evaluation else None
+    classes = args.classes.split(",") if args.classes else None
+    out = write_report(args.artifact, args.out, data=args.data, max_images=args.max_images,
+                       evaluation=evaluation, classes=classes, progress=not args.quiet)  # fmt: skip
+    print(f"report: {out.resolve()} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -212,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-images", type=int)
             p.add_argument("--rtol", type=float, default=1e-5,
                            help="exit 1 if max_rel_logit_diff exceeds this (default 1e-5)")
+        if name == "evaluate":
+            p.add_argument("--max-images", type=_positive_int,
+                           help="evaluate on this many images, evenly spread over the classes")
+            p.add_argument("--faith-steps", type=_positive_int, default=10,
+                           help="deletion/insertion curve points: fractions 0, 1/N, ..., 1 of "
+                                "the feature grid's cells (default 10)")
+            p.add_argument("--faith-images", type=int, metavar="N",
+                           help="images the deletion/insertion curves run on, evenly spread "
+                                "(default 128: ~108 graph runs each; 0: all)")
+            p.add_argument("--no-faithfulness", action="store_true",
+                           help="skip the deletion/insertion curves (the slow part)")
+            p.add_argument("--sweep-p", metavar="P,P,...",
+                           help="also redo NMF + head fit for each p, e.g. 1,3,5,10 (the "
+                                "paper's Fig. 5 / Table 3; needs torch: features extracted once)")
     p = sub.add_parser("export", help="write an artifact's graph again in other --maps/--scores "
                                       "modes (no NMF; int8/fp16 variants are dropped)")
     p.add_argument("artifact")
@@ -234,6 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "throughput setting")  # fmt: skip
     p.add_argument("--max-batch-size", type=_positive_int,
                    help="adaptive batch limit per worker (default: PROTONMF_MAX_BATCH_SIZE or 32)")
+    p = sub.add_parser("report", help="one self-contained HTML page: evaluation, plots, "
+                                      "reading and the prototype atlas with exemplars")
+    p.add_argument("artifact")
+    p.add_argument("--data", help="labelled images to evaluate on (default: the artifact's "
+                                  "held-out images)")
+    p.add_argument("--max-images", type=_positive_int, help="evaluate on at most N images")
+    p.add_argument("--evaluation", metavar="JSON",
+                   help="use a saved `protonmf evaluate --json` output (e.g. with --sweep-p) "
+                        "instead of evaluating again")
+    p.add_argument("--classes", help="comma-separated class names or indices for the atlas "
+                                     "(default: all; a 1,000-class atlas is a large page)")
+    p.add_argument("--out", required=True, help="HTML file to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
 
@@ -254,7 +351,7 @@ def main(argv=None) -> int:
         logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
     handlers = {"convert": _cmd_convert, "inspect": _cmd_inspect, "verify": _cmd_verify,
                 "evaluate": _cmd_evaluate, "serve": _cmd_serve, "variants": _cmd_variants,
-                "export": _cmd_export}  # fmt: skip
+                "export": _cmd_export, "report": _cmd_report}  # fmt: skip
     try:
         return handlers[args.command](args)
     except (ArtifactError, FileNotFoundError, ValueError) as e:

@@ -34,6 +34,7 @@ class Sample:
 
     source: Path | np.ndarray
     label: int
+    name: str | None = None  # for in-memory images: "<file>#<row>" (exemplars name their source)
 
     def open(self) -> Image.Image:
         if isinstance(self.source, np.ndarray):
@@ -143,5 +144,5 @@ def load_idx(
     samples = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)[:max_per_class]
-        samples += [Sample(x[i], int(c)) for i in idx]
+        samples += [Sample(x[i], int(c), f"{Path(images).name}#{i}") for i in idx]
     return samples

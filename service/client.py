@@ -50,10 +50,13 @@ class RestClient(_Client):
         self._http = httpx.Client(base_url=url, timeout=timeout)
 
     def _post(self, path: str, body: dict) -> dict:
+        return self._send(path, body).json()
+
+    def _send(self, path: str, body: dict):
         r = self._http.post(path, json=body)
         if r.status_code != 200:
             raise RequestFailed(r.status_code, r.text)
-        return r.json()
+        return r
 
     @staticmethod
     def _b64(images: Sequence[bytes]) -> list[str]:
@@ -63,14 +66,25 @@ class RestClient(_Client):
         return self._post("/classify", {"images_base64": self._b64(images), "top_k": top_k})
 
     def explain(self, images: Sequence[bytes], top_k: int = 3, heatmaps: bool = True,
-                box_percentile: float = 90.0, interventions: Sequence[dict] = ()) -> dict:  # fmt: skip
+                box_percentile: float = 90.0, interventions: Sequence[dict] = (),
+                map_kind: str = "similarity") -> dict:  # fmt: skip
         return self._post("/explain", {
             "images_base64": self._b64(images), "top_k": top_k, "heatmaps": heatmaps,
             "box_percentile": box_percentile, "interventions": list(interventions),
+            "map_kind": map_kind,
         })  # fmt: skip
 
     def model(self) -> dict:
         return self._post("/model", {})
+
+    def prototypes(self, classes: Sequence[str | int] = ()) -> dict:
+        return self._post("/prototypes", {"classes": list(classes)})
+
+    def prototype_image(self, class_name: str | int, prototype: int,
+                        kind: str = "augmented") -> bytes:  # fmt: skip
+        """PNG bytes of the prototype's exemplar strip."""
+        body = {"class": class_name, "prototype": prototype, "kind": kind}
+        return self._send("/prototype_image", body).content
 
     def close(self) -> None:
         self._http.close()
@@ -120,16 +134,29 @@ class GrpcClient(_Client):
         return _to_dict(r)
 
     def explain(self, images: Sequence[bytes], top_k: int = 3, heatmaps: bool = True,
-                box_percentile: float = 90.0, interventions: Sequence[dict] = ()) -> dict:  # fmt: skip
+                box_percentile: float = 90.0, interventions: Sequence[dict] = (),
+                map_kind: str = "similarity") -> dict:  # fmt: skip
         request = self._pb.ExplainRequest(
             images=images, top_k=top_k, heatmaps=heatmaps, box_percentile=box_percentile,
             interventions=[self._pb.Intervention(class_name=str(i["class"]),
                                                  prototype=i["prototype"]) for i in interventions],
+            map_kind=map_kind,
         )  # fmt: skip
         return explain_response_to_dict(self._call(self.stub.Explain, request))
 
     def model(self) -> dict:
         return json.loads(self._call(self.stub.ModelInfo, self._pb.ModelInfoRequest()).json)
+
+    def prototypes(self, classes: Sequence[str | int] = ()) -> dict:
+        request = self._pb.PrototypesRequest(classes=[str(c) for c in classes])
+        return prototypes_response_to_dict(self._call(self.stub.Prototypes, request))
+
+    def prototype_image(self, class_name: str | int, prototype: int,
+                        kind: str = "augmented") -> bytes:  # fmt: skip
+        """PNG bytes of the prototype's exemplar strip."""
+        request = self._pb.PrototypeImageRequest(class_name=str(class_name), prototype=prototype,
+                                                 kind=kind)  # fmt: skip
+        return self._call(self.stub.PrototypeImage, request).png
 
     def close(self) -> None:
         for channel in self._channels:
@@ -149,10 +176,30 @@ def explain_response_to_dict(response) -> dict:
         explanation.setdefault("intervention", None)
         for entry in explanation["top_k"]:
             entry.setdefault("description", None)
+            _nulls(entry.get("residual_share"), "logit", "margin", "versus")
+            entry.setdefault("residual_share", None)
             for proto in entry["prototypes"]:
-                proto.setdefault("share_of_logit", None)
+                _nulls(proto, "share_of_logit", "nmf_contribution", "residual_contribution")
                 if "heatmap" in proto:
                     hm = proto["heatmap"]
                     h, w = hm["shape"]
                     hm["values"] = [hm["values"][r * w : (r + 1) * w] for r in range(h)]
+    return body
+
+
+def _nulls(d: dict | None, *keys: str) -> None:
+    """Unset optional fields (gRPC leaves them out) → explicit nulls, as REST sends them."""
+    if d is not None:
+        for key in keys:
+            d.setdefault(key, None)
+
+
+def prototypes_response_to_dict(response) -> dict:
+    """PrototypesResponse → the REST /prototypes body (exemplar lists by kind, nulls)."""
+    body = _to_dict(response)
+    for c in body["classes"]:
+        _nulls(c["explained_share"], "energy", "norm_ratio")
+        for proto in c["prototypes"]:
+            _nulls(proto, "fold_weight")
+            proto["exemplars"] = {k: v.get("entries", []) for k, v in proto["exemplars"].items()}
     return body

@@ -11,18 +11,26 @@ from __future__ import annotations
 import base64
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from protonmf.artifact import normalize, resize_crop
+from protonmf.exemplars import Exemplars, load_exemplars
 
 from .errors import Unprocessable
-from .imaging import Limits, decode_image, render_overlay
+from .imaging import Limits, decode_image, render_exemplar_strip, render_overlay
 from .metrics import METRICS, class_label, stage
 from .runtime import Explainer
 
-__all__ = ["Core", "ExplainOptions", "Intervention"]
+__all__ = ["MAP_KINDS", "Core", "ExplainOptions", "Intervention"]
+
+# similarity: F·b' (the graph's maps); contribution: a·F·b' [/σ], whose spatial mean is the
+# prototype's contribution; presence: Eq. 9's E' (graph output, only with --presence)
+MAP_KINDS = ("similarity", "contribution", "presence")
+# folds where prototype 0 is V itself: the whole logit is residual, nothing is NMF's
+ALL_RESIDUAL_FOLDS = ("class_vector", "no_images")
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class ExplainOptions:
     heatmaps: bool = True
     box_percentile: float = 90.0
     interventions: tuple[Intervention, ...] = field(default_factory=tuple)
+    map_kind: str = "similarity"  # one of MAP_KINDS
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -49,8 +58,10 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 class Core:
     """An artifact ready to serve: limits, preprocessing, graph, explanation building."""
 
-    def __init__(self, explainer: Explainer, limits: Limits | None = None):
+    def __init__(self, explainer: Explainer, limits: Limits | None = None,
+                 exemplars: Exemplars | None = None):  # fmt: skip
         self.explainer = explainer
+        self.exemplars = exemplars
         self.limits = limits or Limits()
         m = explainer.manifest
         self.manifest = m
@@ -65,6 +76,12 @@ class Core:
         # how many of the top classes have similarity maps in the graph's outputs
         self.map_classes = {"all": len(self.classes), "topk": self.graph_k}.get(self.maps_mode, 0)
         self.coefficients = explainer.tensors["coefficients"]
+        self.tensors = explainer.tensors
+        self.has_pooled = "pooled" in explainer.output_shapes
+        self.has_presence = bool(m["graph"].get("presence")) and bool(
+            {"presence", "topk_presence"} & set(explainer.output_shapes))
+        self.folds: list[str] = [d.get("fold", "sum") for d in m["diagnostics"]["per_class"]]
+        self._all_residual = [f in ALL_RESIDUAL_FOLDS for f in self.folds]
         head = m.get("head", {})
         self._norm_eps = head.get("norm_eps", 0.0) if head.get("kind") == "avg_norm_linear" else None
         self._index = {name: i for i, name in enumerate(self.classes)}
@@ -77,7 +94,9 @@ class Core:
     @classmethod
     def load(cls, artifact: str | os.PathLike, device: str = "cpu", threads: int | None = None,
              limits: Limits | None = None, variant: str = "fp32", spinning: bool = True) -> Core:  # fmt: skip
-        return cls(Explainer.load(Path(artifact), device, threads, variant, spinning), limits)
+        explainer = Explainer.load(Path(artifact), device, threads, variant, spinning)
+        # exemplars are read once here (thumbnails and maps: ~1 MB for Fashion's 10 classes)
+        return cls(explainer, limits, load_exemplars(artifact, explainer.manifest))
 
     # --- per image, before batching ---------------------------------------------------
 
@@ -159,8 +178,11 @@ class Core:
         if not 1 <= options.top_k <= len(self.classes):
             raise Unprocessable(f"top_k must be in 1..{len(self.classes)}, got {options.top_k}",
                                 "top_k_out_of_range")  # fmt: skip
+        if options.map_kind not in MAP_KINDS:
+            raise Unprocessable(f"map_kind must be one of {list(MAP_KINDS)}, got "
+                                f"{options.map_kind!r}", "unknown_map_kind")  # fmt: skip
         if options.heatmaps:
-            self.check_maps(options.top_k)
+            self.check_maps(options.top_k, options.map_kind)
         if not 0 <= options.box_percentile <= 100:
             raise Unprocessable(f"box_percentile must be in 0..100, got {options.box_percentile}")
         if len(options.interventions) > self.limits.max_interventions:
@@ -170,8 +192,8 @@ class Core:
             )  # fmt: skip
         self.resolve(options.interventions)
 
-    def check_maps(self, top_k: int) -> None:
-        """Unprocessable unless the graph has maps for the ``top_k`` best classes."""
+    def check_maps(self, top_k: int, kind: str = "similarity") -> None:
+        """Unprocessable unless the graph has maps (of ``kind``) for the ``top_k`` best classes."""
         if self.map_classes == 0:
             raise Unprocessable("this artifact's graph has no similarity maps (converted with "
                                 "--maps none); ask with heatmaps=false", "no_maps")  # fmt: skip
@@ -180,28 +202,42 @@ class Core:
                 f"heatmaps are computed for the top {self.map_classes} classes; ask for "
                 f"top_k <= {self.map_classes} or heatmaps=false", "top_k_exceeds_graph"
             )  # fmt: skip
+        if kind == "presence" and not self.has_presence:
+            raise Unprocessable("this artifact's graph has no presence maps (export it with "
+                                "--presence)", "no_presence_maps")  # fmt: skip
 
-    def class_maps(self, out: dict, c: int, rank: int) -> np.ndarray:
-        """Class ``c``'s p similarity maps (p, H, W); ``rank`` is its place in the top-k."""
-        return out["maps"][c] if self.maps_mode == "all" else out["topk_maps"][rank]
+    def class_maps(self, out: dict, c: int, rank: int, kind: str = "similarity") -> np.ndarray:
+        """Class ``c``'s p maps (p, H, W) of ``kind``; ``rank`` is its place in the top-k."""
+        if kind == "presence":
+            return out["presence"][c] if self.maps_mode == "all" else out["topk_presence"][rank]
+        maps = out["maps"][c] if self.maps_mode == "all" else out["topk_maps"][rank]
+        if kind == "contribution":  # a_ci F·b'_ci [/σ]: its spatial mean is contribution_ci
+            scale = self.coefficients[c].astype(np.float64) * self._map_inv_sigma(out)
+            return maps * scale[:, None, None]
+        return maps
+
+    def class_index(self, name: str | int, context: str = "") -> int:
+        """A class name, index or decimal index string → index; Unprocessable if unknown."""
+        c = name
+        if isinstance(c, str) and c in self._index:
+            c = self._index[c]
+        elif isinstance(c, str) and c.isdigit():
+            c = int(c)
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < len(self.classes):
+            raise Unprocessable(f"unknown class {name!r}{context}", "unknown_class")
+        return c
+
+    def check_prototype(self, c: int, prototype: int) -> None:
+        if not 0 <= prototype < self.p:
+            raise Unprocessable(f"class {self.classes[c]!r} has prototypes 0..{self.p - 1}, "
+                                f"got {prototype}", "unknown_prototype")  # fmt: skip
 
     def resolve(self, interventions) -> list[tuple[int, int]]:
         """(class name or index, prototype) pairs → index pairs; Unprocessable if unknown."""
         pairs = []
         for iv in interventions:
-            c = iv.class_name
-            if isinstance(c, str) and c in self._index:
-                c = self._index[c]
-            elif isinstance(c, str) and c.isdigit():
-                c = int(c)
-            if not isinstance(c, int) or not 0 <= c < len(self.classes):
-                raise Unprocessable(f"unknown class {iv.class_name!r} in intervention",
-                                    "unknown_class")  # fmt: skip
-            if not 0 <= iv.prototype < self.p:
-                raise Unprocessable(
-                    f"class {self.classes[c]!r} has prototypes 0..{self.p - 1}, "
-                    f"got {iv.prototype}", "unknown_prototype"
-                )  # fmt: skip
+            c = self.class_index(iv.class_name, " in intervention")
+            self.check_prototype(c, iv.prototype)
             pairs.append((c, iv.prototype))
         return pairs
 
@@ -223,13 +259,95 @@ class Core:
         contributions = scores * self.coefficients[c]
         bias = float(tensors["bias"][c])
         if self._norm_eps is not None:  # LayerNorm head: contributions / σ, bias − μ/σ · Σ_d V_cd
-            mu = pooled.mean()
-            inv_sigma = 1.0 / np.sqrt(((pooled - mu) ** 2).mean() + self._norm_eps)
+            inv_sigma = self._inv_sigma(pooled)
             contributions = contributions * inv_sigma
-            bias -= mu * inv_sigma * float(tensors["class_vectors"][c].sum(dtype=np.float64))
+            bias -= pooled.mean() * inv_sigma * float(tensors["class_vectors"][c].sum(dtype=np.float64))
         return scores, contributions, bias
 
-    def _class_entry(self, out, c, probs, rank, options):
+    def _inv_sigma(self, pooled: np.ndarray) -> float:
+        """1/σ(f) of a LayerNorm head (1 for a plain one), from the pooled features f."""
+        if self._norm_eps is None:
+            return 1.0
+        return float(1.0 / np.sqrt(((pooled - pooled.mean()) ** 2).mean() + self._norm_eps))
+
+    def _map_inv_sigma(self, out: dict) -> float:
+        """1/σ for the contribution maps; an old LayerNorm graph without ``pooled`` (format
+        ≤ 3, all scores) still tells it: contribution / (a · score) of its largest term."""
+        if self._norm_eps is None:
+            return 1.0
+        if "pooled" in out:
+            return self._inv_sigma(out["pooled"].astype(np.float64))
+        raw = self.coefficients.astype(np.float64) * out["scores"]
+        j = np.unravel_index(int(np.abs(raw).argmax()), raw.shape)
+        return float(out["contributions"][j] / raw[j])
+
+    def residuals(self, out: dict, classes) -> dict[int, np.ndarray] | None:
+        """residual_ci = a_ci (Δ_ci · f) [/σ] (p,) in float64 for each of ``classes``, from
+        the pooled features f; None where the graph has no ``pooled``. Δ_ci = b'_ci − b_ci
+        (= w_ci R_c), or all of b'_ci where prototype 0 is V (fold class_vector / no_images).
+        Only the classes asked for, in one gather: a 1,000-class model pays for a few (p, D)."""
+        if "pooled" not in out:
+            return None
+        cs = sorted({int(c) for c in classes})
+        f = out["pooled"].astype(np.float64)
+        delta = self.tensors["prototypes"][cs].astype(np.float64)  # (n, p, D)
+        folded = [k for k, c in enumerate(cs) if not self._all_residual[c]]
+        delta[folded] -= self.tensors["nmf_prototypes"][[cs[k] for k in folded]]
+        values = self.coefficients[cs] * (delta @ f) * self._inv_sigma(f)
+        return dict(zip(cs, values, strict=True))
+
+    def split(self, out: dict, c: int, contributions: np.ndarray, residuals: dict | None = None):
+        """Class ``c``'s contributions (p,) split exactly into (NMF part, residual part),
+        float64, Σ of the two = the contributions; None where the graph has no ``pooled``.
+        nmf_ci = contribution_ci − residual_ci (= a_ci (b_ci · f) [/σ]); all residual, the
+        NMF part 0, where prototype 0 is V. ``residuals``: from ``residuals`` if at hand."""
+        if residuals is None or c not in residuals:
+            residuals = self.residuals(out, [c])
+            if residuals is None:
+                return None
+        contributions = np.asarray(contributions, np.float64)
+        if self._all_residual[c]:
+            return np.zeros_like(contributions), contributions
+        return contributions - residuals[c], residuals[c]
+
+    def rival(self, logits: np.ndarray, c: int) -> int | None:
+        """The best other class: the runner-up for the top class, the top class for the rest."""
+        if len(logits) < 2:
+            return None
+        others = np.array(logits, np.float64)
+        others[c] = -np.inf
+        return int(np.argmax(others))
+
+    def residual_share(self, out: dict, c: int, residual: float, bias: float,
+                       residuals: dict | None = None) -> dict:  # fmt: skip
+        """How much of class ``c``'s logit (without bias) and of its margin over its rival
+        o (``rival``) the residual r carries: r_c / (logit_c − bias_c) and
+        (r_c − r_o) / (logit_c − logit_o); null where the denominator is 0."""
+        logits = out["logits"].astype(np.float64)
+        logit = logits[c] - bias
+        share = {"logit": float(residual / logit) if abs(logit) > 1e-12 else None,
+                 "margin": None, "versus": None}  # fmt: skip
+        o = self.rival(logits, c)
+        if o is None:
+            return share
+        share["versus"] = self.classes[o]
+        r_o = self.split(out, o, self.terms(out, o)[1], residuals)[1].sum()
+        margin = logits[c] - logits[o]
+        if abs(margin) > 1e-12:
+            share["margin"] = float((residual - r_o) / margin)
+        return share
+
+    def _exemplar_entries(self, c: int, i: int, kind: str = "augmented") -> list[dict]:
+        """``Exemplars.entries(c, i, kind)``, built from plain lists: iterating numpy
+        scalars cost ~25 µs per prototype, a third of /explain's time at top-3."""
+        ex = self.exemplars
+        if ex is None or kind not in ex.index:
+            return []
+        index, score = ex.index[kind][c, i].tolist(), ex.score[kind][c, i].tolist()
+        return [{"image": u, "source": ex.sources[u], "presence": s}
+                for u, s in zip(index, score, strict=True) if u >= 0]  # fmt: skip
+
+    def _class_entry(self, out, c, probs, rank, options, residuals=None):
         logit = float(out["logits"][c])
         scores, contributions, bias = self.terms(out, c)
         entry = {
@@ -240,25 +358,35 @@ class Core:
             "probability": float(probs[c]),
             "bias": bias,
             "exactness_gap": float(logit - contributions.sum() - bias),
+            "residual_share": None,
             "prototypes": [],
         }
+        parts = self.split(out, c, contributions, residuals)
+        if parts is not None:
+            entry["residual_share"] = self.residual_share(out, c, parts[1].sum(), bias, residuals)
+        nmf, residual = parts if parts is not None else ([None] * self.p,) * 2
         maps = None
         if options.heatmaps:
-            maps = self._heatmaps(self.class_maps(out, c, rank), options.box_percentile)
+            kind = options.map_kind
+            maps = self._heatmaps(self.class_maps(out, c, rank, kind), options.box_percentile, kind)
         for i in range(self.p):
             proto = {
                 "prototype": i,
                 "coefficient": float(self.coefficients[c, i]),
                 "score": float(scores[i]),
                 "contribution": float(contributions[i]),
+                "nmf_contribution": None if nmf[i] is None else float(nmf[i]),
+                "residual_contribution": None if residual[i] is None else float(residual[i]),
                 "share_of_logit": float(contributions[i] / logit) if abs(logit) > 1e-12 else None,
+                "exemplars": self._exemplar_entries(c, i),
             }
             if maps is not None:
                 proto["heatmap"] = maps[i]
             entry["prototypes"].append(proto)
         return entry
 
-    def _heatmaps(self, maps: np.ndarray, percentile: float) -> list[dict]:
+    def _heatmaps(self, maps: np.ndarray, percentile: float, kind: str = "similarity"
+                  ) -> list[dict]:  # fmt: skip
         """One class's p maps (p, H, W) → per map: values, peak, and the box around the cells
         at or above the map's ``percentile``. All maps at once: per-map numpy calls were
         most of /explain's CPU time (9 maps per image at top-3)."""
@@ -273,6 +401,7 @@ class Core:
         sy, sx = self.spec.height / H, self.spec.width / W
         return [
             {
+                "kind": kind,
                 "shape": [H, W],
                 "values": values[i],
                 "peak": {"row": int(peak_row[i]), "col": int(peak_col[i])},
@@ -306,7 +435,11 @@ class Core:
             if options.heatmaps and self.maps_mode == "topk":
                 # The graph's top-k order must be ours, or maps would go to the wrong class.
                 top = [int(c) for c in out["topk_classes"][: options.top_k]]
-            entries = [self._class_entry(out, c, probs, r, options) for r, c in enumerate(top)]
+            # the explained classes and their rivals, in one go (residual_share needs both)
+            rivals = [self.rival(logits, c) for c in top]
+            residuals = self.residuals(out, top + [o for o in rivals if o is not None])
+            entries = [self._class_entry(out, c, probs, r, options, residuals)
+                       for r, c in enumerate(top)]  # fmt: skip
             gap = max(abs(e["exactness_gap"]) for e in entries) / max(np.abs(logits).max(), 1e-12)
             # the largest so far: a breach must survive later good requests until scraped
             self._gap_max = max(self._gap_max, gap)
@@ -342,16 +475,106 @@ class Core:
         METRICS.prototype_usage.labels(prototype=str(best)).inc()
 
     def overlay(self, crop: np.ndarray, out: dict, rank: int = 0) -> bytes:
-        """PNG: the top-``rank`` class's prototype maps over the model's input crop."""
+        """PNG: how the top-``rank`` class's prototypes vote, over the model's input crop.
+
+        One panel for the class's whole prototype evidence and one per prototype, each its
+        contribution map a_ci F·b'_ci [/σ] (mean = contribution): red where it speaks for
+        the class, blue against, opacity by |value| on one scale for every panel."""
         with stage("overlay"):
             self.check_maps(rank + 1)
             c = (int(out["topk_classes"][rank]) if self.maps_mode == "topk"
                  else self.top_classes(out["logits"], rank + 1)[rank])  # fmt: skip
-            contributions = self.terms(out, c)[1]
-            labels = [f"prototype {i}: contribution {contributions[i]:+.3f} "
-                      f"(a={self.coefficients[c, i]:+.3f})" for i in range(self.p)]  # fmt: skip
-            title = f"{self.classes[c]}  logit {out['logits'][c]:.3f}"
-            return render_overlay(crop, self.class_maps(out, c, rank), labels, title)
+            _, contributions, bias = self.terms(out, c)
+            rival = self.rival(out["logits"], c)
+            residuals = self.residuals(out, [c] if rival is None else [c, rival])
+            parts = self.split(out, c, contributions, residuals)
+            maps = self.class_maps(out, c, rank, "contribution")
+            panels = np.concatenate([maps.sum(0, keepdims=True), maps])
+            captions = [["all prototypes", f"sum {contributions.sum():+.3f}"]]
+            for i in range(self.p):
+                captions.append([f"prototype {i}  a={self.coefficients[c, i]:+.3f}",
+                                 f"contribution {contributions[i]:+.3f}"])  # fmt: skip
+            if parts is not None:
+                nmf, residual = parts
+                captions[0].append(f"NMF {nmf.sum():+.3f} | residual {residual.sum():+.3f}")
+                for i in range(self.p):
+                    captions[i + 1].append(f"NMF {nmf[i]:+.3f} | residual {residual[i]:+.3f}")
+            title = [f"{self.classes[c]}: logit {out['logits'][c]:+.3f} = prototypes "
+                     f"{contributions.sum():+.3f} + bias {bias:+.3f}",
+                     self._residual_text(out, c, parts, bias, residuals)]  # fmt: skip
+            return render_overlay(crop, panels, captions, title, for_label=self.classes[c])
+
+    def _residual_text(self, out: dict, c: int, parts, bias: float, residuals) -> str:
+        if parts is None:
+            return "NMF/residual split: not available (graph without pooled features)"
+        share = self.residual_share(out, c, parts[1].sum(), bias, residuals)
+        text = "residual share: " + (f"{share['logit']:.0%} of the logit without bias"
+                                     if share["logit"] is not None else "n/a")  # fmt: skip
+        if share["margin"] is not None:
+            text += f", {share['margin']:.0%} of the margin over {share['versus']}"
+        return text
+
+    # --- prototypes and their exemplars ---------------------------------------------------
+
+    @cached_property
+    def explained_shares(self) -> np.ndarray:
+        """(C, 2): per class 1 − ‖R‖²/‖V‖² and ‖a·B‖/‖V‖, how much of the class vector the
+        NMF prototypes carry (NaN for V = 0; 0 where prototype 0 is V itself)."""
+        t = self.tensors
+        out = np.full((len(self.classes), 2), np.nan)
+        for c in range(len(self.classes)):
+            v2 = float(np.sum(t["class_vectors"][c].astype(np.float64) ** 2))
+            if self._all_residual[c]:
+                out[c] = 0.0
+            elif v2 > 0:
+                nmf = self.coefficients[c].astype(np.float64) @ t["nmf_prototypes"][c]
+                r2 = float(np.sum(t["residuals"][c].astype(np.float64) ** 2))
+                out[c] = 1.0 - r2 / v2, np.sqrt(np.sum(nmf**2) / v2)
+        return out
+
+    def prototypes(self, classes=None) -> dict:
+        """Every prototype (of ``classes``: names or indices; all by default) with its
+        coefficient, fold weight and exemplars by kind; per class the explained share."""
+        indices = range(len(self.classes)) if not classes else [self.class_index(x) for x in classes]
+        kinds = list(self.exemplars.kinds) if self.exemplars else []
+        weights = self.tensors.get("fold_weights")
+        per_class = self.manifest["diagnostics"]["per_class"]
+        result = []
+        for c in indices:
+            energy, ratio = (None if np.isnan(x) else float(x) for x in self.explained_shares[c])
+            protos = [{"prototype": i, "coefficient": float(self.coefficients[c, i]),
+                       "fold_weight": None if weights is None else float(weights[c, i]),
+                       "exemplars": {k: self._exemplar_entries(c, i, k) for k in kinds}}
+                      for i in range(self.p)]  # fmt: skip
+            result.append({"class": self.classes[c], "index": c,
+                           "explained": per_class[c]["explained"], "fold": self.folds[c],
+                           "explained_share": {"energy": energy, "norm_ratio": ratio},
+                           "prototypes": protos})  # fmt: skip
+        return {"p": self.p, "exemplar_kinds": kinds, "classes": result}
+
+    def prototype_image(self, class_name: str | int, prototype: int, kind: str = "augmented"
+                        ) -> bytes:  # fmt: skip
+        """PNG strip of one prototype's exemplars, each with its presence map and score."""
+        if self.exemplars is None:
+            raise Unprocessable("this artifact has no exemplars (converted with --exemplars 0 "
+                                "or before format 4)", "no_exemplars")  # fmt: skip
+        c = self.class_index(class_name)
+        self.check_prototype(c, prototype)
+        if kind not in self.exemplars.kinds:
+            raise Unprocessable(f"exemplar kind must be one of {list(self.exemplars.kinds)}, "
+                                f"got {kind!r}", "unknown_exemplar_kind")  # fmt: skip
+        entries = self.exemplars.entries(c, prototype, kind)
+        if not entries:
+            raise Unprocessable(f"class {self.classes[c]!r} prototype {prototype} has no "
+                                f"exemplars", "no_exemplars")  # fmt: skip
+        with stage("prototype_image"):
+            thumbnails, maps = self.exemplars.strip(c, prototype, kind)
+            captions = [[f"#{j + 1} presence {e['presence']:.3g}", e["source"]]
+                        for j, e in enumerate(entries)]  # fmt: skip
+            what = {"augmented": "presence E' of b' (Eq. 9)", "nmf": "NMF presence E of b"}
+            title = [f"{self.classes[c]}: prototype {prototype}  a={self.coefficients[c, prototype]:+.3f}",
+                     f"{kind} exemplars, best first; map = {what.get(kind, kind)}"]  # fmt: skip
+            return render_exemplar_strip(thumbnails, maps, captions, title)
 
     def model_info(self) -> dict:
         m = self.manifest
@@ -367,6 +590,9 @@ class Core:
             ],  # fmt: skip
             "feature_grid": list(self.grid),
             "heatmap_classes": self.map_classes,
+            "map_kinds": [k for k in MAP_KINDS if k != "presence" or self.has_presence],
+            "residual_split": self.has_pooled,
+            "exemplars": self.manifest.get("exemplars"),
             "scores": self.scores_mode,
             "maps": self.maps_mode,
             "preprocessing": m["preprocessing"],

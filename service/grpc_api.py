@@ -28,7 +28,8 @@ from .metrics import METRICS
 from .proto.protonmf.v1 import protonmf_pb2 as pb
 from .proto.protonmf.v1 import protonmf_pb2_grpc as pb_grpc
 
-__all__ = ["GrpcConfig", "GrpcServer", "explanation_to_proto", "pb", "pb_grpc"]
+__all__ = ["GrpcConfig", "GrpcServer", "explanation_to_proto", "pb", "pb_grpc",
+           "prototypes_to_proto"]
 
 log = logging.getLogger("protonmf.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProtoNMF"].full_name
@@ -71,7 +72,13 @@ def _heatmap(h: dict) -> pb.Heatmap:
         shape=h["shape"], values=[v for row in h["values"] for v in row], peak=pb.Peak(**h["peak"]),
         box=pb.Box(percentile=box["percentile"], feature=pb.Rect(**box["feature"]),
                    input=pb.Rect(**box["input"])),
+        kind=h["kind"],
     )  # fmt: skip
+
+
+def _exemplars(entries: list[dict]) -> list[pb.Exemplar]:
+    return [pb.Exemplar(image=x["image"], source=x["source"], presence=x["presence"])
+            for x in entries]  # fmt: skip
 
 
 def _class_entry(e: dict) -> pb.ClassExplanation:
@@ -80,13 +87,17 @@ def _class_entry(e: dict) -> pb.ClassExplanation:
             prototype=d["prototype"], coefficient=d["coefficient"], score=d["score"],
             contribution=d["contribution"], share_of_logit=d["share_of_logit"],
             heatmap=_heatmap(d["heatmap"]) if "heatmap" in d else None,
+            nmf_contribution=d["nmf_contribution"],
+            residual_contribution=d["residual_contribution"],
+            exemplars=_exemplars(d["exemplars"]),
         )
         for d in e["prototypes"]
     ]  # fmt: skip
+    share = e["residual_share"]
     return pb.ClassExplanation(
         class_name=e["class"], index=e["index"], description=e["description"], logit=e["logit"],
         probability=e["probability"], bias=e["bias"], exactness_gap=e["exactness_gap"],
-        prototypes=protos,
+        prototypes=protos, residual_share=pb.ResidualShare(**share) if share else None,
     )  # fmt: skip
 
 
@@ -113,12 +124,32 @@ def classification_to_proto(classification: dict) -> pb.Classification:
     return pb.Classification(top_k=[_score(s) for s in classification["top_k"]])
 
 
+def prototypes_to_proto(body: dict) -> pb.PrototypesResponse:
+    """The core's /prototypes dict → its message."""
+    classes = [
+        pb.ClassPrototypes(
+            class_name=c["class"], index=c["index"], explained=c["explained"], fold=c["fold"],
+            explained_share=pb.ExplainedShare(**c["explained_share"]),
+            prototypes=[pb.PrototypeInfo(
+                prototype=d["prototype"], coefficient=d["coefficient"],
+                fold_weight=d["fold_weight"],
+                exemplars={k: pb.ExemplarList(entries=_exemplars(v))
+                           for k, v in d["exemplars"].items()},
+            ) for d in c["prototypes"]],
+        )
+        for c in body["classes"]
+    ]  # fmt: skip
+    return pb.PrototypesResponse(p=body["p"], exemplar_kinds=body["exemplar_kinds"],
+                                 classes=classes)  # fmt: skip
+
+
 def _status(e: ServiceError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, e.grpc_code, grpc.StatusCode.INTERNAL)
 
 
 class ProtoNMFServicer(pb_grpc.ProtoNMFServicer):
-    """The three RPCs; ``service`` is the running ProtoNMFService (core + batched ``run``)."""
+    """The RPCs; ``service`` is the running ProtoNMFService (core, batched ``run``,
+    ``in_pool`` for CPU work off the event loop)."""
 
     def __init__(self, service):
         self.service = service
@@ -166,6 +197,7 @@ class ProtoNMFServicer(pb_grpc.ProtoNMFServicer):
                                 else 90.0),
                 interventions=tuple(Intervention(i.class_name, i.prototype)
                                     for i in request.interventions),
+                map_kind=request.map_kind if request.HasField("map_kind") else "similarity",
             )  # fmt: skip
             blobs = list(request.images)
             self.core.check_request(len(blobs), options)
@@ -185,6 +217,23 @@ class ProtoNMFServicer(pb_grpc.ProtoNMFServicer):
             provider=info["provider"], model_sha256=info["artifact"]["model_sha256"] or "",
             format_version=info["artifact"]["format_version"],
         )  # fmt: skip
+
+    async def Prototypes(self, request: pb.PrototypesRequest, context) -> pb.PrototypesResponse:
+        async def work():
+            body = await self.service.in_pool(self.core.prototypes, list(request.classes))
+            return prototypes_to_proto(body)
+
+        return await self._guarded(context, work())
+
+    async def PrototypeImage(self, request: pb.PrototypeImageRequest, context
+                             ) -> pb.PrototypeImageResponse:  # fmt: skip
+        async def work():
+            kind = request.kind if request.HasField("kind") else "augmented"
+            png = await self.service.in_pool(self.core.prototype_image, request.class_name,
+                                             request.prototype, kind)  # fmt: skip
+            return pb.PrototypeImageResponse(png=png)
+
+        return await self._guarded(context, work())
 
 
 class GrpcServer:

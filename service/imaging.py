@@ -1,4 +1,5 @@
-"""Untrusted image bytes → checked, upright PIL image; and prototype overlays as PNG.
+"""Untrusted image bytes → checked, upright PIL image; prototype overlays and exemplar
+strips as PNG.
 
 Every check happens before the pixels are decoded (bytes, format, declared size), so a
 decompression bomb or an oversized image costs a header read, not its memory.
@@ -14,13 +15,13 @@ import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from protonmf.artifact import Preprocessing
 
 from .errors import InvalidInput, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
-__all__ = ["Limits", "decode_image", "render_overlay"]
+__all__ = ["Limits", "decode_image", "render_exemplar_strip", "render_overlay"]
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 
@@ -124,45 +125,128 @@ def decode_image(data: bytes, limits: Limits, spec: Preprocessing | None = None)
     return _to_8bit(image)
 
 
-_PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]  # fmt: skip
+# diverging colours: red = for the class (positive), blue = against (negative)
+FOR, AGAINST = (214, 39, 40), (31, 119, 180)
+MAX_ALPHA = 0.8
+PAD = 8
 
 
-def render_overlay(
-    crop: np.ndarray, maps: np.ndarray, labels: list[str], title: str, min_side: int = 256
-) -> bytes:
-    """PNG of the model's input crop with each prototype's map drawn over it.
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow ≥ 10.1 with FreeType
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _upscaled(crop: np.ndarray, min_side: int) -> Image.Image:
+    """The crop as RGB, enlarged by an integer factor to at least ``min_side`` pixels."""
+    image = Image.fromarray(crop).convert("RGB")
+    scale = max(1, math.ceil(min_side / min(image.size)))
+    return image.resize((image.size[0] * scale, image.size[1] * scale), Image.Resampling.BILINEAR)
+
+
+def _diverging(base: Image.Image, m: np.ndarray, vmax: float) -> Image.Image:
+    """``m`` (H, W) upsampled (bilinear, signed) over ``base``: red where > 0, blue where
+    < 0, opacity |m| / vmax — the same vmax for every map that is to be compared."""
+    up = np.asarray(Image.fromarray(np.asarray(m, np.float32), "F").resize(
+        base.size, Image.Resampling.BILINEAR))  # fmt: skip
+    strength = np.clip(np.abs(up) / vmax, 0.0, 1.0) if vmax > 0 else np.zeros_like(up)
+    layer = np.empty(up.shape + (4,), np.uint8)
+    layer[...] = (*FOR, 0)
+    layer[up < 0, :3] = AGAINST
+    layer[..., 3] = np.round(strength * MAX_ALPHA * 255).astype(np.uint8)
+    return Image.alpha_composite(base.convert("RGBA"), Image.fromarray(layer, "RGBA"))
+
+
+def _colour_bar(draw: ImageDraw.ImageDraw, x: int, y: int, vmax: float, low: str, high: str,
+                font) -> int:  # fmt: skip
+    """A −vmax … +vmax bar (blue → white → red) with its ends named; returns its height."""
+    width, height = 240, 12
+    for j in range(width):
+        t = 2.0 * j / (width - 1) - 1.0  # −1 … +1
+        colour = AGAINST if t < 0 else FOR
+        a = abs(t) * MAX_ALPHA
+        draw.line((x + j, y, x + j, y + height),
+                  fill=tuple(round(255 * (1 - a) + ch * a) for ch in colour))  # fmt: skip
+    draw.rectangle((x, y, x + width, y + height), outline=(120, 120, 120))
+    draw.text((x, y + height + 2), f"{-vmax:+.3g}  {low}", fill=(0, 0, 0), font=font)
+    right = f"{high}  {vmax:+.3g}"
+    draw.text((x + width - draw.textlength(right, font=font), y + height + 2), right,
+              fill=(0, 0, 0), font=font)  # fmt: skip
+    draw.text((x + width / 2 - 3, y + height + 2), "0", fill=(0, 0, 0), font=font)
+    return height + 20
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
+    """``text`` cut from the left ("…" + its end) to fit ``width`` pixels: a long source
+    path keeps its file name."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength("…" + text, font=font) > width:
+        text = text[1:]
+    return "…" + text
+
+
+def _grid(panels: list[Image.Image], captions: list[list[str]], title: list[str], footer: list[str],
+          vmax: float, low: str, high: str, columns: int) -> bytes:  # fmt: skip
+    """Panels with captions under them, a title above, a colour bar and notes below → PNG."""
+    title_font, font = _font(15), _font(12)
+    line = 15
+    w, h = panels[0].size
+    cell_w = max(w, 150)
+    rows = math.ceil(len(panels) / columns)
+    cap_h = line * max(len(c) for c in captions) + 4
+    top = PAD + 19 * len(title)
+    width = max(PAD + columns * (cell_w + PAD), 520)
+    height = top + rows * (h + cap_h + PAD) + 40 + line * len(footer) + PAD
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for k, text in enumerate(title):
+        draw.text((PAD, PAD + 19 * k), text, fill=(0, 0, 0), font=title_font)
+    for n, (panel, caption) in enumerate(zip(panels, captions, strict=True)):
+        x = PAD + (n % columns) * (cell_w + PAD)
+        y = top + (n // columns) * (h + cap_h + PAD)
+        canvas.paste(panel.convert("RGB"), (x, y))
+        for k, text in enumerate(caption):
+            draw.text((x, y + h + 2 + line * k), _fit(draw, text, cell_w, font), fill=(0, 0, 0),
+                      font=font)  # fmt: skip
+    y = top + rows * (h + cap_h + PAD)
+    y += _colour_bar(draw, PAD, y, vmax, low, high, font)
+    for k, text in enumerate(footer):
+        draw.text((PAD, y + line * k), text, fill=(60, 60, 60), font=font)
+    out = io.BytesIO()
+    canvas.save(out, format="PNG")
+    return out.getvalue()
+
+
+def render_overlay(crop: np.ndarray, maps: np.ndarray, captions: list[list[str]], title: list[str],
+                   for_label: str = "the class", min_side: int = 224, columns: int = 4) -> bytes:  # fmt: skip
+    """PNG of signed contribution maps over the model's input crop, one panel per map.
 
     crop : uint8 (h, w) or (h, w, 3), the image as the model saw it
-    maps : (p, H, W) similarity maps of one class; each is scaled to [0, 1] over its own
-           positive range, upsampled bilinearly and drawn in its own colour
-    labels : one legend line per prototype
+    maps : (n, H, W) signed maps (contribution maps: their spatial mean is the
+           contribution); all on ONE scale, the largest |value| of any of them, so panels
+           compare: red = for ``for_label``, blue = against, opacity ∝ |value|
+    captions : lines under each panel; title : lines above the panels
     """
-    base = Image.fromarray(crop).convert("RGB")
-    scale = max(1, math.ceil(min_side / min(base.size)))
-    size = (base.size[0] * scale, base.size[1] * scale)
-    base = base.resize(size, Image.Resampling.BILINEAR).convert("RGBA")
-    layer = np.zeros((size[1], size[0], 4), np.float64)
-    for i, m in enumerate(maps):
-        m = np.maximum(m, 0)
-        m = m / m.max() if m.max() > 0 else m
-        up = Image.fromarray((m * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
-        alpha = np.asarray(up, np.float64) / 255.0 * 0.6
-        colour = np.array(_PALETTE[i % len(_PALETTE)], np.float64)
-        mask = alpha > layer[..., 3]  # strongest prototype wins each pixel
-        layer[mask, :3] = colour
-        layer[mask, 3] = alpha[mask]
-    overlay = Image.fromarray((layer * [1, 1, 1, 255]).astype(np.uint8), "RGBA")
-    image = Image.alpha_composite(base, overlay)
-    legend_h = 14 * (len(labels) + 1) + 6
-    canvas = Image.new("RGBA", (size[0], size[1] + legend_h), (255, 255, 255, 255))
-    canvas.paste(image, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, size[1] + 3), title, fill=(0, 0, 0, 255))
-    for i, text in enumerate(labels):
-        y = size[1] + 3 + 14 * (i + 1)
-        draw.rectangle((4, y + 2, 12, y + 10), fill=_PALETTE[i % len(_PALETTE)])
-        draw.text((16, y), text, fill=(0, 0, 0, 255))
-    out = io.BytesIO()
-    canvas.convert("RGB").save(out, format="PNG")
-    return out.getvalue()
+    maps = np.asarray(maps, np.float64)
+    vmax = float(np.abs(maps).max()) if maps.size else 0.0
+    base = _upscaled(crop, min_side)
+    panels = [_diverging(base, m, vmax) for m in maps]
+    footer = [f"red: for {for_label}, blue: against; opacity ~ |contribution per position|, "
+              "one scale for every panel", "each map's mean over the positions is the "
+              "contribution written under it"]  # fmt: skip
+    return _grid(panels, captions, title, footer, vmax, "against", "for",
+                 min(columns, len(panels)))
+
+
+def render_exemplar_strip(thumbnails: np.ndarray, maps: np.ndarray, captions: list[list[str]],
+                          title: list[str], min_side: int = 112) -> bytes:  # fmt: skip
+    """PNG: a row of exemplar thumbnails (n, h, w[, 3]) uint8, each with its presence map
+    (n, H, W) over it on one scale for the strip (red > 0, blue < 0), captions under."""
+    maps = np.asarray(maps, np.float64)
+    vmax = float(np.abs(maps).max()) if maps.size else 0.0
+    panels = [_diverging(_upscaled(t, min_side), m, vmax) for t, m in zip(thumbnails, maps,
+                                                                         strict=True)]  # fmt: skip
+    footer = ["opacity ~ |presence| on one scale for the strip; presence = the map's peak"]
+    return _grid(panels, captions, title, footer, vmax, "absent", "present", len(panels))

@@ -131,6 +131,40 @@ def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: 
     return session, in_use
 
 
+def check_graph(artifact_dir, manifest: dict, session) -> None:
+    """The graph's input and outputs are the manifest's: names, and every fixed dimension
+    (classes, p, k, grid, image size and channels). An edited manifest would otherwise
+    load and answer with the wrong shapes or crash on the first request."""
+
+    def fixed(shape) -> list:  # "N" / "batch" / None: symbolic
+        return [d if isinstance(d, int) else None for d in shape]
+
+    graph = manifest.get("graph") or {}
+    inp = session.get_inputs()[0]
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    want_in = [None, prep.channels, prep.height, prep.width]
+    if fixed(inp.shape) != want_in:
+        raise ArtifactError(f"{artifact_dir}: the graph's input is {inp.shape}, the manifest's "
+                            f"preprocessing implies [N, {prep.channels}, {prep.height}, "
+                            f"{prep.width}]")  # fmt: skip
+    got = {o.name: fixed(o.shape) for o in session.get_outputs()}
+    want = {name: fixed(shape) for name, shape in graph.get("outputs", {}).items()}
+    if list(got) != list(want):
+        raise ArtifactError(f"{artifact_dir}: graph outputs {list(got)} != manifest {list(want)}")
+    for name, shape in want.items():
+        if got[name] != shape:
+            raise ArtifactError(f"{artifact_dir}: graph output {name!r} has shape {got[name]}, "
+                                f"the manifest says {shape}")  # fmt: skip
+    C, p = len(manifest["classes"]), manifest["p"]
+    if "logits" in want and want["logits"][1:] != [C]:
+        raise ArtifactError(f"{artifact_dir}: {C} classes in the manifest, the graph has "
+                            f"{want['logits'][1:]} logits")  # fmt: skip
+    per_proto = [s for n, s in want.items() if n in ("scores", "topk_scores")]
+    if per_proto and per_proto[0][-1] != p:
+        raise ArtifactError(f"{artifact_dir}: p = {p} in the manifest, the graph has "
+                            f"{per_proto[0][-1]} prototypes per class")  # fmt: skip
+
+
 @dataclass
 class Explainer:
     """An artifact loaded for inference: manifest, prototype tensors and ONNX session."""
@@ -158,10 +192,7 @@ class Explainer:
             graph = known[variant]["file"]
         tensors = load_tensors(artifact_dir, manifest)
         session, provider = create_session(artifact_dir / graph, device, threads, spinning)
-        got = [o.name for o in session.get_outputs()]
-        want = list(manifest["graph"]["outputs"])
-        if got != want:
-            raise ArtifactError(f"{artifact_dir}: graph outputs {got} != manifest {want}")
+        check_graph(artifact_dir, manifest, session)
         return cls(manifest, tensors, session, provider, variant)
 
     @property

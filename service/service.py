@@ -3,8 +3,12 @@
     POST /classify   images → top-k classes with probabilities
     POST /explain    images → per top-k class: prototypes, contributions, heatmaps;
                      optional test-time intervention (counterfactual logits)
-    POST /overlay    one image → PNG of the top class's prototype maps over it
+    POST /overlay    one image → PNG of a class's contribution maps over it (red for,
+                     blue against, one scale), with the NMF/residual split in the legend
     POST /model      classes, p, coefficients, artifact identity, provider in use
+    POST /prototypes every prototype: coefficient, fold weight, exemplars; per class the
+                     share of the class vector the NMF prototypes carry
+    POST /prototype_image  one prototype's exemplars with their presence maps, as a PNG
     POST /infer      the batchable step (uint8 crops in, packed outputs out); the public
                      endpoints (and gRPC) reach its adaptive batcher in-process, so
                      concurrent requests merge into one onnxruntime run
@@ -25,7 +29,6 @@ import binascii
 import functools
 import gc
 import inspect
-import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +49,7 @@ from .errors import InvalidInput, Overloaded, ServiceError
 from .grpc_api import GrpcConfig, GrpcServer
 from .imaging import Limits
 from .metrics import METRICS
-from .schemas import InterventionIn
+from .schemas import InterventionIn, PrototypeImageIn
 
 MAX_BATCH_SIZE = int(os.environ.get("PROTONMF_MAX_BATCH_SIZE", "32"))
 MAX_LATENCY_MS = int(os.environ.get("PROTONMF_MAX_LATENCY_MS", "10000"))
@@ -214,6 +217,10 @@ class ProtoNMFService:
 
     # --- shared flow (REST now, gRPC too) -------------------------------------------
 
+    async def in_pool(self, func, *args):
+        """CPU work (rendering, listings) in the decode pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, func, *args)
+
     async def prepare(self, blobs: list[bytes]) -> list[np.ndarray]:
         """Decode + crop every image in parallel threads, off the event loop."""
         loop = asyncio.get_running_loop()
@@ -320,14 +327,26 @@ class ProtoNMFService:
             description="prototypes to switch off: counterfactual logits and top-k",
             examples=[[{"class": "bag", "prototype": 1}]],
         ),
+        map_kind: str = Field(
+            default="similarity",
+            description="heatmap kind: similarity (F·b'), contribution (a·F·b' [/σ], its "
+            "mean is the contribution) or presence (Eq. 9's E'; 422 no_presence_maps unless "
+            "the graph was exported with --presence)",
+            examples=["contribution"],
+        ),
     ) -> dict:
-        """Per top-k class: logit, probability, bias and every prototype's coefficient,
-        score, contribution, share of the logit and heatmap; plus the exactness gap
-        logit − (Σ contributions + bias) and, if asked, a test-time intervention."""
+        """Per top-k class: logit, probability, bias, exactness gap logit − (Σ contributions
+        + bias), residual_share {logit: r/(logit − bias), margin: (r − r_o)/(logit −
+        logit_o), versus: o} (o = the runner-up for the top class, else the top class; r =
+        Σ residual contributions) and every prototype's coefficient, score, contribution
+        split exactly into nmf_contribution a(b·f) + residual_contribution a(Δ·f) [/σ]
+        (Δ = b' − b; null, as residual_share, for a graph without pooled features),
+        share of the logit, exemplars [{image, source, presence}] and heatmap (with its
+        kind); if asked, a test-time intervention."""
         blobs = await self._read(images, images_base64)
         options = ExplainOptions(
             top_k=top_k, heatmaps=heatmaps, box_percentile=box_percentile,
-            interventions=tuple(i.to_core() for i in interventions),
+            interventions=tuple(i.to_core() for i in interventions), map_kind=map_kind,
         )  # fmt: skip
         self.core.check_request(len(blobs), options)
         _, outs = await self.run(blobs)
@@ -342,7 +361,9 @@ class ProtoNMFService:
         images_base64: list[str] = IMAGES_B64,
         rank: int = Field(default=0, ge=0, description="which of the top-k classes (0 = top)"),
     ) -> Image.Image:
-        """PNG: the image as the model saw it, each prototype's map in its own colour."""
+        """PNG: the image as the model saw it under the class's contribution maps (all
+        prototypes, then each): red = for the class, blue = against, opacity by |value| on
+        one scale; legend: signed contributions split NMF/residual, the residual share."""
         blobs = await self._read(images, images_base64)
         if len(blobs) != 1:
             raise InvalidInput(f"overlay takes exactly one image, got {len(blobs)}",
@@ -352,8 +373,30 @@ class ProtoNMFService:
             raise InvalidInput(f"rank must be < {self.core.map_classes} (the classes with maps)",
                                "rank")  # fmt: skip
         crops, outs = await self.run(blobs)
-        png = self.core.overlay(crops[0], outs[0], rank)
-        return Image.open(io.BytesIO(png))
+        png = await self.in_pool(self.core.overlay, crops[0], outs[0], rank)
+        return Response(png, media_type="image/png")  # already a PNG: no re-encoding
+
+    @bentoml.api
+    @_maps_errors
+    async def prototypes(
+        self,
+        classes: list[str | int] = Field(default_factory=list,
+                                         description="class names or indices (default: all)",
+                                         examples=[["bag"]]),  # fmt: skip
+    ) -> dict:
+        """{p, exemplar_kinds, classes: [{class, index, explained, fold, explained_share:
+        {energy: 1 − ‖R‖²/‖V‖², norm_ratio: ‖a·B‖/‖V‖}, prototypes: [{prototype,
+        coefficient, fold_weight, exemplars: {kind: [{image, source, presence}]}}]}]}."""
+        return _json(await self.in_pool(self.core.prototypes, classes))
+
+    @bentoml.api(input_spec=PrototypeImageIn)
+    @_maps_errors
+    async def prototype_image(self, class_name: str | int, prototype: int,
+                              kind: str = "augmented") -> Image.Image:  # fmt: skip
+        """PNG strip of one prototype's exemplars (best first), each with its presence map
+        over it and its score; 422 no_exemplars when the artifact has none."""
+        png = await self.in_pool(self.core.prototype_image, class_name, prototype, kind)
+        return Response(png, media_type="image/png")
 
     @bentoml.api
     def model(self) -> dict:

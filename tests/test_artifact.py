@@ -73,7 +73,7 @@ def test_other_version_refused(tmp_path):
 def test_version1_read_as_all_class_scores(tmp_path):
     out = tiny(tmp_path, graph={"outputs": {"logits": ["N", 4]}})
     m = json.loads((out / MANIFEST_FILE).read_text())
-    assert m["format_version"] == 3
+    assert m["format_version"] == FORMAT_VERSION
     m["format_version"] = 1  # version 1 wrote no graph.scores: every class's scores
     (out / MANIFEST_FILE).write_text(json.dumps(m))
     assert load_manifest(out)["graph"]["scores"] == "all"
@@ -146,3 +146,25 @@ def test_serve_flags_set_workers_and_batch_limit(tmp_path):
     assert env["PROTONMF_WORKERS"] == "5" and "PROTONMF_MAX_BATCH_SIZE" not in env
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", str(tmp_path), "--workers", "0"])
+
+
+def test_stale_scratch_folders_removed(tmp_path):
+    """What a kill -9 left beside an artifact goes at the next write; a live process's
+    scratch folder and unrelated names stay."""
+    import os
+
+    from protonmf.artifact import scratch_dir
+
+    out = tiny(tmp_path)  # tmp_path / "art"
+    dead = tmp_path / ".art.write-999999999-abc"
+    dead_export = tmp_path / ".art.export-999999999-x"
+    old = tmp_path / ".art.old"
+    other = tmp_path / ".artx.write-999999999-abc"
+    for d in (dead, dead_export, old, other):
+        d.mkdir()
+    live = scratch_dir(out, "export")
+    assert live.name.startswith(f".art.export-{os.getpid()}-")
+    tiny(tmp_path)  # writes art again
+    assert not dead.exists() and not dead_export.exists() and not old.exists()
+    assert live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".art.")) == [live.name]

@@ -12,7 +12,7 @@ from conftest import FASHION_DATA, REPO, manifest_of, run_cli
 from onnx import numpy_helper
 
 from converter.export import gathernd_to_gather
-from protonmf.artifact import ArtifactError
+from protonmf.artifact import FORMAT_VERSION, ArtifactError
 from protonmf.data import load_image_folder
 from service.evaluate import explanation_residual
 from service.runtime import Explainer, ProviderError, create_session
@@ -92,8 +92,10 @@ def all_outputs(fashion_artifact, fashion_batch):
     """The Fashion default, the same prototypes with scores="all", maps="all": every class."""
     _, x = fashion_batch
     ex = Explainer.load(fashion_artifact)
-    # format 3: a constant bias is not a graph output; Explainer.run adds the tensor
-    assert list(ex.manifest["graph"]["outputs"]) == ["logits", "scores", "contributions", "maps"]
+    # format 3: a constant bias is not a graph output; Explainer.run adds the tensor.
+    # format 4: pooled features in every graph (the residual split needs them)
+    assert list(ex.manifest["graph"]["outputs"]) == ["logits", "scores", "contributions",
+                                                     "pooled", "maps"]  # fmt: skip
     out = ex.run(x)
     np.testing.assert_array_equal(out["bias"][0], ex.tensors["bias"])
     return out
@@ -186,7 +188,7 @@ def ort_run(model, idx):
 def common_structure(m: dict, g) -> None:
     assert [o.name for o in g.graph.output] == list(m["graph"]["outputs"])
     assert g.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
-    assert m["graph"]["opset"] == 18 and m["format_version"] == 3
+    assert m["graph"]["opset"] == 18 and m["format_version"] == FORMAT_VERSION
     assert any(o.domain in ("", "ai.onnx") and o.version == 18 for o in g.opset_import)
     C, p, D = len(m["classes"]), m["p"], m["feature_dim"]
     sizes = [int(np.prod(i.dims)) for i in g.graph.initializer]
@@ -233,8 +235,9 @@ def test_all_classes_graph_structure(fashion_artifact):
     inits = {i.name: tuple(i.dims) for i in g.graph.initializer}
     (conv,) = [n for n in g.graph.node if inits.get(n.input[-1]) == (C * p, D, 1, 1)]
     assert conv.op_type == "Conv"
-    # maps (Reshape), scores (ReduceMean), contributions (Mul), logits (ReduceSum, Add)
-    assert head_ops(g, conv.input[0]) == Counter(Conv=1, Reshape=1, ReduceMean=1, Mul=1,
+    # maps (Reshape), scores (ReduceMean), contributions (Mul), logits (ReduceSum, Add), and
+    # pooled (ReduceMean, format 4: the residual split of any class needs it)
+    assert head_ops(g, conv.input[0]) == Counter(Conv=1, Reshape=1, ReduceMean=2, Mul=1,
                                                  ReduceSum=1, Add=1)  # fmt: skip
     ops = op_counts(fashion_artifact / "model.onnx")
     assert ops["TopK"] == ops["Gather"] == ops["MatMul"] == ops["Gemm"] == ops["Expand"] == 0

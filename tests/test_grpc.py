@@ -129,9 +129,19 @@ def test_every_rpc_and_parity_with_rest(served):
     with RestClient(served.url) as rest, GrpcClient(served.grpc_target) as rpc:
         assert rpc.classify(blobs, top_k=4) == rest.classify(blobs, top_k=4)
         assert rpc.model() == rest.model()
-        for kwargs in ({}, {"heatmaps": False, "top_k": 6}, {"interventions": iv}):
+        for kwargs in ({}, {"heatmaps": False, "top_k": 6}, {"interventions": iv},
+                       {"map_kind": "contribution", "top_k": 2}):  # fmt: skip
             assert_same_explanation(rest.explain(blobs, **kwargs), rpc.explain(blobs, **kwargs))
         body = rpc.explain(blobs, interventions=iv)
+        assert rpc.prototypes() == rest.prototypes()
+        assert rpc.prototypes(["bag", 3]) == rest.prototypes(["bag", 3])
+        png = rpc.prototype_image("bag", 1, "nmf")
+        assert png == rest.prototype_image("bag", 1, "nmf") and png.startswith(b"\x89PNG")
+        with pytest.raises(RequestFailed) as e:
+            rpc.prototype_image("bag", 7)
+        assert (e.value.code, e.value.reason) == ("INVALID_ARGUMENT", "unknown_prototype")
+    entry = body["explanations"][0]["top_k"][0]
+    assert entry["residual_share"]["versus"] and entry["prototypes"][0]["exemplars"]
     for e in body["explanations"]:
         assert e["exactness"] <= 1e-4
         assert e["intervention"]["switched_off"] == [{"class": "tshirt_top", "prototype": 0},
@@ -183,6 +193,10 @@ HOSTILE = {
         pb.Intervention(class_name="unicorn", prototype=0)]), "INVALID_ARGUMENT", "unknown_class"),
     "unknown prototype": (pb.ExplainRequest(images=[BLOB], interventions=[
         pb.Intervention(class_name="bag", prototype=99)]), "INVALID_ARGUMENT", "unknown_prototype"),
+    "unknown map kind": (pb.ExplainRequest(images=[BLOB], map_kind="saliency"), "INVALID_ARGUMENT",
+                         "unknown_map_kind"),
+    "no presence maps": (pb.ExplainRequest(images=[BLOB], map_kind="presence"), "INVALID_ARGUMENT",
+                         "no_presence_maps"),
 }  # fmt: skip
 
 

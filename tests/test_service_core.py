@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.core import Core, ExplainOptions, Intervention
 from service.errors import InvalidInput, PayloadTooLarge, Unprocessable, UnsupportedMediaType
-from service.imaging import Limits, decode_image
+from service.imaging import Limits, decode_image, render_overlay
 
 pytestmark = pytest.mark.slow
 
@@ -379,7 +379,7 @@ def _heatmap_reference(m, percentile, height, width):
     rows, cols = np.nonzero(m >= np.percentile(m, percentile))
     box = [int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1]
     sy, sx = height / H, width / W
-    return {"shape": [H, W], "values": np.round(m, 5).tolist(),
+    return {"kind": "similarity", "shape": [H, W], "values": np.round(m, 5).tolist(),
             "peak": {"row": int(peak[0]), "col": int(peak[1])},
             "box": {"percentile": percentile,
                     "feature": {"top": box[0], "left": box[1], "bottom": box[2], "right": box[3]},
@@ -397,3 +397,282 @@ def test_heatmaps_equal_the_per_map_reference(core, percentile):
     got = core._heatmaps(maps, percentile)
     want = [_heatmap_reference(m, percentile, core.spec.height, core.spec.width) for m in maps]
     assert got == want
+
+
+# --- residual accounting, map kinds, exemplars, prototypes (format 4) ---------------------
+
+
+def old_format_copy(artifact, dst):
+    """The artifact as format 3 wrote an all-scores graph: no ``pooled`` output, no
+    exemplars (the graph is the same ONNX model with that output dropped)."""
+    import json
+    import shutil
+
+    import onnx
+
+    from protonmf.artifact import sha256_file
+
+    shutil.copytree(artifact, dst)
+    model = onnx.load(dst / "model.onnx")
+    kept = [o for o in model.graph.output if o.name != "pooled"]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    onnx.save(model, dst / "model.onnx")
+    m = json.loads((dst / "manifest.json").read_text())
+    del m["graph"]["outputs"]["pooled"]
+    m["graph"].pop("presence", None)
+    m.pop("exemplars", None)
+    m["files"].pop("exemplars.safetensors", None)
+    (dst / "exemplars.safetensors").unlink(missing_ok=True)
+    m["format_version"] = 3
+    m["files"]["model.onnx"] = sha256_file(dst / "model.onnx")
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def core_old(fashion_artifact, tmp_path_factory):
+    return Core.load(old_format_copy(fashion_artifact, tmp_path_factory.mktemp("v3") / "a"))
+
+
+def _export(artifact, out, *args):
+    from conftest import run_cli
+
+    assert run_cli("export", artifact, *args, "--out", out)[0] == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def presence_cores(fashion_artifact, tmp_path_factory):
+    """(all classes, top-k) graphs with presence maps, exported from the Fashion artifact."""
+    root = tmp_path_factory.mktemp("presence")
+    every = _export(fashion_artifact, root / "all", "--presence")
+    topk = _export(fashion_artifact, root / "topk", "--maps", "topk", "--scores", "topk",
+                   "--presence")  # fmt: skip
+    return Core.load(every), Core.load(topk)
+
+
+def numpy_split(artifact, c: int, pooled: np.ndarray):
+    """Independent reference: class c's NMF and residual parts a(b·f), a((b' − b)·f) [/σ]
+    straight from the artifact's files (the fold decides what is residual), plus the
+    float32 scale |a|·Σ_d|b'_d f_d| of the graph's rounding."""
+    from protonmf.artifact import load_manifest, load_tensors
+
+    m = load_manifest(artifact)
+    t = load_tensors(artifact, m)
+    f = pooled.astype(np.float64)
+    a = t["coefficients"][c].astype(np.float64)
+    served, nmf = t["prototypes"][c].astype(np.float64), t["nmf_prototypes"][c].astype(np.float64)
+    if m["diagnostics"]["per_class"][c]["fold"] in ("class_vector", "no_images"):
+        nmf = np.zeros_like(nmf)
+    inv_sigma = 1.0
+    if m["head"]["kind"] == "avg_norm_linear":
+        inv_sigma = 1.0 / np.sqrt(f.var() + m["head"]["norm_eps"])
+    return (a * (nmf @ f) * inv_sigma, a * ((served - nmf) @ f) * inv_sigma,
+            np.abs(a) * (np.abs(served) @ np.abs(f)) * inv_sigma)  # fmt: skip
+
+
+def fashion_blobs(n_per_class=2):
+    return [f.read_bytes() for cls in ("bag", "coat", "shirt", "sneaker", "dress")
+            for f in sorted((FASHION_DATA / "test" / cls).glob("*.png"))[:n_per_class]]  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["all", "topk"])
+def test_residual_split_adds_up_and_equals_numpy(which, core, core_all, fashion_artifact,
+                                                 fashion_topk_artifact):  # fmt: skip
+    """Every explained prototype: nmf + residual = contribution (exactly: the split is of
+    the reported number), each part equal to the numpy reference from the artifact's
+    tensors and the pooled features within float32 rounding (1e-6 of the dot product's
+    magnitude); top_k=10 covers classes the top-k graph leaves to the pooled features."""
+    served, artifact = (core_all, fashion_artifact) if which == "all" else (core, fashion_topk_artifact)
+    seen_residual = seen_nmf = 0
+    for blob in fashion_blobs():
+        (out,) = served.run_images([blob])
+        for entry in served.explanation(out, ExplainOptions(top_k=10, heatmaps=False))["top_k"]:
+            nmf_ref, residual_ref, scale = numpy_split(artifact, entry["index"], out["pooled"])
+            for i, proto in enumerate(entry["prototypes"]):
+                nmf, residual = proto["nmf_contribution"], proto["residual_contribution"]
+                assert abs(nmf + residual - proto["contribution"]) <= 1e-12 * scale[i] + 1e-300
+                assert abs(nmf - nmf_ref[i]) <= 1e-6 * scale[i]
+                assert abs(residual - residual_ref[i]) <= 1e-6 * scale[i]
+                assert abs(nmf_ref[i] + residual_ref[i] - proto["contribution"]) <= 1e-6 * scale[i]
+                seen_residual += abs(residual) > 1e-3
+                seen_nmf += abs(nmf) > 1e-3
+    assert seen_residual and seen_nmf  # both parts carry weight: the test can tell them apart
+
+
+def test_residual_share_of_logit_and_margin(core_all, fashion_artifact):
+    """logit share r_c/(logit_c − bias_c); margin share (r_c − r_o)/(logit_c − logit_o)
+    against the best other class o (runner-up for the top class, the top class else)."""
+    for blob in fashion_blobs(1):
+        (out,) = core_all.run_images([blob])
+        logits = out["logits"].astype(np.float64)
+        order = np.argsort(-logits)
+        exp = core_all.explanation(out, ExplainOptions(top_k=4, heatmaps=False))
+        for rank, entry in enumerate(exp["top_k"]):
+            c = entry["index"]
+            o = int(order[1] if rank == 0 else order[0])
+            r_c = numpy_split(fashion_artifact, c, out["pooled"])[1].sum()
+            r_o = numpy_split(fashion_artifact, o, out["pooled"])[1].sum()
+            share = entry["residual_share"]
+            assert share["versus"] == core_all.classes[o]
+            assert share["logit"] == pytest.approx(r_c / (logits[c] - entry["bias"]), rel=1e-5)
+            assert share["margin"] == pytest.approx((r_c - r_o) / (logits[c] - logits[o]),
+                                                    rel=1e-5)  # fmt: skip
+
+
+def test_residual_split_of_a_class_that_is_all_residual(core_all, bag_png, monkeypatch):
+    """A class whose prototype 0 is V itself (fold class_vector / no_images): all of its
+    contribution is residual, the NMF part exactly 0."""
+    (out,) = core_all.run_images([bag_png])
+    c = int(np.argmax(out["logits"]))
+    flags = list(core_all._all_residual)
+    flags[c] = True
+    monkeypatch.setattr(core_all, "_all_residual", flags)
+    entry = core_all.explanation(out, ExplainOptions(top_k=1, heatmaps=False))["top_k"][0]
+    for proto in entry["prototypes"]:
+        assert proto["nmf_contribution"] == 0.0
+        assert proto["residual_contribution"] == proto["contribution"]
+
+
+def test_graph_without_pooled_gives_null_split(core_old, bag_png):
+    """Format 3 all-class graphs have no pooled features: the split and the residual
+    share are null, the rest of the explanation unchanged; no exemplars: []."""
+    assert not core_old.has_pooled and core_old.exemplars is None
+    (out,) = core_old.run_images([bag_png])
+    assert "pooled" not in out
+    exp = core_old.explanation(out, ExplainOptions(top_k=3))
+    assert exp["top_k"][0]["class"] == "bag" and exp["exactness"] <= 1e-5
+    for entry in exp["top_k"]:
+        assert entry["residual_share"] is None
+        for proto in entry["prototypes"]:
+            assert proto["nmf_contribution"] is None and proto["residual_contribution"] is None
+            assert proto["exemplars"] == []
+    png = core_old.overlay(core_old.prepare(bag_png), out)
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+    with pytest.raises(Unprocessable) as e:
+        core_old.prototype_image("bag", 0)
+    assert e.value.reason == "no_exemplars"
+    assert core_old.prototypes()["exemplar_kinds"] == []
+
+
+@pytest.mark.parametrize("which", ["all", "topk"])
+def test_map_kinds(which, core, core_all, bag_png):
+    """similarity = the graph's maps (unchanged), contribution = a·maps whose mean is the
+    contribution, each heatmap names its kind; presence refused without presence maps."""
+    served = core_all if which == "all" else core
+    (out,) = served.run_images([bag_png])
+    plain = served.explanation(out, ExplainOptions(top_k=3))
+    similarity = served.explanation(out, ExplainOptions(top_k=3, map_kind="similarity"))
+    assert plain == similarity
+    contribution = served.explanation(out, ExplainOptions(top_k=3, map_kind="contribution"))
+    for rank, (s, c) in enumerate(zip(similarity["top_k"], contribution["top_k"], strict=True)):
+        graph_maps = out["maps"][s["index"]] if which == "all" else out["topk_maps"][rank]
+        for i, (ps, pc) in enumerate(zip(s["prototypes"], c["prototypes"], strict=True)):
+            assert ps["heatmap"]["kind"] == "similarity" and pc["heatmap"]["kind"] == "contribution"
+            np.testing.assert_allclose(ps["heatmap"]["values"], graph_maps[i], atol=1e-5)
+            values = np.array(pc["heatmap"]["values"])
+            np.testing.assert_allclose(values, graph_maps[i] * ps["coefficient"], atol=1e-5)
+            assert values.mean() == pytest.approx(pc["contribution"], rel=1e-4, abs=1e-5)
+    with pytest.raises(Unprocessable) as e:
+        served.check_request(1, ExplainOptions(map_kind="presence"))
+    assert e.value.reason == "no_presence_maps"
+    with pytest.raises(Unprocessable) as e:
+        served.check_request(1, ExplainOptions(map_kind="saliency"))
+    assert e.value.reason == "unknown_map_kind"
+    served.check_request(1, ExplainOptions(map_kind="presence", heatmaps=False))
+
+
+def test_presence_maps_from_both_graph_kinds(presence_cores, bag_png):
+    """presence heatmaps are the graph's presence output of the right class: the all-class
+    graph's presence[c] and the top-k graph's topk_presence[rank] agree class by class."""
+    every, topk = presence_cores
+    assert every.has_presence and topk.has_presence
+    assert "presence" in every.model_info()["map_kinds"]
+    (out_all,) = every.run_images([bag_png])
+    (out_topk,) = topk.run_images([bag_png])
+    opts = ExplainOptions(top_k=3, map_kind="presence")
+    every.check_request(1, opts)
+    a, b = every.explanation(out_all, opts), topk.explanation(out_topk, opts)
+    assert [e["class"] for e in a["top_k"]] == [e["class"] for e in b["top_k"]]
+    for ea, eb in zip(a["top_k"], b["top_k"], strict=True):
+        for i, (pa, pb) in enumerate(zip(ea["prototypes"], eb["prototypes"], strict=True)):
+            assert pa["heatmap"]["kind"] == "presence"
+            np.testing.assert_allclose(pa["heatmap"]["values"], out_all["presence"][ea["index"], i],
+                                       atol=1e-5)  # fmt: skip
+            np.testing.assert_allclose(pa["heatmap"]["values"], pb["heatmap"]["values"], atol=1e-4)
+        assert not np.allclose(out_all["presence"][ea["index"]], out_all["maps"][ea["index"]])
+
+
+def test_explanation_names_each_prototypes_exemplars(core_all, fashion_artifact, bag_png):
+    from protonmf.artifact import load_manifest
+    from protonmf.exemplars import load_exemplars
+
+    ex = load_exemplars(fashion_artifact, load_manifest(fashion_artifact))
+    assert ex is not None and core_all.exemplars is not None
+    (out,) = core_all.run_images([bag_png])
+    for entry in core_all.explanation(out, ExplainOptions(top_k=2))["top_k"]:
+        for proto in entry["prototypes"]:
+            want = ex.entries(entry["index"], proto["prototype"], "augmented")
+            assert proto["exemplars"] == want and want
+            assert all(set(x) == {"image", "source", "presence"} for x in want)
+
+
+def test_prototypes_listing(core_all, fashion_artifact):
+    from protonmf.artifact import load_tensors
+
+    t = load_tensors(fashion_artifact)
+    body = core_all.prototypes()
+    assert body["p"] == 3 and body["exemplar_kinds"] == ["augmented", "nmf"]
+    assert [c["class"] for c in body["classes"]] == core_all.classes
+    for c, entry in enumerate(body["classes"]):
+        V, R = t["class_vectors"][c].astype(np.float64), t["residuals"][c].astype(np.float64)
+        aB = t["coefficients"][c].astype(np.float64) @ t["nmf_prototypes"][c].astype(np.float64)
+        share = entry["explained_share"]
+        assert share["energy"] == pytest.approx(1 - (R @ R) / (V @ V), rel=1e-6, abs=1e-9)
+        assert share["norm_ratio"] == pytest.approx(np.linalg.norm(aB) / np.linalg.norm(V),
+                                                    rel=1e-6)  # fmt: skip
+        assert 0 < share["energy"] < 1
+        assert entry["fold"] == core_all.manifest["diagnostics"]["per_class"][c]["fold"]
+        for i, proto in enumerate(entry["prototypes"]):
+            assert proto["coefficient"] == pytest.approx(float(t["coefficients"][c, i]))
+            assert proto["fold_weight"] == pytest.approx(float(t["fold_weights"][c, i]))
+            for kind in ("augmented", "nmf"):
+                assert proto["exemplars"][kind] == core_all.exemplars.entries(c, i, kind)
+    subset = core_all.prototypes(["bag", 0, "3"])
+    assert [c["class"] for c in subset["classes"]] == ["bag", "tshirt_top", "dress"]
+    with pytest.raises(Unprocessable) as e:
+        core_all.prototypes(["zebra"])
+    assert e.value.reason == "unknown_class"
+
+
+def test_prototype_image(core_all):
+    png = core_all.prototype_image("bag", 1)
+    im = Image.open(io.BytesIO(png))
+    m = len(core_all.exemplars.entries(8, 1))
+    assert im.format == "PNG" and im.size[0] >= m * 112 and im.size[1] >= 112
+    assert core_all.prototype_image(8, 1, "nmf") != png
+    for args, reason in ((("bag", 3), "unknown_prototype"), (("zebra", 0), "unknown_class"),
+                         (("bag", 0, "best"), "unknown_exemplar_kind")):  # fmt: skip
+        with pytest.raises(Unprocessable) as e:
+            core_all.prototype_image(*args)
+        assert e.value.reason == reason
+
+
+def test_overlay_colours_by_sign_on_one_scale():
+    """Red where a map is positive, blue where negative, opacity by |value| on one scale
+    for all panels: a weak map stays faint next to a strong one (per-map scaling would
+    paint both at full strength)."""
+    crop = np.full((28, 28), 128, np.uint8)
+    strong = np.zeros((7, 7))
+    strong[:, :3], strong[:, 4:] = 2.0, -1.0
+    weak = np.full((7, 7), 0.5)
+    png = render_overlay(crop, np.stack([strong, weak]), [["a"], ["b"]], ["title"], min_side=112)
+    im = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    # panels: 112×112 at x = 8 and x = 8 + 150 + 8, below the one title line
+    y = 8 + 19 + 56
+    left, right, faint = im[y, 8 + 10], im[y, 8 + 100], im[y, 166 + 56]
+    assert left[0] > left[2] + 80  # red: for
+    assert right[2] > right[0] + 40  # blue: against
+    assert left[0] - left[2] > right[2] - right[0]  # |2| more opaque than |−1|
+    assert 0 < faint[0] - faint[2] < (left[0] - left[2]) / 2  # 0.5 on the scale of 2: faint

@@ -85,9 +85,48 @@ def test_asgi_openapi_documents_every_endpoint(client):
     r = client.get("/docs.json")
     assert r.status_code == 200, r.text
     spec = r.json()
-    assert {"/classify", "/explain", "/overlay", "/model"} <= spec["paths"].keys()
+    assert {"/classify", "/explain", "/overlay", "/model", "/prototypes",
+            "/prototype_image"} <= spec["paths"].keys()  # fmt: skip
     text = json.dumps(spec)
     assert '"prototype": 1' in text  # the intervention example is in the schema
+    for documented in ("map_kind", "residual_share", "nmf_contribution", "explained_share",
+                       "no_exemplars", '"kind": "augmented"'):  # fmt: skip
+        assert documented in text, documented
+
+
+def test_asgi_explain_residual_split_map_kind_exemplars(client):
+    body = {"images_base64": [b64(sample_images()[0])], "top_k": 2, "map_kind": "contribution"}
+    r = client.post("/explain", json=body)
+    assert r.status_code == 200, r.text
+    entry = r.json()["explanations"][0]["top_k"][0]
+    assert entry["class"] == "bag" and entry["residual_share"]["versus"]
+    assert set(entry["residual_share"]) == {"logit", "margin", "versus"}
+    for proto in entry["prototypes"]:
+        assert proto["heatmap"]["kind"] == "contribution"
+        parts = proto["nmf_contribution"] + proto["residual_contribution"]
+        assert parts == pytest.approx(proto["contribution"], rel=1e-9, abs=1e-12)
+        assert proto["exemplars"] and set(proto["exemplars"][0]) == {"image", "source", "presence"}
+
+
+def test_asgi_prototypes_and_prototype_image(client):
+    r = client.post("/prototypes", json={"classes": ["bag", 0]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["class"] for c in body["classes"]] == ["bag", "tshirt_top"]
+    assert body["exemplar_kinds"] == ["augmented", "nmf"]
+    assert len(client.post("/prototypes", json={}).json()["classes"]) == 10
+    png = client.post("/prototype_image", json={"class": "bag", "prototype": 1})
+    assert png.status_code == 200, png.text
+    assert png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).format == "PNG"
+    nmf = client.post("/prototype_image", json={"class": 8, "prototype": 1, "kind": "nmf"})
+    assert nmf.status_code == 200 and nmf.content != png.content
+    for body, reason in (({"class": "zebra", "prototype": 0}, "unknown_class"),
+                         ({"class": "bag", "prototype": 9}, "unknown_prototype"),
+                         ({"class": "bag", "prototype": 0, "kind": "x"}, "unknown_exemplar_kind")):  # fmt: skip
+        bad = client.post("/prototype_image", json=body)
+        assert bad.status_code == 422 and reason in bad.text, bad.text
+    assert client.post("/prototypes", json={"classes": ["zebra"]}).status_code == 422
 
 
 def test_asgi_intervention(client):
@@ -129,6 +168,11 @@ BAD_REQUESTS = [
      "unknown_prototype"),
     ("top_k over classes", dict(json={"images_base64": [b64(b"x")], "top_k": 11}), 422,
      "top_k_out_of_range"),
+    ("unknown map kind", dict(json={"images_base64": [b64(b"x")], "map_kind": "saliency"}), 422,
+     "unknown_map_kind"),
+    ("presence without presence maps", dict(json={"images_base64": [b64(b"x")],
+                                                  "map_kind": "presence"}), 422,
+     "no_presence_maps"),
 ]  # fmt: skip
 
 

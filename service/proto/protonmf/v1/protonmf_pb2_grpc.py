@@ -49,6 +49,16 @@ class ProtoNMFStub:
                 request_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Prototypes = channel.unary_unary(
+                '/protonmf.v1.ProtoNMF/Prototypes',
+                request_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesRequest.SerializeToString,
+                response_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesResponse.FromString,
+                _registered_method=True)
+        self.PrototypeImage = channel.unary_unary(
+                '/protonmf.v1.ProtoNMF/PrototypeImage',
+                request_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageRequest.SerializeToString,
+                response_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageResponse.FromString,
+                _registered_method=True)
 
 
 class ProtoNMFServicer:
@@ -75,6 +85,21 @@ class ProtoNMFServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prototypes(self, request, context):
+        """Every prototype with its coefficient, fold weight and exemplars; per class the share
+        of the class vector the NMF prototypes carry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrototypeImage(self, request, context):
+        """PNG strip of one prototype's exemplars with their presence maps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProtoNMFServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +117,16 @@ def add_ProtoNMFServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoRequest.FromString,
                     response_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'Prototypes': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prototypes,
+                    request_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesRequest.FromString,
+                    response_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesResponse.SerializeToString,
+            ),
+            'PrototypeImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrototypeImage,
+                    request_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageRequest.FromString,
+                    response_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +210,60 @@ class ProtoNMF:
             '/protonmf.v1.ProtoNMF/ModelInfo',
             service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoRequest.SerializeToString,
             service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prototypes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protonmf.v1.ProtoNMF/Prototypes',
+            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesRequest.SerializeToString,
+            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrototypeImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/protonmf.v1.ProtoNMF/PrototypeImage',
+            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageRequest.SerializeToString,
+            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,146 @@
+"""Exemplars, presence maps and convert's own check of its ONNX graph, against numpy
+references computed here from the timm model's features (not from the converter's code)."""
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import FASHION_DATA, FASHION_MODEL, run_cli
+
+from converter.models import ModelSource, load_model
+from protonmf.artifact import ArtifactError, Preprocessing, load_manifest, load_tensors, preprocess
+from protonmf.data import load_samples
+from protonmf.exemplars import load_exemplars
+
+pytestmark = pytest.mark.slow
+PER_CLASS = 12  # a small conversion: 120 images
+M = 4
+
+
+@pytest.fixture(scope="module")
+def small_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exemplars") / "artifact"
+    code, _ = run_cli("convert", "--quiet", "--model", FASHION_MODEL, "--data", FASHION_DATA,
+                      "--max-per-class", PER_CLASS, "--exemplars", M, "--presence", "--out", out)  # fmt: skip
+    assert code == 0
+    return out
+
+
+def clipped_features(manifest, images) -> np.ndarray:
+    """(n, H, W, D) features of the recorded model, clipped at 0 (NMF's matrix A)."""
+    model = load_model(ModelSource(str(FASHION_MODEL))).eval()
+    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    x = torch.from_numpy(np.stack([preprocess(im, prep) for im in images]))
+    with torch.no_grad():
+        return model.forward_features(x).permute(0, 2, 3, 1).clamp_min(0).double().numpy()
+
+
+def test_augmented_exemplars_are_the_top_presence_images(small_artifact):
+    m = load_manifest(small_artifact)
+    t = load_tensors(small_artifact, m)
+    ex = load_exemplars(small_artifact, m)
+    assert ex is not None and ex.kinds == ("augmented", "nmf") and ex.m == M
+    samples = load_samples(FASHION_DATA / "train", m["classes"], PER_CLASS)
+    for c in (0, 7):  # two classes, every prototype
+        mine = [s for s in samples if s.label == c]
+        A = clipped_features(m, [s.open() for s in mine])  # (n, H, W, D)
+        n, H, W, D = A.shape
+        # Eq. 9 by numpy's least squares: E' = argmin ||A − E' B'||² per position
+        E = np.linalg.lstsq(t["prototypes"][c].astype(np.float64).T, A.reshape(-1, D).T,
+                            rcond=None)[0].T.reshape(n, H, W, -1)  # fmt: skip
+        peak = E.reshape(n, H * W, -1).max(1)  # (n, p)
+        for i in range(m["p"]):
+            want = np.argsort(-peak[:, i], kind="stable")[:M]
+            names = [e["source"] for e in ex.entries(c, i)]
+            assert names == [str(mine[j].source.relative_to(FASHION_DATA / "train"))
+                             for j in want]  # fmt: skip
+            np.testing.assert_allclose([e["presence"] for e in ex.entries(c, i)], peak[want, i],
+                                       rtol=1e-4, atol=1e-5)  # fmt: skip
+            thumbs, maps = ex.strip(c, i)
+            np.testing.assert_allclose(maps, E[want, :, :, i], rtol=1e-4, atol=1e-5)
+            assert thumbs.shape == (M, 56, 56) and thumbs.dtype == np.uint8
+            assert len({e["source"] for e in ex.entries(c, i)}) == M  # one entry per image
+
+
+def test_nmf_exemplar_maps_are_the_factorisation(small_artifact):
+    """The nmf kind's maps are NMF's E: with B they rebuild A to the error NMF reported, and
+    each prototype's exemplars are its highest rows of E."""
+    m = load_manifest(small_artifact)
+    t = load_tensors(small_artifact, m)
+    ex = load_exemplars(small_artifact, m)
+    c = 3
+    thumbs, maps = ex.strip(c, 0, "nmf")
+    assert (maps >= 0).all() and len(thumbs) == M
+    scores = [e["presence"] for e in ex.entries(c, 0, "nmf")]
+    assert scores == sorted(scores, reverse=True)
+    np.testing.assert_allclose(maps.reshape(M, -1).max(1), scores, rtol=1e-6)
+    assert t["nmf_prototypes"].shape[1] == m["p"]
+
+
+def test_presence_output_is_eq9_least_squares(small_artifact):
+    m = load_manifest(small_artifact)
+    t = load_tensors(small_artifact, m)
+    assert m["graph"]["presence"] and "presence" in m["graph"]["outputs"]
+    samples = load_samples(FASHION_DATA / "test", m["classes"])[::50][:6]
+    images = [s.open() for s in samples]
+    prep = Preprocessing.from_dict(m["preprocessing"])
+    session = ort.InferenceSession(str(small_artifact / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    x = np.stack([preprocess(im, prep) for im in images])
+    out = dict(zip(m["graph"]["outputs"], session.run(None, {"image": x}), strict=True))
+    A = clipped_features(m, images)
+    n, H, W, D = A.shape
+    for c in range(len(m["classes"])):
+        E = np.linalg.lstsq(t["prototypes"][c].astype(np.float64).T, A.reshape(-1, D).T,
+                            rcond=None)[0].T.reshape(n, H, W, -1)  # fmt: skip
+        got = out["presence"][:, c].transpose(0, 2, 3, 1)  # (n, H, W, p)
+        scale = np.abs(E).max()
+        assert np.abs(got - E).max() <= 1e-4 * scale
+    # pooled (format 4): the mean of the raw features, every graph has it
+    assert out["pooled"].shape == (n, D)
+
+
+def test_no_exemplars_and_corrupt_exemplars(small_artifact, tmp_path, capsys):
+    m = load_manifest(small_artifact)
+    bare = dict(m)
+    bare.pop("exemplars")
+    assert load_exemplars(small_artifact, bare) is None  # older formats: no exemplars
+    code, out = run_cli("inspect", small_artifact, capsys=capsys)
+    assert code == 0 and f"{M} per prototype (augmented, nmf" in out
+    # A manifest that disagrees with the file is refused with the reason.
+    copy = tmp_path / "copy"
+    shutil.copytree(small_artifact, copy)
+    edited = json.loads((copy / "manifest.json").read_text())
+    edited["exemplars"]["m"] = M + 1
+    with pytest.raises(ArtifactError, match=r"augmented.index has shape .* manifest implies"):
+        load_exemplars(copy, edited)
+    (copy / "exemplars.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ArtifactError, match="checksum mismatch for exemplars.safetensors"):
+        load_manifest(copy)
+
+
+def test_export_keeps_exemplars(small_artifact, tmp_path):
+    out = tmp_path / "topk"
+    code, _ = run_cli("export", small_artifact, "--maps", "topk", "--scores", "topk",
+                      "--presence", "--out", out)  # fmt: skip
+    assert code == 0
+    m = load_manifest(out)
+    assert "exemplars.safetensors" in m["files"] and load_exemplars(out, m) is not None
+    assert m["graph"]["outputs"]["topk_presence"] == ["N", 5, m["p"], 7, 7]
+
+
+def test_convert_checks_its_onnx_graph(tmp_path, capsys):
+    """convert runs the exported graph with onnxruntime against the black box and exits 1
+    when it is not within --rtol (0 here: float rounding alone exceeds it)."""
+    out = tmp_path / "art"
+    code, _ = run_cli("convert", "--quiet", "--model", FASHION_MODEL, "--data", FASHION_DATA,
+                      "--max-per-class", 3, "--exemplars", 0, "--rtol", 0, "--out", out)  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "the ONNX graph is not exact" in err and "rtol 0" in err
+    onnx = load_manifest(out)["diagnostics"]["onnx_exactness"]
+    assert onnx["provider"] == "CPUExecutionProvider" and onnx["n_images"] == 30
+    assert 0 < onnx["max_rel_logit_diff"] < 1e-5 and onnx["top1_agreement"] == 1.0
+    assert "exemplars" not in load_manifest(out)
