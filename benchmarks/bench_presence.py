@@ -5,7 +5,8 @@ All three run by onnxruntime on the CPU on one shared pool of 2 threads, interle
 shuffled rounds (``bench_graph.interleaved``); figures are medians over rounds, ratios are
 against the black box measured in the same rounds. Usage:
 
-    .venv/bin/python benchmarks/bench_presence.py [--artifact DIR] [--seconds 20]
+    .venv/bin/python benchmarks/bench_presence.py [--artifact DIR] [--seconds 20] \
+        [--extra format3=OLD/model.onnx]
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path, default=REPO / "artifacts" / "fashion-default")
     ap.add_argument("--seconds", type=float, default=20.0, help="time per batch size")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
+                    help="another ONNX graph to time beside them (e.g. an older format's)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_presence.json")
     args = ap.parse_args()
     runtime.set_shared_thread_pool(bg.THREADS)
@@ -48,6 +51,7 @@ def main() -> None:
         presence = prototype_model(manifest, tensors, graph["maps"], graph["scores"],
                                    presence=True)  # fmt: skip
         paths["presence"] = export_onnx(presence, shape, Path(tmp) / "presence.onnx")
+        paths.update(dict(e.split("=", 1) for e in args.extra))
         sessions = {k: runtime.create_session(p, "cpu")[0] for k, p in paths.items()}
         pool = bg.image_pool(REPO / "data" / "fashion-mnist" / "test", manifest)
         rows = []

@@ -99,8 +99,9 @@ def test_presence_output_is_eq9_least_squares(small_artifact):
         got = out["presence"][:, c].transpose(0, 2, 3, 1)  # (n, H, W, p)
         scale = np.abs(E).max()
         assert np.abs(got - E).max() <= 1e-4 * scale
-    # pooled (format 4): the mean of the raw features, every graph has it
-    assert out["pooled"].shape == (n, D)
+    # pooled (format 4, exported as GlobalAveragePool): the features' mean (ReLU features:
+    # raw = clipped here)
+    np.testing.assert_allclose(out["pooled"], A.mean((1, 2)), rtol=1e-5, atol=1e-6)
 
 
 def test_no_exemplars_and_corrupt_exemplars(small_artifact, tmp_path, capsys):
