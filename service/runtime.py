@@ -71,15 +71,14 @@ def set_shared_thread_pool(threads: int) -> None:
     session's run needs. The service holds one session per process and does not need it.
     Call before the process's first onnxruntime session (the pool comes with onnxruntime's
     environment); afterwards onnxruntime refuses sessions with pools of their own."""
-    # onnxruntime's Python API sets the global pool only through its binding module
-    import onnxruntime.capi._pybind_state as ort_c
+    import onnxruntime as ort
 
     global _shared_pool_threads
     if threads < 1:
         raise ValueError(f"threads must be ≥ 1, got {threads}")
     if _shared_pool_threads not in (None, threads):
         raise RuntimeError(f"the shared pool already has {_shared_pool_threads} threads")
-    ort_c.set_global_thread_pool_sizes(threads, 1)
+    ort.set_global_thread_pool_sizes(threads, 1)  # onnxruntime's public API (no _pybind_state)
     _shared_pool_threads = threads
 
 

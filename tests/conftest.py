@@ -13,9 +13,17 @@ FASHION_MODEL = REPO / "models" / "fashion-resnet"
 FASHION_DATA = REPO / "data" / "fashion-mnist"
 
 
+# Fixtures that convert a model: a test using one is slow whatever its own marks say, so
+# `-m "not slow"` stays the fast tier without every test having to remember it.
+CONVERTING_FIXTURES = {"fashion_artifact", "fashion_topk_artifact", "lite0_artifact"}
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    for item in items:
+        if CONVERTING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="no CUDA device on this machine")
         for item in items:

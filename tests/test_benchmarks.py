@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each runs a benchmark script in its own process
 
 
 def test_bench_core_reports_every_stage(lite0_artifact, tmp_path):
