@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -230,8 +231,6 @@ def serve_command(args, environ: dict) -> tuple[list[str], dict]:
 
 def _cmd_serve(args) -> int:
     """Replace this process with ``bentoml serve`` so its PID is the server's."""
-    import os
-
     check_artifact(args.artifact)  # refuse a bad artifact here, with the reason, exit 2
     cmd, env = serve_command(args, os.environ)
     grpc = f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port > 0 else ""
@@ -308,10 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve an artifact over REST (BentoML)")
     p.add_argument("artifact", nargs="?", default=str(DEFAULT_ARTIFACT))
     p.add_argument("--port", type=int, default=3000, help="HTTP (REST) port")
-    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port; 0 turns gRPC off")
+    # defaults from the environment a container or pod sets (deploy/k8s/base/protonmf.env)
+    env = os.environ.get
+    p.add_argument("--grpc-port", type=int, default=int(env("PROTONMF_GRPC_PORT", "50051")),
+                   help="gRPC port; 0 turns gRPC off (default: PROTONMF_GRPC_PORT or 50051)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
-    p.add_argument("--variant", default="fp32", help="graph: fp32 (exact, default), int8, fp16")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"],
+                   default=env("PROTONMF_DEVICE", "cpu"),
+                   help="default: PROTONMF_DEVICE or cpu")  # fmt: skip
+    p.add_argument("--variant", default=env("PROTONMF_VARIANT", "fp32"),
+                   help="graph: fp32 (exact), int8, fp16 (default: PROTONMF_VARIANT or fp32)")
     p.add_argument("--workers", type=_positive_int,
                    help="worker processes (default: PROTONMF_WORKERS or 1); with several, "
                         "each gets CPUs/workers onnxruntime threads — one per core is the CPU "

@@ -168,3 +168,18 @@ def test_stale_scratch_folders_removed(tmp_path):
     assert not dead.exists() and not dead_export.exists() and not old.exists()
     assert live.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".art.")) == [live.name]
+
+
+def test_serve_defaults_come_from_the_environment(tmp_path, monkeypatch):
+    """A container runs `protonmf serve ARTIFACT` with the pod's PROTONMF_* settings: the
+    device, variant and gRPC port it sets are the defaults; flags still win."""
+    from protonmf.cli import build_parser, serve_command
+
+    monkeypatch.setenv("PROTONMF_DEVICE", "cuda")
+    monkeypatch.setenv("PROTONMF_VARIANT", "int8")
+    monkeypatch.setenv("PROTONMF_GRPC_PORT", "0")
+    _, env = serve_command(build_parser().parse_args(["serve", str(tmp_path)]), {})
+    assert (env["PROTONMF_DEVICE"], env["PROTONMF_VARIANT"], env["PROTONMF_GRPC_PORT"]) == (
+        "cuda", "int8", "0")  # fmt: skip
+    args = build_parser().parse_args(["serve", str(tmp_path), "--device", "cpu"])
+    assert serve_command(args, {})[1]["PROTONMF_DEVICE"] == "cpu"

@@ -107,7 +107,8 @@ def test_dockerfile_shape(kind):
     assert len(health) == 1 and "urllib.request" in health[0]
     assert "http://127.0.0.1:3000/readyz" in health[0]
     entry = [a for i, a in final if i in ("ENTRYPOINT", "CMD")]
-    command = "bentoml serve service.service:ProtoNMFService --port 3000 --host 0.0.0.0"
+    # checks the artifact, then execs bentoml serve; device etc. from the PROTONMF_* env
+    command = "python -m protonmf.cli serve /opt/protonmf/artifact --port 3000 --host 0.0.0.0"
     assert json.loads(entry[0]) + json.loads(entry[1]) == command.split()
 
 
@@ -465,6 +466,7 @@ def test_bentos_build_offline_without_torch_and_serve(fashion_artifact, tmp_path
         src = bento / "src"
         for path in (
             "service/service.py",
+            "service/ui/index.html",
             "protonmf/artifact.py",
             "artifacts/fashion-default/manifest.json",
             "artifacts/fashion-default/model.onnx",
