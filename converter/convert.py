@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from protonmf.artifact import Preprocessing, preprocess, scratch, write_artifact
 from protonmf.data import Sample, find_split, load_samples
 from protonmf.exemplars import EXEMPLARS_FILE, KINDS, save_exemplars
 
-from .exemplars import presence_filters, select_exemplars
+from .exemplars import assemble, presence_filters, rank_class
 from .export import export_onnx, graph_spec
 from .head import fit_coefficients, fold_residual
 from .models import (
@@ -67,6 +68,9 @@ class ConvertConfig:
     scores: str = "auto"
     k: int = 5
     exemplars: int = 8  # per prototype and kind; 0: none
+    memory_budget: int | None = None  # bytes of feature grids held at once (None: a share of RAM)
+    workers: int | None = None  # decoding processes (None: default_workers())
+    nmf_batch_floats: float | None = None  # NMF's padded batch of classes (None: by device)
     presence: bool = False  # Eq. 9 presence maps as a graph output
     rtol: float = 1e-5  # the ONNX graph's largest relative logit difference allowed
     progress: bool = True
@@ -104,32 +108,65 @@ def class_names_of(model) -> tuple[list[str], list[str] | None]:
     return names, descriptions
 
 
-def _batches(samples: list[Sample], prep: Preprocessing, batch_size: int):
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        x = np.stack([preprocess(s.open(), prep) for s in chunk])
-        yield torch.from_numpy(x), [s.label for s in chunk]
+class _Images(torch.utils.data.Dataset):
+    """Samples decoded and preprocessed (in a DataLoader worker when there are workers)."""
+
+    def __init__(self, samples: list[Sample], prep: Preprocessing):
+        self.samples, self.prep = samples, prep
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        s = self.samples[i]
+        return torch.from_numpy(preprocess(s.open(), self.prep)), s.label
+
+
+def default_workers() -> int:
+    """Decoding processes beside the model: the cores but one, at most 8 (0: in-process)."""
+    return max(0, min(8, len(os.sched_getaffinity(0)) - 1))
+
+
+def _batches(samples: list[Sample], prep: Preprocessing, batch_size: int, workers: int = 0,
+             pin: bool = False):  # fmt: skip
+    """(images (n, c, h, w), labels) in sample order; decoding in ``workers`` processes
+    (torch's DataLoader), so the model rather than PIL sets the pace."""
+    loader = torch.utils.data.DataLoader(_Images(samples, prep), batch_size=batch_size,
+                                         num_workers=workers, pin_memory=pin)  # fmt: skip
+    for x, labels in loader:
+        yield x, labels.tolist()
 
 
 @torch.no_grad()
-def extract_features(model, head: HeadSpec, samples, prep, batch_size, device, progress=True):
-    """Raw feature grids per class: {class: tensor (n_images, H, W, D)} (float32, CPU)."""
-    per_class: dict[int, list[torch.Tensor]] = {}
+def extract_features(model, head: HeadSpec, samples, prep, batch_size, device, progress=True,
+                     workers: int = 0):  # fmt: skip
+    """Raw feature grids per class: {class: tensor (n_images, H, W, D)} (float32, CPU).
+    Each class's tensor is allocated once and filled in place (a list of grids stacked at
+    the end held them twice)."""
+    counts: dict[int, int] = {}
+    for s in samples:
+        counts[s.label] = counts.get(s.label, 0) + 1
+    per_class: dict[int, torch.Tensor] = {}
+    filled = dict.fromkeys(counts, 0)
     bar = tqdm(total=len(samples), desc="features", unit="img", disable=not progress)
-    for x, labels in _batches(samples, prep, batch_size):
+    pin = torch.device(device).type == "cuda"
+    for x, labels in _batches(samples, prep, batch_size, workers, pin):
         grid = features_nhwc(model, model.forward_features(x.to(device)), head.layout).float()
         for g, y in zip(grid.cpu(), labels, strict=True):
-            per_class.setdefault(y, []).append(g)
+            if y not in per_class:
+                per_class[y] = torch.empty(counts[y], *g.shape)
+            per_class[y][filled[y]] = g
+            filled[y] += 1
         bar.update(len(labels))
     bar.close()
-    return {c: torch.stack(v) for c, v in per_class.items()}
+    return per_class
 
 
 @torch.no_grad()
-def logits_of(module, samples, prep, batch_size=64, device="cpu", progress=False):
+def logits_of(module, samples, prep, batch_size=64, device="cpu", progress=False, workers=0):
     """Outputs of ``module`` on samples: the first output if it returns a tuple."""
     outs = []
-    for x, _ in tqdm(list(_batches(samples, prep, batch_size)), disable=not progress):
+    for x, _ in tqdm(_batches(samples, prep, batch_size, workers), disable=not progress):
         y = module(x.to(device))
         outs.append((y[0] if isinstance(y, tuple) else y).float().cpu())
     return torch.cat(outs)
@@ -139,26 +176,20 @@ def _run_nmf(features, classes, p, cfg, device, progress, keep_E=False):
     """NMF for every class with images, in chunks that fit memory. Returns dict per class
     (with keep_E, its factor E as (n, H, W, p) float32: the NMF presence maps)."""
     D = next(iter(features.values())).shape[-1]
-    order = sorted(features)
-    rows = {c: features[c].shape[0] * features[c].shape[1] * features[c].shape[2] for c in order}
-    budget = 2e8 if device.type == "cuda" else 5e7  # floats per padded chunk
+    rows = {c: f.shape[0] * f.shape[1] * f.shape[2] for c, f in features.items()}
     results = {}
     iters = tqdm(total=None, desc=f"NMF ({cfg.solver}, p={p})", unit="it", disable=not progress)
-    i = 0
-    while i < len(order):
-        chunk = [order[i]]
-        while i + len(chunk) < len(order):
-            nxt = order[i + len(chunk)]
-            if (len(chunk) + 1) * max(rows[c] for c in chunk + [nxt]) * D > budget:
-                break
-            chunk.append(nxt)
+    for chunk in nmf_groups(rows, D, device, cfg.nmf_batch_floats):
         n_max = max(rows[c] for c in chunk)
         A = torch.zeros(len(chunk), n_max, D, device=device)
         for j, c in enumerate(chunk):
-            A[j, : rows[c]] = features[c].reshape(-1, D).clamp_min(0)  # clip before NMF only
+            A[j, : rows[c]] = features[c].reshape(-1, D)
+            A[j, : rows[c]].clamp_(min=0)  # clip before NMF only; in place: no copy of A
         n_rows = torch.tensor([rows[c] for c in chunk], device=device)
+        # one seed per class (seed + class index): a class factorises alike whichever
+        # classes share its batch, so streamed (chunked) conversions match in-memory ones
         res = nmf(A, p, n_rows=n_rows, solver=cfg.solver, init=cfg.init, tol=cfg.tol,
-                  max_iter=cfg.max_iter, seed=cfg.seed + i, progress=iters)  # fmt: skip
+                  max_iter=cfg.max_iter, seeds=[cfg.seed + c for c in chunk], progress=iters)  # fmt: skip
         for j, c in enumerate(chunk):
             results[c] = dict(
                 B=res.B[j].double().cpu().numpy(),
@@ -168,9 +199,93 @@ def _run_nmf(features, classes, p, cfg, device, progress, keep_E=False):
             if keep_E:
                 shape = (*features[c].shape[:3], p)
                 results[c]["E"] = res.E[j, : rows[c]].float().cpu().numpy().reshape(shape)
-        i += len(chunk)
     iters.close()
     return results
+
+
+def nmf_groups(rows: dict[int, int], D: int, device, budget: float | None = None
+               ) -> list[list[int]]:  # fmt: skip
+    """Classes (index order) in the batches NMF factorises together: consecutive classes
+    while the zero-padded batch stays under a float budget. Decided by the row counts
+    alone, so a streamed conversion, whose chunks are whole groups, runs the same batches
+    as an in-memory one (same numbers to the bit)."""
+    if budget is None:  # floats per padded batch
+        budget = 2e8 if torch.device(device).type == "cuda" else 5e7
+    groups: list[list[int]] = []
+    for c in sorted(rows):
+        group = groups[-1] if groups else None
+        if group and (len(group) + 1) * max(rows[x] for x in [*group, c]) * D <= budget:
+            group.append(c)
+        else:
+            groups.append([c])
+    return groups
+
+
+def memory_budget(text: str | None = None) -> int:
+    """Bytes of feature grids a conversion holds at once: ``text`` such as "2G", "512M" or
+    a byte count; default 512 MiB, or a quarter of the memory available now if less (at
+    least 256 MiB). Classes are streamed in chunks of NMF batches that fit it."""
+    if text:
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+        t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+        try:
+            value = float(t[:-1]) * units[t[-1]] if t[-1:] in units else float(t)
+        except ValueError:
+            raise ValueError(f"--memory-budget {text!r}: give bytes or e.g. 512M, 2G") from None
+        if value <= 0:
+            raise ValueError(f"--memory-budget must be > 0, got {text!r}")
+        return int(value)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(256 << 20, min(512 << 20, available // 4))
+
+
+def class_chunks(groups: list[list[int]], counts: dict[int, int], bytes_per_image: int,
+                 budget: int) -> list[list[int]]:  # fmt: skip
+    """Whole NMF groups (``nmf_groups``) packed in order into chunks whose feature grids
+    fit ``budget`` (a group larger than the budget is a chunk of its own)."""
+    chunks, current, used = [], [], 0
+    for group in groups:
+        need = sum(counts[c] for c in group) * bytes_per_image
+        if current and used + need > budget:
+            chunks.append(current)
+            current, used = [], 0
+        current += group
+        used += need
+    return chunks + ([current] if current else [])
+
+
+def _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device, workers):
+    """Features → NMF → exemplar candidates, one chunk of classes at a time, so that peak
+    memory follows the largest chunk (``--memory-budget``), not the data set. Keeps per
+    class only B, the diagnostics and the exemplar candidates."""
+    H, W = grid_hw
+    # a chunk's grids, NMF's clipped copy and its products: ~3× the grids' float32 bytes
+    per_image = 3 * H * W * V.shape[1] * 4
+    budget = cfg.memory_budget or memory_budget()
+    counts = {c: len(v) for c, v in by_class.items()}
+    groups = nmf_groups({c: n * H * W for c, n in counts.items()}, V.shape[1], device,
+                        cfg.nmf_batch_floats)  # fmt: skip
+    chunks = class_chunks(groups, counts, per_image, budget)
+    log.info("%d images in %d chunk(s) of classes (budget %.0f MB)", sum(counts.values()),
+             len(chunks), budget / 2**20)  # fmt: skip
+    nmf_out, ranked = {}, {}
+    for chunk in chunks:
+        features = extract_features(model, head, [s for c in chunk for s in by_class[c]], prep,
+                                    cfg.batch_size, device, cfg.progress, workers)  # fmt: skip
+        out = _run_nmf(features, None, cfg.p, cfg, device, cfg.progress,
+                       keep_E=cfg.exemplars > 0)  # fmt: skip
+        if cfg.exemplars > 0:
+            # the served prototypes b' of these classes: the fit and fold are per class, so
+            # the same as the whole-model fit below
+            B = np.stack([out[c]["B"] for c in chunk])
+            a, R = fit_coefficients(V[chunk], B, nonneg=cfg.nonneg)
+            folded = fold_residual(a, B, R, min_sum_ratio=cfg.min_sum_ratio).prototypes
+            filters = presence_filters(folded)
+            for j, c in enumerate(chunk):
+                ranked[c] = rank_class(features[c], out[c].pop("E"), filters[j], cfg.exemplars)
+        nmf_out.update(out)
+        del features
+    return nmf_out, ranked
 
 
 def convert(cfg: ConvertConfig) -> Path:
@@ -197,13 +312,16 @@ def convert(cfg: ConvertConfig) -> Path:
     train_dir, split_heldout = find_split(cfg.data)
     heldout_dir = Path(cfg.heldout) if cfg.heldout else split_heldout
     samples = load_samples(train_dir, classes, cfg.max_per_class)
-    features = extract_features(model, head, samples, prep, cfg.batch_size, device, cfg.progress)
-    grid_hw = tuple(next(iter(features.values())).shape[1:3])
-    nmf_out = _run_nmf(features, classes, cfg.p, cfg, device, cfg.progress,
-                       keep_E=cfg.exemplars > 0)  # fmt: skip
-
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
     V = head.class_vectors.cpu().numpy()  # (C, D) float64
     C, D = V.shape
+    with torch.no_grad():
+        grid_hw = tuple(features_nhwc(model, model.forward_features(probe), head.layout).shape[1:3])
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    nmf_out, ranked = _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device, workers)
+
     B = np.zeros((C, cfg.p, D))
     for c, r in nmf_out.items():
         B[c] = r["B"]
@@ -217,7 +335,7 @@ def convert(cfg: ConvertConfig) -> Path:
         r = nmf_out.get(c)
         per_class.append({
             "class": classes[c],
-            "n_images": int(features[c].shape[0]) if c in features else 0,
+            "n_images": len(by_class.get(c, [])),
             "explained": r is not None,
             "nmf_iterations": r["iterations"] if r else 0,
             "feature_rel_error": r["feature_rel_error"] if r else None,
@@ -238,17 +356,16 @@ def convert(cfg: ConvertConfig) -> Path:
     filters = presence_filters(fold.prototypes)
     exemplars = None
     if cfg.exemplars > 0:
-        class_samples = {c: [s for s in samples if s.label == c] for c in features}
-        E = {c: r.pop("E") for c, r in nmf_out.items()}
-        exemplars = select_exemplars(features, E, filters, class_samples, prep, cfg.exemplars,
-                                     Path(train_dir), cfg.progress)  # fmt: skip
+        exemplars = assemble(ranked, by_class, prep, (C, cfg.p, cfg.exemplars, *grid_hw),
+                             Path(train_dir))  # fmt: skip
     proto = ProtoModel(model, head, fold.prototypes, fold.coefficients, maps=cfg.maps, k=cfg.k,
                        scores=cfg.scores, presence_filters=filters if cfg.presence else None)  # fmt: skip
     proto = proto.eval().to(device)
     check_samples = (load_samples(heldout_dir, classes, cfg.max_per_class) if heldout_dir
                      else samples[:256])  # fmt: skip
-    want = logits_of(model, check_samples, prep, cfg.batch_size, device).double().numpy()
-    got = logits_of(proto, check_samples, prep, cfg.batch_size, device).double().numpy()
+    want = logits_of(model, check_samples, prep, cfg.batch_size, device, workers=workers)
+    got = logits_of(proto, check_samples, prep, cfg.batch_size, device, workers=workers)
+    want, got = want.double().numpy(), got.double().numpy()
     exact = exactness(want, got)
     log.info("torch exactness: %s", exact)
 
@@ -276,7 +393,9 @@ def convert(cfg: ConvertConfig) -> Path:
         "backbone": {"architecture": model.pretrained_cfg.get("architecture"), **source.to_dict()},
         "preprocessing": prep.to_dict(),
         "conversion": {
-            **{k: v for k, v in asdict(cfg).items() if k not in ("out", "progress")},
+            # not memory_budget/workers: how the work was done, not what it computed
+            **{k: v for k, v in asdict(cfg).items()
+               if k not in ("out", "progress", "memory_budget", "workers")},
             "data": str(Path(train_dir).resolve()),
             "heldout": str(heldout_dir.resolve()) if heldout_dir else None,
             "device": device.type,

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from protonmf.artifact import Preprocessing, resize_crop
 from protonmf.data import Sample
 from protonmf.exemplars import Exemplars
 
-__all__ = ["presence_filters", "select_exemplars", "top_images"]
+__all__ = ["assemble", "presence_filters", "rank_class", "top_images"]
 
 
 def presence_filters(prototypes: np.ndarray) -> np.ndarray:
@@ -53,34 +52,42 @@ def _source_name(sample: Sample, root: Path) -> str:
 
 
 @torch.no_grad()
-def select_exemplars(features: dict, nmf_E: dict, filters: np.ndarray, class_samples: dict,
-                     prep: Preprocessing, m: int, root: Path, progress: bool = True) -> Exemplars:  # fmt: skip
-    """features {c: (n, H, W, D) raw}, nmf_E {c: (n, H, W, p)}, filters (C, p, D),
-    class_samples {c: the n samples in feature order} → Exemplars (thumbnails re-decoded
-    for the chosen images only)."""
-    C, p, _ = filters.shape
-    H, W = next(iter(features.values())).shape[1:3]
+def rank_class(features: torch.Tensor, nmf_E: np.ndarray, filters: np.ndarray, m: int) -> dict:
+    """One class: raw features (n, H, W, D), NMF's E (n, H, W, p), its presence filters
+    (p, D) → {kind: (image positions (p, m), peak presences (p, m), maps (p, m, H, W))}.
+    Only this is kept of a class's features once they are freed (streamed conversion)."""
+    A = features.clamp_min(0)  # Eq. 9's A: the matrix NMF factorised (float32: no 2× copy)
+    presence = {
+        "augmented": (A @ torch.from_numpy(np.asarray(filters, np.float32)).T).numpy(),
+        "nmf": nmf_E,
+    }
+    ranked = {}
+    for kind, E in presence.items():
+        idx, peak = top_images(E, m)
+        maps = np.zeros((E.shape[-1], m, *E.shape[1:3]), np.float32)
+        for i in range(E.shape[-1]):
+            keep = idx[i] >= 0
+            maps[i, keep] = E[idx[i][keep], :, :, i]
+        ranked[kind] = (idx, peak, maps)
+    return ranked
+
+
+def assemble(ranked: dict, class_samples: dict, prep: Preprocessing, shape: tuple[int, ...],
+             root: Path) -> Exemplars:  # fmt: skip
+    """{class: rank_class(...)} → Exemplars for all C classes (shape = (C, p, m, H, W));
+    thumbnails re-decoded for the chosen images only, each image stored once."""
+    C, p, m, H, W = shape
     index = {k: np.full((C, p, m), -1, np.int64) for k in ("augmented", "nmf")}
     score = {k: np.full((C, p, m), np.nan, np.float32) for k in index}
     maps = {k: np.zeros((C, p, m, H, W), np.float32) for k in index}
-    for c in tqdm(sorted(features), desc="exemplars", unit="class", disable=not progress):
-        A = features[c].clamp_min(0).double()  # Eq. 9's A: the matrix NMF factorised
-        presence = {
-            "augmented": (A @ torch.from_numpy(filters[c]).T).float().numpy(),  # (n, H, W, p)
-            "nmf": nmf_E[c],
-        }
-        for kind, E in presence.items():
-            idx, peak = top_images(E, m)
-            index[kind][c], score[kind][c] = idx, peak
-            for i in range(p):
-                keep = idx[i] >= 0
-                maps[kind][c, i, keep] = E[idx[i][keep], :, :, i]
-    # Per-class positions → one thumbnail per distinct image.
-    chosen = sorted({(c, int(j)) for kind in index for c in features
+    for c, kinds in ranked.items():
+        for kind, (idx, peak, class_maps) in kinds.items():
+            index[kind][c], score[kind][c], maps[kind][c] = idx, peak, class_maps
+    chosen = sorted({(c, int(j)) for kind in index for c in ranked
                      for j in index[kind][c].ravel() if j >= 0})  # fmt: skip
     slot = {key: u for u, key in enumerate(chosen)}
     for kind in index:
-        for c in features:
+        for c in ranked:
             index[kind][c] = np.vectorize(lambda j, c=c: slot.get((c, int(j)), -1))(index[kind][c])
     thumbs = [resize_crop(class_samples[c][j].open(), prep) for c, j in chosen]
     crop = (prep.height, prep.width) + (() if prep.color_mode == "L" else (3,))

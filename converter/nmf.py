@@ -46,13 +46,29 @@ class NMFResult:
     n_iter: torch.Tensor
 
 
-def _init(A, p, mask, init, generator):
+def _draw(K, n, p, D, n_rows, generator, seeds):
+    """Standard Gaussian E (K, n, p) and B (K, p, D), float64 on the CPU. With ``seeds``,
+    class k's draw depends on seeds[k] and its own row count only: the same whichever
+    classes share its batch and however far it is padded (chunked, streamed or sharded
+    conversions then factorise every class alike)."""
+    opts = dict(dtype=torch.float64, device="cpu")
+    if seeds is None:
+        return (torch.randn(K, n, p, generator=generator, **opts),
+                torch.randn(K, p, D, generator=generator, **opts))  # fmt: skip
+    E, B = torch.zeros(K, n, p, **opts), torch.empty(K, p, D, **opts)
+    for k, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        B[k] = torch.randn(p, D, generator=g, **opts)
+        E[k, : int(n_rows[k])] = torch.randn(int(n_rows[k]), p, generator=g, **opts)
+    return E, B
+
+
+def _init(A, p, mask, init, generator, seeds=None):
     K, n, D = A.shape
     # Drawn in float64 on the CPU whatever A is, so float32/float64 and CPU/GPU runs start
     # from the same point.
-    opts = dict(dtype=torch.float64, device="cpu", generator=generator)
-    E = torch.randn(K, n, p, **opts).to(A.device, A.dtype)
-    B = torch.randn(K, p, D, **opts).to(A.device, A.dtype)
+    E, B = _draw(K, n, p, D, mask.sum(1).long().cpu(), generator, seeds)
+    E, B = E.to(A.device, A.dtype), B.to(A.device, A.dtype)
     if init == "paper":
         # The paper: standard Gaussian with negatives set to 0.
         E, B = E.clamp_min(0), B.clamp_min(0)
@@ -114,6 +130,7 @@ def nmf(
     tol: float = 1e-4,
     max_iter: int = 200,
     seed: int = 0,
+    seeds=None,
     progress=None,
 ) -> NMFResult:
     """Factorise each class matrix A[k, :n_rows[k]] ≈ E[k] B[k] with E, B ≥ 0.
@@ -129,6 +146,8 @@ def nmf(
     solver : "mu" (Lee–Seung, the paper) or "hals".
     init : "random" (|Gaussian|, scaled) or "paper" (Gaussian with negatives set to 0).
     tol, max_iter : stopping rule, per class.
+    seeds : optional, one per class: its initialisation then depends on its own seed and
+        rows only (else one generator seeded by ``seed`` draws the whole padded batch).
     progress : optional tqdm-like object with ``update(n)``, advanced once per iteration.
     """
     if A.ndim != 3:
@@ -145,10 +164,12 @@ def nmf(
     n_rows = n_rows.to(A.device)
     mask = (torch.arange(n, device=A.device).unsqueeze(0) < n_rows.unsqueeze(1)).to(A.dtype)
     gen = torch.Generator().manual_seed(seed)
-    E, B = _init(A, p, mask, init, gen)
+    if seeds is not None and len(seeds) != K:
+        raise ValueError(f"{len(seeds)} seeds for {K} classes")
+    E, B = _init(A, p, mask, init, gen, seeds)
 
     step = _mu_step if solver == "mu" else _hals_step
-    sq_norm_A = (A * A).sum((1, 2))
+    sq_norm_A = torch.linalg.vector_norm(A, dim=(1, 2)) ** 2  # no A-sized temporary
     Et = E.transpose(1, 2)
     err_init = _error(sq_norm_A, Et @ A, Et @ E, B).clamp_min(_EPS)
     err_prev = err_init.clone()

@@ -54,6 +54,12 @@ def _add_convert(sub):
     p.add_argument("--exemplars", type=int, default=8, metavar="M",
                    help="keep the M training images where each prototype is most present, "
                         "with its presence maps (default 8; 0: none)")
+    p.add_argument("--memory-budget", metavar="BYTES",
+                   help="feature grids held at once, e.g. 2G: classes are streamed in chunks "
+                        "that fit (default: 512M, or a quarter of the memory available if less)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="image decoding processes (default: the cores but one, at most 8; "
+                        "0: decode in the main process)")
     p.add_argument("--rtol", type=float, default=1e-5,
                    help="exit 1 if the ONNX graph's max relative logit difference from the "
                         "black box on the held-out images exceeds this (default 1e-5)")
@@ -88,7 +94,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from converter.convert import ConvertConfig, NotExactError, convert
+    from converter.convert import ConvertConfig, NotExactError, convert, memory_budget
 
     cfg = ConvertConfig(
         model=args.model, data=args.data, out=args.out, checkpoint=args.checkpoint,
@@ -97,6 +103,8 @@ def _cmd_convert(args) -> int:
         seed=args.seed, nonneg=args.nonneg, min_sum_ratio=args.min_sum_ratio,
         device=args.device, batch_size=args.batch_size, maps=args.maps, k=args.k, scores=args.scores,
         exemplars=args.exemplars, presence=args.presence, rtol=args.rtol, progress=not args.quiet,
+        memory_budget=memory_budget(args.memory_budget) if args.memory_budget else None,
+        workers=args.workers,
     )  # fmt: skip
     try:
         out = convert(cfg)

@@ -221,10 +221,13 @@ class Core:
         c = name
         if isinstance(c, str) and c in self._index:
             c = self._index[c]
-        elif isinstance(c, str) and c.isdigit():
+        elif isinstance(c, str) and c.isascii() and c.isdigit() and len(c) <= 9:
+            # ASCII digits only: str.isdigit alone takes "²" and "①" (int() refuses them)
+            # and "٣" (int() reads 3); nine digits keep int() far from its 4,300-digit limit
             c = int(c)
         if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < len(self.classes):
-            raise Unprocessable(f"unknown class {name!r}{context}", "unknown_class")
+            shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:80] + "…"
+            raise Unprocessable(f"unknown class {shown}{context}", "unknown_class")
         return c
 
     def check_prototype(self, c: int, prototype: int) -> None:
@@ -474,21 +477,27 @@ class Core:
         best = int(np.argmax(self.terms(out, top1)[1]))
         METRICS.prototype_usage.labels(prototype=str(best)).inc()
 
-    def overlay(self, crop: np.ndarray, out: dict, rank: int = 0) -> bytes:
+    def overlay(self, crop: np.ndarray, out: dict, rank: int = 0,
+                map_kind: str = "contribution") -> bytes:  # fmt: skip
         """PNG: how the top-``rank`` class's prototypes vote, over the model's input crop.
 
         One panel for the class's whole prototype evidence and one per prototype, each its
         contribution map a_ci F·b'_ci [/σ] (mean = contribution): red where it speaks for
-        the class, blue against, opacity by |value| on one scale for every panel."""
+        the class, blue against, opacity by |value| on one scale for every panel.
+        ``map_kind`` similarity or presence draws those maps instead (the first panel is then
+        the prototypes' maps summed)."""
         with stage("overlay"):
-            self.check_maps(rank + 1)
+            if map_kind not in MAP_KINDS:
+                raise Unprocessable(f"map_kind must be one of {list(MAP_KINDS)}, got "
+                                    f"{map_kind!r}", "unknown_map_kind")  # fmt: skip
+            self.check_maps(rank + 1, map_kind)
             c = (int(out["topk_classes"][rank]) if self.maps_mode == "topk"
                  else self.top_classes(out["logits"], rank + 1)[rank])  # fmt: skip
             _, contributions, bias = self.terms(out, c)
             rival = self.rival(out["logits"], c)
             residuals = self.residuals(out, [c] if rival is None else [c, rival])
             parts = self.split(out, c, contributions, residuals)
-            maps = self.class_maps(out, c, rank, "contribution")
+            maps = self.class_maps(out, c, rank, map_kind)
             panels = np.concatenate([maps.sum(0, keepdims=True), maps])
             captions = [["all prototypes", f"sum {contributions.sum():+.3f}"]]
             for i in range(self.p):
@@ -502,7 +511,8 @@ class Core:
             title = [f"{self.classes[c]}: logit {out['logits'][c]:+.3f} = prototypes "
                      f"{contributions.sum():+.3f} + bias {bias:+.3f}",
                      self._residual_text(out, c, parts, bias, residuals)]  # fmt: skip
-            return render_overlay(crop, panels, captions, title, for_label=self.classes[c])
+            return render_overlay(crop, panels, captions, title, for_label=self.classes[c],
+                                  kind=map_kind)  # fmt: skip
 
     def _residual_text(self, out: dict, c: int, parts, bias: float, residuals) -> str:
         if parts is None:

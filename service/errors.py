@@ -2,13 +2,18 @@
 
     ServiceError                       500 INTERNAL (never raised for client mistakes)
     ├── InvalidInput                   400 INVALID_ARGUMENT
-    │   ├── PayloadTooLarge            413 INVALID_ARGUMENT (bytes, pixels, images)
+    │   ├── PayloadTooLarge            413 INVALID_ARGUMENT (bytes, pixels, a side, the
+    │   │                              decoded raster, a JPEG's scans, decoding time, images)
     │   ├── UnsupportedMediaType       415 INVALID_ARGUMENT (not JPEG/PNG/WebP, animated)
-    │   └── Unprocessable              422 INVALID_ARGUMENT (valid image, unusable request)
+    │   └── Unprocessable              422 INVALID_ARGUMENT (valid image, unusable request:
+    │                                  too small, too elongated, unknown class, …)
     ├── Overloaded                     503 RESOURCE_EXHAUSTED (with Retry-After)
     └── NotReady                       503 UNAVAILABLE
 
 The core raises these; transports (BentoML REST, gRPC) translate them at the boundary.
+Refused before the core: a malformed form or a text value in a file field (400, see
+``bentoml_fixes``), request bytes that are not the gRPC method's message (INVALID_ARGUMENT
+``malformed_message``, see ``grpc_api.add_servicer``).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ from .metrics import METRICS
 from .proto.protonmf.v1 import protonmf_pb2 as pb
 from .proto.protonmf.v1 import protonmf_pb2_grpc as pb_grpc
 
-__all__ = ["GrpcConfig", "GrpcServer", "explanation_to_proto", "pb", "pb_grpc",
-           "prototypes_to_proto"]
+__all__ = ["GrpcConfig", "GrpcServer", "Malformed", "add_servicer", "explanation_to_proto", "pb",
+           "pb_grpc", "prototypes_to_proto"]
 
 log = logging.getLogger("protonmf.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProtoNMF"].full_name
@@ -236,6 +236,60 @@ class ProtoNMFServicer(pb_grpc.ProtoNMFServicer):
         return await self._guarded(context, work())
 
 
+@dataclass(frozen=True)
+class Malformed:
+    """What the deserializer hands on for bytes that are not the method's request message."""
+
+    message: str  # the message type expected
+    error: str
+
+
+def _lenient(message_class):
+    """``message_class.FromString`` that answers malformed bytes with ``Malformed``: a
+    deserializer that raises makes grpc.aio answer UNKNOWN with the exception's text."""
+
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception as e:  # any failure here means the bytes are not that message
+            return Malformed(message_class.DESCRIPTOR.full_name, str(e) or type(e).__name__)
+
+    return parse
+
+
+def _checked(method):
+    """``method`` for well-formed requests; INVALID_ARGUMENT (reason malformed_message)
+    for a ``Malformed`` one."""
+
+    async def handler(request, context):
+        if isinstance(request, Malformed):
+            METRICS.rejected.labels(reason="malformed_message").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"not a valid {request.message} message: {request.error} "
+                                "[malformed_message]")  # fmt: skip
+        return await method(request, context)
+
+    return handler
+
+
+def add_servicer(servicer: ProtoNMFServicer, server) -> None:
+    """``pb_grpc.add_ProtoNMFServicer_to_server``, built from the service's descriptor with
+    lenient deserializers, so malformed request bytes are INVALID_ARGUMENT, not UNKNOWN."""
+    service = pb.DESCRIPTOR.services_by_name["ProtoNMF"]
+    handlers = {}
+    for m in service.methods:
+        if m.client_streaming or m.server_streaming:
+            raise TypeError(f"{m.full_name}: only unary methods are registered here")
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            _checked(getattr(servicer, m.name)),
+            request_deserializer=_lenient(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )  # fmt: skip
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name,
+                                                                          handlers),))  # fmt: skip
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class GrpcServer:
     """The grpc.aio server of one worker: ProtoNMF + health + reflection.
 
@@ -254,7 +308,7 @@ class GrpcServer:
             ],
         )
         self.servicer = ProtoNMFServicer(service)
-        pb_grpc.add_ProtoNMFServicer_to_server(self.servicer, self.server)
+        add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME)  # fmt: skip

@@ -1,27 +1,34 @@
 """Untrusted image bytes → checked, upright PIL image; prototype overlays and exemplar
 strips as PNG.
 
-Every check happens before the pixels are decoded (bytes, format, declared size), so a
-decompression bomb or an oversized image costs a header read, not its memory.
+Every check that bounds the cost of an image happens before its pixels are decoded (bytes,
+format, declared size, sides and their ratio, the raster's bytes, a JPEG's scans), so a
+decompression bomb or an oversized image costs a header read, not its memory or its time.
+What an allowed image may cost is bounded too: its raster by ``max_raster_bytes``, its
+decoding time by ``max_decode_ms`` (checked in the decoding thread itself, between chunks).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import io
 import math
 import os
 import struct
+import time
 import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageMode, ImageOps, UnidentifiedImageError
 
 from protonmf.artifact import Preprocessing
 
 from .errors import InvalidInput, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
-__all__ = ["Limits", "decode_image", "render_exemplar_strip", "render_overlay"]
+__all__ = ["Limits", "count_jpeg_scans", "decode_image", "render_exemplar_strip",
+           "render_overlay"]  # fmt: skip
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 
@@ -33,6 +40,15 @@ class Limits:
     max_bytes: int = 8 * 1024 * 1024  # one encoded image
     max_pixels: int = 24_000_000  # declared width × height, checked before decoding
     min_side: int = 8  # smaller images carry no usable detail
+    max_side: int = 16384  # the longer side, checked before decoding
+    # longer / shorter side: an 8 × 3,000,000 strip is resized to 56 × 21,000,000 (and a
+    # 224-pixel model's 224 × 84,000,000) before the centre crop
+    max_aspect: int = 32
+    # bytes of the decoded raster as Pillow holds it (after a JPEG's draft): 64 MiB is an
+    # RGB(A) 4096 × 4096 or an 8-bit grey 24 M; the decoding path peaks at up to ~4× this
+    max_raster_bytes: int = 64 * 1024 * 1024
+    max_scans: int = 64  # a JPEG's scans (SOS markers); progressive encoders write ≤ ~20
+    max_decode_ms: int = 3000  # one image's header reading and decoding (see _Timed)
     max_images: int = 16  # images in one request
     max_interventions: int = 64  # (class, prototype) pairs switched off in one request
     jpeg_draft: bool = True  # decode JPEGs at reduced size when the model's resize allows
@@ -53,7 +69,43 @@ class Limits:
         return cls(**values)
 
 
-def _open(data: bytes, limits: Limits) -> Image.Image:
+class _TooSlow(Exception):
+    """Raised by ``_Timed.read`` inside Pillow (header reading or decoding)."""
+
+
+class _Timed(io.BytesIO):
+    """The image's bytes with a deadline. Pillow reads the header segment by segment and
+    the decoders pull their input 64 KiB at a time, all through ``read``: a read after the
+    deadline stops the work in the thread doing it, so nothing goes on decoding after the
+    request has been answered. The work between two reads is bounded by the other limits
+    (raster bytes, a JPEG's scans)."""
+
+    def __init__(self, data: bytes, seconds: float):
+        super().__init__(data)
+        self.deadline = time.monotonic() + seconds
+
+    def read(self, size: int | None = -1) -> bytes:
+        if time.monotonic() > self.deadline:
+            raise _TooSlow
+        return super().read(size)
+
+
+def _too_slow(limits: Limits) -> PayloadTooLarge:
+    return PayloadTooLarge(f"image took over {limits.max_decode_ms} ms to decode",
+                           "decode_timeout")  # fmt: skip
+
+
+def count_jpeg_scans(data: bytes) -> int:
+    """An upper bound on a JPEG's scans: its SOS markers (FF DA), counted without decoding.
+
+    Entropy-coded data never holds FF DA (an FF there is followed by 00 or a restart
+    marker), so every scan a decoder can see is counted; an embedded thumbnail's scans and
+    an FF DA inside metadata count too, which only errs on the safe side."""
+    return data.count(b"\xff\xda")
+
+
+def _open(data: bytes, limits: Limits, source: _Timed) -> Image.Image:
+    """``source`` holds ``data``: what the decoder will read (with its deadline)."""
     if not data:
         raise InvalidInput("empty image: the request carried zero bytes", "empty")
     if len(data) > limits.max_bytes:
@@ -61,48 +113,103 @@ def _open(data: bytes, limits: Limits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            image = Image.open(source, formats=FORMATS)
     except UnidentifiedImageError as e:
         raise UnsupportedMediaType(
             f"not a decodable {'/'.join(FORMATS)} image", "unsupported_format"
         ) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise PayloadTooLarge(f"image declares too many pixels: {e}", "too_many_pixels") from e
-    except (OSError, SyntaxError, ValueError, struct.error) as e:
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
         raise InvalidInput(f"cannot decode image: {e}", "corrupt") from e
     return image
 
 
 def _check_geometry(image: Image.Image, limits: Limits) -> None:
+    """Declared size (the header's, nothing decoded yet) against the limits."""
     w, h = image.size
     if w * h > limits.max_pixels:
         raise PayloadTooLarge(
             f"image is {w}×{h} = {w * h} pixels; the limit is {limits.max_pixels}",
             "too_many_pixels",
         )
+    if max(w, h) > limits.max_side:
+        raise PayloadTooLarge(f"image is {w}×{h}; the longer side may be at most "
+                              f"{limits.max_side} pixels", "side_too_long")  # fmt: skip
     if min(w, h) < limits.min_side:
         raise Unprocessable(
             f"image is {w}×{h}; both sides must be at least {limits.min_side} pixels",
             "too_small",
         )
+    if max(w, h) > limits.max_aspect * min(w, h):
+        raise Unprocessable(f"image is {w}×{h}; the longer side may be at most "
+                            f"{limits.max_aspect}× the shorter", "aspect_ratio")  # fmt: skip
     if getattr(image, "n_frames", 1) > 1:
         raise UnsupportedMediaType(
             f"animated image with {image.n_frames} frames; send a single frame", "animated"
         )
 
 
+def raster_bytes(image: Image.Image) -> int:
+    """Bytes Pillow allocates for ``image``'s pixels: 1, 2 or 4 per pixel (every mode
+    of more than one band is stored in 4)."""
+    mode = ImageMode.getmode(image.mode)
+    per_pixel = 4 if len(mode.bands) > 1 else int(mode.typestr[-1])
+    return image.size[0] * image.size[1] * per_pixel
+
+
+def _check_cost(image: Image.Image, data: bytes, limits: Limits) -> None:
+    """What decoding will cost (the raster, a JPEG's scans), before it starts."""
+    if raster_bytes(image) > limits.max_raster_bytes:
+        raise PayloadTooLarge(
+            f"image is {image.size[0]}×{image.size[1]} {image.mode}: {raster_bytes(image)} "
+            f"bytes decoded; the limit is {limits.max_raster_bytes}", "raster_too_large",
+        )  # fmt: skip
+    if image.format == "JPEG" and (scans := count_jpeg_scans(data)) > limits.max_scans:
+        raise PayloadTooLarge(f"JPEG with {scans} scans; the limit is {limits.max_scans}",
+                              "too_many_scans")  # fmt: skip
+
+
 def _to_8bit(image: Image.Image) -> Image.Image:
     """16-bit and float greyscale → 8-bit by range, not by clipping at 255."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode.startswith("I;16"):  # a table lookup: 1 byte per pixel, no float copies
+        table = ((np.arange(65536, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(table[np.asarray(image)], "L")
+    if image.mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        arr *= 255.0 / top
+        arr += 0.5
+        return Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels become white, as a viewer would show them on a page.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        # Transparent pixels become white, as a viewer would show them on a page: the same
+        # pixels as alpha-compositing over white, with two rasters fewer alive at the peak.
+        if image.mode not in ("RGBA", "LA"):
+            image = image.convert("RGBA")
+        page = Image.new("RGB", image.size, (255, 255, 255))
+        page.paste(image, mask=image)
+        return page
     return image
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+@functools.cache
+def _large_buffers_from_mmap() -> bool:
+    """Rasters of up to ``max_raster_bytes`` come and go with every large image. glibc
+    serves an allocation from mmap (returned to the system on free) only above a threshold
+    it raises to the size of each such block freed, up to 32 MiB; after a few large images
+    their rasters come from the heap instead, whose freed pages stay resident (worker RSS
+    170 → 313 MB after the hostile corpus). A fixed 1 MiB threshold, which also stops the
+    raising, keeps it at +14%. Left alone where the operator set MALLOC_MMAP_THRESHOLD_
+    or the C library is not glibc; True if set here."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 def decode_image(data: bytes, limits: Limits, spec: Preprocessing | None = None) -> Image.Image:
@@ -111,16 +218,24 @@ def decode_image(data: bytes, limits: Limits, spec: Preprocessing | None = None)
     With ``spec`` and ``limits.jpeg_draft``, a large JPEG is decoded directly at a reduced
     scale (1/2, 1/4, 1/8) that still leaves at least the model's resize target.
     """
-    image = _open(data, limits)
+    _large_buffers_from_mmap()
+    source = _Timed(data, limits.max_decode_ms / 1000)
+    try:
+        image = _open(data, limits, source)
+    except _TooSlow as e:
+        raise _too_slow(limits) from e
     _check_geometry(image, limits)
     if spec is not None and limits.jpeg_draft and image.format == "JPEG":
         w, h = image.size
         scale = spec.resize / min(w, h)  # rotation (EXIF) keeps the shorter side's length
         image.draft(spec.color_mode, (math.ceil(w * scale), math.ceil(h * scale)))
+    _check_cost(image, data, limits)
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError) as e:
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the raster
+    except _TooSlow as e:
+        raise _too_slow(limits) from e
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
         raise InvalidInput(f"cannot decode image: {e}", "corrupt") from e
     return _to_8bit(image)
 
@@ -220,7 +335,8 @@ def _grid(panels: list[Image.Image], captions: list[list[str]], title: list[str]
 
 
 def render_overlay(crop: np.ndarray, maps: np.ndarray, captions: list[list[str]], title: list[str],
-                   for_label: str = "the class", min_side: int = 224, columns: int = 4) -> bytes:  # fmt: skip
+                   for_label: str = "the class", min_side: int = 224, columns: int = 4,
+                   kind: str = "contribution") -> bytes:  # fmt: skip
     """PNG of signed contribution maps over the model's input crop, one panel per map.
 
     crop : uint8 (h, w) or (h, w, 3), the image as the model saw it
@@ -233,11 +349,16 @@ def render_overlay(crop: np.ndarray, maps: np.ndarray, captions: list[list[str]]
     vmax = float(np.abs(maps).max()) if maps.size else 0.0
     base = _upscaled(crop, min_side)
     panels = [_diverging(base, m, vmax) for m in maps]
-    footer = [f"red: for {for_label}, blue: against; opacity ~ |contribution per position|, "
-              "one scale for every panel", "each map's mean over the positions is the "
-              "contribution written under it"]  # fmt: skip
-    return _grid(panels, captions, title, footer, vmax, "against", "for",
-                 min(columns, len(panels)))
+    if kind == "contribution":
+        footer = [f"red: for {for_label}, blue: against; opacity ~ |contribution per position|, "
+                  "one scale for every panel", "each map's mean over the positions is the "
+                  "contribution written under it"]  # fmt: skip
+        ends = ("against", "for")
+    else:  # similarity F·b' or presence E' (Eq. 9): where the prototype is, not how it votes
+        footer = [f"{kind} maps: red > 0, blue < 0; opacity ~ |value|, one scale for every "
+                  "panel", "contributions and the residual share: as written"]  # fmt: skip
+        ends = ("< 0", "> 0")
+    return _grid(panels, captions, title, footer, vmax, *ends, min(columns, len(panels)))
 
 
 def render_exemplar_strip(thumbnails: np.ndarray, maps: np.ndarray, captions: list[list[str]],

@@ -50,6 +50,7 @@ from .grpc_api import GrpcConfig, GrpcServer
 from .imaging import Limits
 from .metrics import METRICS
 from .schemas import InterventionIn, PrototypeImageIn
+from .webui import app as ui_app
 
 MAX_BATCH_SIZE = int(os.environ.get("PROTONMF_MAX_BATCH_SIZE", "32"))
 MAX_LATENCY_MS = int(os.environ.get("PROTONMF_MAX_LATENCY_MS", "10000"))
@@ -112,6 +113,7 @@ def default_ort_threads(workers: int = WORKERS) -> int | None:
     return max(1, len(os.sched_getaffinity(0)) // workers)
 
 
+@bentoml.asgi_app(ui_app, path="/ui")  # the explanation viewer (service/webui.py)
 @bentoml.service(
     name="protonmf",
     workers=WORKERS,
@@ -360,6 +362,8 @@ class ProtoNMFService:
         images: list[Path] = IMAGES,
         images_base64: list[str] = IMAGES_B64,
         rank: int = Field(default=0, ge=0, description="which of the top-k classes (0 = top)"),
+        map_kind: str = Field(default="contribution",
+                              description="contribution (default) | similarity | presence"),
     ) -> Image.Image:
         """PNG: the image as the model saw it under the class's contribution maps (all
         prototypes, then each): red = for the class, blue = against, opacity by |value| on
@@ -368,12 +372,12 @@ class ProtoNMFService:
         if len(blobs) != 1:
             raise InvalidInput(f"overlay takes exactly one image, got {len(blobs)}",
                                "one_image")  # fmt: skip
-        self.core.check_maps(1)  # a graph without maps: 422 no_maps
+        self.core.check_maps(1, map_kind)  # a graph without maps (of that kind): 422
         if rank >= self.core.map_classes:
             raise InvalidInput(f"rank must be < {self.core.map_classes} (the classes with maps)",
                                "rank")  # fmt: skip
         crops, outs = await self.run(blobs)
-        png = await self.in_pool(self.core.overlay, crops[0], outs[0], rank)
+        png = await self.in_pool(self.core.overlay, crops[0], outs[0], rank, map_kind)
         return Response(png, media_type="image/png")  # already a PNG: no re-encoding
 
     @bentoml.api

@@ -145,3 +145,24 @@ def test_convert_checks_its_onnx_graph(tmp_path, capsys):
     assert onnx["provider"] == "CPUExecutionProvider" and onnx["n_images"] == 30
     assert 0 < onnx["max_rel_logit_diff"] < 1e-5 and onnx["top1_agreement"] == 1.0
     assert "exemplars" not in load_manifest(out)
+
+
+def test_streamed_conversion_equals_in_memory(tmp_path, caplog):
+    """--memory-budget streams the classes in chunks (features → NMF → exemplar candidates
+    → freed): the artifact's tensors and exemplars are the in-memory run's to the bit.
+    Both runs factorise one class per NMF batch (nmf_batch_floats), and the streamed one
+    holds one class's features at a time; decoding in 1 worker process vs in-process."""
+    from converter.convert import ConvertConfig, convert
+
+    common = dict(model=str(FASHION_MODEL), data=str(FASHION_DATA), max_per_class=20,
+                  exemplars=3, progress=False, nmf_batch_floats=1.0)  # fmt: skip
+    caplog.set_level("INFO", logger="converter.convert")
+    whole = convert(ConvertConfig(out=str(tmp_path / "whole"), workers=0, **common))
+    assert "200 images in 1 chunk(s)" in caplog.text
+    streamed = convert(ConvertConfig(out=str(tmp_path / "streamed"), workers=1,
+                                     memory_budget=1, **common))  # fmt: skip
+    assert "200 images in 10 chunk(s)" in caplog.text
+    for name in ("prototypes.safetensors", "exemplars.safetensors", "model.onnx"):
+        assert (whole / name).read_bytes() == (streamed / name).read_bytes(), name
+    m = load_manifest(streamed)
+    assert m["diagnostics"]["onnx_exactness"]["top1_agreement"] == 1.0

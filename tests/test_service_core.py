@@ -676,3 +676,20 @@ def test_overlay_colours_by_sign_on_one_scale():
     assert right[2] > right[0] + 40  # blue: against
     assert left[0] - left[2] > right[2] - right[0]  # |2| more opaque than |−1|
     assert 0 < faint[0] - faint[2] < (left[0] - left[2]) / 2  # 0.5 on the scale of 2: faint
+
+
+def test_overlay_map_kinds(core, presence_cores, bag_png):
+    """The overlay draws the kind asked for: presence maps need a graph with them (422
+    no_presence_maps otherwise); an unknown kind is refused; each kind's PNG differs."""
+    every, _ = presence_cores
+    crop = every.prepare(bag_png)
+    (out,) = every.run_images([bag_png])
+    pngs = {k: every.overlay(crop, out, 0, k) for k in ("contribution", "similarity", "presence")}
+    assert len(set(pngs.values())) == 3
+    assert all(Image.open(io.BytesIO(p)).format == "PNG" for p in pngs.values())
+    (plain,) = core.run_images([bag_png])
+    with pytest.raises(Unprocessable, match="no presence maps") as e:
+        core.overlay(core.prepare(bag_png), plain, 0, "presence")
+    assert e.value.reason == "no_presence_maps"
+    with pytest.raises(Unprocessable, match="map_kind must be one of"):
+        core.overlay(core.prepare(bag_png), plain, 0, "saliency")
