@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,6 +74,7 @@ class ConvertConfig:
     memory_budget: int | None = None  # bytes of feature grids held at once (None: a share of RAM)
     workers: int | None = None  # decoding processes (None: default_workers())
     nmf_batch_floats: float | None = None  # NMF's padded batch of classes (None: by device)
+    resume: bool = False  # reuse the finished NMF batches a killed run left (Parts)
     presence: bool = False  # Eq. 9 presence maps as a graph output
     rtol: float = 1e-5  # the ONNX graph's largest relative logit difference allowed
     progress: bool = True
@@ -254,10 +258,71 @@ def class_chunks(groups: list[list[int]], counts: dict[int, int], bytes_per_imag
     return chunks + ([current] if current else [])
 
 
-def _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device, workers):
+class Parts:
+    """Finished NMF batches of a conversion, one safetensors file each, beside ``--out``
+    (``.NAME.parts/``): what ``--resume`` picks up after a kill. A part's name hashes
+    everything its numbers depend on (weights, settings, device kind, its classes and their
+    images), so a changed input is recomputed, never reused. Removed once the artifact is
+    written; a run without ``--resume`` starts from none."""
+
+    def __init__(self, out: str, fingerprint: dict, resume: bool):
+        out = Path(out).resolve()
+        self.dir = out.with_name(f".{out.name}.parts")
+        self.fingerprint = fingerprint
+        if not resume:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.reused = 0
+
+    def _path(self, group: list[int], by_class: dict) -> Path:
+        names = {c: [_sample_name(x) for x in by_class[c]] for c in group}
+        text = json.dumps({**self.fingerprint, "classes": names}, sort_keys=True, default=str)
+        return self.dir / f"{group[0]}-{group[-1]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.safetensors"
+
+    def load(self, group, by_class) -> tuple[dict, dict] | None:
+        path = self._path(group, by_class)
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta = json.loads(f.metadata()["classes"])
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
+        nmf_out = {int(c): {**meta[c], "B": t[f"{c}.B"]} for c in meta}
+        ranked = {int(c): {kind: (t[f"{c}.{kind}.index"], t[f"{c}.{kind}.score"],
+                                  t[f"{c}.{kind}.maps"]) for kind in ("augmented", "nmf")}
+                  for c in meta if f"{c}.nmf.index" in t}  # fmt: skip
+        self.reused += 1
+        return nmf_out, ranked
+
+    def save(self, group, by_class, nmf_out: dict, ranked: dict) -> None:
+        from safetensors.numpy import save_file
+
+        tensors, meta = {}, {}
+        for c in group:
+            tensors[f"{c}.B"] = nmf_out[c]["B"]
+            meta[str(c)] = {k: v for k, v in nmf_out[c].items() if k != "B"}
+            for kind, (idx, score, maps) in ranked.get(c, {}).items():
+                tensors.update({f"{c}.{kind}.index": idx, f"{c}.{kind}.score": score,
+                                f"{c}.{kind}.maps": maps})  # fmt: skip
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self._path(group, by_class)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"classes": json.dumps(meta)})
+        tmp.rename(path)  # a part is there whole or not at all
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _sample_name(sample: Sample) -> str:
+    return sample.name or str(sample.source)
+
+
+def _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device, workers, parts):
     """Features → NMF → exemplar candidates, one chunk of classes at a time, so that peak
     memory follows the largest chunk (``--memory-budget``), not the data set. Keeps per
-    class only B, the diagnostics and the exemplar candidates."""
+    class only B, the diagnostics and the exemplar candidates; each finished NMF batch is
+    saved to ``parts`` (``--resume`` skips those, features and all)."""
     H, W = grid_hw
     # a chunk's grids, NMF's clipped copy and its products: ~3× the grids' float32 bytes
     per_image = 3 * H * W * V.shape[1] * 4
@@ -270,6 +335,17 @@ def _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device, worker
              len(chunks), budget / 2**20)  # fmt: skip
     nmf_out, ranked = {}, {}
     for chunk in chunks:
+        todo = []
+        for group in (g for g in groups if g[0] in chunk):
+            done = parts.load(group, by_class)
+            if done is None:
+                todo += group
+            else:
+                nmf_out.update(done[0])
+                ranked.update(done[1])
+        if not todo:
+            continue
+        chunk = todo
         features = extract_features(model, head, [s for c in chunk for s in by_class[c]], prep,
                                     cfg.batch_size, device, cfg.progress, workers)  # fmt: skip
         out = _run_nmf(features, None, cfg.p, cfg, device, cfg.progress,
@@ -285,7 +361,20 @@ def _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device, worker
                 ranked[c] = rank_class(features[c], out[c].pop("E"), filters[j], cfg.exemplars)
         nmf_out.update(out)
         del features
+        for group in (g for g in groups if g[0] in chunk):
+            parts.save(group, by_class, nmf_out, ranked)
+    if parts.reused:
+        log.info("resumed %d finished NMF batch(es) of %d", parts.reused, len(groups))
     return nmf_out, ranked
+
+
+def _fingerprint(cfg: ConvertConfig, source: ModelSource, device) -> dict:
+    """What a finished NMF batch's numbers depend on besides its classes' images."""
+    keep = ("p", "solver", "init", "tol", "max_iter", "seed", "nonneg", "min_sum_ratio",
+            "exemplars", "nmf_batch_floats", "model_kwargs")  # fmt: skip
+    return {**{k: getattr(cfg, k) for k in keep}, "model": source.to_dict(),
+            "device": torch.device(device).type, "torch": torch.__version__,
+            "protonmf": protonmf.__version__}  # fmt: skip
 
 
 def convert(cfg: ConvertConfig) -> Path:
@@ -320,7 +409,9 @@ def convert(cfg: ConvertConfig) -> Path:
     with torch.no_grad():
         grid_hw = tuple(features_nhwc(model, model.forward_features(probe), head.layout).shape[1:3])
     workers = default_workers() if cfg.workers is None else cfg.workers
-    nmf_out, ranked = _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device, workers)
+    parts = Parts(cfg.out, _fingerprint(cfg, source, device), cfg.resume)
+    nmf_out, ranked = _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device,
+                                      workers, parts)  # fmt: skip
 
     B = np.zeros((C, cfg.p, D))
     for c, r in nmf_out.items():
@@ -395,7 +486,7 @@ def convert(cfg: ConvertConfig) -> Path:
         "conversion": {
             # not memory_budget/workers: how the work was done, not what it computed
             **{k: v for k, v in asdict(cfg).items()
-               if k not in ("out", "progress", "memory_budget", "workers")},
+               if k not in ("out", "progress", "memory_budget", "workers", "resume")},
             "data": str(Path(train_dir).resolve()),
             "heldout": str(heldout_dir.resolve()) if heldout_dir else None,
             "device": device.type,
@@ -425,6 +516,7 @@ def convert(cfg: ConvertConfig) -> Path:
             save_exemplars(Path(tmp) / EXEMPLARS_FILE, exemplars)
             extra[EXEMPLARS_FILE] = Path(tmp) / EXEMPLARS_FILE
         out = write_artifact(cfg.out, manifest, tensors, onnx_path, extra_files=extra)
+    parts.remove()
     if onnx_exact["top1_agreement"] < 1.0 or onnx_exact["max_rel_logit_diff"] > cfg.rtol:
         raise NotExactError(
             f"{out}: the ONNX graph is not exact on {onnx_exact['n_images']} images "

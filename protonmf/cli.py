@@ -57,6 +57,9 @@ def _add_convert(sub):
     p.add_argument("--memory-budget", metavar="BYTES",
                    help="feature grids held at once, e.g. 2G: classes are streamed in chunks "
                         "that fit (default: 512M, or a quarter of the memory available if less)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished NMF batches a killed conversion to the same --out "
+                        "left (.OUT.parts/); without it a conversion starts afresh")
     p.add_argument("--workers", type=int, metavar="N",
                    help="image decoding processes (default: the cores but one, at most 8; "
                         "0: decode in the main process)")
@@ -104,7 +107,7 @@ def _cmd_convert(args) -> int:
         device=args.device, batch_size=args.batch_size, maps=args.maps, k=args.k, scores=args.scores,
         exemplars=args.exemplars, presence=args.presence, rtol=args.rtol, progress=not args.quiet,
         memory_budget=memory_budget(args.memory_budget) if args.memory_budget else None,
-        workers=args.workers,
+        workers=args.workers, resume=args.resume,
     )  # fmt: skip
     try:
         out = convert(cfg)

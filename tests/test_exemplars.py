@@ -166,3 +166,41 @@ def test_streamed_conversion_equals_in_memory(tmp_path, caplog):
         assert (whole / name).read_bytes() == (streamed / name).read_bytes(), name
     m = load_manifest(streamed)
     assert m["diagnostics"]["onnx_exactness"]["top1_agreement"] == 1.0
+
+
+def test_killed_conversion_resumes_from_finished_batches(tmp_path, caplog):
+    """kill -9 after some NMF batches are saved: --resume reuses them (no features are
+    extracted for them again) and writes the artifact an uninterrupted run writes, to the
+    bit; the parts are gone afterwards."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from converter.convert import ConvertConfig, convert
+
+    common = dict(model=str(FASHION_MODEL), data=str(FASHION_DATA), max_per_class=20,
+                  exemplars=2, progress=False, nmf_batch_floats=1.0, memory_budget=1,
+                  workers=0)  # fmt: skip
+    out = tmp_path / "art"
+    parts = tmp_path / ".art.parts"
+    script = ("import sys; from converter.convert import ConvertConfig, convert; "
+              f"convert(ConvertConfig(out={str(out)!r}, **{common!r}))")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=FASHION_MODEL.parents[1])
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(parts.glob("*.safetensors"))) < 3 and time.monotonic() < deadline:
+            assert proc.poll() is None, "the conversion ended before 3 batches were saved"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = len(list(parts.glob("*.safetensors")))
+    assert 3 <= saved < 10 and not out.exists()
+    caplog.set_level("INFO", logger="converter.convert")
+    resumed = convert(ConvertConfig(out=str(out), resume=True, **common))
+    assert f"resumed {saved} finished NMF batch(es) of 10" in caplog.text
+    assert not parts.exists()
+    fresh = convert(ConvertConfig(out=str(tmp_path / "fresh"), **common))
+    for name in ("prototypes.safetensors", "exemplars.safetensors", "model.onnx"):
+        assert (resumed / name).read_bytes() == (fresh / name).read_bytes(), name
