@@ -75,6 +75,8 @@ class ConvertConfig:
     workers: int | None = None  # decoding processes (None: default_workers())
     nmf_batch_floats: float | None = None  # NMF's padded batch of classes (None: by device)
     resume: bool = False  # reuse the finished NMF batches a killed run left (Parts)
+    shard: tuple[int, int] | None = None  # (i, N): only NMF batches j with j % N == i, no artifact
+    merge: bool = False  # every NMF batch must come from the shards' parts: refuse to compute
     presence: bool = False  # Eq. 9 presence maps as a graph output
     rtol: float = 1e-5  # the ONNX graph's largest relative logit difference allowed
     progress: bool = True
@@ -333,11 +335,20 @@ def _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device, worker
     chunks = class_chunks(groups, counts, per_image, budget)
     log.info("%d images in %d chunk(s) of classes (budget %.0f MB)", sum(counts.values()),
              len(chunks), budget / 2**20)  # fmt: skip
+    mine = set(range(len(groups)))
+    if cfg.shard is not None:  # a shard's batches: every N-th, so each shard gets big and small
+        i, n = cfg.shard
+        mine = {j for j in mine if j % n == i}
     nmf_out, ranked = {}, {}
     for chunk in chunks:
         todo = []
-        for group in (g for g in groups if g[0] in chunk):
+        for j, group in enumerate(groups):
+            if group[0] not in chunk or j not in mine:
+                continue
             done = parts.load(group, by_class)
+            if done is None and cfg.merge:
+                raise ValueError(f"--merge: NMF batch {j} (classes {group[0]}–{group[-1]}) has "
+                                 f"no finished part in {parts.dir}; run its shard first")  # fmt: skip
             if done is None:
                 todo += group
             else:
@@ -378,11 +389,17 @@ def _fingerprint(cfg: ConvertConfig, source: ModelSource, device) -> dict:
 
 
 def convert(cfg: ConvertConfig) -> Path:
-    """Run the whole conversion; returns the artifact directory."""
+    """Run the whole conversion; returns the artifact directory. With ``shard=(i, N)`` only
+    that shard's NMF batches (saved as parts; returns their folder); with ``merge`` the
+    artifact from the shards' parts, computing none."""
     if cfg.p < 1:
         raise ValueError(f"p must be >= 1, got {cfg.p}")
     if cfg.exemplars < 0:
         raise ValueError(f"--exemplars must be >= 0, got {cfg.exemplars}")
+    if cfg.shard is not None and not (cfg.shard[1] >= 1 and 0 <= cfg.shard[0] < cfg.shard[1]):
+        raise ValueError(f"--shard i/N needs 0 <= i < N, got {cfg.shard[0]}/{cfg.shard[1]}")
+    if cfg.shard is not None and cfg.merge:
+        raise ValueError("--shard and --merge exclude each other: run the shards, then merge")
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     source = ModelSource(cfg.model, cfg.checkpoint, cfg.model_kwargs or None)
@@ -409,9 +426,13 @@ def convert(cfg: ConvertConfig) -> Path:
     with torch.no_grad():
         grid_hw = tuple(features_nhwc(model, model.forward_features(probe), head.layout).shape[1:3])
     workers = default_workers() if cfg.workers is None else cfg.workers
-    parts = Parts(cfg.out, _fingerprint(cfg, source, device), cfg.resume)
+    keep = cfg.resume or cfg.merge or cfg.shard is not None  # shards share one parts folder
+    parts = Parts(cfg.out, _fingerprint(cfg, source, device), keep)
     nmf_out, ranked = _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device,
                                       workers, parts)  # fmt: skip
+    if cfg.shard is not None:
+        log.info("shard %d/%d: its NMF batches are saved in %s", *cfg.shard, parts.dir)
+        return parts.dir
 
     B = np.zeros((C, cfg.p, D))
     for c, r in nmf_out.items():
@@ -486,7 +507,8 @@ def convert(cfg: ConvertConfig) -> Path:
         "conversion": {
             # not memory_budget/workers: how the work was done, not what it computed
             **{k: v for k, v in asdict(cfg).items()
-               if k not in ("out", "progress", "memory_budget", "workers", "resume")},
+               if k not in ("out", "progress", "memory_budget", "workers", "resume", "shard",
+                            "merge")},
             "data": str(Path(train_dir).resolve()),
             "heldout": str(heldout_dir.resolve()) if heldout_dir else None,
             "device": device.type,

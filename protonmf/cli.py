@@ -60,6 +60,11 @@ def _add_convert(sub):
     p.add_argument("--resume", action="store_true",
                    help="reuse the finished NMF batches a killed conversion to the same --out "
                         "left (.OUT.parts/); without it a conversion starts afresh")
+    p.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="convert only shard I of N (every N-th NMF batch of classes) into the "
+                        "parts folder beside --out; then --merge writes the artifact")
+    p.add_argument("--merge", action="store_true",
+                   help="write the artifact from the shards' parts; refuse if any is missing")
     p.add_argument("--workers", type=int, metavar="N",
                    help="image decoding processes (default: the cores but one, at most 8; "
                         "0: decode in the main process)")
@@ -107,13 +112,16 @@ def _cmd_convert(args) -> int:
         device=args.device, batch_size=args.batch_size, maps=args.maps, k=args.k, scores=args.scores,
         exemplars=args.exemplars, presence=args.presence, rtol=args.rtol, progress=not args.quiet,
         memory_budget=memory_budget(args.memory_budget) if args.memory_budget else None,
-        workers=args.workers, resume=args.resume,
+        workers=args.workers, resume=args.resume, shard=args.shard, merge=args.merge,
     )  # fmt: skip
     try:
         out = convert(cfg)
     except NotExactError as e:
         print(f"protonmf convert: error: {e}", file=sys.stderr)
         return 1
+    if args.shard is not None:
+        print(f"shard {args.shard[0]}/{args.shard[1]}: NMF batches saved in {out}")
+        return 0
     manifest = load_manifest(out)
     print(_summary(manifest, out))
     print(f"artifact: {out}")
@@ -348,6 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """ "I/N" → (I, N); the Kubernetes Indexed Job passes $JOB_COMPLETION_INDEX as I."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 0/4, got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"needs 0 <= I < N, got {text!r}")
+    return i, n
 
 
 def _positive_int(text: str) -> int:

@@ -188,6 +188,38 @@ def test_manifests_validate_strictly(rendered, overlay, version):
                      "HorizontalPodAutoscaler", "NetworkPolicy", *CRD_KINDS}  # fmt: skip
 
 
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_conversion_jobs_validate_and_agree(tmp_path, version):
+    """deploy/k8s/convert: the Indexed Job of shards and the merge Job validate strictly,
+    and agree with each other and with `protonmf convert` (N shards = completions =
+    parallelism = the N of --shard I/N; the index comes from the pod's annotation)."""
+    r = run(tool("kubectl"), "kustomize", K8S / "convert")
+    assert r.returncode == 0, r.stderr
+    path = tmp_path / "convert.yaml"
+    path.write_text(r.stdout)
+    v = kubernetes_validate(path, version)
+    assert v.returncode == 0 and "ERROR" not in v.stdout + v.stderr, v.stdout + v.stderr
+    objs = {d["metadata"]["name"]: d for d in yaml.safe_load_all(r.stdout) if d}
+    shards, merge = objs["protonmf-convert-shards"]["spec"], objs["protonmf-convert-merge"]["spec"]
+    assert shards["completionMode"] == "Indexed" and shards["completions"] == shards["parallelism"]
+    (s,), (m,) = shards["template"]["spec"]["containers"], merge["template"]["spec"]["containers"]
+    shard_arg = s["args"][s["args"].index("--shard") + 1]
+    assert shard_arg == f"$(SHARD_INDEX)/{shards['completions']}"
+    env = {e["name"]: e for e in s["env"]}
+    assert "job-completion-index" in env["SHARD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert "--merge" in m["args"] and "--shard" not in m["args"]
+    common = [a for a in s["args"] if a not in ("--shard", shard_arg)]
+    assert common == [a for a in m["args"] if a != "--merge"]  # same model, data, --out
+    from protonmf.cli import build_parser  # the arguments are ones convert takes
+
+    args = build_parser().parse_args([*common, "--shard", "1/4"])
+    assert args.shard == (1, 4) and args.out == "/work/artifact"
+    claim = objs["protonmf-convert-work"]["metadata"]["name"]
+    for job in (shards, merge):
+        vols = job["template"]["spec"]["volumes"]
+        assert any(v.get("persistentVolumeClaim", {}).get("claimName") == claim for v in vols)
+
+
 def _container(d):
     return d["Deployment"]["spec"]["template"]["spec"]["containers"][0]
 

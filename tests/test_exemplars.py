@@ -204,3 +204,37 @@ def test_killed_conversion_resumes_from_finished_batches(tmp_path, caplog):
     fresh = convert(ConvertConfig(out=str(tmp_path / "fresh"), **common))
     for name in ("prototypes.safetensors", "exemplars.safetensors", "model.onnx"):
         assert (resumed / name).read_bytes() == (fresh / name).read_bytes(), name
+
+
+def test_sharded_conversion_merges_to_the_single_process_artifact(tmp_path):
+    """Two shard processes at once (as a Kubernetes Indexed Job runs them), then --merge:
+    the artifact equals the single-process one to the bit. A merge with a shard missing is
+    refused; re-running a shard reuses what it had finished."""
+    import subprocess
+    import sys
+
+    from converter.convert import ConvertConfig, convert
+
+    common = dict(model=str(FASHION_MODEL), data=str(FASHION_DATA), max_per_class=20,
+                  exemplars=2, progress=False, nmf_batch_floats=1.0, workers=0)  # fmt: skip
+    out = tmp_path / "art"
+
+    def shard(i: int) -> subprocess.Popen:
+        script = ("from converter.convert import ConvertConfig, convert; "
+                  f"convert(ConvertConfig(out={str(out)!r}, shard=({i}, 2), **{common!r}))")  # fmt: skip
+        return subprocess.Popen([sys.executable, "-c", script], cwd=FASHION_MODEL.parents[1])
+
+    assert shard(0).wait(timeout=300) == 0
+    with pytest.raises(ValueError, match="--merge: NMF batch 1 .* no finished part"):
+        convert(ConvertConfig(out=str(out), merge=True, **common))
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / ".art.parts").glob("*.safetensors")}
+    assert len(first) == 5 and not out.exists()
+    procs = [shard(0), shard(1)]  # shard 0 again: all its batches are there already
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert {n: (tmp_path / ".art.parts" / n).stat().st_mtime_ns for n in first} == first
+    assert len(list((tmp_path / ".art.parts").glob("*.safetensors"))) == 10
+    merged = convert(ConvertConfig(out=str(out), merge=True, **common))
+    single = convert(ConvertConfig(out=str(tmp_path / "single"), **common))
+    for name in ("prototypes.safetensors", "exemplars.safetensors", "model.onnx"):
+        assert (merged / name).read_bytes() == (single / name).read_bytes(), name
+    assert not (tmp_path / ".art.parts").exists()
