@@ -1,7 +1,6 @@
 """``protonmf report``: one self-contained HTML page, opened in headless Chromium offline."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -10,25 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import chromium as _chromium
 from conftest import manifest_of, run_cli
 from PIL import Image
 
 from protonmf.artifact import load_tensors, sha256_file
 from protonmf.exemplars import EXEMPLARS_FILE, load_exemplars, save_exemplars
 from service.report import bar_chart, build_report, class_shares
-
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(n)), None)  # fmt: skip
-
-
-def _chromium() -> str:
-    """The browser; in CI it must be there (scripts/install_deploy_tools.sh installs it)."""
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium missing in CI: run scripts/install_deploy_tools.sh")
-        pytest.skip("chromium not installed (apt-get install chromium, or "
-                    "scripts/install_deploy_tools.sh)")  # fmt: skip
-    return CHROMIUM
 
 
 def _browse(url: str, *args: str) -> subprocess.CompletedProcess:
