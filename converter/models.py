@@ -173,7 +173,7 @@ def preprocessing_from_timm(model: nn.Module) -> Preprocessing:
 
     from timm.data import resolve_data_config
 
-    from protonmf.artifact import _RESAMPLE
+    from protonmf.artifact import INTERPOLATIONS
 
     cfg = resolve_data_config({}, model=model)
     c, h, w = cfg["input_size"]
@@ -192,9 +192,9 @@ def preprocessing_from_timm(model: nn.Module) -> Preprocessing:
     interpolation = cfg.get("interpolation") or "bilinear"
     if crop_mode not in ("center", "squash", "border"):
         raise ValueError(f"timm crop_mode {crop_mode!r} is not supported (center, squash, border)")
-    if interpolation not in _RESAMPLE:
+    if interpolation not in INTERPOLATIONS:
         raise ValueError(f"timm interpolation {interpolation!r} is not supported "
-                         f"({', '.join(_RESAMPLE)})")  # fmt: skip
+                         f"({', '.join(INTERPOLATIONS)})")  # fmt: skip
     if c not in (1, 3):
         raise ValueError(f"{c}-channel input is not supported (1 or 3 channels)")
     scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))  # as timm: floor, not round
@@ -302,9 +302,12 @@ def _probe(model: nn.Module, probe: torch.Tensor, name: str):
                 "map (auxiliary outputs such as inception_v3's aux_logits are not supported)"
             )
         logits = model.forward_head(feats)
-    except UnsupportedModelError:
+    except UnsupportedModelError:  # a ValueError: ours, already one line
         raise
-    except Exception as e:  # any failure of the model on its own input size: not convertible
+    # what a model raises on an input it was not built for (shape asserts, size and channel
+    # mismatches in its layers, missing attributes of an exotic forward): not convertible
+    except (RuntimeError, AssertionError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, NotImplementedError) as e:  # fmt: skip
         first = str(e).strip().splitlines()[0][:200].rstrip(".") if str(e).strip() else ""
         raise UnsupportedModelError(
             f"{name} fails on a {tuple(probe.shape[1:])} input (its pretrained_cfg's size and "

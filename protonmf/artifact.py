@@ -38,6 +38,7 @@ import numpy as np
 
 __all__ = [
     "FORMAT_VERSION",
+    "INTERPOLATIONS",
     "MANIFEST_FILE",
     "MODEL_FILE",
     "TENSORS_FILE",
@@ -114,7 +115,7 @@ class Preprocessing:
     width: int
     resize: int
     color_mode: str = "RGB"  # "RGB" (3 channels) or "L" (1 channel)
-    interpolation: str = "bilinear"  # a key of _RESAMPLE
+    interpolation: str = "bilinear"  # a key of INTERPOLATIONS
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     crop_mode: str = "center"  # "center" | "squash" | "border"
@@ -146,7 +147,8 @@ class Preprocessing:
 
 
 # PIL enum values; the names are timm's, the numbers torchvision's pil_modes_mapping.
-_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+# timm interpolation names → PIL resampling filters (the converter checks against it)
+INTERPOLATIONS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 _CROP_MODES = ("center", "squash", "border")
 
 
@@ -185,7 +187,7 @@ def resize_crop(image, spec: Preprocessing) -> np.ndarray:
     """
     from PIL import Image
 
-    if spec.interpolation not in _RESAMPLE:
+    if spec.interpolation not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {spec.interpolation!r}")
     if spec.crop_mode not in _CROP_MODES:
         raise ValueError(f"unknown crop_mode {spec.crop_mode!r}; known: {', '.join(_CROP_MODES)}")
@@ -193,7 +195,7 @@ def resize_crop(image, spec: Preprocessing) -> np.ndarray:
         image = image.convert(spec.color_mode)
     new_size = _resized_size(*image.size, spec)
     if new_size != image.size:
-        image = image.resize(new_size, Image.Resampling(_RESAMPLE[spec.interpolation]))
+        image = image.resize(new_size, Image.Resampling(INTERPOLATIONS[spec.interpolation]))
     w, h = image.size
     left, top = _crop_offset(w, spec.width), _crop_offset(h, spec.height)
     if spec.width <= w and spec.height <= h:  # inside the image: the usual case
