@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 import _machine  # noqa: E402
 
 from protonmf.sample_data import imagenet_photo_files  # noqa: E402
-from service.core import Core, ExplainOptions  # noqa: E402
+from protonmf.service.core import Core, ExplainOptions  # noqa: E402
 
 BATCHES = (1, 8, 32)
 

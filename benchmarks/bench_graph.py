@@ -64,10 +64,10 @@ sys.path.insert(0, str(REPO))
 
 import _machine  # noqa: E402
 
-from converter.convert import ConvertConfig, convert  # noqa: E402
-from converter.export import export_module, export_onnx  # noqa: E402
-from converter.models import analyse_head, recorded_model  # noqa: E402
-from converter.protomodel import ProtoModel  # noqa: E402
+from protonmf.converter.convert import ConvertConfig, convert  # noqa: E402
+from protonmf.converter.export import export_module, export_onnx  # noqa: E402
+from protonmf.converter.models import analyse_head, recorded_model  # noqa: E402
+from protonmf.converter.protomodel import ProtoModel  # noqa: E402
 from protonmf.artifact import (  # noqa: E402
     FORMAT_VERSION,
     MODEL_FILE,
@@ -78,8 +78,8 @@ from protonmf.artifact import (  # noqa: E402
 )
 from protonmf.data import find_split, load_image_folder  # noqa: E402
 from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint  # noqa: E402
-from service import runtime  # noqa: E402
-from service.runtime import create_session  # noqa: E402
+from protonmf.service import runtime  # noqa: E402
+from protonmf.service.runtime import create_session  # noqa: E402
 
 THREADS = 2
 DEVICE = "cpu"  # --device: "cuda" runs the ORT graphs on the CUDA provider, eager on the GPU

@@ -48,8 +48,8 @@ from bench_service import (  # noqa: E402
 
 from protonmf.artifact import Preprocessing, load_manifest  # noqa: E402
 from protonmf.sample_data import imagenet_photo_files  # noqa: E402
-from service.client import grpc_channel_options  # noqa: E402
-from service.grpc_api import pb, pb_grpc  # noqa: E402
+from protonmf.service.client import grpc_channel_options  # noqa: E402
+from protonmf.service.grpc_api import pb, pb_grpc  # noqa: E402
 
 TIMEOUT_S = 60
 

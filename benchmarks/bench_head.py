@@ -54,7 +54,7 @@ import _machine  # noqa: E402
 import bench_graph  # noqa: E402
 
 from protonmf.data import find_split  # noqa: E402
-from service.runtime import create_session, set_shared_thread_pool  # noqa: E402
+from protonmf.service.runtime import create_session, set_shared_thread_pool  # noqa: E402
 
 CUTS = {
     "logits": ["logits"],

@@ -57,7 +57,7 @@ from sklearn.decomposition import NMF  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from converter.nmf import nmf  # noqa: E402
+from protonmf.converter.nmf import nmf  # noqa: E402
 
 TOL = 1e-4
 MAX_ITER = 200

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_graph as bg  # noqa: E402
 from _machine import machine_info  # noqa: E402
 
-from converter.export import export_onnx  # noqa: E402
-from converter.reexport import prototype_model  # noqa: E402
+from protonmf.converter.export import export_onnx  # noqa: E402
+from protonmf.converter.reexport import prototype_model  # noqa: E402
 from protonmf.artifact import MODEL_FILE, Preprocessing, load_manifest, load_tensors  # noqa: E402
-from service import runtime  # noqa: E402
+from protonmf.service import runtime  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

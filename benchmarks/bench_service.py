@@ -81,7 +81,7 @@ from protonmf.sample_data import (  # noqa: E402
     imagenet_photo_folder,
     lite0_checkpoint,
 )
-from service.runtime import create_session  # noqa: E402
+from protonmf.service.runtime import create_session  # noqa: E402
 
 MAX_BATCH_SIZE = 32
 WORKERS = 1
@@ -125,7 +125,7 @@ def ensure_artifact(args) -> Path:
     if manifest.is_file() and json.loads(manifest.read_text())["format_version"] == FORMAT_VERSION:
         print(f"reusing artifact {out}", flush=True)
         return out
-    from converter.convert import ConvertConfig, convert
+    from protonmf.converter.convert import ConvertConfig, convert
 
     print(f"converting tf_efficientnet_lite0 → {out} …", flush=True)
     t0 = time.perf_counter()
@@ -154,8 +154,8 @@ def ensure_blackbox(args, artifact: Path, manifest: dict) -> Path:
         return path
     import torch
 
-    from converter.export import OPSET
-    from converter.models import recorded_model
+    from protonmf.converter.export import OPSET
+    from protonmf.converter.models import recorded_model
 
     model = recorded_model(manifest)
     prep = Preprocessing.from_dict(manifest["preprocessing"])
@@ -248,7 +248,7 @@ def decode_costs(spec: Preprocessing, rounds: int) -> dict:
     """ms per image, median over the photos × rounds, of each server's per-image work."""
     from PIL import Image
 
-    from service.imaging import Limits, decode_image
+    from protonmf.service.imaging import Limits, decode_image
 
     blobs = [f.read_bytes() for f in imagenet_photo_files()]
     limits = Limits.from_env({})

@@ -51,7 +51,7 @@ torch.cuda.get_device_name(), '| timm', timm.__version__, '| onnx', onnx.__versi
         --fashion-artifact "$WORK/fashion"
     ;;
 run)
-    step providers 60 "$PY" -c "import onnxruntime as ort; from service.runtime import create_session
+    step providers 60 "$PY" -c "import onnxruntime as ort; from protonmf.service.runtime import create_session
 print(ort.__version__, ort.__file__, ort.get_available_providers())
 s, used = create_session('$WORK/fashion/model.onnx', 'cuda'); print('in use:', s.get_providers())"
     step gpu-tests 240 "$PY" -m pytest -q -s -p no:cacheprovider -m gpu tests/test_graph.py

@@ -552,7 +552,7 @@ def convert(cfg: ConvertConfig) -> Path:
 def onnx_exactness(onnx_path, want: np.ndarray, samples, prep, batch_size) -> dict:
     """The exported graph, run by onnxruntime on the CPU as the service runs it, vs the
     black box's logits ``want`` on the same images: what ``protonmf verify`` reports."""
-    from service.runtime import create_session
+    from protonmf.service.runtime import create_session
 
     session, provider = create_session(onnx_path, "cpu")
     got = np.concatenate([session.run(["logits"], {"image": x.numpy()})[0]

@@ -21,7 +21,7 @@ import torch
 
 from protonmf.artifact import Preprocessing, load_manifest
 from protonmf.data import load_samples
-from service.evaluate import head_logits, heldout_samples
+from protonmf.service.evaluate import head_logits, heldout_samples
 
 from .convert import ConvertConfig, _device, _run_nmf, extract_features
 from .head import fit_coefficients, fold_residual

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from protonmf.artifact import Preprocessing, preprocess
 from protonmf.data import load_samples
-from service.runtime import Explainer
+from protonmf.service.runtime import Explainer
 
 from .convert import exactness
 from .models import recorded_model

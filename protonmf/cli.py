@@ -92,7 +92,7 @@ def _add_head_modes(p) -> None:
 
 
 def _cmd_export(args) -> int:
-    from converter.reexport import reexport
+    from protonmf.converter.reexport import reexport
 
     out = reexport(args.artifact, args.out, maps=args.maps, scores=args.scores, k=args.k,
                    presence=args.presence)  # fmt: skip
@@ -102,7 +102,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from converter.convert import ConvertConfig, NotExactError, convert, memory_budget
+    from protonmf.converter.convert import ConvertConfig, NotExactError, convert, memory_budget
 
     cfg = ConvertConfig(
         model=args.model, data=args.data, out=args.out, checkpoint=args.checkpoint,
@@ -173,7 +173,7 @@ def check_artifact(artifact) -> dict:
     from .exemplars import load_exemplars
 
     manifest = load_manifest(artifact)
-    from service.runtime import Explainer  # onnxruntime: the serve extra
+    from protonmf.service.runtime import Explainer  # onnxruntime: the serve extra
 
     explainer = Explainer.load(artifact, device="cpu", threads=1)
     load_exemplars(artifact, explainer.manifest)
@@ -190,7 +190,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from converter.verify import verify
+    from protonmf.converter.verify import verify
 
     report = verify(args.artifact, args.data, device=args.device, batch_size=args.batch_size,
                     max_images=args.max_images, progress=not args.json)  # fmt: skip
@@ -202,7 +202,7 @@ def _cmd_verify(args) -> int:
 def _cmd_evaluate(args) -> int:
     import time
 
-    from service.evaluate import FAITH_IMAGES, evaluate, format_report, parse_p_list
+    from protonmf.service.evaluate import FAITH_IMAGES, evaluate, format_report, parse_p_list
 
     ps = parse_p_list(args.sweep_p) if args.sweep_p else None  # refuse a bad list up front
     faith_images = FAITH_IMAGES if args.faith_images is None else (args.faith_images or None)
@@ -212,7 +212,7 @@ def _cmd_evaluate(args) -> int:
                       faithfulness_on=not args.no_faithfulness)  # fmt: skip
     if ps:
         try:
-            from converter.sweep import sweep
+            from protonmf.converter.sweep import sweep
         except ImportError as e:
             raise ValueError(f"--sweep-p needs the convert extra (torch, timm): {e}") from None
         start = time.perf_counter()
@@ -243,7 +243,7 @@ def serve_command(args, environ: dict) -> tuple[list[str], dict]:
         env["PROTONMF_WORKERS"] = str(args.workers)
     if args.max_batch_size is not None:
         env["PROTONMF_MAX_BATCH_SIZE"] = str(args.max_batch_size)
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:ProtoNMFService",
+    cmd = [sys.executable, "-m", "bentoml", "serve", "protonmf.service.service:ProtoNMFService",
            "--host", args.host, "--port", str(args.port), "--working-dir", str(REPO)]  # fmt: skip
     return cmd, env
 
@@ -259,7 +259,7 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_variants(args) -> int:
-    from converter.variants import add_variants
+    from protonmf.converter.variants import add_variants
 
     kinds = [k for k, on in (("int8", args.int8), ("fp16", args.fp16)) if on]
     if not kinds:
@@ -270,7 +270,7 @@ def _cmd_variants(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from service.report import write_report
+    from protonmf.service.report import write_report
 
     evaluation = json.loads(Path(args.evaluation).read_text()) if args.evaluation else None
     classes = args.classes.split(",") if args.classes else None

@@ -21,7 +21,7 @@ curl -sf -F "images=@$img" -F top_k=2 -F heatmaps=false "localhost:$PORT/explain
 echo "the same image over gRPC (protonmf.v1.ProtoNMF/Classify):"
 .venv/bin/python - "$img" "$GRPC_PORT" <<'PY'
 import json, sys, time
-from service.client import GrpcClient, RequestFailed
+from protonmf.service.client import GrpcClient, RequestFailed
 for _ in range(50):  # gRPC health turns SERVING right after /readyz
     try:
         with GrpcClient(f"127.0.0.1:{sys.argv[2]}") as c:

@@ -1,6 +1,6 @@
 """A small client for both transports, returning the REST response shapes.
 
-    from service.client import RestClient, GrpcClient
+    from protonmf.service.client import RestClient, GrpcClient
     with RestClient("http://127.0.0.1:3000") as c:       # or GrpcClient("127.0.0.1:50051"),
                                                          # channels=N to reach N workers
         body = c.explain([open("cat.jpg", "rb").read()], top_k=3,

@@ -8,7 +8,6 @@ going in and the graph's packed float32 outputs coming out, both as base64 strin
 
 from __future__ import annotations
 
-import base64
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -106,15 +105,6 @@ class Core:
             image = decode_image(data, self.limits, self.spec)
             return resize_crop(image, self.spec)
 
-    def encode_crop(self, crop: np.ndarray) -> str:
-        return base64.b64encode(np.ascontiguousarray(crop, np.uint8).tobytes()).decode()
-
-    def decode_crop(self, text: str) -> np.ndarray:
-        raw = base64.b64decode(text, validate=True)
-        if len(raw) != int(np.prod(self.crop_shape)):
-            raise Unprocessable(f"crop has {len(raw)} bytes, expected shape {self.crop_shape}")
-        return np.frombuffer(raw, np.uint8).reshape(self.crop_shape)
-
     def warm_up(self, max_batch: int) -> list[int]:
         """Run the graph on blank crops before the service says ready; returns the sizes run.
 
@@ -138,28 +128,11 @@ class Core:
             METRICS.batch_size.observe(len(crops))
             return self.explainer.run(normalize(crops, self.spec))
 
-    def pack(self, outputs: dict[str, np.ndarray]) -> list[str]:
-        """Batch outputs → one base64 string per image (float32, graph output order)."""
-        n = len(next(iter(outputs.values())))
-        flat = np.concatenate(
-            [outputs[k].reshape(n, -1).astype(np.float32) for k in self._shapes], axis=1
-        )
-        return [base64.b64encode(row.tobytes()).decode() for row in flat]
-
-    def unpack(self, text: str) -> dict[str, np.ndarray]:
-        flat = np.frombuffer(base64.b64decode(text), np.float32)
-        out, at = {}, 0
-        for name, shape in self._shapes.items():
-            size = int(np.prod(shape))
-            out[name] = flat[at : at + size].reshape(shape)
-            at += size
-        out["topk_classes"] = out.get("topk_classes", np.zeros(0)).astype(np.int64)
-        return out
-
-    def run_images(self, blobs: list[bytes]) -> list[dict[str, np.ndarray]]:
-        """No batcher in between: decode, infer, split. For tests and the CLI."""
-        crops = np.stack([self.prepare(b) for b in blobs])
-        return [self.unpack(t) for t in self.pack(self.infer(crops))]
+    @staticmethod
+    def split(outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """One merged batch's outputs → each image's (views, no copies)."""
+        n = len(outputs["logits"])
+        return [{name: value[i] for name, value in outputs.items()} for i in range(n)]
 
     # --- explanation building, per image ------------------------------------------------
 

@@ -27,8 +27,6 @@ __all__ = [
     "ProviderError",
     "create_session",
     "cuda_options",
-    "set_shared_thread_pool",
-    "shared_pool_threads",
 ]
 
 
@@ -60,41 +58,12 @@ def cuda_options() -> dict[str, str]:
     }
 
 
-_shared_pool_threads: int | None = None
-
-
-def set_shared_thread_pool(threads: int) -> None:
-    """From now on, every session of this process runs on one pool of ``threads`` threads.
-
-    For processes that interleave several sessions on few cores (the benchmarks): each
-    session's own pool keeps its workers spinning after a run, on the cores the next
-    session's run needs. The service holds one session per process and does not need it.
-    Call before the process's first onnxruntime session (the pool comes with onnxruntime's
-    environment); afterwards onnxruntime refuses sessions with pools of their own."""
-    import onnxruntime as ort
-
-    global _shared_pool_threads
-    if threads < 1:
-        raise ValueError(f"threads must be ≥ 1, got {threads}")
-    if _shared_pool_threads not in (None, threads):
-        raise RuntimeError(f"the shared pool already has {_shared_pool_threads} threads")
-    ort.set_global_thread_pool_sizes(threads, 1)  # onnxruntime's public API (no _pybind_state)
-    _shared_pool_threads = threads
-
-
-def shared_pool_threads() -> int | None:
-    """The shared pool's size once ``set_shared_thread_pool`` ran, else None."""
-    return _shared_pool_threads
-
-
 def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
                    spinning: bool = True):  # fmt: skip
     """An InferenceSession on ``device`` ("cpu", "cuda" or "auto"), full graph optimisation.
 
     ``spinning=False``: idle intra-op threads sleep instead of busy-waiting for the next
     kernel, leaving the CPU to work beside the graph (the service's decoding and HTTP).
-    After ``set_shared_thread_pool(n)`` the session runs on that pool: ``threads`` must
-    then be None or n, and spinning stays on (the pool's setting).
     Returns (session, provider_in_use).
     """
     import onnxruntime as ort
@@ -103,19 +72,10 @@ def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: 
         raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if _shared_pool_threads is not None:
-        if threads not in (None, _shared_pool_threads) or not spinning:
-            raise ValueError(
-                f"this process runs its sessions on a shared pool of {_shared_pool_threads} "
-                f"threads (set_shared_thread_pool), spinning; got threads={threads}, "
-                f"spinning={spinning}"
-            )
-        opts.use_per_session_threads = False
-    else:
-        if threads:
-            opts.intra_op_num_threads = threads
-        if not spinning:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     want_cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers()
     providers = [("CUDAExecutionProvider", cuda_options()), "CPUExecutionProvider"] if want_cuda else [
         "CPUExecutionProvider"

@@ -82,3 +82,10 @@ def lite0_artifact(tmp_path_factory, imagenet_photos) -> Path:
 
 def manifest_of(artifact: Path) -> dict:
     return json.loads((artifact / "manifest.json").read_text())
+
+
+def run_images(core, blobs: list[bytes]) -> list[dict]:
+    """Decode, one graph run, per-image outputs: the data plane's path without its batcher."""
+    import numpy as np
+
+    return core.split(core.infer(np.stack([core.prepare(b) for b in blobs])))

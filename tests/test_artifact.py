@@ -140,7 +140,7 @@ def test_serve_flags_set_workers_and_batch_limit(tmp_path):
     cmd, env = serve_command(args, {"PROTONMF_WORKERS": "5", "OTHER": "x"})
     assert env["PROTONMF_WORKERS"] == "2" and env["PROTONMF_MAX_BATCH_SIZE"] == "4"
     assert env["OTHER"] == "x" and env["PROTONMF_ARTIFACT"] == str(tmp_path.resolve())
-    assert cmd[cmd.index("serve") + 1] == "service.service:ProtoNMFService"
+    assert cmd[cmd.index("serve") + 1] == "protonmf.service.service:ProtoNMFService"
     # without the flags the environment's settings stand
     _, env = serve_command(parser.parse_args(["serve", str(tmp_path)]), {"PROTONMF_WORKERS": "5"})
     assert env["PROTONMF_WORKERS"] == "5" and "PROTONMF_MAX_BATCH_SIZE" not in env

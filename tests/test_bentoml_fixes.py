@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 
-from service import bentoml_fixes
+from protonmf.service import bentoml_fixes
 
 REQUEST = contextvars.ContextVar("request")
 
@@ -105,7 +105,7 @@ def test_unknown_bentoml_versions_are_left_alone(monkeypatch):
 @pytest.fixture(scope="module")
 def explain_input():
     """/explain's input model: ``images`` is a file field (list[Path])."""
-    from service.service import ProtoNMFService
+    from protonmf.service.service import ProtoNMFService
 
     spec = ProtoNMFService.apis["explain"].input_spec
     assert "images" in spec.multipart_fields

@@ -5,18 +5,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FASHION_DATA, FASHION_MODEL, manifest_of, run_cli
+from conftest import FASHION_DATA, FASHION_MODEL, manifest_of, run_cli, run_images
 from PIL import Image
 
-from converter.convert import ConvertConfig, convert, exactness, logits_of
-from converter.models import ModelSource, UnsupportedModelError, analyse_head, load_model
-from converter.reexport import prototype_model, reexport
-from converter.verify import verify
+from protonmf.converter.convert import ConvertConfig, convert, exactness, logits_of
+from protonmf.converter.models import ModelSource, UnsupportedModelError, analyse_head, load_model
+from protonmf.converter.reexport import prototype_model, reexport
+from protonmf.converter.verify import verify
 from protonmf.artifact import Preprocessing, load_tensors
 from protonmf.data import load_image_folder
 from protonmf.sample_data import lite0_checkpoint
-from service.evaluate import explanation_residual
-from service.runtime import Explainer
+from protonmf.service.evaluate import explanation_residual
+from protonmf.service.runtime import Explainer
 
 pytestmark = pytest.mark.slow
 
@@ -193,11 +193,11 @@ def outside_topk_terms_match_torch(artifact, image: bytes):
     """The service's terms of a class outside the graph's top-k (computed from the pooled
     features, LayerNorm heads included) == the all-scores prototype model in torch."""
     from protonmf.artifact import normalize
-    from service.core import Core
+    from protonmf.service.core import Core
 
     core = Core.load(artifact)
     crop = core.prepare(image)
-    (out,) = core.run_images([image])
+    (out,) = run_images(core, [image])
     _, proto, _, _ = proto_model_from_artifact(artifact, scores="all")
     with torch.no_grad():
         outputs = proto(torch.from_numpy(normalize(crop[None], core.spec)))

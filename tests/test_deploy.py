@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -147,7 +148,7 @@ def test_serving_pins_agree_and_exclude_torch():
     assert f"ARG ORT_GPU_VERSION={ORT_GPU.split('==')[1]}" in dockerfile("gpu")
     for bentofile in (cpu, gpu):
         assert bentofile["python"]["lock_packages"] is False
-        assert bentofile["service"] == "service.service:ProtoNMFService"
+        assert bentofile["service"] == "protonmf.service.service:ProtoNMFService"
         assert {"name": "BENTOML_DO_NOT_TRACK", "value": "true"} in bentofile["envs"]
 
 
@@ -463,10 +464,16 @@ def test_promtool_rejects_a_broken_expression(tmp_path):
 
 
 def build_context(root: Path, artifact: Path) -> Path:
-    """What a user's checkout holds after `protonmf convert`: sources, bentofiles, artifact."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for part in ("service", "protonmf"):
+    """What a user's checkout holds after `protonmf convert` and `pip wheel`: sources,
+    bentofiles, the artifact and protonmf's wheel under dist/."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for part in ("service", "protonmf", "converter"):
         shutil.copytree(REPO / part, root / part, ignore=ignore)
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / part, root)
+    r = run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+            "-w", root / "dist", root, cwd=root)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
     shutil.copy(REPO / "bentofile.yaml", root)
     (root / "deploy").mkdir()
     shutil.copy(DEPLOY / "bentofile-gpu.yaml", root / "deploy")
@@ -496,16 +503,16 @@ def test_bentos_build_offline_without_torch_and_serve(fashion_artifact, tmp_path
         assert ("onnxruntime-gpu==" in reqs) is (kind == "gpu")
         assert bool(re.search(r"^onnxruntime==", reqs, re.M)) is (kind == "cpu")
         src = bento / "src"
-        for path in (
-            "service/service.py",
-            "service/ui/index.html",
-            "protonmf/artifact.py",
-            "artifacts/fashion-default/manifest.json",
-            "artifacts/fashion-default/model.onnx",
-        ):
+        for path in ("artifacts/fashion-default/manifest.json",
+                     "artifacts/fashion-default/model.onnx"):  # fmt: skip
             assert (src / path).is_file(), path
-        assert not (src / "converter").exists() and not (src / "tests").exists()
-        assert not list(src.rglob("__pycache__"))
+        assert not {"service", "converter", "protonmf", "tests"} & {p.name for p in src.iterdir()}
+        (wheel,) = (bento / "env" / "python" / "wheels").glob("protonmf-*.whl")
+        with zipfile.ZipFile(wheel) as z:
+            names = set(z.namelist())
+        assert {"protonmf/service/service.py", "protonmf/service/ui/index.html",
+                "protonmf/artifact.py"} <= names  # fmt: skip
+        assert not any(n.split("/")[0] in ("service", "converter") for n in names)
     dockerfile_gpu = (bentos["gpu"] / "env" / "docker" / "Dockerfile").read_text()
     assert "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04" in dockerfile_gpu
 
@@ -516,6 +523,11 @@ def test_bentos_build_offline_without_torch_and_serve(fashion_artifact, tmp_path
     env["PROTONMF_GRPC_PORT"] = str(free_port())
     port = free_port()
     log = tmp_path / "bento.log"
+    # protonmf from the bento's wheel, ahead of this checkout's editable install
+    site = tmp_path / "wheel"
+    with zipfile.ZipFile(next((bentos["cpu"] / "env/python/wheels").glob("*.whl"))) as z:
+        z.extractall(site)
+    env["PYTHONPATH"] = str(site)
     proc = start_process([sys.executable, "-m", "bentoml", "serve", str(bentos["cpu"]),
                           "--port", str(port)], log, env, cwd=tmp_path)  # fmt: skip
     try:

@@ -12,7 +12,7 @@ from conftest import FASHION_DATA, FASHION_MODEL, run_cli
 
 from protonmf.artifact import Preprocessing, load_manifest, load_tensors, preprocess
 from protonmf.data import load_image_folder
-from service.evaluate import (
+from protonmf.service.evaluate import (
     ablation_logits,
     auc,
     deletion_insertion,
@@ -22,7 +22,7 @@ from service.evaluate import (
     intervention,
     residual_share,
 )
-from service.runtime import Explainer
+from protonmf.service.runtime import Explainer
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def report(fashion_artifact):
 def fashion_torch(fashion_artifact):
     """24 held-out images: the black box's logits and pooled features from torch, and the
     graph's outputs on the same preprocessed batch."""
-    from converter.models import recorded_model
+    from protonmf.converter.models import recorded_model
 
     manifest = load_manifest(fashion_artifact)
     ex = Explainer.load(fashion_artifact)
@@ -323,7 +323,7 @@ def test_cli_no_faithfulness_and_text_output(fashion_artifact, capsys):
 
 
 def test_sweep_head_error_falls_with_p(fashion_artifact):
-    from converter.sweep import sweep
+    from protonmf.converter.sweep import sweep
 
     rows = sweep(fashion_artifact, [1, 3], max_images=30, max_per_class=20, progress=False)
     assert [r["p"] for r in rows] == [1, 3]

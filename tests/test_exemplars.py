@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import FASHION_DATA, FASHION_MODEL, run_cli
 
-from converter.models import ModelSource, load_model
+from protonmf.converter.models import ModelSource, load_model
 from protonmf.artifact import ArtifactError, Preprocessing, load_manifest, load_tensors, preprocess
 from protonmf.data import load_samples
 from protonmf.exemplars import load_exemplars
@@ -152,11 +152,11 @@ def test_streamed_conversion_equals_in_memory(tmp_path, caplog):
     → freed): the artifact's tensors and exemplars are the in-memory run's to the bit.
     Both runs factorise one class per NMF batch (nmf_batch_floats), and the streamed one
     holds one class's features at a time; decoding in 1 worker process vs in-process."""
-    from converter.convert import ConvertConfig, convert
+    from protonmf.converter.convert import ConvertConfig, convert
 
     common = dict(model=str(FASHION_MODEL), data=str(FASHION_DATA), max_per_class=20,
                   exemplars=3, progress=False, nmf_batch_floats=1.0)  # fmt: skip
-    caplog.set_level("INFO", logger="converter.convert")
+    caplog.set_level("INFO", logger="protonmf.converter.convert")
     whole = convert(ConvertConfig(out=str(tmp_path / "whole"), workers=0, **common))
     assert "200 images in 1 chunk(s)" in caplog.text
     streamed = convert(ConvertConfig(out=str(tmp_path / "streamed"), workers=1,
@@ -177,14 +177,14 @@ def test_killed_conversion_resumes_from_finished_batches(tmp_path, caplog):
     import sys
     import time
 
-    from converter.convert import ConvertConfig, convert
+    from protonmf.converter.convert import ConvertConfig, convert
 
     common = dict(model=str(FASHION_MODEL), data=str(FASHION_DATA), max_per_class=20,
                   exemplars=2, progress=False, nmf_batch_floats=1.0, memory_budget=1,
                   workers=0)  # fmt: skip
     out = tmp_path / "art"
     parts = tmp_path / ".art.parts"
-    script = ("import sys; from converter.convert import ConvertConfig, convert; "
+    script = ("import sys; from protonmf.converter.convert import ConvertConfig, convert; "
               f"convert(ConvertConfig(out={str(out)!r}, **{common!r}))")  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=FASHION_MODEL.parents[1])
     try:
@@ -197,7 +197,7 @@ def test_killed_conversion_resumes_from_finished_batches(tmp_path, caplog):
         proc.wait()
     saved = len(list(parts.glob("*.safetensors")))
     assert 3 <= saved < 10 and not out.exists()
-    caplog.set_level("INFO", logger="converter.convert")
+    caplog.set_level("INFO", logger="protonmf.converter.convert")
     resumed = convert(ConvertConfig(out=str(out), resume=True, **common))
     assert f"resumed {saved} finished NMF batch(es) of 10" in caplog.text
     assert not parts.exists()
@@ -213,14 +213,14 @@ def test_sharded_conversion_merges_to_the_single_process_artifact(tmp_path):
     import subprocess
     import sys
 
-    from converter.convert import ConvertConfig, convert
+    from protonmf.converter.convert import ConvertConfig, convert
 
     common = dict(model=str(FASHION_MODEL), data=str(FASHION_DATA), max_per_class=20,
                   exemplars=2, progress=False, nmf_batch_floats=1.0, workers=0)  # fmt: skip
     out = tmp_path / "art"
 
     def shard(i: int) -> subprocess.Popen:
-        script = ("from converter.convert import ConvertConfig, convert; "
+        script = ("from protonmf.converter.convert import ConvertConfig, convert; "
                   f"convert(ConvertConfig(out={str(out)!r}, shard=({i}, 2), **{common!r}))")  # fmt: skip
         return subprocess.Popen([sys.executable, "-c", script], cwd=FASHION_MODEL.parents[1])
 

@@ -11,11 +11,11 @@ import pytest
 from conftest import FASHION_DATA, REPO, manifest_of, run_cli
 from onnx import numpy_helper
 
-from converter.export import gathernd_to_gather
+from protonmf.converter.export import gathernd_to_gather
 from protonmf.artifact import FORMAT_VERSION, ArtifactError
 from protonmf.data import load_image_folder
-from service.evaluate import explanation_residual
-from service.runtime import Explainer, ProviderError, create_session
+from protonmf.service.evaluate import explanation_residual
+from protonmf.service.runtime import Explainer, ProviderError, create_session
 
 pytestmark = pytest.mark.slow
 
@@ -257,7 +257,7 @@ def test_cuda_request_without_gpu_is_an_error(fashion_artifact):
 
 
 def test_cuda_tf32_off_unless_asked(monkeypatch):
-    from service.runtime import cuda_options
+    from protonmf.service.runtime import cuda_options
 
     monkeypatch.delenv("PROTONMF_CUDA_TF32", raising=False)
     monkeypatch.delenv("PROTONMF_CUDNN_SEARCH", raising=False)
@@ -300,7 +300,7 @@ def test_verify_on_cuda(fashion_artifact, capsys):
 def test_fp16_variant_measured_on_cuda(fashion_artifact, tmp_path):
     import shutil
 
-    from converter.variants import add_variants
+    from protonmf.converter.variants import add_variants
 
     art = tmp_path / "art"
     shutil.copytree(fashion_artifact, art)
@@ -314,7 +314,7 @@ def test_fp16_variant_measured_on_cuda(fashion_artifact, tmp_path):
 def test_int8_and_fp16_variants(fashion_artifact, tmp_path):
     import shutil
 
-    from converter.variants import add_variants
+    from protonmf.converter.variants import add_variants
 
     art = tmp_path / "art"
     shutil.copytree(fashion_artifact, art)
@@ -370,7 +370,7 @@ def test_spinning_off_is_set_on_the_session(fashion_artifact):
 SHARED_POOL_RUN = """
 import sys
 import numpy as np
-from service.runtime import create_session, set_shared_thread_pool, shared_pool_threads
+from protonmf.service.runtime import create_session, set_shared_thread_pool, shared_pool_threads
 path, x_file, out_file = sys.argv[1:]
 assert shared_pool_threads() is None
 set_shared_thread_pool(2)
@@ -408,7 +408,7 @@ def test_shared_thread_pool_sessions_compute_what_own_pool_ones_do(fashion_artif
 
 
 def test_shared_pool_sessions_refuse_own_threads_or_no_spinning(fashion_artifact, monkeypatch):
-    import service.runtime as runtime
+    import protonmf.service.runtime as runtime
 
     monkeypatch.setattr(runtime, "_shared_pool_threads", 2)  # checked before onnxruntime runs
     for kwargs in ({"threads": 1}, {"spinning": False}):

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import json
 import shutil
+import os
 import subprocess
 import sys
 import time
@@ -19,8 +20,8 @@ from served import free_port, serve
 from test_service_core import animated, bomb_png, png_bytes
 from test_service_http import _half_jpeg, histogram_count, sample_images
 
-from service.client import GrpcClient, RequestFailed, RestClient
-from service.grpc_api import GrpcConfig, GrpcServer, pb, pb_grpc
+from protonmf.service.client import GrpcClient, RequestFailed, RestClient
+from protonmf.service.grpc_api import GrpcConfig, GrpcServer, pb, pb_grpc
 
 pytestmark = pytest.mark.slow
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
@@ -74,20 +75,18 @@ def assert_same_explanation(rest: dict, rpc: dict):
 
 
 def test_generated_code_matches_proto(tmp_path):
-    proto = "service/proto/protonmf/v1/protonmf.proto"
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", str(REPO),
-                    f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
-                    f"--grpc_python_out={tmp_path}", str(REPO / proto)], check=True)  # fmt: skip
+    subprocess.run(["bash", str(REPO / "scripts/gen_proto.sh"), str(tmp_path)], check=True,
+                   env={**os.environ, "PY": sys.executable})  # fmt: skip
+    committed = REPO / "service/proto/protonmf/v1"
     for name in ("protonmf_pb2.py", "protonmf_pb2.pyi", "protonmf_pb2_grpc.py"):
-        fresh = (tmp_path / Path(proto).parent / name).read_text()
-        assert fresh == (REPO / Path(proto).parent / name).read_text(), \
+        assert (tmp_path / name).read_text() == (committed / name).read_text(), \
             f"{name} is stale: run scripts/gen_proto.sh"
 
 
 def test_health_is_not_serving_until_ready(fashion_artifact):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from service.core import Core
+    from protonmf.service.core import Core
 
     class Fake:  # what GrpcServer needs of the service: its core
         core = Core.load(fashion_artifact)

@@ -4,7 +4,7 @@ import cvxpy as cp
 import numpy as np
 import pytest
 
-from converter.head import augmented_heatmaps, fit_coefficients, fold_residual, residual_heatmaps
+from protonmf.converter.head import augmented_heatmaps, fit_coefficients, fold_residual, residual_heatmaps
 
 
 def random_head(C=6, p=3, D=32, seed=0):

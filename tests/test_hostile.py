@@ -24,10 +24,10 @@ from conftest import REPO
 from served import serve
 
 from protonmf.artifact import Preprocessing
-from service.core import Core, Intervention
-from service.errors import ServiceError
-from service.grpc_api import pb
-from service.imaging import Limits, count_jpeg_scans, decode_image
+from protonmf.service.core import Core, Intervention
+from protonmf.service.errors import ServiceError
+from protonmf.service.grpc_api import pb
+from protonmf.service.imaging import Limits, count_jpeg_scans, decode_image
 
 REQUEST_SECONDS = 5.0  # every answer, refusal or not, within this
 RSS_GROWTH = 1.2  # worker RSS after the corpus ≤ this × before
@@ -168,7 +168,7 @@ def grpc_codes(register, requests: list[bytes]) -> list[tuple[str, str]]:
     server whose servicer has the stub core (``register``: how it is added)."""
     import asyncio
 
-    from service.grpc_api import ProtoNMFServicer
+    from protonmf.service.grpc_api import ProtoNMFServicer
 
     async def scenario():
         server = grpc.aio.server()
@@ -195,7 +195,7 @@ def grpc_codes(register, requests: list[bytes]) -> list[tuple[str, str]]:
 
 
 def test_grpc_malformed_messages_and_unicode_digits_are_invalid_argument(corpus):
-    from service.grpc_api import add_servicer, pb_grpc
+    from protonmf.service.grpc_api import add_servicer, pb_grpc
 
     malformed = [c["data"] for c in corpus if c["kind"] == "protobuf"]
     names = [c["data"].decode() for c in corpus if c["kind"] == "class"]

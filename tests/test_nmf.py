@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.decomposition import NMF
 
-from converter.nmf import nmf
+from protonmf.converter.nmf import nmf
 
 
 def low_rank(n=300, d=40, r=3, seed=0):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from converter.models import preprocessing_from_timm
+from protonmf.converter.models import preprocessing_from_timm
 from protonmf.artifact import Preprocessing, preprocess, resize_crop
 
 timm = pytest.importorskip("timm")
@@ -175,7 +175,7 @@ def test_jpeg_draft_keeps_enough_pixels(input_size, crop_mode):
     """service.imaging drafts JPEGs to a shorter side of ``spec.resize``: the resize after it
     must still only shrink, for every crop mode and non-square input."""
     from protonmf.artifact import _resized_size
-    from service.imaging import Limits, decode_image
+    from protonmf.service.imaging import Limits, decode_image
 
     spec = preprocessing_from_timm(_model(crop_pct=0.9, input_size=input_size,
                                           crop_mode=crop_mode))  # fmt: skip
@@ -220,7 +220,7 @@ def test_random_model_logits_equal_timm_on_photos(imagenet_photos):
 
 @pytest.mark.slow
 def test_lite0_top1_equals_timm_on_photos(imagenet_photos):
-    from converter.models import ModelSource, load_model
+    from protonmf.converter.models import ModelSource, load_model
     from protonmf.sample_data import lite0_checkpoint
 
     model = load_model(ModelSource("tf_efficientnet_lite0", str(lite0_checkpoint())))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from protonmf.artifact import load_tensors, sha256_file
 from protonmf.exemplars import EXEMPLARS_FILE, load_exemplars, save_exemplars
-from service.report import bar_chart, build_report, class_shares
+from protonmf.service.report import bar_chart, build_report, class_shares
 
 
 def _browse(url: str, *args: str) -> subprocess.CompletedProcess:

@@ -8,12 +8,12 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import FASHION_DATA
+from conftest import FASHION_DATA, run_images
 from PIL import Image
 
-from service.core import Core, ExplainOptions, Intervention
-from service.errors import InvalidInput, PayloadTooLarge, Unprocessable, UnsupportedMediaType
-from service.imaging import Limits, decode_image, render_overlay
+from protonmf.service.core import Core, ExplainOptions, Intervention
+from protonmf.service.errors import InvalidInput, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from protonmf.service.imaging import Limits, decode_image, render_overlay
 
 pytestmark = pytest.mark.slow
 
@@ -48,12 +48,12 @@ def bag_png():
 
 
 def test_service_does_not_import_torch():
-    code = "import service.service, service.core, sys; sys.exit('torch' in sys.modules)"
+    code = "import protonmf.service.service, protonmf.service.core, sys; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_explanation_adds_up_and_names_classes(core, bag_png):
-    (out,) = core.run_images([bag_png])
+    (out,) = run_images(core, [bag_png])
     exp = core.explanation(out, ExplainOptions(top_k=3))
     assert exp["top_k"][0]["class"] == "bag"
     assert exp["exactness"] <= 1e-4
@@ -71,7 +71,7 @@ def test_explanation_adds_up_and_names_classes(core, bag_png):
 
 
 def test_intervention_equals_recomputed_logits(core, bag_png):
-    (out,) = core.run_images([bag_png])
+    (out,) = run_images(core, [bag_png])
     top = int(np.argmax(out["logits"]))
     assert top == out["topk_classes"][0]
     contributions = out["topk_contributions"][0]  # the graph's own, rank 0
@@ -88,9 +88,9 @@ def test_intervention_equals_recomputed_logits(core, bag_png):
 
 
 def test_exactness_metric_keeps_the_largest_gap(core, bag_png):
-    from service.metrics import METRICS
+    from protonmf.service.metrics import METRICS
 
-    out = core.run_images([bag_png])[0]
+    out = run_images(core, [bag_png])[0]
     broken = dict(out, topk_bias=out["topk_bias"] + 1.0)  # logit ≠ Σ contributions + bias
     assert core.explanation(broken, ExplainOptions(heatmaps=False))["exactness"] > 1e-3
     breach = METRICS.exactness_gap._value.get()
@@ -106,7 +106,7 @@ def scores_all_v1_copy(artifact, dst):
 
     from test_convert import proto_model_from_artifact
 
-    from converter.export import export_onnx, graph_spec
+    from protonmf.converter.export import export_onnx, graph_spec
     from protonmf.artifact import sha256_file
 
     shutil.copytree(artifact, dst)
@@ -126,8 +126,8 @@ def test_version1_all_scores_artifact_explains_the_same(core, fashion_topk_artif
     outside it (computed from the pooled features in the top-k mode)."""
     old = Core.load(scores_all_v1_copy(fashion_topk_artifact, tmp_path / "v1"))
     assert old.scores_mode == "all" and core.scores_mode == "topk"
-    (new_out,) = core.run_images([bag_png])
-    (old_out,) = old.run_images([bag_png])
+    (new_out,) = run_images(core, [bag_png])
+    (old_out,) = run_images(old, [bag_png])
     assert "contributions" in old_out and "contributions" not in new_out
     outside = [c for c in range(len(core.classes)) if c not in new_out["topk_classes"]]
     pairs = (Intervention(core.classes[int(new_out["topk_classes"][0])], 0),
@@ -153,7 +153,7 @@ def test_version1_all_scores_artifact_explains_the_same(core, fashion_topk_artif
 def test_explanation_beyond_the_graph_top_k(core, bag_png):
     """top_k over the graph's k without heatmaps: classes k+1… come from the pooled
     features and still add up to their logits."""
-    (out,) = core.run_images([bag_png])
+    (out,) = run_images(core, [bag_png])
     exp = core.explanation(out, ExplainOptions(top_k=10, heatmaps=False))
     assert [e["index"] for e in exp["top_k"]] == core.top_classes(out["logits"], 10)
     assert exp["exactness"] <= 1e-5 and core.graph_k < 10
@@ -182,8 +182,8 @@ def test_request_checks(core):
 
 def test_batch_equals_single(core, bag_png):
     blobs = [p.read_bytes() for p in sorted((FASHION_DATA / "test" / "coat").glob("*.png"))[:5]]
-    batch = core.run_images(blobs + [bag_png])
-    single = core.run_images([bag_png])[0]
+    batch = run_images(core, blobs + [bag_png])
+    single = run_images(core, [bag_png])[0]
     np.testing.assert_allclose(batch[-1]["logits"], single["logits"], rtol=1e-5, atol=1e-5)
 
 
@@ -199,7 +199,7 @@ def test_pack_round_trip(core, bag_png):
 
 def test_overlay_png(core, bag_png):
     crop = core.prepare(bag_png)
-    (out,) = core.run_images([bag_png])
+    (out,) = run_images(core, [bag_png])
     im = Image.open(io.BytesIO(core.overlay(crop, out)))
     assert im.format == "PNG" and min(im.size) >= 256
 
@@ -217,8 +217,8 @@ def test_all_classes_graph_explains_like_the_topk_graph(core, core_all, bag_png)
     class; its bias (constant, not a graph output in format 3) is the artifact's tensor."""
     assert (core_all.scores_mode, core_all.maps_mode) == ("all", "all")
     assert "bias" not in core_all.manifest["graph"]["outputs"]
-    (out,) = core_all.run_images([bag_png])
-    (topk_out,) = core.run_images([bag_png])
+    (out,) = run_images(core_all, [bag_png])
+    (topk_out,) = run_images(core, [bag_png])
     np.testing.assert_array_equal(out["bias"], core_all.explainer.tensors["bias"])
     ivs = (Intervention("bag", 0), Intervention("coat", 2))  # coat: outside the top-k graph's k
     opts = ExplainOptions(top_k=5, interventions=ivs)
@@ -253,7 +253,7 @@ def test_graph_without_maps_refuses_heatmaps(fashion_artifact, tmp_path, bag_png
     with pytest.raises(Unprocessable, match="no similarity maps") as e:
         nomaps.check_request(1, ExplainOptions(top_k=3))
     assert e.value.reason == "no_maps"
-    (res,) = nomaps.run_images([bag_png])
+    (res,) = run_images(nomaps, [bag_png])
     exp = nomaps.explanation(res, ExplainOptions(top_k=3, heatmaps=False))
     assert exp["top_k"][0]["class"] == "bag" and exp["exactness"] <= 1e-5
     with pytest.raises(Unprocessable, match="no similarity maps"):
@@ -364,7 +364,7 @@ def test_warm_up_runs_every_batch_size_on_cuda(core, monkeypatch):
 def test_default_ort_threads_share_the_cpus_between_workers():
     import os
 
-    from service.service import default_ort_threads
+    from protonmf.service.service import default_ort_threads
 
     cpus = len(os.sched_getaffinity(0))
     assert default_ort_threads(1) is None  # onnxruntime's own choice
@@ -487,7 +487,7 @@ def test_residual_split_adds_up_and_equals_numpy(which, core, core_all, fashion_
     served, artifact = (core_all, fashion_artifact) if which == "all" else (core, fashion_topk_artifact)
     seen_residual = seen_nmf = 0
     for blob in fashion_blobs():
-        (out,) = served.run_images([blob])
+        (out,) = run_images(served, [blob])
         for entry in served.explanation(out, ExplainOptions(top_k=10, heatmaps=False))["top_k"]:
             nmf_ref, residual_ref, scale = numpy_split(artifact, entry["index"], out["pooled"])
             for i, proto in enumerate(entry["prototypes"]):
@@ -505,7 +505,7 @@ def test_residual_share_of_logit_and_margin(core_all, fashion_artifact):
     """logit share r_c/(logit_c − bias_c); margin share (r_c − r_o)/(logit_c − logit_o)
     against the best other class o (runner-up for the top class, the top class else)."""
     for blob in fashion_blobs(1):
-        (out,) = core_all.run_images([blob])
+        (out,) = run_images(core_all, [blob])
         logits = out["logits"].astype(np.float64)
         order = np.argsort(-logits)
         exp = core_all.explanation(out, ExplainOptions(top_k=4, heatmaps=False))
@@ -524,7 +524,7 @@ def test_residual_share_of_logit_and_margin(core_all, fashion_artifact):
 def test_residual_split_of_a_class_that_is_all_residual(core_all, bag_png, monkeypatch):
     """A class whose prototype 0 is V itself (fold class_vector / no_images): all of its
     contribution is residual, the NMF part exactly 0."""
-    (out,) = core_all.run_images([bag_png])
+    (out,) = run_images(core_all, [bag_png])
     c = int(np.argmax(out["logits"]))
     flags = list(core_all._all_residual)
     flags[c] = True
@@ -539,7 +539,7 @@ def test_graph_without_pooled_gives_null_split(core_old, bag_png):
     """Format 3 all-class graphs have no pooled features: the split and the residual
     share are null, the rest of the explanation unchanged; no exemplars: []."""
     assert not core_old.has_pooled and core_old.exemplars is None
-    (out,) = core_old.run_images([bag_png])
+    (out,) = run_images(core_old, [bag_png])
     assert "pooled" not in out
     exp = core_old.explanation(out, ExplainOptions(top_k=3))
     assert exp["top_k"][0]["class"] == "bag" and exp["exactness"] <= 1e-5
@@ -561,7 +561,7 @@ def test_map_kinds(which, core, core_all, bag_png):
     """similarity = the graph's maps (unchanged), contribution = a·maps whose mean is the
     contribution, each heatmap names its kind; presence refused without presence maps."""
     served = core_all if which == "all" else core
-    (out,) = served.run_images([bag_png])
+    (out,) = run_images(served, [bag_png])
     plain = served.explanation(out, ExplainOptions(top_k=3))
     similarity = served.explanation(out, ExplainOptions(top_k=3, map_kind="similarity"))
     assert plain == similarity
@@ -589,8 +589,8 @@ def test_presence_maps_from_both_graph_kinds(presence_cores, bag_png):
     every, topk = presence_cores
     assert every.has_presence and topk.has_presence
     assert "presence" in every.model_info()["map_kinds"]
-    (out_all,) = every.run_images([bag_png])
-    (out_topk,) = topk.run_images([bag_png])
+    (out_all,) = run_images(every, [bag_png])
+    (out_topk,) = run_images(topk, [bag_png])
     opts = ExplainOptions(top_k=3, map_kind="presence")
     every.check_request(1, opts)
     a, b = every.explanation(out_all, opts), topk.explanation(out_topk, opts)
@@ -610,7 +610,7 @@ def test_explanation_names_each_prototypes_exemplars(core_all, fashion_artifact,
 
     ex = load_exemplars(fashion_artifact, load_manifest(fashion_artifact))
     assert ex is not None and core_all.exemplars is not None
-    (out,) = core_all.run_images([bag_png])
+    (out,) = run_images(core_all, [bag_png])
     for entry in core_all.explanation(out, ExplainOptions(top_k=2))["top_k"]:
         for proto in entry["prototypes"]:
             want = ex.entries(entry["index"], proto["prototype"], "augmented")
@@ -683,11 +683,11 @@ def test_overlay_map_kinds(core, presence_cores, bag_png):
     no_presence_maps otherwise); an unknown kind is refused; each kind's PNG differs."""
     every, _ = presence_cores
     crop = every.prepare(bag_png)
-    (out,) = every.run_images([bag_png])
+    (out,) = run_images(every, [bag_png])
     pngs = {k: every.overlay(crop, out, 0, k) for k in ("contribution", "similarity", "presence")}
     assert len(set(pngs.values())) == 3
     assert all(Image.open(io.BytesIO(p)).format == "PNG" for p in pngs.values())
-    (plain,) = core.run_images([bag_png])
+    (plain,) = run_images(core, [bag_png])
     with pytest.raises(Unprocessable, match="no presence maps") as e:
         core.overlay(core.prepare(bag_png), plain, 0, "presence")
     assert e.value.reason == "no_presence_maps"

@@ -35,7 +35,7 @@ def client(fashion_artifact):
 
     os.environ["PROTONMF_ARTIFACT"] = str(fashion_artifact)
     os.environ["PROTONMF_GRPC_PORT"] = "0"  # in-process: no gRPC listener (tested elsewhere)
-    from service.service import ProtoNMFService
+    from protonmf.service.service import ProtoNMFService
 
     with TestClient(ProtoNMFService.to_asgi()) as c:
         yield c

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service.proto.protonmf.v1 import protonmf_pb2 as service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2
+from protonmf.service.proto.protonmf.v1 import protonmf_pb2 as protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in service/proto/protonmf/v1/protonmf_pb2_grpc.py depends on'
+        + ' but the generated code in protonmf/service/proto/protonmf/v1/protonmf_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class ProtoNMFStub:
         """
         self.Classify = channel.unary_unary(
                 '/protonmf.v1.ProtoNMF/Classify',
-                request_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ClassifyResponse.FromString,
+                request_serializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.Explain = channel.unary_unary(
                 '/protonmf.v1.ProtoNMF/Explain',
-                request_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ExplainRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ExplainResponse.FromString,
+                request_serializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ExplainResponse.FromString,
                 _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/protonmf.v1.ProtoNMF/ModelInfo',
-                request_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoResponse.FromString,
+                request_serializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
         self.Prototypes = channel.unary_unary(
                 '/protonmf.v1.ProtoNMF/Prototypes',
-                request_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesResponse.FromString,
+                request_serializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesRequest.SerializeToString,
+                response_deserializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesResponse.FromString,
                 _registered_method=True)
         self.PrototypeImage = channel.unary_unary(
                 '/protonmf.v1.ProtoNMF/PrototypeImage',
-                request_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageRequest.SerializeToString,
-                response_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageResponse.FromString,
+                request_serializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageRequest.SerializeToString,
+                response_deserializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageResponse.FromString,
                 _registered_method=True)
 
 
@@ -105,28 +105,28 @@ def add_ProtoNMFServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
-                    request_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ClassifyRequest.FromString,
-                    response_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ClassifyRequest.FromString,
+                    response_serializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ClassifyResponse.SerializeToString,
             ),
             'Explain': grpc.unary_unary_rpc_method_handler(
                     servicer.Explain,
-                    request_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ExplainRequest.FromString,
-                    response_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ExplainResponse.SerializeToString,
+                    request_deserializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ExplainRequest.FromString,
+                    response_serializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ExplainResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
-                    request_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoRequest.FromString,
-                    response_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoResponse.SerializeToString,
+                    request_deserializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoRequest.FromString,
+                    response_serializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoResponse.SerializeToString,
             ),
             'Prototypes': grpc.unary_unary_rpc_method_handler(
                     servicer.Prototypes,
-                    request_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesRequest.FromString,
-                    response_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesResponse.SerializeToString,
+                    request_deserializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesRequest.FromString,
+                    response_serializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesResponse.SerializeToString,
             ),
             'PrototypeImage': grpc.unary_unary_rpc_method_handler(
                     servicer.PrototypeImage,
-                    request_deserializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageRequest.FromString,
-                    response_serializer=service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageResponse.SerializeToString,
+                    request_deserializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageRequest.FromString,
+                    response_serializer=protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -154,8 +154,8 @@ class ProtoNMF:
             request,
             target,
             '/protonmf.v1.ProtoNMF/Classify',
-            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ClassifyRequest.SerializeToString,
-            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ClassifyResponse.FromString,
+            protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ClassifyRequest.SerializeToString,
+            protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -181,8 +181,8 @@ class ProtoNMF:
             request,
             target,
             '/protonmf.v1.ProtoNMF/Explain',
-            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ExplainRequest.SerializeToString,
-            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ExplainResponse.FromString,
+            protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ExplainRequest.SerializeToString,
+            protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -208,8 +208,8 @@ class ProtoNMF:
             request,
             target,
             '/protonmf.v1.ProtoNMF/ModelInfo',
-            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoRequest.SerializeToString,
-            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoResponse.FromString,
+            protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoRequest.SerializeToString,
+            protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.ModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -235,8 +235,8 @@ class ProtoNMF:
             request,
             target,
             '/protonmf.v1.ProtoNMF/Prototypes',
-            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesRequest.SerializeToString,
-            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesResponse.FromString,
+            protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesRequest.SerializeToString,
+            protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -262,8 +262,8 @@ class ProtoNMF:
             request,
             target,
             '/protonmf.v1.ProtoNMF/PrototypeImage',
-            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageRequest.SerializeToString,
-            service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageResponse.FromString,
+            protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageRequest.SerializeToString,
+            protonmf_dot_service_dot_proto_dot_protonmf_dot_v1_dot_protonmf__pb2.PrototypeImageResponse.FromString,
             options,
             channel_credentials,
             insecure,
