@@ -69,3 +69,72 @@ def write_result(path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {path}")
+
+
+# ----------------------------------------------------------------- shared thread pool
+#
+# Benchmarks interleave several onnxruntime sessions in one process on few cores: with a
+# pool per session, each session's workers keep spinning after its run on the cores the
+# next session's run needs. One pool for all of a process's sessions avoids that. The
+# service holds one session per process and does not need it (it lives here, not in
+# protonmf.service.runtime).
+
+_shared_pool_threads: int | None = None
+
+
+def set_shared_thread_pool(threads: int) -> None:
+    """From now on, sessions made by ``session``/``shared_session`` in this process run on
+    one pool of ``threads`` intra-op threads (spinning: onnxruntime's default).
+
+    Call before the process's first onnxruntime session: the pool comes with onnxruntime's
+    environment, which the first session creates."""
+    import onnxruntime as ort
+
+    global _shared_pool_threads
+    if threads < 1:
+        raise ValueError(f"threads must be ≥ 1, got {threads}")
+    if _shared_pool_threads not in (None, threads):
+        raise RuntimeError(f"the shared pool already has {_shared_pool_threads} threads")
+    ort.set_global_thread_pool_sizes(threads, 1)  # onnxruntime's public API
+    _shared_pool_threads = threads
+
+
+def shared_pool_threads() -> int | None:
+    """The shared pool's size once ``set_shared_thread_pool`` ran, else None."""
+    return _shared_pool_threads
+
+
+def shared_session(model_path, device: str = "cpu"):
+    """(session, provider in use) on the shared pool: ``use_per_session_threads = False``,
+    full graph optimisation, providers as ``protonmf.service.runtime.create_session``."""
+    import onnxruntime as ort
+
+    from protonmf.service.runtime import ProviderError, cuda_options
+
+    if _shared_pool_threads is None:
+        raise RuntimeError("shared_session before set_shared_thread_pool")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.use_per_session_threads = False
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        providers.insert(0, ("CUDAExecutionProvider", cuda_options()))
+    s = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+    if device == "cuda" and s.get_providers()[0] != "CUDAExecutionProvider":
+        raise ProviderError(f"CUDA was requested but onnxruntime runs on {s.get_providers()[0]}")
+    return s, s.get_providers()[0]
+
+
+def session(model_path, device: str = "cpu", threads: int | None = None):
+    """(session, provider in use): on the shared pool once ``set_shared_thread_pool`` ran
+    (``threads`` must then be None or the pool's size), else ``create_session``'s own pool."""
+    if _shared_pool_threads is None:
+        from protonmf.service.runtime import create_session
+
+        return create_session(model_path, device, threads=threads)
+    if threads not in (None, _shared_pool_threads):
+        raise ValueError(f"this process runs its sessions on a shared pool of "
+                         f"{_shared_pool_threads} threads; got threads={threads}")  # fmt: skip
+    return shared_session(model_path, device)

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _machine import machine_info  # noqa: E402
 
+from protonmf.artifact import preprocess  # noqa: E402
 from protonmf.converter.convert import extract_features  # noqa: E402
 from protonmf.converter.models import ModelSource, analyse_head, load_model, preprocessing_from_timm  # noqa: E402
 from protonmf.converter.nmf import nmf  # noqa: E402
-from protonmf.artifact import preprocess  # noqa: E402
 from protonmf.data import load_image_folder  # noqa: E402
 from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint  # noqa: E402
 

@@ -64,10 +64,6 @@ sys.path.insert(0, str(REPO))
 
 import _machine  # noqa: E402
 
-from protonmf.converter.convert import ConvertConfig, convert  # noqa: E402
-from protonmf.converter.export import export_module, export_onnx  # noqa: E402
-from protonmf.converter.models import analyse_head, recorded_model  # noqa: E402
-from protonmf.converter.protomodel import ProtoModel  # noqa: E402
 from protonmf.artifact import (  # noqa: E402
     FORMAT_VERSION,
     MODEL_FILE,
@@ -76,10 +72,12 @@ from protonmf.artifact import (  # noqa: E402
     load_tensors,
     preprocess,
 )
+from protonmf.converter.convert import ConvertConfig, convert  # noqa: E402
+from protonmf.converter.export import export_module, export_onnx  # noqa: E402
+from protonmf.converter.models import analyse_head, recorded_model  # noqa: E402
+from protonmf.converter.protomodel import ProtoModel  # noqa: E402
 from protonmf.data import find_split, load_image_folder  # noqa: E402
 from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint  # noqa: E402
-from protonmf.service import runtime  # noqa: E402
-from protonmf.service.runtime import create_session  # noqa: E402
 
 THREADS = 2
 DEVICE = "cpu"  # --device: "cuda" runs the ORT graphs on the CUDA provider, eager on the GPU
@@ -290,7 +288,7 @@ def build_subject(name: str, artifact: Path, images: Path, work: Path,
     if prepare_only:
         return None
     made = (
-        {v: create_session(p, DEVICE, threads=THREADS)[0] for v, p in paths.items()}
+        {v: _machine.session(p, DEVICE, threads=THREADS)[0] for v, p in paths.items()}
         if sessions
         else {}
     )
@@ -607,7 +605,7 @@ def bench_gradcam(subject: Subject, rounds: int) -> dict:
 def machine_info() -> dict:
     return _machine.machine_info(torch=torch.__version__, torch_threads=THREADS,
                                  ort_intra_op_threads=THREADS, device=DEVICE,
-                                 ort_shared_pool=runtime.shared_pool_threads() is not None)  # fmt: skip
+                                 ort_shared_pool=_machine.shared_pool_threads() is not None)  # fmt: skip
 
 
 def machine_line(info: dict, when: str) -> str:
@@ -798,7 +796,7 @@ def run(args, work: Path) -> dict:
     DEVICE = args.device
     torch.set_num_threads(THREADS)
     if args.ort_pool == "shared":  # before the first session: the pool comes with ORT's env
-        runtime.set_shared_thread_pool(THREADS)
+        _machine.set_shared_thread_pool(THREADS)
     info = machine_info()
     print(machine_line(info, "start"), flush=True)
     if args.prepare_only:

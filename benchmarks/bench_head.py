@@ -54,7 +54,6 @@ import _machine  # noqa: E402
 import bench_graph  # noqa: E402
 
 from protonmf.data import find_split  # noqa: E402
-from protonmf.service.runtime import create_session, set_shared_thread_pool  # noqa: E402
 
 CUTS = {
     "logits": ["logits"],
@@ -132,11 +131,11 @@ def rep_in_process(paths: dict[str, Path], work: Path, threads: int, args, rep: 
 def timed_rep(spec: dict) -> dict[str, list[float]]:
     """The child's work: sessions created in an order rotated per repetition, timed rounds."""
     if spec["ort_pool"] == "shared":
-        set_shared_thread_pool(spec["threads"])
+        _machine.set_shared_thread_pool(spec["threads"])
     threads = None if spec["ort_pool"] == "shared" else spec["threads"]
     names = list(spec["paths"])
     names = names[spec["rep"] % len(names) :] + names[: spec["rep"] % len(names)]
-    sessions = {v: create_session(spec["paths"][v], "cpu", threads=threads)[0] for v in names}
+    sessions = {v: _machine.session(spec["paths"][v], "cpu", threads=threads)[0] for v in names}
     x = np.load(spec["input"])
     fns = {v: bench_graph.ort_fn(sessions[v], x) for v in spec["paths"]}
     return bench_graph.interleaved(fns, spec["repeats"], spec["seconds"], max_rounds=20000)

@@ -20,12 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_graph as bg  # noqa: E402
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info, set_shared_thread_pool, shared_session  # noqa: E402
 
+from protonmf.artifact import MODEL_FILE, Preprocessing, load_manifest, load_tensors  # noqa: E402
 from protonmf.converter.export import export_onnx  # noqa: E402
 from protonmf.converter.reexport import prototype_model  # noqa: E402
-from protonmf.artifact import MODEL_FILE, Preprocessing, load_manifest, load_tensors  # noqa: E402
-from protonmf.service import runtime  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +37,7 @@ def main() -> None:
                     help="another ONNX graph to time beside them (e.g. an older format's)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_presence.json")
     args = ap.parse_args()
-    runtime.set_shared_thread_pool(bg.THREADS)
+    set_shared_thread_pool(bg.THREADS)
     manifest = load_manifest(args.artifact)
     tensors = load_tensors(args.artifact, manifest)
     prep = Preprocessing.from_dict(manifest["preprocessing"])
@@ -52,7 +51,7 @@ def main() -> None:
                                    presence=True)  # fmt: skip
         paths["presence"] = export_onnx(presence, shape, Path(tmp) / "presence.onnx")
         paths.update(dict(e.split("=", 1) for e in args.extra))
-        sessions = {k: runtime.create_session(p, "cpu")[0] for k, p in paths.items()}
+        sessions = {k: shared_session(p)[0] for k, p in paths.items()}
         pool = bg.image_pool(REPO / "data" / "fashion-mnist" / "test", manifest)
         rows = []
         for batch in (1, 32):

@@ -5,8 +5,11 @@ Two real servers, started one at a time as subprocesses on free loopback ports, 
 threads) and `--max-batch-size` (default 32):
 
     protonmf      `python -m protonmf.cli serve ARTIFACT` (service/service.py): /explain
-                  (and /classify); decode in a thread pool, adaptive batching of uint8
-                  crops, the fused artifact graph, explanation JSON with heatmaps
+                  (and /classify); decode in a thread pool, the data plane's micro-batcher
+                  (service/batching.py), the fused artifact graph, explanation JSON with
+                  heatmaps
+    baseline      with --baseline-ref REF: the same service at an earlier commit (a git
+                  worktree under WORKDIR), /explain only — an A/B in one run
     logits-only   benchmarks/logits_service.py: one batchable /classify taking PIL images,
                   decode + resize + crop + normalise serially in the worker, the plain
                   black-box ONNX graph of the same timm model, top-5 logits
@@ -17,8 +20,9 @@ the answer, sends the next: `--client wrk` (default when installed: N keep-alive
 connections, ~1 % of a core) or `--client httpx` (one httpx.AsyncClient, N asyncio tasks;
 ~0.2–0.3 of the 2 cores the server runs on here). Per run: warm-up (not counted), then a fixed
 window; throughput = successful answers completed inside the window / window.
-/metrics is scraped at the window's start and after the last answer: the adaptive batch
-size histogram (bentoml_service_adaptive_batch_size) and, for protonmf, the per-stage
+/metrics is scraped at the window's start and after the last answer: the batch size
+histogram (protonmf_inference_batch_size; BentoML's bentoml_service_adaptive_batch_size
+for the logits-only service and a baseline before the data plane) and, for protonmf, the per-stage
 timings (protonmf_stage_duration_seconds) are deltas over the run. The server's process
 tree is sampled for RSS and CPU time.
 
@@ -37,6 +41,8 @@ Run from the repository root (needs a quiet machine: client and server share the
     .venv/bin/python benchmarks/bench_service.py            # full: 1, 8, 32 clients, 20 s
     .venv/bin/python benchmarks/bench_service.py --workers 2   # one worker per core
     .venv/bin/python benchmarks/bench_service.py --quick    # smoke: 1, 8 clients, 5 s
+    .venv/bin/python benchmarks/bench_service.py --baseline-ref 9731ca9 --clients 1,32 \
+        --endpoints explain --rounds 2                      # A/B against a commit
 """
 
 from __future__ import annotations
@@ -92,16 +98,19 @@ CLIENTS = {
 READY_TIMEOUT_S = 240
 STOP_TIMEOUT_S = 20
 REQUEST_TIMEOUT_S = 60
-BATCH_METRIC = "bentoml_service_adaptive_batch_size"
+BENTOML_BATCHES = "bentoml_service_adaptive_batch_size"  # by method_name
+PROTONMF_BATCHES = ("protonmf_inference_batch_size", {})  # the micro-batcher's runs
 STAGE_METRIC = "protonmf_stage_duration_seconds"
 
-# (label, server, path, batchable method whose batches are counted)
+# (label, server, path, (batch-size histogram, its labels))
 TARGETS = {
-    "explain": ("protonmf /explain", "protonmf", "/explain", "infer"),
-    "classify": ("protonmf /classify", "protonmf", "/classify", "infer"),
-    "logits": ("logits-only /classify", "logits", "/classify", "classify"),
-    # --compare-paths: the batcher reached through BentoML's HTTP client (the fallback)
-    "explain_http": ("protonmf /explain, HTTP self-call", "protonmf_http", "/explain", "infer"),
+    "explain": ("protonmf /explain", "protonmf", "/explain", PROTONMF_BATCHES),
+    "classify": ("protonmf /classify", "protonmf", "/classify", PROTONMF_BATCHES),
+    "logits": ("logits-only /classify", "logits", "/classify",
+               (BENTOML_BATCHES, {"method_name": "classify"})),
+    # --baseline-ref: the service at an earlier commit (BentoML's adaptive batcher, "infer")
+    "explain_baseline": ("baseline /explain", "protonmf_baseline", "/explain",
+                         (BENTOML_BATCHES, {"method_name": "infer"})),
 }
 
 
@@ -251,7 +260,7 @@ def decode_costs(spec: Preprocessing, rounds: int) -> dict:
     from protonmf.service.imaging import Limits, decode_image
 
     blobs = [f.read_bytes() for f in imagenet_photo_files()]
-    limits = Limits.from_env({})
+    limits = Limits()
 
     def service_path(b):  # protonmf: checked decode (JPEG draft) + resize/crop to uint8
         return resize_crop(decode_image(b, limits, spec), spec)
@@ -489,10 +498,9 @@ def server_commands(args, artifact: Path, blackbox: Path) -> dict:
     )
     serve = [sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--grpc-port", "0",
              "--device", args.device]  # fmt: skip
-    return {
+    commands = {
         # `protonmf serve` execs `bentoml serve`: the PID we hold is the server's
         "protonmf": (serve, protonmf_env),
-        "protonmf_http": (serve, dict(protonmf_env, PROTONMF_BATCH_PATH="http")),
         "logits": (
             [
                 sys.executable,
@@ -506,6 +514,28 @@ def server_commands(args, artifact: Path, blackbox: Path) -> dict:
             logits_env,
         ),
     }
+    if args.baseline_ref:
+        tree = baseline_tree(args.baseline_ref, args.workdir)
+        # that commit's own `bentoml serve` line (its service module, run from its tree)
+        commands["protonmf_baseline"] = (
+            [sys.executable, "-m", "bentoml", "serve", "service.service:ProtoNMFService",
+             "--working-dir", str(tree)],
+            dict(protonmf_env, PROTONMF_ARTIFACT=str(artifact), PROTONMF_GRPC_PORT="0",
+                 PROTONMF_DEVICE=args.device),
+            tree,
+        )  # fmt: skip
+    return commands
+
+
+def baseline_tree(ref: str, workdir: Path) -> Path:
+    """A detached git worktree of ``ref`` under ``workdir`` (made once, reused)."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    tree = workdir / f"baseline-{sha[:12]}"
+    if not (tree / ".git").exists():
+        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(tree), sha],
+                       cwd=REPO, check=True, capture_output=True)  # fmt: skip
+    return tree
 
 
 # ----------------------------------------------------------------------------- load
@@ -563,7 +593,7 @@ async def closed_loop(
     url: str, key: str, pid: int, payloads, clients: int, warmup: float, duration: float
 ) -> dict:
     """N tasks share one AsyncClient; each sends, waits, sends the next, until the end."""
-    label, _, path, method = TARGETS[key]
+    label, _, path, (batch_metric, batch_labels) = TARGETS[key]
     records: list[tuple[float, float, object]] = []  # (start, end, status)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     loop = asyncio.get_running_loop()
@@ -617,7 +647,7 @@ async def closed_loop(
         if st != 200:
             errors[str(st)] = errors.get(str(st), 0) + 1
     before, after = parse_metrics(snaps["metrics_before"]), parse_metrics(metrics_after)
-    batches = hist_delta(before, after, BATCH_METRIC, method_name=method)
+    batches = hist_delta(before, after, batch_metric, **batch_labels)
     tb = snaps["tree_before"]
     elapsed = t_done - t_window
     result = {
@@ -712,7 +742,7 @@ def wrk_run(url: str, path: str, clients: int, seconds: float, bodies: list[Path
 def wrk_loop(url, key, pid, payloads, clients, warmup, duration, workdir: Path) -> dict:
     """``closed_loop`` driven by wrk: a warm-up run, then the counted run; the server's
     /metrics and process tree are read in between and after."""
-    label, _, path, method = TARGETS[key]
+    label, _, path, (batch_metric, batch_labels) = TARGETS[key]
     script = workdir / "wrk_multipart.lua"
     script.write_text(WRK_SCRIPT % {"boundary": BOUNDARY})
     bodies = wrk_bodies(workdir, payloads)
@@ -728,7 +758,7 @@ def wrk_loop(url, key, pid, payloads, clients, warmup, duration, workdir: Path) 
     window = summary["duration_us"] / 1e6
     ok = summary["requests"] - summary["status_errors"]
     kinds = ("status_errors", "socket_errors", "timeouts")
-    batches = hist_delta(before, after, BATCH_METRIC, method_name=method)
+    batches = hist_delta(before, after, batch_metric, **batch_labels)
     result = {
         "service": label,
         "endpoint": key,
@@ -877,9 +907,17 @@ def ratios(runs: list[dict], raw: dict) -> dict:
                                       / mean_rate(runs, "logits", c))  # fmt: skip
     if explain:
         out["explain_over_raw_blackbox_b32"] = explain["images_per_s"] / raw_bb
-    via_http = find_run(runs, "explain_http", c)
-    if explain and via_http and via_http["images_per_s"]:
-        out["explain_in_process_over_http_self_call"] = explain["images_per_s"] / via_http["images_per_s"]
+    for n in sorted({r["clients"] for r in runs}):  # A/B against --baseline-ref
+        if find_run(runs, "explain", n) and find_run(runs, "explain_baseline", n):
+            mine = [r for r in runs if r["endpoint"] == "explain" and r["clients"] == n]
+            base = [r for r in runs if r["endpoint"] == "explain_baseline" and r["clients"] == n]
+            out[f"explain_over_baseline_{n}_clients"] = {
+                "images_per_s": mean_rate(runs, "explain", n) / mean_rate(runs, "explain_baseline", n),
+                "p50_ms": statistics.mean(r["p50_ms"] for r in mine)
+                / statistics.mean(r["p50_ms"] for r in base),
+                "per_run_p50_ms": {"new": [r["p50_ms"] for r in mine],
+                                   "baseline": [r["p50_ms"] for r in base]},
+            }  # fmt: skip
     out["fused_over_blackbox_raw_b32"] = raw["fused"][str(MAX_BATCH_SIZE)]["images_per_s"] / raw_bb
     return out
 
@@ -935,9 +973,15 @@ def print_report(report: dict) -> None:
     print(
         f"raw ORT fused / black-box at batch 32 (img/s) = {rt['fused_over_blackbox_raw_b32']:.2f}"
     )
-    if "explain_in_process_over_http_self_call" in rt:
-        print(f"explain img/s, batcher in-process / via HTTP self-call = "
-              f"{rt['explain_in_process_over_http_self_call']:.2f}")
+    for key, v in rt.items():
+        if key.startswith("explain_over_baseline_"):
+            n = key.split("_")[3]
+            verdict = ""
+            if n == "1":
+                verdict = (f" (target: p50 not worse than 1.05×: "
+                           f"{'met' if v['p50_ms'] <= 1.05 else 'NOT met'})")  # fmt: skip
+            print(f"explain vs baseline {s.get('baseline_ref')} at {n} client(s): img/s "
+                  f"{v['images_per_s']:.3f}×, p50 latency {v['p50_ms']:.3f}×{verdict}")
     agree = report.get("top1_agreement")
     if agree is not None:
         print(f"top-1 class, protonmf /explain vs logits-only, on the 20 photos: {agree:.0%} agree")
@@ -986,8 +1030,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         help="onnxruntime intra-op threads (servers and raw); default: ORT's own",
     )
-    ap.add_argument("--compare-paths", action="store_true",
-                    help="also serve with PROTONMF_BATCH_PATH=http (the fallback) and load /explain")
+    ap.add_argument("--baseline-ref",
+                    help="also serve this commit's service (a git worktree) and load its "
+                         "/explain, alternating with this tree's in every round (A/B)")
     ap.add_argument("--repeats", type=int, default=10, help="raw ORT rounds at batch 32")
     ap.add_argument("--rounds", type=int, default=1,
                     help="load each (clients, endpoint) this many times, raw windows between")
@@ -997,7 +1042,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="load generator (default: wrk if installed — apt-get install wrk)")
     ap.add_argument("--workers", type=int, default=WORKERS, help="workers of both servers")
     ap.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
-                    help="adaptive batch limit of both servers (raw onnxruntime stays at 32)")
+                    help="batch limit of both servers (raw onnxruntime stays at 32)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="onnxruntime provider of both servers and of the raw reference")
     ap.add_argument(
@@ -1046,15 +1091,17 @@ def main(argv=None) -> int:
     runs, tops, idle = [], {}, {}
     commands = server_commands(args, artifact, blackbox)
     plan = [("protonmf", args.endpoints), ("logits", ["logits"])]
-    if args.compare_paths:
-        plan.append(("protonmf_http", ["explain_http"]))
+    if args.baseline_ref:  # A/B: the two trees alternate, a fresh server each round
+        plan = [("protonmf_baseline", ["explain_baseline"]), ("protonmf", args.endpoints)]
+        plan = [*(plan * args.rounds), ("logits", ["logits"])]
     for srv, keys in plan:
-        cmd, env = commands[srv]
-        with server(srv, cmd, env, args.workdir / f"server-{srv}.log") as (url, pid):
+        cmd, env, *cwd = commands[srv]
+        rounds = 1 if args.baseline_ref and srv != "logits" else args.rounds
+        with server(srv, cmd, env, args.workdir / f"server-{srv}.log", *cwd) as (url, pid):
             idle[srv] = {**tree_stats(pid), "uss_mb": tree_uss_mb(pid)}
             tops[srv] = asyncio.run(check_answers(url, keys[0], payloads))
             after = raw_window(args.raw_seconds)  # this server up and idle
-            for clients in [c for _ in range(args.rounds) for c in args.clients]:
+            for clients in [c for _ in range(rounds) for c in args.clients]:
                 for key in keys:
                     before = after
                     r = run_load(url, key, pid, payloads, clients, args.warmup, args.duration,
@@ -1081,6 +1128,7 @@ def main(argv=None) -> int:
             "ort_threads": args.ort_threads,
             "raw_window_s": args.raw_seconds,
             "rounds": args.rounds,
+            "baseline_ref": args.baseline_ref,
             "device": args.device,
             "quick": args.quick,
             "payloads": f"{len(payloads)} foolbox ImageNet JPEGs, one per request, round-robin",

@@ -4,9 +4,10 @@ Shapes: C classes, p prototypes per class, D feature channels.
 
 - Eq. 4  a^c = argmin ||V^c − a B^c||²         ``fit_coefficients``
 - Eq. 5  R^c = V^c − a^c B^c                     ``fit_coefficients`` (returned)
-- Eq. 6  H^c = argmin ||A^c − E B^c − H R^c||²   ``residual_heatmaps``
 - Eq. 8  b'_i = b_i + w_i R with Σ a_i w_i = 1   ``fold_residual``
-- Eq. 9  E' = argmin ||A^c − E' B'^c||²         ``augmented_heatmaps``
+
+Eq. 9's presence maps E' = argmin ||A^c − E' B'^c||² are
+``converter.exemplars.presence_filters`` (pseudo-inverse filters, also used in the graph).
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ import numpy as np
 
 __all__ = [
     "Fold",
-    "augmented_heatmaps",
     "fit_coefficients",
     "fold_residual",
-    "residual_heatmaps",
 ]
 
 
@@ -120,22 +119,3 @@ def fold_residual(
     prototypes = B + w[:, :, None] * R[:, None, :]
     return Fold(prototypes=prototypes, coefficients=a, weights=w, method=method, sum_ratio=sum_ratio)
 
-
-def residual_heatmaps(A: np.ndarray, E: np.ndarray, B: np.ndarray, R: np.ndarray) -> np.ndarray:
-    """Eq. 6: where the residual prototype lives, H = argmin ||A − E B − H R||².
-
-    A : (n, D), E : (n, p), B : (p, D), R : (D,) -> H : (n,). A rank-1 least-squares
-    problem: H = (A − E B) Rᵀ / ||R||², computed without forming A − E B.
-    """
-    rr = float(R @ R)
-    if rr == 0.0:
-        return np.zeros(A.shape[0])
-    return (A @ R - E @ (B @ R)) / rr
-
-
-def augmented_heatmaps(A: np.ndarray, B_aug: np.ndarray) -> np.ndarray:
-    """Eq. 9: E' = argmin ||A − E' B'||², the augmented prototypes' presence maps.
-
-    A : (n, D), B_aug : (p, D) -> E' : (n, p) (unconstrained least squares).
-    """
-    return np.linalg.lstsq(B_aug.T, A.T, rcond=None)[0].T

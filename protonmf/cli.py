@@ -250,8 +250,11 @@ def serve_command(args, environ: dict) -> tuple[list[str], dict]:
 
 def _cmd_serve(args) -> int:
     """Replace this process with ``bentoml serve`` so its PID is the server's."""
+    from protonmf.service.settings import Settings
+
     check_artifact(args.artifact)  # refuse a bad artifact here, with the reason, exit 2
     cmd, env = serve_command(args, os.environ)
+    Settings.from_env(env)  # and a bad PROTONMF_* variable (SettingsError names it), exit 2
     grpc = f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port > 0 else ""
     print(f"serving {args.artifact} on http://{args.host}:{args.port}{grpc}", flush=True)
     os.execve(sys.executable, cmd, env)
@@ -341,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "each gets CPUs/workers onnxruntime threads — one per core is the CPU "
                         "throughput setting")  # fmt: skip
     p.add_argument("--max-batch-size", type=_positive_int,
-                   help="adaptive batch limit per worker (default: PROTONMF_MAX_BATCH_SIZE or 32)")
+                   help="images per onnxruntime run, per worker (default: PROTONMF_MAX_BATCH_SIZE or 32)")
     p = sub.add_parser("report", help="one self-contained HTML page: evaluation, plots, "
                                       "reading and the prototype atlas with exemplars")
     p.add_argument("artifact")
@@ -382,8 +385,8 @@ def _positive_int(text: str) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("converter", "service", "protonmf"):
-        logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
+    # every module logs under "protonmf" (protonmf.converter.*, protonmf.service.*)
+    logging.getLogger("protonmf").setLevel(logging.INFO if args.verbose else logging.WARNING)
     handlers = {"convert": _cmd_convert, "inspect": _cmd_inspect, "verify": _cmd_verify,
                 "evaluate": _cmd_evaluate, "serve": _cmd_serve, "variants": _cmd_variants,
                 "export": _cmd_export, "report": _cmd_report}  # fmt: skip

@@ -20,12 +20,12 @@ echo "explanation of $img (top 2 classes, no heatmaps):"
 curl -sf -F "images=@$img" -F top_k=2 -F heatmaps=false "localhost:$PORT/explain" | .venv/bin/python -m json.tool
 echo "the same image over gRPC (protonmf.v1.ProtoNMF/Classify):"
 .venv/bin/python - "$img" "$GRPC_PORT" <<'PY'
-import json, sys, time
-from protonmf.service.client import GrpcClient, RequestFailed
+import sys, time
+from protonmf.client import GrpcClient, RequestFailed
 for _ in range(50):  # gRPC health turns SERVING right after /readyz
     try:
         with GrpcClient(f"127.0.0.1:{sys.argv[2]}") as c:
-            print(json.dumps(c.classify([open(sys.argv[1], "rb").read()], top_k=2), indent=2))
+            print(c.classify([open(sys.argv[1], "rb").read()], top_k=2).model_dump_json(indent=2))
         break
     except RequestFailed:
         time.sleep(0.2)

@@ -1,9 +1,8 @@
 """The transport-free core: decode → preprocess → ONNX run → explanation → JSON-able dict.
 
-REST (BentoML) and gRPC adapters call these pieces; neither re-implements any of them.
-The batching boundary sits between ``prepare`` (per image, in parallel threads) and
-``infer`` (one onnxruntime run per merged batch): what crosses it is a compact uint8 crop
-going in and the graph's packed float32 outputs coming out, both as base64 strings.
+The data plane (dataplane.py) calls these pieces: ``prepare`` per image in its decode
+threads, ``infer`` once per merged batch (batching.py), ``per_image`` back into images, then the
+explanation building per image. Nothing here knows a transport.
 """
 
 from __future__ import annotations
@@ -92,8 +91,9 @@ class Core:
 
     @classmethod
     def load(cls, artifact: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-             limits: Limits | None = None, variant: str = "fp32", spinning: bool = True) -> Core:  # fmt: skip
-        explainer = Explainer.load(Path(artifact), device, threads, variant, spinning)
+             limits: Limits | None = None, variant: str = "fp32", spinning: bool = True,
+             cuda: dict | None = None) -> Core:  # fmt: skip
+        explainer = Explainer.load(Path(artifact), device, threads, variant, spinning, cuda)
         # exemplars are read once here (thumbnails and maps: ~1 MB for Fashion's 10 classes)
         return cls(explainer, limits, load_exemplars(artifact, explainer.manifest))
 
@@ -129,7 +129,7 @@ class Core:
             return self.explainer.run(normalize(crops, self.spec))
 
     @staticmethod
-    def split(outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def per_image(outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         """One merged batch's outputs → each image's (views, no copies)."""
         n = len(outputs["logits"])
         return [{name: value[i] for name, value in outputs.items()} for i in range(n)]

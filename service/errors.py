@@ -41,7 +41,10 @@ class ServiceError(Exception):
             self.reason = reason
 
     def to_dict(self) -> dict:
-        return {"error": self.message, "reason": self.reason, "status": self.status}
+        """The REST error body. ``error`` ends with `` [reason]`` as it always has (clients
+        parse it); ``reason`` and ``status`` say the same as fields."""
+        return {"error": f"{self.message} [{self.reason}]", "reason": self.reason,
+                "status": self.status}  # fmt: skip
 
 
 class InvalidInput(ServiceError):

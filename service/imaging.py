@@ -18,7 +18,7 @@ import os
 import struct
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageMode, ImageOps, UnidentifiedImageError
@@ -35,7 +35,7 @@ FORMATS = ("JPEG", "PNG", "WEBP")
 
 @dataclass(frozen=True)
 class Limits:
-    """Request limits; each can be set by an environment variable PROTONMF_<NAME>."""
+    """Request limits; the service sets each from PROTONMF_<NAME> (settings.py)."""
 
     max_bytes: int = 8 * 1024 * 1024  # one encoded image
     max_pixels: int = 24_000_000  # declared width × height, checked before decoding
@@ -52,21 +52,6 @@ class Limits:
     max_images: int = 16  # images in one request
     max_interventions: int = 64  # (class, prototype) pairs switched off in one request
     jpeg_draft: bool = True  # decode JPEGs at reduced size when the model's resize allows
-
-    @classmethod
-    def from_env(cls, env=os.environ) -> Limits:
-        values = {}
-        for f in fields(cls):
-            raw = env.get(f"PROTONMF_{f.name.upper()}")
-            if raw is None:
-                continue
-            if f.type in ("bool", bool):
-                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-            else:
-                values[f.name] = int(raw)
-                if values[f.name] < 1:
-                    raise ValueError(f"PROTONMF_{f.name.upper()} must be >= 1, got {raw!r}")
-        return cls(**values)
 
 
 class _TooSlow(Exception):

@@ -19,7 +19,7 @@ class _Metrics:
     def __init__(self):
         self.stage_seconds = Histogram(
             "protonmf_stage_duration_seconds",
-            "Time spent per pipeline stage (decode, infer, explain, overlay)",
+            "Time spent per pipeline stage (decode, queue, infer, explain, overlay)",
             ["stage"],
             buckets=_LATENCY_BUCKETS,
         )
@@ -28,7 +28,7 @@ class _Metrics:
         )
         self.batch_size = Histogram(
             "protonmf_inference_batch_size",
-            "Images per onnxruntime run (after adaptive batching)",
+            "Images per onnxruntime run (after micro-batching)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
         )
         self.predictions = Counter(
@@ -47,15 +47,10 @@ class _Metrics:
             "Largest |logit − (Σ contributions + bias)| / max|logit| seen by this process",
             multiprocess_mode="max",
         )
-        self.internal_retries = Counter(
-            "protonmf_internal_retries_total",
-            "Calls to the batchable step re-sent after BentoML's client dropped the connection",
-        )
-        self.batching_in_process = Gauge(
-            "protonmf_batching_in_process",
-            "1 when requests reach BentoML's adaptive batcher in-process, 0 when through "
-            "the HTTP self-call fallback (lowest over workers)",
-            multiprocess_mode="min",
+        self.queued_images = Gauge(
+            "protonmf_batch_queue_images",
+            "Images waiting for the model (the micro-batcher's queue), summed over workers",
+            multiprocess_mode="livesum",
         )
         self.rejected = Counter(
             "protonmf_rejected_requests_total", "Requests refused, by reason", ["reason"]

@@ -37,33 +37,30 @@ class ProviderError(RuntimeError):
 CUDNN_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
-def cuda_options() -> dict[str, str]:
-    """CUDA provider options.
+def cuda_options(tf32: bool = False, search: str = "HEURISTIC") -> dict[str, str]:
+    """CUDA provider options (PROTONMF_CUDA_TF32, PROTONMF_CUDNN_SEARCH in the service).
 
-    TF32 is off unless PROTONMF_CUDA_TF32=1: onnxruntime enables it by default on Ampere and
-    later, which rounds conv/matmul inputs to 10 mantissa bits and breaks the fp32 graph's
+    TF32 stays off unless asked for: onnxruntime enables it by default on Ampere and later,
+    which rounds conv/matmul inputs to 10 mantissa bits and breaks the fp32 graph's
     exactness contract (logits equal to the black box's).
 
-    cuDNN's convolution algorithm search is HEURISTIC unless PROTONMF_CUDNN_SEARCH says
-    otherwise: onnxruntime's default, EXHAUSTIVE, benchmarks every algorithm for each new
-    input shape, and the adaptive batcher makes a new batch size (a new shape) every few
-    batches — measured on an H100, batches took ~700 ms instead of ~6 ms under load.
+    cuDNN's convolution algorithm search is HEURISTIC by default: onnxruntime's default,
+    EXHAUSTIVE, benchmarks every algorithm for each new input shape (a new batch size) —
+    measured on an H100, batches took ~700 ms instead of ~6 ms under load.
     """
-    search = os.environ.get("PROTONMF_CUDNN_SEARCH", "HEURISTIC").upper()
+    search = search.upper()
     if search not in CUDNN_SEARCH:
-        raise ValueError(f"PROTONMF_CUDNN_SEARCH must be one of {CUDNN_SEARCH}, got {search!r}")
-    return {
-        "use_tf32": "1" if os.environ.get("PROTONMF_CUDA_TF32", "0") == "1" else "0",
-        "cudnn_conv_algo_search": search,
-    }
+        raise ValueError(f"cuDNN search must be one of {CUDNN_SEARCH}, got {search!r}")
+    return {"use_tf32": "1" if tf32 else "0", "cudnn_conv_algo_search": search}
 
 
 def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                   spinning: bool = True):  # fmt: skip
+                   spinning: bool = True, cuda: dict | None = None):  # fmt: skip
     """An InferenceSession on ``device`` ("cpu", "cuda" or "auto"), full graph optimisation.
 
     ``spinning=False``: idle intra-op threads sleep instead of busy-waiting for the next
     kernel, leaving the CPU to work beside the graph (the service's decoding and HTTP).
+    ``cuda``: ``cuda_options`` keyword arguments (tf32, search).
     Returns (session, provider_in_use).
     """
     import onnxruntime as ort
@@ -77,7 +74,7 @@ def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: 
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     want_cuda = device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers()
-    providers = [("CUDAExecutionProvider", cuda_options()), "CPUExecutionProvider"] if want_cuda else [
+    providers = [("CUDAExecutionProvider", cuda_options(**(cuda or {}))), "CPUExecutionProvider"] if want_cuda else [
         "CPUExecutionProvider"
     ]
     session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
@@ -136,7 +133,7 @@ class Explainer:
 
     @classmethod
     def load(cls, artifact_dir: str | os.PathLike, device: str = "cpu", threads=None,
-             variant: str = "fp32", spinning: bool = True):  # fmt: skip
+             variant: str = "fp32", spinning: bool = True, cuda: dict | None = None):  # fmt: skip
         """``variant``: "fp32" (model.onnx, exact) or one listed in the manifest's variants."""
         artifact_dir = Path(artifact_dir)
         manifest = load_manifest(artifact_dir)
@@ -150,7 +147,7 @@ class Explainer:
                                     f"{''.join(', ' + k for k in known)}); see `protonmf variants`")
             graph = known[variant]["file"]
         tensors = load_tensors(artifact_dir, manifest)
-        session, provider = create_session(artifact_dir / graph, device, threads, spinning)
+        session, provider = create_session(artifact_dir / graph, device, threads, spinning, cuda)
         check_graph(artifact_dir, manifest, session)
         return cls(manifest, tensors, session, provider, variant)
 

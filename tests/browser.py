@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -28,6 +29,20 @@ def chromium() -> str:
             pytest.fail("chromium missing in CI: run scripts/install_deploy_tools.sh")
         pytest.skip("chromium not installed (apt-get install chromium)")
     return CHROMIUM
+
+
+# Both ways of running it: headless, no first-run work, and every request that is not to
+# loopback sent to a dead proxy (port 9; loopback bypasses it, Chromium's implicit rule).
+OFFLINE_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--proxy-server=127.0.0.1:9", "--disable-background-networking",
+                 "--disable-component-update", "--hide-scrollbars")  # fmt: skip
+
+
+def browse(url: str, *args: str) -> subprocess.CompletedProcess:
+    """One headless Chromium run on ``url`` (``--dump-dom``, ``--screenshot=PATH``, ...),
+    loopback included in what goes to the dead proxy: for pages that must need nothing."""
+    cmd = [chromium(), *OFFLINE_FLAGS, "--proxy-bypass-list=<-loopback>", *args, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
 
 
 class Page:
@@ -135,12 +150,10 @@ class Browser:
     async def __aenter__(self):
         self.log = self.workdir / "chromium.log"
         self.proc = start_process(
-            [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--remote-debugging-port=0", f"--user-data-dir={self.workdir / 'profile'}",
-             "--proxy-server=127.0.0.1:9",  # loopback bypasses it (Chromium's implicit rule)
-             "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--disable-extensions", "--hide-scrollbars",
-             f"--window-size={self.size[0]},{self.size[1]}", "about:blank"], self.log)  # fmt: skip
+            [chromium(), *OFFLINE_FLAGS, "--remote-debugging-port=0",
+             f"--user-data-dir={self.workdir / 'profile'}", "--disable-sync",
+             "--disable-extensions", f"--window-size={self.size[0]},{self.size[1]}",
+             "about:blank"], self.log)  # fmt: skip
         deadline = time.monotonic() + 30
         port = None
         while port is None:

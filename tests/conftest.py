@@ -1,29 +1,67 @@
-import json
+"""Fixtures and hooks. Plain helpers are in helpers.py (servers: served.py, Chromium:
+browser.py); the names below imported from helpers stay importable from here.
+
+Tiers (docs/testing.md): every collected test gets exactly one of TIERS, assigned here:
+a tier mark on the test itself (``@pytest.mark.e2e``) wins; otherwise its module's entry
+in MODULE_TIERS, else "unit"; a test whose fixtures (directly or through other fixtures)
+include a converted artifact is never "unit" (it becomes "service")."""
+
 import os
 from pathlib import Path
 
 import pytest
+from helpers import FASHION_DATA, FASHION_MODEL, REPO, manifest_of, run_cli, run_images  # noqa: F401
 
 from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-REPO = Path(__file__).resolve().parents[1]
-FASHION_MODEL = REPO / "models" / "fashion-resnet"
-FASHION_DATA = REPO / "data" / "fashion-mnist"
+TIERS = ("unit", "service", "e2e", "deploy")
+
+# Fixtures that convert a model: a test using one, directly or through another fixture
+# (item.fixturenames is the closure), is at least "service".
+ARTIFACT_FIXTURES = {"fashion_artifact", "fashion_topk_artifact", "lite0_artifact"}
+
+# Modules whose tests are not "unit" by default. Others default to "unit"; their tests that
+# convert models themselves, run the CLI end to end or drive the browser carry
+# @pytest.mark.e2e, and their artifact-fixture tests are lifted to "service".
+MODULE_TIERS = {
+    "test_exemplars": "e2e",  # its module fixture converts a model
+    "test_service_http": "service",  # every test talks to a served artifact
+    "test_deploy": "deploy",
+    "test_prometheus_integration": "deploy",
+}
+TIER_COUNTS = pytest.StashKey[dict]()
 
 
-# Fixtures that convert a model: a test using one is slow whatever its own marks say, so
-# `-m "not slow"` stays the fast tier without every test having to remember it.
-CONVERTING_FIXTURES = {"fashion_artifact", "fashion_topk_artifact", "lite0_artifact"}
+def tier_of(item) -> str:
+    marked = {m.name for m in item.iter_markers() if m.name in TIERS}
+    if len(marked) > 1:
+        raise pytest.UsageError(f"{item.nodeid}: more than one tier mark {sorted(marked)}")
+    if marked:
+        tier = marked.pop()
+        if tier == "unit" and ARTIFACT_FIXTURES & set(item.fixturenames):
+            raise pytest.UsageError(f"{item.nodeid}: marked unit but uses a converted artifact")
+        return tier
+    tier = MODULE_TIERS.get(Path(str(item.fspath)).stem, "unit")
+    if tier == "unit" and ARTIFACT_FIXTURES & set(getattr(item, "fixturenames", ())):
+        tier = "service"
+    return tier
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     import torch
 
     for item in items:
-        if CONVERTING_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
+        tier = tier_of(item)
+        if not item.get_closest_marker(tier):
+            item.add_marker(getattr(pytest.mark, tier))
+    wrong = [i.nodeid for i in items
+             if sum(1 for t in TIERS if i.get_closest_marker(t)) != 1]  # fmt: skip
+    if wrong:
+        raise pytest.UsageError(f"tests without exactly one tier of {TIERS}: {wrong[:10]}")
+    config.stash[TIER_COUNTS] = {t: sum(1 for i in items if i.get_closest_marker(t)) for t in TIERS}
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="no CUDA device on this machine")
         for item in items:
@@ -31,13 +69,10 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-def run_cli(*args, capsys=None):
-    """Run ``protonmf`` in-process; returns (exit code, stdout)."""
-    from protonmf.cli import main
-
-    code = main([str(a) for a in args])
-    out = capsys.readouterr().out if capsys else ""
-    return code, out
+def pytest_report_collectionfinish(config, start_path, items):
+    counts = config.stash.get(TIER_COUNTS, None)
+    if counts:
+        return "tiers (before -m): " + ", ".join(f"{t} {n}" for t, n in counts.items())
 
 
 @pytest.fixture(scope="session")
@@ -78,14 +113,3 @@ def lite0_artifact(tmp_path_factory, imagenet_photos) -> Path:
     out = tmp_path_factory.mktemp("lite0") / "artifact"
     return _convert(out, "--model", "tf_efficientnet_lite0", "--checkpoint", lite0_checkpoint(),
                     "--data", imagenet_photos, "-p", 3)  # fmt: skip
-
-
-def manifest_of(artifact: Path) -> dict:
-    return json.loads((artifact / "manifest.json").read_text())
-
-
-def run_images(core, blobs: list[bytes]) -> list[dict]:
-    """Decode, one graph run, per-image outputs: the data plane's path without its batcher."""
-    import numpy as np
-
-    return core.split(core.infer(np.stack([core.prepare(b) for b in blobs])))

@@ -7,11 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from protonmf.artifact import sha256_file
-
-pytestmark = pytest.mark.slow
 
 
 def _edit_manifest(art, fn):
@@ -64,13 +62,14 @@ def test_edited_artifact_refused_in_one_line(edit, fashion_artifact, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.e2e
 def test_killed_conversion_leaves_nothing_loadable_and_rerun_cleans(tmp_path):
     """kill -9 during a conversion: no artifact at --out; the next run removes the scratch
     folder the killed one left beside it, and writes a complete artifact."""
     import signal
     import time
 
-    from conftest import FASHION_DATA, FASHION_MODEL
+    from helpers import FASHION_DATA, FASHION_MODEL
 
     from protonmf.artifact import load_manifest
 

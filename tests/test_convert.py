@@ -5,20 +5,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FASHION_DATA, FASHION_MODEL, manifest_of, run_cli, run_images
+from helpers import FASHION_DATA, FASHION_MODEL, manifest_of, run_cli, run_images
 from PIL import Image
 
+from protonmf.artifact import Preprocessing, load_tensors
 from protonmf.converter.convert import ConvertConfig, convert, exactness, logits_of
 from protonmf.converter.models import ModelSource, UnsupportedModelError, analyse_head, load_model
 from protonmf.converter.reexport import prototype_model, reexport
 from protonmf.converter.verify import verify
-from protonmf.artifact import Preprocessing, load_tensors
 from protonmf.data import load_image_folder
 from protonmf.sample_data import lite0_checkpoint
 from protonmf.service.evaluate import explanation_residual
 from protonmf.service.runtime import Explainer
-
-pytestmark = pytest.mark.slow
 
 
 def proto_model_from_artifact(artifact, maps="none", scores="topk"):
@@ -88,6 +86,7 @@ def test_classes_without_images_are_flagged(lite0_artifact):
     np.testing.assert_allclose(t["prototypes"][idx, 0], t["class_vectors"][idx])
 
 
+@pytest.mark.e2e
 def test_guard_can_be_switched_off(tmp_path):
     out = convert(ConvertConfig(model=str(FASHION_MODEL), data=str(FASHION_DATA), out=str(tmp_path / "a"),
                                 max_per_class=20, min_sum_ratio=0.0, maps="none", progress=False))  # fmt: skip
@@ -97,6 +96,7 @@ def test_guard_can_be_switched_off(tmp_path):
     assert d["torch_exactness"]["max_rel_logit_diff"] <= 1e-5
 
 
+@pytest.mark.e2e
 def test_nonneg_hals_variant(tmp_path):
     out = convert(ConvertConfig(model=str(FASHION_MODEL), data=str(FASHION_DATA), out=str(tmp_path / "a"),
                                 max_per_class=20, nonneg=True, solver="hals", maps="none",
@@ -155,6 +155,7 @@ def test_unsupported_heads_are_refused(name, kwargs, match):
         analyse_head(model, torch.randn(2, 3, size, size))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "name, kwargs, kind",
     [
@@ -244,6 +245,7 @@ def write_idx(folder, prefix, images, labels):
         f.write(struct.pack(">HBBI", 0, 8, 1, len(labels)) + labels.tobytes())
 
 
+@pytest.mark.e2e
 def test_convert_from_idx_files(tmp_path, capsys):
     """Fashion-MNIST's own IDX format: train-* for prototypes, t10k-* held out."""
     from PIL import Image

@@ -20,13 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import FASHION_DATA, REPO
+from helpers import FASHION_DATA, MONITORING, REPO, dashboard, dashboard_exprs, run, tool
 from served import free_port, start_process, stop_process, wait_ready
 
 DEPLOY = REPO / "deploy"
 DOCKER = DEPLOY / "docker"
 K8S = DEPLOY / "k8s"
-MONITORING = DEPLOY / "monitoring"
 OVERLAYS = ("cpu", "gpu")
 # Not the bare kind: conftest skips every test with a "gpu" keyword where CUDA is missing.
 KIND_IDS = ["cpu-kind", "gpu-kind"]
@@ -34,20 +33,6 @@ KIND_IDS = ["cpu-kind", "gpu-kind"]
 K8S_VERSIONS = ("1.30.0", "1.33.0")
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 ORT_GPU = "onnxruntime-gpu==1.26.0"
-
-
-def tool(name: str) -> str:
-    """A tool from .venv/bin (preferred: pinned by the install script) or PATH."""
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    found = shutil.which(name, path=path)
-    if not found:
-        pytest.fail(f"{name} not found: run scripts/install_deploy_tools.sh")
-    return found
-
-
-def run(*cmd, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300,
-                          **kwargs)  # fmt: skip
 
 
 # --- Dockerfiles ------------------------------------------------------------------------
@@ -407,23 +392,6 @@ def test_every_alert_is_tested_firing_and_quiet():
     assert alerts <= quiet, alerts - quiet
 
 
-def dashboard() -> dict:
-    return json.loads((MONITORING / "grafana-dashboard.json").read_text())
-
-
-def dashboard_exprs() -> dict[str, list[str]]:
-    """Panel title -> its PromQL, Grafana variables replaced by what they expand to."""
-    subst = {"$__rate_interval": "1m", "$__interval": "1m", "$namespace": ".*", "$instance": ".*"}
-    out = {}
-    for panel in dashboard()["panels"]:
-        exprs = [t["expr"] for t in panel.get("targets", [])]
-        for var, value in subst.items():
-            exprs = [e.replace(var, value) for e in exprs]
-        if exprs:
-            out[panel["title"]] = exprs
-    return out
-
-
 def promtool_check_exprs(exprs: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     """promtool parses PromQL only inside rules: one recording rule per expression."""
     rules = {"groups": [{"name": "dashboard", "rules": [
@@ -438,7 +406,7 @@ def test_dashboard_panels_and_queries_parse(tmp_path):
     assert d["uid"] == "protonmf-service"
     exprs = dashboard_exprs()
     for title in ("Request rate by endpoint", "Error ratio (4xx, 5xx)",
-                  "Latency p50 / p99 by endpoint", "Adaptive batch size (BentoML)",
+                  "Latency p50 / p99 by endpoint", "Batch size (micro-batcher)",
                   "Stage latency p50 / p99", "Predictions by class", "Prototype usage",
                   "Exactness gap (max)", "Rejections by reason"):  # fmt: skip
         assert title in exprs, title
@@ -490,7 +458,6 @@ def bentoml_build(ctx: Path, bentofile: str, env: dict) -> Path:
     return Path(env["BENTOML_HOME"]) / "bentos" / name / version
 
 
-@pytest.mark.slow
 def test_bentos_build_offline_without_torch_and_serve(fashion_artifact, tmp_path):
     tool("uv")  # bentoml build would otherwise try to install it
     ctx = build_context(tmp_path / "ctx", fashion_artifact)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FASHION_DATA, FASHION_MODEL, run_cli
+from helpers import FASHION_DATA, FASHION_MODEL, run_cli
 
 from protonmf.artifact import Preprocessing, load_manifest, load_tensors, preprocess
 from protonmf.data import load_image_folder
@@ -322,6 +322,7 @@ def test_cli_no_faithfulness_and_text_output(fashion_artifact, capsys):
 # --- the p sweep (Fig. 5) ----------------------------------------------------------------------
 
 
+@pytest.mark.e2e  # refits the NMF at two p
 def test_sweep_head_error_falls_with_p(fashion_artifact):
     from protonmf.converter.sweep import sweep
 
@@ -338,7 +339,7 @@ def test_sweep_head_error_falls_with_p(fashion_artifact):
     assert rows[0]["augmented_top1"] == rows[1]["augmented_top1"] == top1
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sweep_at_the_artifacts_p_reproduces_its_conversion(fashion_artifact, capsys):
     """Same images, same NMF settings and seed: the artifact's own head error per class."""
     m = load_manifest(fashion_artifact)

@@ -8,14 +8,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import FASHION_DATA, FASHION_MODEL, run_cli
+from helpers import FASHION_DATA, FASHION_MODEL, REPO, run_cli
 
-from protonmf.converter.models import ModelSource, load_model
 from protonmf.artifact import ArtifactError, Preprocessing, load_manifest, load_tensors, preprocess
+from protonmf.converter.models import ModelSource, load_model
 from protonmf.data import load_samples
 from protonmf.exemplars import load_exemplars
 
-pytestmark = pytest.mark.slow
 PER_CLASS = 12  # a small conversion: 120 images
 M = 4
 
@@ -186,7 +185,7 @@ def test_killed_conversion_resumes_from_finished_batches(tmp_path, caplog):
     parts = tmp_path / ".art.parts"
     script = ("import sys; from protonmf.converter.convert import ConvertConfig, convert; "
               f"convert(ConvertConfig(out={str(out)!r}, **{common!r}))")  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=FASHION_MODEL.parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
     try:
         deadline = time.monotonic() + 180
         while len(list(parts.glob("*.safetensors"))) < 3 and time.monotonic() < deadline:
@@ -222,7 +221,7 @@ def test_sharded_conversion_merges_to_the_single_process_artifact(tmp_path):
     def shard(i: int) -> subprocess.Popen:
         script = ("from protonmf.converter.convert import ConvertConfig, convert; "
                   f"convert(ConvertConfig(out={str(out)!r}, shard=({i}, 2), **{common!r}))")  # fmt: skip
-        return subprocess.Popen([sys.executable, "-c", script], cwd=FASHION_MODEL.parents[1])
+        return subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
 
     assert shard(0).wait(timeout=300) == 0
     with pytest.raises(ValueError, match="--merge: NMF batch 1 .* no finished part"):

@@ -4,8 +4,8 @@ status codes, reflection through grpcurl, batching shared with REST."""
 import asyncio
 import base64
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,16 +14,15 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from conftest import REPO
+from helpers import REPO
 from PIL import Image
 from served import free_port, serve
 from test_service_core import animated, bomb_png, png_bytes
 from test_service_http import _half_jpeg, histogram_count, sample_images
 
-from protonmf.service.client import GrpcClient, RequestFailed, RestClient
+from protonmf.client import GrpcClient, RequestFailed, RestClient
 from protonmf.service.grpc_api import GrpcConfig, GrpcServer, pb, pb_grpc
 
-pytestmark = pytest.mark.slow
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
 
@@ -87,14 +86,14 @@ def test_health_is_not_serving_until_ready(fashion_artifact):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from protonmf.service.core import Core
-
-    class Fake:  # what GrpcServer needs of the service: its core
-        core = Core.load(fashion_artifact)
+    from protonmf.service.dataplane import DataPlane
+    from protonmf.service.settings import Settings
 
     async def scenario():
+        plane = DataPlane(Core.load(fashion_artifact), Settings.from_env({}))
         config = GrpcConfig(port=free_port(), host="127.0.0.1", max_message_bytes=1 << 20)
-        server = GrpcServer(Fake(), config)
-        await server.start()
+        server = GrpcServer(plane, config)
+        await server.start(ready=False)
         statuses = []
         async with grpc.aio.insecure_channel(f"127.0.0.1:{config.port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -105,7 +104,7 @@ def test_health_is_not_serving_until_ready(fashion_artifact):
 
             await check()
             stub_api = pb_grpc.ProtoNMFStub(channel)
-            try:  # no RPC runs before the batcher has answered once
+            try:  # no RPC runs before the data plane has started
                 await stub_api.Classify(pb.ClassifyRequest(images=[BLOB]))
             except grpc.aio.AioRpcError as e:
                 statuses.append(f"{e.code().name} {e.details()}")
@@ -130,8 +129,9 @@ def test_every_rpc_and_parity_with_rest(served):
         assert rpc.model() == rest.model()
         for kwargs in ({}, {"heatmaps": False, "top_k": 6}, {"interventions": iv},
                        {"map_kind": "contribution", "top_k": 2}):  # fmt: skip
-            assert_same_explanation(rest.explain(blobs, **kwargs), rpc.explain(blobs, **kwargs))
-        body = rpc.explain(blobs, interventions=iv)
+            assert_same_explanation(rest.explain(blobs, **kwargs).model_dump(mode="json"),
+                                    rpc.explain(blobs, **kwargs).model_dump(mode="json"))
+        body = rpc.explain(blobs, interventions=iv).model_dump(mode="json")
         assert rpc.prototypes() == rest.prototypes()
         assert rpc.prototypes(["bag", 3]) == rest.prototypes(["bag", 3])
         png = rpc.prototype_image("bag", 1, "nmf")
@@ -233,8 +233,8 @@ def test_grpcurl_lists_and_calls_through_reflection(served):
     assert called.returncode == 0, called.stderr
     top = json.loads(called.stdout)["predictions"][0]["top_k"]
     with RestClient(served.url) as rest:  # (grpcurl leaves out zero-valued fields)
-        expected = rest.classify(sample_images()[:1], top_k=2)["predictions"][0]["top_k"]
-    assert [(t["class"], t["logit"]) for t in top] == [(t["class"], t["logit"]) for t in expected]
+        expected = rest.classify(sample_images()[:1], top_k=2).predictions[0].top_k
+    assert [(t["class"], t["logit"]) for t in top] == [(t.class_name, t.logit) for t in expected]
     bad = run("-d", json.dumps({"images": [base64.b64encode(b"text").decode()]}),
               served.grpc_target, "protonmf.v1.ProtoNMF/Explain")  # fmt: skip
     assert "InvalidArgument" in bad.stderr and "[unsupported_format]" in bad.stderr
@@ -253,9 +253,9 @@ def test_concurrent_grpc_calls_share_the_batcher(served):
     responses = asyncio.run(burst())
     after = httpx.get(f"{served.url}/metrics").text
     with RestClient(served.url) as rest:
-        expected = [p["top_k"][0]["class"] for p in rest.classify(blobs[:16], top_k=1)["predictions"]]
+        expected = [p.top_k[0].class_name for p in rest.classify(blobs[:16], top_k=1).predictions]
     assert [r.explanations[0].top_k[0].class_name for r in responses[:16]] == expected
-    name = "bentoml_service_adaptive_batch_size"
+    name = "protonmf_inference_batch_size"
     batches = histogram_count(after, f"{name}_count") - histogram_count(before, f"{name}_count")
     assert 0 < batches < len(blobs), "32 concurrent gRPC calls should merge into fewer batches"
     stages = histogram_count(after, "protonmf_images_per_request_count") - \

@@ -1,10 +1,12 @@
-"""Head reconstruction (Eq. 4–9) against cvxpy and plain least squares."""
+"""Head reconstruction (Eq. 4–5, 8) and Eq. 9's presence filters against cvxpy and plain
+least squares."""
 
 import cvxpy as cp
 import numpy as np
 import pytest
 
-from protonmf.converter.head import augmented_heatmaps, fit_coefficients, fold_residual, residual_heatmaps
+from protonmf.converter.exemplars import presence_filters
+from protonmf.converter.head import fit_coefficients, fold_residual
 
 
 def random_head(C=6, p=3, D=32, seed=0):
@@ -79,21 +81,27 @@ def test_zero_coefficients_keep_class_vector():
     assert (rebuild_rel_error(fold, V) < 1e-12).all()
 
 
-def test_residual_heatmaps_match_lstsq():
-    rng = np.random.default_rng(4)
-    A, E, B, R = (rng.random(s) for s in [(50, 16), (50, 3), (3, 16), (16,)])
-    H = residual_heatmaps(A, E, B, R)
-    want = np.linalg.lstsq(R[:, None], (A - E @ B).T, rcond=None)[0][0]
-    np.testing.assert_allclose(H, want, rtol=1e-10)
-
-
-def test_augmented_heatmaps_match_lstsq():
+def test_presence_filters_are_eq9_least_squares():
+    """E' = argmin ||A − E' B'||² per class: A · filtersᵀ against cvxpy (independent solver)."""
     rng = np.random.default_rng(5)
-    A, Bp = rng.random((40, 16)), rng.standard_normal((3, 16))
-    E = augmented_heatmaps(A, Bp)
-    x = cp.Variable((40, 3))
-    cp.Problem(cp.Minimize(cp.sum_squares(A - x @ Bp))).solve()
-    np.testing.assert_allclose(E, x.value, atol=1e-5)
+    A, prototypes = rng.random((40, 16)), rng.standard_normal((2, 3, 16))
+    filters = presence_filters(prototypes)
+    assert filters.shape == prototypes.shape
+    for c, Bp in enumerate(prototypes):
+        x = cp.Variable((40, 3))
+        cp.Problem(cp.Minimize(cp.sum_squares(A - x @ Bp))).solve()
+        np.testing.assert_allclose(A @ filters[c].T, x.value, atol=1e-5)
+
+
+def test_presence_filters_minimum_norm_when_prototypes_repeat():
+    """A repeated prototype (rank-deficient B'): the minimum-norm solution, shared equally."""
+    rng = np.random.default_rng(6)
+    A, b = rng.random((20, 8)), rng.standard_normal((2, 8))
+    Bp = np.stack([b[0], b[0], b[1]])  # prototypes 0 and 1 identical
+    E = A @ presence_filters(Bp[None])[0].T
+    want = np.linalg.lstsq(Bp.T, A.T, rcond=None)[0].T
+    np.testing.assert_allclose(E, want, atol=1e-10)
+    np.testing.assert_allclose(E[:, 0], E[:, 1], atol=1e-10)
 
 
 def test_shape_errors():

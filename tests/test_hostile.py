@@ -20,7 +20,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers import REPO
 from served import serve
 
 from protonmf.artifact import Preprocessing
@@ -28,6 +28,7 @@ from protonmf.service.core import Core, Intervention
 from protonmf.service.errors import ServiceError
 from protonmf.service.grpc_api import pb
 from protonmf.service.imaging import Limits, count_jpeg_scans, decode_image
+from protonmf.service.settings import Settings, SettingsError
 
 REQUEST_SECONDS = 5.0  # every answer, refusal or not, within this
 RSS_GROWTH = 1.2  # worker RSS after the corpus ≤ this × before
@@ -123,9 +124,9 @@ def test_corpus_through_the_core(corpus, spec):
 
 
 def test_limits_from_env_and_their_defaults():
-    limits = Limits.from_env({"PROTONMF_MAX_SIDE": "4096", "PROTONMF_MAX_ASPECT": "4",
+    limits = Settings.from_env({"PROTONMF_MAX_SIDE": "4096", "PROTONMF_MAX_ASPECT": "4",
                               "PROTONMF_MAX_SCANS": "16", "PROTONMF_MAX_DECODE_MS": "500",
-                              "PROTONMF_MAX_RASTER_BYTES": "1048576"})  # fmt: skip
+                              "PROTONMF_MAX_RASTER_BYTES": "1048576"}).limits()  # fmt: skip
     assert (limits.max_side, limits.max_aspect, limits.max_scans, limits.max_decode_ms,
             limits.max_raster_bytes) == (4096, 4, 16, 500, 1 << 20)  # fmt: skip
     default = Limits()
@@ -135,8 +136,8 @@ def test_limits_from_env_and_their_defaults():
     wide = _corpus_module().png_flat(512, 64)  # within the defaults, not within these
     with pytest.raises(ServiceError, match="at most 4× the shorter"):
         core.prepare(wide)
-    with pytest.raises(ValueError, match="must be >= 1"):
-        Limits.from_env({"PROTONMF_MAX_SCANS": "0"})
+    with pytest.raises(SettingsError, match="PROTONMF_MAX_SCANS: Input should be greater"):
+        Settings.from_env({"PROTONMF_MAX_SCANS": "0"})
 
 
 def test_jpeg_scans_are_counted_exactly_on_real_files():
@@ -165,14 +166,16 @@ def test_decoding_stops_at_its_deadline_in_the_decoding_thread():
 
 def grpc_codes(register, requests: list[bytes]) -> list[tuple[str, str]]:
     """(code, details) of Explain calls with raw ``requests`` on an in-process grpc.aio
-    server whose servicer has the stub core (``register``: how it is added)."""
+    server whose data plane has the stub core (``register``: how it is added)."""
     import asyncio
 
+    from protonmf.service.dataplane import DataPlane
     from protonmf.service.grpc_api import ProtoNMFServicer
 
     async def scenario():
         server = grpc.aio.server()
-        servicer = ProtoNMFServicer(SimpleNamespace(core=stub_core(SPECS["grey56"])))
+        plane = DataPlane(stub_core(SPECS["grey56"]), Settings.from_env({}))
+        servicer = ProtoNMFServicer(plane)
         servicer.ready = True
         register(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -297,7 +300,6 @@ def grpc_answer(channel: grpc.Channel, method: str, request: bytes) -> tuple[str
         return ("4xx" if code == "INVALID_ARGUMENT" else code), f"{code} {e.details()}"
 
 
-@pytest.mark.slow
 def test_corpus_against_served_rest_and_grpc(corpus, fashion_artifact, tmp_path_factory):
     image = next((REPO / "data" / "fashion-mnist" / "test" / "bag").glob("*.png")).read_bytes()
     with serve(fashion_artifact, tmp_path_factory.mktemp("hostile-server")) as served, \

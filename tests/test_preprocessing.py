@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from protonmf.converter.models import preprocessing_from_timm
 from protonmf.artifact import Preprocessing, preprocess, resize_crop
+from protonmf.converter.models import preprocessing_from_timm
 
 timm = pytest.importorskip("timm")
 from timm.data import create_transform, resolve_data_config  # noqa: E402
@@ -218,7 +218,6 @@ def test_random_model_logits_equal_timm_on_photos(imagenet_photos):
     _assert_same_logits(model, _photos(imagenet_photos)[0])
 
 
-@pytest.mark.slow
 def test_lite0_top1_equals_timm_on_photos(imagenet_photos):
     from protonmf.converter.models import ModelSource, load_model
     from protonmf.sample_data import lite0_checkpoint

@@ -17,12 +17,9 @@ import time
 import httpx
 import pytest
 import yaml
-from conftest import FASHION_DATA, REPO
+from helpers import FASHION_DATA, REPO, dashboard_exprs, run, tool
 from PIL import Image
 from served import free_port, serve, start_process, stop_process, wait_ready
-from test_deploy import dashboard_exprs, run, tool
-
-pytestmark = pytest.mark.slow
 
 RULES = REPO / "deploy" / "monitoring" / "prometheus-rules.yaml"
 # Images per class sent to /classify (one request) and to /explain (one request each).
@@ -198,7 +195,7 @@ def test_dashboard_queries_run_on_live_data(prometheus, traffic):
     # Panels on what the traffic produced must show it.
     for title in ("Request rate by endpoint", "Predictions by class", "Prototype usage",
                   "Exactness gap (max)", "Rejections by reason", "Stage latency p50 / p99",
-                  "Adaptive batch size (BentoML)", "Scrape targets up"):  # fmt: skip
+                  "Batch size (micro-batcher)", "Scrape targets up"):  # fmt: skip
         assert title not in empty, title
 
 

@@ -3,28 +3,18 @@
 import json
 import re
 import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import chromium as _chromium
-from conftest import manifest_of, run_cli
+from browser import browse
+from helpers import manifest_of, run_cli
 from PIL import Image
 
 from protonmf.artifact import load_tensors, sha256_file
 from protonmf.exemplars import EXEMPLARS_FILE, load_exemplars, save_exemplars
 from protonmf.service.report import bar_chart, build_report, class_shares
-
-
-def _browse(url: str, *args: str) -> subprocess.CompletedProcess:
-    """Headless Chromium with every network request sent to a dead proxy (port 9)."""
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-           "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
-           "--disable-background-networking", "--disable-component-update",
-           "--hide-scrollbars", *args, url]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
 
 
 def _rewrite_exemplars(art: Path, ex) -> None:
@@ -91,7 +81,7 @@ def _external_refs(page: str) -> list[str]:
     return bad + re.findall(r"@import|<script|<link\b|<iframe", page, re.I)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_report_opens_offline_with_one_strip_per_prototype(report_artifact, tmp_path, capsys):
     out = tmp_path / "report.html"
     code, stdout = run_cli("report", report_artifact, "--max-images", 60, "--quiet",
@@ -101,7 +91,7 @@ def test_report_opens_offline_with_one_strip_per_prototype(report_artifact, tmp_
     assert _external_refs(page) == []
     assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*https?://""", page, re.I)
 
-    dom = _browse(out.as_uri(), "--dump-dom").stdout
+    dom = browse(out.as_uri(), "--dump-dom").stdout
     parsed = _Strips()
     parsed.feed(dom)
     manifest = manifest_of(report_artifact)
@@ -120,7 +110,7 @@ def test_report_opens_offline_with_one_strip_per_prototype(report_artifact, tmp_
     assert {"plot-ablation", "plot-explained-share", "plot-per-class-top1"} <= parsed.plots
 
     shot = tmp_path / "report.png"
-    _browse(out.as_uri(), f"--screenshot={shot}", "--window-size=1280,5000")
+    browse(out.as_uri(), f"--screenshot={shot}", "--window-size=1280,5000")
     pixels = np.asarray(Image.open(shot).convert("RGB"), np.int64)
     assert pixels.std() > 20, "blank screenshot"
     # The exemplar images decoded and were drawn (the atlas' first class is within 5,000 px):

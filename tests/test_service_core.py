@@ -8,14 +8,17 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import FASHION_DATA, run_images
+from helpers import FASHION_DATA, run_images
 from PIL import Image
 
 from protonmf.service.core import Core, ExplainOptions, Intervention
-from protonmf.service.errors import InvalidInput, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from protonmf.service.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    Unprocessable,
+    UnsupportedMediaType,
+)
 from protonmf.service.imaging import Limits, decode_image, render_overlay
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +109,8 @@ def scores_all_v1_copy(artifact, dst):
 
     from test_convert import proto_model_from_artifact
 
-    from protonmf.converter.export import export_onnx, graph_spec
     from protonmf.artifact import sha256_file
+    from protonmf.converter.export import export_onnx, graph_spec
 
     shutil.copytree(artifact, dst)
     _, proto, prep, m = proto_model_from_artifact(artifact, maps="topk", scores="all")
@@ -187,16 +190,6 @@ def test_batch_equals_single(core, bag_png):
     np.testing.assert_allclose(batch[-1]["logits"], single["logits"], rtol=1e-5, atol=1e-5)
 
 
-def test_pack_round_trip(core, bag_png):
-    crop = core.prepare(bag_png)
-    outputs = core.infer(crop[None])
-    (text,) = core.pack(outputs)
-    back = core.unpack(text)
-    for name, value in outputs.items():
-        np.testing.assert_array_equal(back[name], value[0].astype(back[name].dtype))
-    np.testing.assert_array_equal(core.decode_crop(core.encode_crop(crop)), crop)
-
-
 def test_overlay_png(core, bag_png):
     crop = core.prepare(bag_png)
     (out,) = run_images(core, [bag_png])
@@ -245,7 +238,7 @@ def test_all_classes_graph_explains_like_the_topk_graph(core, core_all, bag_png)
 
 
 def test_graph_without_maps_refuses_heatmaps(fashion_artifact, tmp_path, bag_png):
-    from conftest import run_cli
+    from helpers import run_cli
 
     out = tmp_path / "nomaps"
     assert run_cli("export", fashion_artifact, "--maps", "none", "--out", out)[0] == 0
@@ -342,13 +335,6 @@ def test_jpeg_draft_decodes_smaller_but_close(core):
     assert np.abs(a - b).mean() < 4  # grey levels out of 255
 
 
-def test_limits_from_env():
-    limits = Limits.from_env({"PROTONMF_MAX_IMAGES": "4", "PROTONMF_JPEG_DRAFT": "false"})
-    assert limits.max_images == 4 and limits.jpeg_draft is False
-    with pytest.raises(ValueError, match="must be >= 1"):
-        Limits.from_env({"PROTONMF_MAX_BYTES": "0"})
-
-
 def test_warm_up_runs_every_batch_size_on_cuda(core, monkeypatch):
     """CPU: largest batch and one image. CUDA (provider faked, runs stay on CPU): every size,
     since the CUDA provider prepares convolutions per input shape."""
@@ -359,17 +345,6 @@ def test_warm_up_runs_every_batch_size_on_cuda(core, monkeypatch):
     seen.clear()
     monkeypatch.setattr(core.explainer, "provider", "CUDAExecutionProvider")
     assert core.warm_up(4) == [4, 3, 2, 1] and seen == [4, 3, 2, 1]
-
-
-def test_default_ort_threads_share_the_cpus_between_workers():
-    import os
-
-    from protonmf.service.service import default_ort_threads
-
-    cpus = len(os.sched_getaffinity(0))
-    assert default_ort_threads(1) is None  # onnxruntime's own choice
-    assert default_ort_threads(2) == max(1, cpus // 2)
-    assert default_ort_threads(cpus * 4) == 1  # never 0
 
 
 def _heatmap_reference(m, percentile, height, width):
@@ -436,7 +411,7 @@ def core_old(fashion_artifact, tmp_path_factory):
 
 
 def _export(artifact, out, *args):
-    from conftest import run_cli
+    from helpers import run_cli
 
     assert run_cli("export", artifact, *args, "--out", out)[0] == 0
     return out

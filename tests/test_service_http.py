@@ -6,17 +6,13 @@ import io
 import json
 import os
 import re
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
-from conftest import FASHION_DATA
+from helpers import FASHION_DATA
 from PIL import Image
 from served import serve
 from test_service_core import animated, bomb_png, jpeg_bytes, png_bytes
-
-pytestmark = pytest.mark.slow
 
 
 def sample_images():
@@ -64,21 +60,18 @@ def test_asgi_classify_model_overlay(client):
     assert Image.open(io.BytesIO(o.content)).format == "PNG"
 
 
-def test_asgi_reads_the_benchmark_wrk_body_as_an_upload(client, tmp_path):
-    """benchmarks/bench_service.py's wrk load sends pre-built multipart bodies: the service
-    must read one as it reads a client's upload, or the benchmark measures error answers."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_service
-
-    blob = sample_images()[0]
-    body = bench_service.wrk_bodies(tmp_path, [("bag.png", blob)])[0].read_bytes()
-    content_type = f"multipart/form-data; boundary={bench_service.BOUNDARY}"
-    a = client.post("/explain", content=body, headers={"Content-Type": content_type})
+def test_asgi_reads_a_prebuilt_multipart_body_as_an_upload(client):
+    """Load generators (wrk in benchmarks/bench_service.py) send pre-built multipart bodies
+    with their own boundary: the service must read one as it reads a client's upload."""
+    blob, boundary = sample_images()[0], "protonmf-bench-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="images"; '
+            f'filename="bag.png"\r\nContent-Type: image/png\r\n\r\n').encode() + blob + \
+        f"\r\n--{boundary}--\r\n".encode()  # fmt: skip
+    a = client.post("/explain", content=body,
+                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
     b = client.post("/explain", files={"images": ("bag.png", blob, "image/png")})
     assert a.status_code == b.status_code == 200, a.text
     assert a.json() == b.json()
-    assert f"boundary={bench_service.BOUNDARY}" in bench_service.WRK_SCRIPT % {
-        "boundary": bench_service.BOUNDARY}
 
 
 def test_asgi_openapi_documents_every_endpoint(client):
@@ -92,6 +85,16 @@ def test_asgi_openapi_documents_every_endpoint(client):
     for documented in ("map_kind", "residual_share", "nmf_contribution", "explained_share",
                        "no_exemplars", '"kind": "augmented"'):  # fmt: skip
         assert documented in text, documented
+    schemas = spec["components"]["schemas"]
+    assert {"ExplainResponse", "ClassifyResponse", "PrototypesResponse", "ModelInfo",
+            "ErrorBody"} <= schemas.keys()  # fmt: skip
+    explain = spec["paths"]["/explain"]["post"]["responses"]
+    typed = explain["200"]["content"]["application/json"]["schema"]
+    assert typed.get("title") == "ExplainResponse" and "explanations" in typed["properties"]
+    for status in ("400", "408", "413", "415", "422", "429", "503", "504"):
+        error = explain[status]["content"]["application/json"]
+        assert error["schema"]["$ref"].endswith("/ErrorBody"), status
+        assert error["example"]["status"] == int(status)
 
 
 def test_asgi_explain_residual_split_map_kind_exemplars(client):
@@ -190,17 +193,11 @@ def test_asgi_bad_input_gets_4xx(client, name, kwargs, status, reason):
 
 @pytest.fixture(scope="module")
 def server(fashion_artifact, request, tmp_path_factory):
-    """param: {"workers": N, "batch_path": "in_process" | "http"} (defaults 1, in_process)."""
+    """param: {"workers": N} (default 1)."""
     param = getattr(request, "param", {})
-    env = {"PROTONMF_BATCH_PATH": param.get("batch_path", "in_process")}
     with serve(fashion_artifact, tmp_path_factory.mktemp("server"), param.get("workers", 1),
-               env) as served:  # fmt: skip
+               {}) as served:  # fmt: skip
         yield served.url
-
-
-# the batcher reached in-process (default) and through BentoML's HTTP client (fallback)
-BOTH_PATHS = pytest.mark.parametrize("server", [{}, {"batch_path": "http"}], indirect=True,
-                                     ids=["in_process", "http_self_call"])  # fmt: skip
 
 
 async def explain_all(url, blobs):
@@ -222,8 +219,7 @@ def histogram_count(text: str, name: str, le: str | None = None) -> float:
     return total
 
 
-@BOTH_PATHS
-def test_concurrent_requests_are_batched_and_identical(server, request):
+def test_concurrent_requests_are_batched_and_identical(server):
     blobs = sample_images()
     singles = [asyncio.run(explain_all(server, [b]))[0] for b in blobs[:4]]
     before = httpx.get(f"{server}/metrics").text
@@ -233,20 +229,20 @@ def test_concurrent_requests_are_batched_and_identical(server, request):
         assert [e["class"] for e in s["top_k"]] == [e["class"] for e in m["top_k"]]
         for es, em in zip(s["top_k"], m["top_k"], strict=True):
             assert em["logit"] == pytest.approx(es["logit"], rel=1e-5, abs=1e-5)
-    name = "bentoml_service_adaptive_batch_size"
+    name = "protonmf_inference_batch_size"
     batches = histogram_count(after, f"{name}_count") - histogram_count(before, f"{name}_count")
     ones = histogram_count(after, f"{name}_bucket", "1.0") - histogram_count(before, f"{name}_bucket", "1.0")
     assert 0 < batches < 32, "32 concurrent requests should merge into fewer batches"
     assert batches - ones >= 1, "at least one batch should hold more than one request"
     assert all(e["exactness"] <= 1e-4 for e in merged)
-    in_process = "http" not in request.node.callspec.id
-    assert re.search(rf"^protonmf_batching_in_process {float(in_process)}$", after, re.M), \
-        "the batching path in use is reported"
+    assert re.search(r"^protonmf_batch_queue_images 0\.0$", after, re.M), "the queue drained"
+    queue = [line for line in after.splitlines()
+             if line.startswith("protonmf_stage_duration_seconds_count") and 'stage="queue"' in line]
+    assert queue and float(queue[0].rsplit(" ", 1)[1]) >= 32, "time in the queue is measured"
 
 
-@BOTH_PATHS
 def test_sustained_concurrency_has_no_server_errors(server):
-    """Past BentoML's internal-client renewal (every ~100 calls) nothing may turn into a 500."""
+    """Five bursts of 32 concurrent requests: every one answered 200."""
     blobs = sample_images()
 
     async def bursts():

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from browser import Browser
-from conftest import FASHION_DATA
+from helpers import FASHION_DATA
 from PIL import Image
 from served import serve
 
@@ -162,7 +162,7 @@ def test_ui_files_are_served_self_contained():
         assert (UI_DIR / "samples" / f"{name}.png").is_file(), name
 
 
-@pytest.mark.slow  # ~8 s per graph on 2 cores, after the conversion fixture (~40 s)
+@pytest.mark.e2e  # ~8 s per graph on 2 cores, after the conversion fixture (~40 s)
 @pytest.mark.parametrize("graph", ["all-class", "top-k"])
 def test_ui_end_to_end(graph, fashion_artifact, fashion_topk_artifact, tmp_path):
     artifact = fashion_artifact if graph == "all-class" else fashion_topk_artifact

@@ -95,7 +95,7 @@ ZOO = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize(("arch", "kwargs", "reason"), ZOO,
                          ids=[f"{a}-{'-'.join(map(str, k.values())) or 'default'}" for a, k, _ in ZOO])  # fmt: skip
 def test_timm_zoo_exact_or_refused(arch, kwargs, reason, tmp_path, capsys, data):

@@ -1,0 +1,109 @@
+"""The transport-free data plane: decode pool → micro-batcher → explanation building.
+
+REST (service.py) and gRPC (grpc_api.py) are adapters over one ``DataPlane`` per worker:
+they read their transport's request, call one method here and write its answer (a JSON-able
+dict, or PNG bytes) in their transport's form. Both transports' images meet in the same
+batcher and count in the same metrics; neither re-implements a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .batching import MicroBatcher
+from .core import Core, ExplainOptions
+from .errors import InvalidInput, NotReady
+from .metrics import METRICS
+from .settings import Settings
+
+__all__ = ["DataPlane"]
+
+
+class DataPlane:
+    """One worker's serving pipeline over one loaded artifact."""
+
+    def __init__(self, core: Core, settings: Settings):
+        self.core = core
+        self.settings = settings
+        self.pool = ThreadPoolExecutor(settings.decode_threads or os.cpu_count() or 2,
+                                       thread_name_prefix="protonmf-decode")  # fmt: skip
+        self.batcher = MicroBatcher(
+            core.infer, core.per_image, max_batch=settings.max_batch_size,
+            wait_s=settings.batch_wait_ms / 1000, max_queue=settings.max_queue,
+            max_latency_s=settings.max_latency_ms / 1000,
+        )  # fmt: skip
+        self.ready = False
+
+    @classmethod
+    def load(cls, settings: Settings) -> DataPlane:
+        """Load the artifact and run the graph once per warm-up size (before ready)."""
+        if settings.artifact is None:
+            raise NotReady("set PROTONMF_ARTIFACT to an artifact directory (protonmf convert)")
+        core = Core.load(settings.artifact, device=settings.device,
+                         threads=settings.ort_threads_per_worker(), limits=settings.limits(),
+                         variant=settings.variant, spinning=settings.ort_spinning,
+                         cuda={"tf32": settings.cuda_tf32, "search": settings.cudnn_search})  # fmt: skip
+        core.warm_up(settings.max_batch_size)
+        return cls(core, settings)
+
+    async def start(self) -> None:
+        self.batcher.start()
+        self.ready = True
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop taking requests; images already queued get ``grace_s`` to finish."""
+        self.ready = False
+        await self.batcher.stop(grace_s)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- the shared steps ----------------------------------------------------------------
+
+    async def in_pool(self, func, *args):
+        """CPU work (decoding, rendering, listings) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, func, *args)
+
+    async def run(self, blobs: list[bytes]) -> tuple[list[np.ndarray], list[dict]]:
+        """Encoded images → their crops and graph outputs (decoded in parallel, batched)."""
+        self.core.check_request(len(blobs))
+        METRICS.images_per_request.observe(len(blobs))
+        crops = await asyncio.gather(*(self.in_pool(self.core.prepare, b) for b in blobs))
+        return crops, await self.batcher.submit(list(crops))
+
+    # --- one method per endpoint -----------------------------------------------------------
+
+    async def classify(self, blobs: list[bytes], top_k: int = 5) -> dict:
+        self.core.check_request(len(blobs), ExplainOptions(top_k=top_k, heatmaps=False))
+        _, outs = await self.run(blobs)
+        return {"predictions": [self.core.classification(o, top_k) for o in outs]}
+
+    async def explain(self, blobs: list[bytes], options: ExplainOptions) -> dict:
+        self.core.check_request(len(blobs), options)
+        _, outs = await self.run(blobs)
+        return {"explanations": [self.core.explanation(o, options) for o in outs],
+                "provider": self.core.explainer.provider}  # fmt: skip
+
+    async def overlay(self, blobs: list[bytes], rank: int = 0,
+                      map_kind: str = "contribution") -> bytes:  # fmt: skip
+        """PNG of the rank-th class's contribution (or similarity/presence) maps."""
+        if len(blobs) != 1:
+            raise InvalidInput(f"overlay takes exactly one image, got {len(blobs)}", "one_image")
+        self.core.check_maps(1, map_kind)  # a graph without maps (of that kind): 422
+        if rank >= self.core.map_classes:
+            raise InvalidInput(f"rank must be < {self.core.map_classes} (the classes with "
+                               "maps)", "rank")  # fmt: skip
+        crops, outs = await self.run(blobs)
+        return await self.in_pool(self.core.overlay, crops[0], outs[0], rank, map_kind)
+
+    async def prototypes(self, classes: list[str | int] | None = None) -> dict:
+        return await self.in_pool(self.core.prototypes, classes)
+
+    async def prototype_image(self, class_name: str | int, prototype: int,
+                              kind: str = "augmented") -> bytes:  # fmt: skip
+        return await self.in_pool(self.core.prototype_image, class_name, prototype, kind)
+
+    def model_info(self) -> dict:
+        return self.core.model_info()

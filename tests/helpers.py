@@ -1,0 +1,73 @@
+"""Plain helpers shared by test modules (no fixtures, no hooks: those are in conftest.py).
+Servers and processes: served.py; headless Chromium: browser.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_MODEL = REPO / "models" / "fashion-resnet"
+FASHION_DATA = REPO / "data" / "fashion-mnist"
+MONITORING = REPO / "deploy" / "monitoring"
+
+
+def run_cli(*args, capsys=None):
+    """Run ``protonmf`` in-process; returns (exit code, stdout)."""
+    from protonmf.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr().out if capsys else ""
+    return code, out
+
+
+def manifest_of(artifact: Path) -> dict:
+    return json.loads((artifact / "manifest.json").read_text())
+
+
+def run_images(core, blobs: list[bytes]) -> list[dict]:
+    """Decode, one graph run, per-image outputs: the data plane's path without its batcher."""
+    import numpy as np
+
+    return core.per_image(core.infer(np.stack([core.prepare(b) for b in blobs])))
+
+
+# --- external tools (deploy tier) ------------------------------------------------------
+
+
+def tool(name: str) -> str:
+    """A tool from .venv/bin (preferred: pinned by the install script) or PATH."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which(name, path=path)
+    if not found:
+        pytest.fail(f"{name} not found: run scripts/install_deploy_tools.sh")
+    return found
+
+
+def run(*cmd, **kwargs) -> subprocess.CompletedProcess:
+    """``cmd`` with its output captured as text, 300 s at most."""
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300,
+                          **kwargs)  # fmt: skip
+
+
+def dashboard() -> dict:
+    return json.loads((MONITORING / "grafana-dashboard.json").read_text())
+
+
+def dashboard_exprs() -> dict[str, list[str]]:
+    """Panel title -> its PromQL, Grafana variables replaced by what they expand to."""
+    subst = {"$__rate_interval": "1m", "$__interval": "1m", "$namespace": ".*", "$instance": ".*"}
+    out = {}
+    for panel in dashboard()["panels"]:
+        exprs = [t["expr"] for t in panel.get("targets", [])]
+        for var, value in subst.items():
+            exprs = [e.replace(var, value) for e in exprs]
+        if exprs:
+            out[panel["title"]] = exprs
+    return out

@@ -1,0 +1,182 @@
+"""Settings (one class for every PROTONMF_* variable) and the micro-batcher, without servers."""
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import REPO
+
+from protonmf.service.batching import MicroBatcher
+from protonmf.service.errors import NotReady, Overloaded
+from protonmf.service.settings import Settings, SettingsError
+
+
+def test_limits_and_types_from_env():
+    s = Settings.from_env({"PROTONMF_MAX_IMAGES": "4", "PROTONMF_JPEG_DRAFT": "false",
+                           "PROTONMF_DEVICE": "cuda", "PROTONMF_BATCH_WAIT_MS": "2.5",
+                           "OTHER": "ignored"})  # fmt: skip
+    assert s.limits().max_images == 4 and s.limits().jpeg_draft is False
+    assert s.device == "cuda" and s.batch_wait_ms == 2.5
+    assert Settings.from_env({}).limits().max_images == 16  # the Limits default
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"PROTONMF_MAX_BYTES": "0"}, "PROTONMF_MAX_BYTES: Input should be greater than or equal to 1"),
+    ({"PROTONMF_DEVICE": "tpu"}, "PROTONMF_DEVICE: Input should be 'cpu', 'cuda' or 'auto'"),
+    ({"PROTONMF_WORKERS": "two"}, "PROTONMF_WORKERS: Input should be a valid integer"),
+    ({"PROTONMF_MAX_BATCHSIZE": "8"}, "unknown setting.*PROTONMF_MAX_BATCHSIZE"),
+])  # fmt: skip
+def test_bad_settings_name_the_variable(env, match):
+    with pytest.raises(SettingsError, match=match):
+        Settings.from_env(env)
+
+
+def test_removed_setting_warns_and_is_ignored(caplog):
+    Settings.from_env({"PROTONMF_BATCH_PATH": "http"})
+    assert "PROTONMF_BATCH_PATH is ignored" in caplog.text
+
+
+def test_ort_threads_share_the_cpus_between_workers():
+    cpus = len(os.sched_getaffinity(0))
+    assert Settings.from_env({}).ort_threads_per_worker() is None  # onnxruntime's own choice
+    two = Settings.from_env({"PROTONMF_WORKERS": "2"})
+    assert two.ort_threads_per_worker() == max(1, cpus // 2)
+    many = Settings.from_env({"PROTONMF_WORKERS": str(cpus * 4)})
+    assert many.ort_threads_per_worker() == 1  # never 0
+    assert Settings.from_env({"PROTONMF_WORKERS": "2", "PROTONMF_ORT_THREADS": "3"}
+                             ).ort_threads_per_worker() == 3  # fmt: skip
+
+
+def test_configuration_doc_is_current():
+    doc = subprocess.run([sys.executable, "-m", "protonmf.service.settings", "--markdown"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert (REPO / "docs" / "configuration.md").read_text() == doc, \
+        "docs/configuration.md is stale: python -m protonmf.service.settings --markdown > docs/configuration.md"
+    for name in Settings.model_fields:
+        assert f"`PROTONMF_{name.upper()}`" in doc
+
+
+def test_every_variable_the_product_reads_is_a_setting():
+    """No PROTONMF_* variable is read outside settings.py (one place, typed)."""
+    import re
+
+    read = set()
+    for folder in ("service", "protonmf", "converter"):
+        for path in (REPO / folder).rglob("*.py"):
+            if path.name == "settings.py":
+                continue
+            text = path.read_text()
+            read |= set(re.findall(r"environ(?:\.get)?\(?\[?\s*[\"']PROTONMF_([A-Z0-9_]+)", text))
+    assert not read, f"read outside Settings: {sorted(read)}"
+
+
+# --- the micro-batcher ----------------------------------------------------------------
+
+
+def _double(batch: np.ndarray) -> dict:
+    _double.sizes.append(len(batch))
+    return {"logits": batch * 2.0}
+
+
+def _per_image(outputs: dict) -> list[dict]:
+    return [{"logits": v} for v in outputs["logits"]]
+
+
+def _batcher(run=_double, **kw) -> MicroBatcher:
+    _double.sizes = []
+    return MicroBatcher(run, _per_image, **kw)
+
+
+def test_concurrent_submits_merge_and_keep_their_order():
+    async def scenario():
+        b = _batcher(max_batch=8)
+        b.start()
+        requests = [[np.full(2, i * 10 + j, np.float32) for j in range(n)]
+                    for i, n in enumerate((1, 3, 2, 5))]  # fmt: skip
+        results = await asyncio.gather(*(b.submit(r) for r in requests))
+        await b.stop()
+        return requests, results
+
+    requests, results = asyncio.run(scenario())
+    for items, outs in zip(requests, results, strict=True):
+        assert [o["logits"].tolist() for o in outs] == [(x * 2).tolist() for x in items]
+    assert sum(_double.sizes) == 11 and max(_double.sizes) <= 8
+    assert len(_double.sizes) < 4, "four concurrent requests should share batches"
+
+
+def test_queue_bound_and_latency_bound_refuse_with_overloaded():
+    async def scenario():
+        slow_started = asyncio.Event()
+
+        def slow(batch):
+            slow_started.set()
+            import time
+
+            time.sleep(0.3)
+            return {"logits": batch}
+
+        b = _batcher(run=slow, max_batch=1, max_queue=3, max_latency_s=0.1)
+        b.start()
+        first = asyncio.create_task(b.submit([np.zeros(1)]))
+        await slow_started.wait()  # the model is busy with the first image
+        second = asyncio.create_task(b.submit([np.ones(1)]))  # waits > 0.1 s: refused
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="limit 3") as full:
+            await b.submit([np.ones(1)] * 3)
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        await b.stop()
+        return full.value, outcomes
+
+    full, (first, second) = asyncio.run(scenario())
+    assert full.reason == "queue_full" and full.status == 503
+    assert first[0]["logits"].tolist() == [0.0]
+    assert isinstance(second, Overloaded) and second.reason == "queue_timeout"
+
+
+def test_cancelled_callers_never_reach_the_model_and_stop_refuses():
+    seen = []
+
+    def record(batch):
+        seen.extend(batch.ravel().tolist())
+        return {"logits": batch}
+
+    async def scenario():
+        b = _batcher(run=record, max_batch=4)
+        b.start()
+        gone = asyncio.create_task(b.submit([np.full(1, 7.0)]))
+        await asyncio.sleep(0)  # queued, not yet taken
+        gone.cancel()
+        kept = await b.submit([np.zeros(1)])
+        await asyncio.gather(gone, return_exceptions=True)
+        await b.stop()
+        with pytest.raises(NotReady):
+            await b.submit([np.zeros(1)])
+        return kept
+
+    kept = asyncio.run(scenario())
+    assert kept[0]["logits"].tolist() == [0.0]
+    assert 7.0 not in seen and seen == [0.0]
+
+
+def test_a_failing_batch_fails_its_images_only():
+    calls = []
+
+    def flaky(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("graph failed")
+        return {"logits": batch}
+
+    async def scenario():
+        b = _batcher(run=flaky, max_batch=1)
+        b.start()
+        first = await asyncio.gather(b.submit([np.zeros(1)]), return_exceptions=True)
+        second = await b.submit([np.ones(1)])
+        await b.stop()
+        return first[0], second
+
+    first, second = asyncio.run(scenario())
+    assert isinstance(first, RuntimeError) and second[0]["logits"].tolist() == [1.0]
