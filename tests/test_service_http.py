@@ -259,6 +259,40 @@ def test_sustained_concurrency_has_no_server_errors(server):
     assert codes.count(200) == len(codes), {c: codes.count(c) for c in set(codes)}
 
 
+def test_single_request_latency_recovers_right_after_a_burst(server):
+    """The batcher keeps no latency model: single requests are as fast right after a burst
+    of 64 clients as before it (BentoML's adaptive batcher left them 10-30x slower for
+    minutes, issue #16)."""
+    import statistics
+    import time
+
+    blob = sample_images()[0]
+
+    def single_ms(n=15) -> float:
+        times = []
+        with httpx.Client(base_url=server, timeout=60) as c:
+            for _ in range(n):
+                t = time.perf_counter()
+                assert c.post("/classify", files={"images": ("x.png", blob, "image/png")}
+                              ).status_code == 200  # fmt: skip
+                times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+
+    async def burst(seconds=5.0, clients=64):
+        async def client(c):
+            while time.perf_counter() < end:
+                await c.post("/explain", files={"images": ("x.png", blob, "image/png")})
+
+        end = time.perf_counter() + seconds
+        async with httpx.AsyncClient(base_url=server, timeout=60) as c:
+            await asyncio.gather(*(client(c) for _ in range(clients)))
+
+    before = single_ms()
+    asyncio.run(burst())
+    after = single_ms()
+    assert after <= 1.5 * before + 5, (before, after)
+
+
 def test_server_metrics_and_hostile_input(server):
     asyncio.run(explain_all(server, sample_images()[:2]))
     r = httpx.post(f"{server}/explain", files={"images": ("a.gif", animated("GIF"), "image/gif")})
