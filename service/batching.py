@@ -6,6 +6,11 @@ keeps decoding and answering. Batches form by themselves while the model is busy
 ``wait_s`` > 0 a batch also waits that long for more images once the model is free.
 There is no latency model to learn or unlearn: after a burst the next image runs at once.
 
+Optionally (``buckets``) a batch is padded with blank rows to the next of a few sizes and
+the padding dropped from the outputs: the model then sees a handful of shapes, each warmed
+before ready (GPUs prepare kernels per input shape). Each image names the outputs it needs;
+a batch fetches their union.
+
 Bounded: at most ``max_queue`` images wait (beyond: Overloaded, 503 with Retry-After), an
 image that waited ``max_latency_s`` is refused instead of run, and a caller that went away
 (client gone, deadline) has its images dropped before they reach the model.
@@ -32,18 +37,22 @@ __all__ = ["MicroBatcher"]
 class _Pending:
     item: np.ndarray
     future: asyncio.Future
+    outputs: frozenset[str] | None = None  # None: every output
     queued_at: float = field(default_factory=time.monotonic)
 
 
 class MicroBatcher:
-    """``submit(items)`` → each item's outputs, computed by ``run(np.stack(batch))`` and cut
-    per item by ``split``. ``run`` executes on one dedicated thread."""
+    """``submit(items, outputs)`` → each item's outputs, computed by ``run(np.stack(batch),
+    outputs)`` and cut per item by ``split``. ``run`` executes on one dedicated thread."""
 
-    def __init__(self, run: Callable[[np.ndarray], dict], split: Callable[[dict], list],
+    def __init__(self, run: Callable[..., dict], split: Callable[[dict], list],
                  *, max_batch: int = 32, wait_s: float = 0.0, max_queue: int = 512,
-                 max_latency_s: float = 10.0):  # fmt: skip
+                 max_latency_s: float = 10.0, buckets: tuple[int, ...] | None = None):  # fmt: skip
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
+        if buckets and (max(buckets) < max_batch or min(buckets) < 1):
+            raise ValueError(f"buckets {buckets} must be >= 1 and reach max_batch {max_batch}")
+        self.buckets = tuple(sorted(set(buckets))) if buckets else None
         self._run, self._split = run, split
         self.max_batch, self.wait_s = max_batch, wait_s
         self.max_queue, self.max_latency_s = max_queue, max_latency_s
@@ -82,15 +91,17 @@ class MicroBatcher:
 
     # --- producers ---------------------------------------------------------------------
 
-    async def submit(self, items: list[np.ndarray]) -> list[dict]:
-        """Queue ``items`` (one request's images) and wait for their outputs."""
+    async def submit(self, items: list[np.ndarray], outputs: frozenset[str] | None = None
+                     ) -> list[dict]:  # fmt: skip
+        """Queue ``items`` (one request's images) and wait for their ``outputs`` (names;
+        None: all)."""
         if not self._accepting:
             raise NotReady("the worker is not serving (starting or shutting down)", "not_ready")
         if len(self._queue) + len(items) > self.max_queue:
             raise Overloaded(f"{len(self._queue)} images are waiting for the model (limit "
                              f"{self.max_queue}); retry shortly", "queue_full")  # fmt: skip
         loop = asyncio.get_running_loop()
-        pending = [_Pending(item, loop.create_future()) for item in items]
+        pending = [_Pending(item, loop.create_future(), outputs) for item in items]
         self._queue.extend(pending)
         METRICS.queued_images.inc(len(pending))
         self._wake.set()
@@ -114,8 +125,7 @@ class MicroBatcher:
             if not batch:
                 continue
             try:
-                outputs = await loop.run_in_executor(
-                    self._thread, self._run, np.stack([p.item for p in batch]))  # fmt: skip
+                outputs = await loop.run_in_executor(self._thread, self._run_padded, batch)
                 results = self._split(outputs)
             except Exception as e:  # the graph failed: every image of the batch gets it
                 for p in batch:
@@ -125,6 +135,20 @@ class MicroBatcher:
             for p, result in zip(batch, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
+
+    def _run_padded(self, batch: list[_Pending]) -> dict:
+        """``run`` on the batch (padded to its bucket), outputs of the real rows only."""
+        wanted = None
+        if all(p.outputs is not None for p in batch):
+            wanted = frozenset().union(*(p.outputs for p in batch))
+        stacked = np.stack([p.item for p in batch])
+        n = len(batch)
+        size = next((b for b in self.buckets if b >= n), n) if self.buckets else n
+        if size > n:
+            blank = np.zeros((size - n, *stacked.shape[1:]), stacked.dtype)
+            stacked = np.concatenate([stacked, blank])
+        outputs = self._run(stacked, wanted)
+        return outputs if size == n else {k: v[:n] for k, v in outputs.items()}
 
     def _take(self) -> list[_Pending]:
         """Up to max_batch live images from the queue; expired ones refused on the way."""

@@ -27,6 +27,8 @@ __all__ = ["MAP_KINDS", "Core", "ExplainOptions", "Intervention"]
 # similarity: F·b' (the graph's maps); contribution: a·F·b' [/σ], whose spatial mean is the
 # prototype's contribution; presence: Eq. 9's E' (graph output, only with --presence)
 MAP_KINDS = ("similarity", "contribution", "presence")
+# the graph's per-prototype maps: by far its largest outputs, fetched only when drawn
+MAP_OUTPUTS = frozenset({"maps", "topk_maps", "presence", "topk_presence"})
 # folds where prototype 0 is V itself: the whole logit is residual, nothing is NMF's
 ALL_RESIDUAL_FOLDS = ("class_vector", "no_images")
 
@@ -105,28 +107,44 @@ class Core:
             image = decode_image(data, self.limits, self.spec)
             return resize_crop(image, self.spec)
 
-    def warm_up(self, max_batch: int) -> list[int]:
+    def warm_up(self, max_batch: int, sizes: list[int] | None = None) -> list[int]:
         """Run the graph on blank crops before the service says ready; returns the sizes run.
 
-        On CPU the largest batch and a single image (allocation, planning). On CUDA every
-        size from max_batch down to 1: the CUDA provider prepares cuDNN convolutions per
-        input shape (~5 ms per conv layer even with the heuristic search), and the adaptive
-        batcher forms any size up to max_batch — measured on an H100, a batch of a size not
-        seen before took 140–380 ms against ~6 ms once seen.
+        ``sizes``: the batch buckets when batches are padded to them (every size a batch
+        can have). Else on CPU the largest batch and a single image (allocation, planning);
+        on CUDA every size from max_batch down to 1: the CUDA provider prepares cuDNN
+        convolutions per input shape (~5 ms per conv layer even with the heuristic search)
+        — measured on an H100, a batch of a size not seen before took 140–380 ms against
+        ~6 ms once seen.
         """
         cuda = self.explainer.provider == "CUDAExecutionProvider"
-        sizes = list(range(max_batch, 0, -1)) if cuda else sorted({max_batch, 1}, reverse=True)
+        if sizes:
+            sizes = sorted(set(sizes), reverse=True)
+        else:
+            sizes = list(range(max_batch, 0, -1)) if cuda else sorted({max_batch, 1}, reverse=True)
         for n in sizes:
             self.explainer.run(normalize(np.zeros((n, *self.crop_shape), np.uint8), self.spec))
         return sizes
 
     # --- one merged batch ---------------------------------------------------------------
 
-    def infer(self, crops: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 crops (N, ...) → graph outputs by name, one onnxruntime run."""
+    def infer(self, crops: np.ndarray, outputs=None) -> dict[str, np.ndarray]:
+        """uint8 crops (N, ...) → graph outputs by name (``outputs``: those only), one
+        onnxruntime run."""
         with stage("infer"):
             METRICS.batch_size.observe(len(crops))
-            return self.explainer.run(normalize(crops, self.spec))
+            return self.explainer.run(normalize(crops, self.spec), outputs)
+
+    def outputs_for(self, maps: str | None = None) -> frozenset[str]:
+        """The graph outputs an answer needs: every output but the maps, plus the maps of
+        ``maps`` (a map kind) when the answer draws or lists them."""
+        names = set(self._shapes)
+        wanted = names - MAP_OUTPUTS
+        if maps == "presence":
+            wanted |= names & {"presence", "topk_presence"}
+        elif maps is not None:
+            wanted |= names & {"maps", "topk_maps"}
+        return frozenset(wanted)
 
     @staticmethod
     def per_image(outputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:

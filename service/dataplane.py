@@ -35,6 +35,7 @@ class DataPlane:
             core.infer, core.per_image, max_batch=settings.max_batch_size,
             wait_s=settings.batch_wait_ms / 1000, max_queue=settings.max_queue,
             max_latency_s=settings.max_latency_ms / 1000,
+            buckets=settings.buckets(core.explainer.provider),
         )  # fmt: skip
         self.ready = False
 
@@ -47,8 +48,9 @@ class DataPlane:
                          threads=settings.ort_threads_per_worker(), limits=settings.limits(),
                          variant=settings.variant, spinning=settings.ort_spinning,
                          cuda={"tf32": settings.cuda_tf32, "search": settings.cudnn_search})  # fmt: skip
-        core.warm_up(settings.max_batch_size)
-        return cls(core, settings)
+        plane = cls(core, settings)
+        core.warm_up(settings.max_batch_size, plane.batcher.buckets)
+        return plane
 
     async def start(self) -> None:
         self.batcher.start()
@@ -66,12 +68,14 @@ class DataPlane:
         """CPU work (decoding, rendering, listings) off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, func, *args)
 
-    async def run(self, blobs: list[bytes]) -> tuple[list[np.ndarray], list[dict]]:
-        """Encoded images → their crops and graph outputs (decoded in parallel, batched)."""
+    async def run(self, blobs: list[bytes], maps: str | None = None
+                  ) -> tuple[list[np.ndarray], list[dict]]:  # fmt: skip
+        """Encoded images → their crops and graph outputs (decoded in parallel, batched);
+        the maps of kind ``maps`` only if asked (they are most of the graph's output)."""
         self.core.check_request(len(blobs))
         METRICS.images_per_request.observe(len(blobs))
         crops = await asyncio.gather(*(self.in_pool(self.core.prepare, b) for b in blobs))
-        return crops, await self.batcher.submit(list(crops))
+        return crops, await self.batcher.submit(list(crops), self.core.outputs_for(maps))
 
     # --- one method per endpoint -----------------------------------------------------------
 
@@ -82,7 +86,7 @@ class DataPlane:
 
     async def explain(self, blobs: list[bytes], options: ExplainOptions) -> dict:
         self.core.check_request(len(blobs), options)
-        _, outs = await self.run(blobs)
+        _, outs = await self.run(blobs, options.map_kind if options.heatmaps else None)
         return {"explanations": [self.core.explanation(o, options) for o in outs],
                 "provider": self.core.explainer.provider}  # fmt: skip
 
@@ -95,7 +99,7 @@ class DataPlane:
         if rank >= self.core.map_classes:
             raise InvalidInput(f"rank must be < {self.core.map_classes} (the classes with "
                                "maps)", "rank")  # fmt: skip
-        crops, outs = await self.run(blobs)
+        crops, outs = await self.run(blobs, map_kind)
         return await self.in_pool(self.core.overlay, crops[0], outs[0], rank, map_kind)
 
     async def prototypes(self, classes: list[str | int] | None = None) -> dict:

@@ -174,11 +174,16 @@ class Explainer:
             shapes["bias"] = ["N", len(self.classes)]
         return shapes
 
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Run the graph on a preprocessed batch; outputs by name (``output_shapes``)."""
-        name = self.manifest["graph"]["input"]["name"]
-        values = self.session.run(None, {name: np.ascontiguousarray(batch, np.float32)})
-        out = dict(zip(self.manifest["graph"]["outputs"], values, strict=True))
-        if "scores" in out and "bias" not in out:
-            out["bias"] = np.broadcast_to(self.tensors["bias"], out["logits"].shape)
+    def run(self, batch: np.ndarray, outputs=None) -> dict[str, np.ndarray]:
+        """Run the graph on a preprocessed batch; outputs by name (``output_shapes``).
+
+        ``outputs``: the names wanted (default: all). onnxruntime copies only those out of
+        the device; the heavy ones (per-prototype maps) stay there when not asked for."""
+        graph_outputs = self.manifest["graph"]["outputs"]
+        names = list(graph_outputs) if outputs is None else [n for n in graph_outputs
+                                                             if n in outputs]  # fmt: skip
+        feed = {self.manifest["graph"]["input"]["name"]: np.ascontiguousarray(batch, np.float32)}
+        out = dict(zip(names, self.session.run(names, feed), strict=True))
+        if "scores" in out and "bias" not in out and "bias" not in graph_outputs:
+            out["bias"] = np.broadcast_to(self.tensors["bias"], (len(batch), len(self.classes)))
         return out

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long a batch stays "
                                  "open for more images once the model is free; 0: run what "
                                  "is queued at once (batches form while the model is busy)")  # fmt: skip
+    batch_buckets: str = Field("auto", pattern=r"^(auto|off|\d+(,\d+)*)$",
+                               description="pad each batch to the next of these sizes (e.g. "
+                               "`1,2,4,8,16,32`) so the model sees few shapes, each warmed "
+                               "before ready; `auto`: powers of two up to the batch limit on "
+                               "CUDA, off on CPU (padding is work there); `off`")  # fmt: skip
     max_queue: int = Field(512, ge=1, le=100_000, description="images waiting for the model "
                            "per worker; beyond: 503 overloaded with Retry-After")  # fmt: skip
     max_latency_ms: int = Field(10_000, ge=1, le=600_000, description="longest an image may "
@@ -139,6 +144,21 @@ class Settings(BaseSettings):
         if self.ort_threads or self.workers <= 1:
             return self.ort_threads
         return max(1, len(os.sched_getaffinity(0)) // self.workers)
+
+    def buckets(self, provider: str) -> tuple[int, ...] | None:
+        """The batch sizes batches are padded to on ``provider`` (None: no padding)."""
+        if self.batch_buckets == "off":
+            return None
+        if self.batch_buckets == "auto":
+            if provider != "CUDAExecutionProvider":
+                return None
+            sizes = {1 << i for i in range(self.max_batch_size.bit_length()) if 1 << i <= self.max_batch_size}
+            return tuple(sorted(sizes | {self.max_batch_size}))
+        sizes = {int(x) for x in self.batch_buckets.split(",")}
+        if min(sizes) < 1:
+            raise SettingsError(f"{PREFIX}BATCH_BUCKETS: sizes must be >= 1")
+        # a batch can reach the limit: the limit is always a bucket
+        return tuple(sorted({x for x in sizes if x < self.max_batch_size} | {self.max_batch_size}))
 
     def body_bytes(self) -> int:
         return self.max_body_bytes or self.max_images * (self.max_bytes * 4 // 3 + 4) + (1 << 20)

@@ -668,3 +668,38 @@ def test_overlay_map_kinds(core, presence_cores, bag_png):
     assert e.value.reason == "no_presence_maps"
     with pytest.raises(Unprocessable, match="map_kind must be one of"):
         core.overlay(core.prepare(bag_png), plain, 0, "saliency")
+
+
+def test_bucketed_batches_and_fewer_outputs_give_the_same_answers(fashion_artifact):
+    """A batch of 3 padded to a bucket of 4, and /classify fetching no maps: answers equal
+    to the unpadded, every-output run, to the bit."""
+    import asyncio
+
+    from protonmf.service.dataplane import DataPlane
+    from protonmf.service.settings import Settings
+
+    blobs = [p.read_bytes() for p in sorted((FASHION_DATA / "test" / "bag").glob("*.png"))[:3]]
+
+    async def answers(buckets: str):
+        plane = DataPlane(Core.load(fashion_artifact),
+                          Settings.from_env({"PROTONMF_BATCH_BUCKETS": buckets}))  # fmt: skip
+        await plane.start()
+        try:
+            options = ExplainOptions(top_k=3, map_kind="contribution")
+            results = await asyncio.gather(plane.classify(blobs, 3), plane.explain(blobs, options))
+            crops, outs = await plane.run(blobs)  # every output
+            return results, outs, plane.batcher.buckets
+        finally:
+            await plane.stop()
+
+    (plain, outs, none), (padded, outs4, buckets) = asyncio.run(answers("off")), asyncio.run(
+        answers("1,2,4,8,16,32"))
+    assert none is None and buckets == (1, 2, 4, 8, 16, 32)
+    assert plain == padded
+    for a, b in zip(outs, outs4, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    core = Core.load(fashion_artifact)
+    assert "maps" in core.outputs_for("similarity") and "maps" not in core.outputs_for(None)
+    assert core.outputs_for(None) | {"maps"} == core.outputs_for("contribution")

@@ -76,7 +76,7 @@ def test_every_variable_the_product_reads_is_a_setting():
 # --- the micro-batcher ----------------------------------------------------------------
 
 
-def _double(batch: np.ndarray) -> dict:
+def _double(batch: np.ndarray, outputs=None) -> dict:
     _double.sizes.append(len(batch))
     return {"logits": batch * 2.0}
 
@@ -111,7 +111,7 @@ def test_queue_bound_and_latency_bound_refuse_with_overloaded():
     async def scenario():
         slow_started = asyncio.Event()
 
-        def slow(batch):
+        def slow(batch, outputs=None):
             slow_started.set()
             import time
 
@@ -139,7 +139,7 @@ def test_queue_bound_and_latency_bound_refuse_with_overloaded():
 def test_cancelled_callers_never_reach_the_model_and_stop_refuses():
     seen = []
 
-    def record(batch):
+    def record(batch, outputs=None):
         seen.extend(batch.ravel().tolist())
         return {"logits": batch}
 
@@ -164,7 +164,7 @@ def test_cancelled_callers_never_reach_the_model_and_stop_refuses():
 def test_a_failing_batch_fails_its_images_only():
     calls = []
 
-    def flaky(batch):
+    def flaky(batch, outputs=None):
         calls.append(len(batch))
         if len(calls) == 1:
             raise RuntimeError("graph failed")
@@ -180,3 +180,58 @@ def test_a_failing_batch_fails_its_images_only():
 
     first, second = asyncio.run(scenario())
     assert isinstance(first, RuntimeError) and second[0]["logits"].tolist() == [1.0]
+
+
+def test_buckets_pad_to_the_next_size_and_drop_the_padding():
+    seen = []
+
+    def run(batch, outputs=None):
+        seen.append((len(batch), outputs))
+        return {"logits": batch * 2.0}
+
+    async def scenario():
+        b = MicroBatcher(run, _per_image, max_batch=8, buckets=(1, 2, 4, 8))
+        b.start()
+        items = [np.full(2, float(i)) for i in range(3)]
+        out = await b.submit(items, frozenset({"logits"}))
+        await b.stop()
+        return items, out
+
+    items, out = asyncio.run(scenario())
+    assert [o["logits"].tolist() for o in out] == [(x * 2).tolist() for x in items]
+    assert seen == [(4, frozenset({"logits"}))]  # 3 images ran as a bucket of 4
+
+
+def test_a_batch_fetches_the_union_of_what_its_images_need():
+    seen = []
+
+    def run(batch, outputs=None):
+        seen.append(outputs)
+        return {"logits": batch}
+
+    async def scenario():
+        gate = asyncio.Event()
+        b = MicroBatcher(run, _per_image, max_batch=8, wait_s=0.05)
+        b.start()
+        await asyncio.gather(b.submit([np.zeros(1)], frozenset({"logits"})),
+                             b.submit([np.ones(1)], frozenset({"logits", "maps"})))  # fmt: skip
+        await asyncio.gather(b.submit([np.zeros(1)], frozenset({"logits"})),
+                             b.submit([np.ones(1)], None))  # fmt: skip
+        gate.set()
+        await b.stop()
+
+    asyncio.run(scenario())
+    assert seen == [frozenset({"logits", "maps"}), None]  # None: every output
+
+
+@pytest.mark.parametrize("value, provider, expected", [
+    ("auto", "CPUExecutionProvider", None),
+    ("auto", "CUDAExecutionProvider", (1, 2, 4, 8, 16, 32)),
+    ("off", "CUDAExecutionProvider", None),
+    ("1,3,64", "CPUExecutionProvider", (1, 3, 32)),  # capped at the limit, which is a bucket
+])  # fmt: skip
+def test_bucket_settings(value, provider, expected):
+    s = Settings.from_env({"PROTONMF_BATCH_BUCKETS": value})
+    assert s.buckets(provider) == expected
+    with pytest.raises(SettingsError, match="PROTONMF_BATCH_BUCKETS"):
+        Settings.from_env({"PROTONMF_BATCH_BUCKETS": "1,,2"})

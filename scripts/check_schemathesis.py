@@ -1,0 +1,136 @@
+"""Acceptance run (issue #16): schemathesis against the served OpenAPI spec (/docs.json),
+every operation, every phase (examples, coverage, fuzzing); passes when at least
+``--min-cases`` cases ran and none was answered with a status >= 500 (nor failed at the
+network level: a reset or a timeout counts as a failure too).
+
+    .venv/bin/python scripts/check_schemathesis.py ARTIFACT            # ~2,500 cases
+    .venv/bin/python scripts/check_schemathesis.py ARTIFACT -n 20 --min-cases 200
+
+schemathesis is looked up as $SCHEMATHESIS (a path), then beside this Python, then on
+PATH (`.venv/bin/pip install schemathesis`: it changes none of the pinned packages).
+Exit 0: passed; 1: 5xx or errors (each printed: endpoint, request, response); 2: usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_common import served  # noqa: E402
+
+
+def schemathesis_bin() -> str:
+    found = os.environ.get("SCHEMATHESIS") or shutil.which(
+        "schemathesis", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if not found:
+        raise SystemExit("schemathesis not found: .venv/bin/pip install schemathesis, or set "
+                         "SCHEMATHESIS to its executable")  # fmt: skip
+    return found
+
+
+def _text(body, limit=400) -> str:
+    if isinstance(body, dict) and "$base64" in body:
+        raw = base64.b64decode(body["$base64"])
+    elif isinstance(body, dict) and "string" in body:
+        raw = body["string"].encode()
+    else:
+        raw = (body or "").encode() if isinstance(body, str) else json.dumps(body).encode()
+    text = raw[:limit].decode("utf-8", "replace")
+    return text + (f"… ({len(raw)} bytes)" if len(raw) > limit else "")
+
+
+def read_report(path: Path) -> dict:
+    """Cases, statuses per operation, 5xx and network errors from schemathesis's NDJSON."""
+    seen, statuses, bad, errors = set(), collections.defaultdict(collections.Counter), [], []
+    for line in path.read_text().splitlines():
+        event = json.loads(line)
+        (kind, body), = event.items()
+        if kind == "NonFatalError":
+            errors.append(f"{body.get('label')}: {str(body.get('info') or body)[:400]}")
+        if kind != "ScenarioFinished":
+            continue
+        recorder = body.get("recorder") or {}
+        for case_id, interaction in (recorder.get("interactions") or {}).items():
+            key = (body.get("id"), case_id)
+            if key in seen:
+                continue
+            seen.add(key)
+            request, response = interaction["request"], interaction.get("response")
+            op = urlsplit(request["uri"]).path  # every method of a path together
+            if response is None:
+                statuses[op]["no response"] += 1
+                errors.append(f"{op}: no response ({_text(request.get('body'))})")
+                continue
+            code = response["status_code"]
+            statuses[op][code] += 1
+            if code >= 500:
+                bad.append({"endpoint": op, "status": code,
+                            "request_headers": request.get("headers"),
+                            "request_body": _text(request.get("body")),
+                            "response": _text(response.get("content"))})  # fmt: skip
+    return {"cases": len(seen), "statuses": statuses, "server_errors": bad, "errors": errors}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("-n", "--max-examples", type=int, default=600,
+                    help="cases per operation and phase (default 600: ~2,500 cases)")
+    ap.add_argument("--min-cases", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=16)
+    ap.add_argument("--workers", default="2", help="schemathesis's concurrent workers")
+    ap.add_argument("--request-timeout", type=float, default=30.0)
+    ap.add_argument("--report-dir", type=Path, help="keep schemathesis's reports here")
+    args = ap.parse_args(argv)
+    exe = schemathesis_bin()
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="protonmf-st-") as tmp:
+        report_dir = args.report_dir or Path(tmp) / "report"
+        with served(args.artifact) as s:
+            cmd = [exe, "run", f"{s.url}/docs.json", "--checks", "not_a_server_error",
+                   "--max-examples", str(args.max_examples), "--seed", str(args.seed),
+                   "--workers", str(args.workers), "--request-timeout", str(args.request_timeout),
+                   "--no-shrink", "--continue-on-failure", "--report", "ndjson",
+                   "--report-dir", str(report_dir)]  # fmt: skip
+            env = dict(os.environ, NO_COLOR="1")
+            run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+            alive = s.proc.poll() is None
+            import httpx
+
+            ready = alive and httpx.get(f"{s.url}/readyz", timeout=5).status_code == 200
+        reports = sorted(report_dir.glob("*.ndjson"))
+        if not reports:
+            print(run.stdout[-3000:], run.stderr[-3000:], sep="\n")
+            print("FAIL: schemathesis wrote no report")
+            return 1
+        result = read_report(reports[-1])
+    seconds = time.monotonic() - t0
+    print(f"schemathesis {' '.join(cmd[1:3])} … (exit {run.returncode}), {seconds:.0f} s")
+    for op, counter in sorted(result["statuses"].items()):
+        print(f"  {op:24} {sum(counter.values()):5}  " +
+              " ".join(f"{k}×{v}" for k, v in sorted(counter.items(), key=str)))  # fmt: skip
+    total5 = len(result["server_errors"])
+    print(f"cases {result['cases']} (minimum {args.min_cases}), status >= 500: {total5}, "
+          f"network errors: {len(result['errors'])}, server alive and ready after: {ready}")  # fmt: skip
+    for item in result["server_errors"][:50]:
+        print(json.dumps(item, ensure_ascii=False))
+    for error in result["errors"][:20]:
+        print("error:", error)
+    ok = (result["cases"] >= args.min_cases and total5 == 0 and not result["errors"] and ready)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
