@@ -346,7 +346,7 @@ def hist_delta(before, after, name: str, **match) -> dict:
 def stage_means(before, after) -> dict:
     """Per stage: observations, mean ms, total seconds over the run."""
     out = {}
-    for stage in ("decode", "infer", "explain", "overlay"):
+    for stage in ("decode", "queue", "infer", "explain", "overlay"):
         h = hist_delta(before, after, STAGE_METRIC, stage=stage)
         if h["count"]:
             out[stage] = {"count": int(h["count"]), "mean_ms": h["mean"] * 1e3, "total_s": h["sum"]}

@@ -159,7 +159,7 @@ def test_deployment_fields_agree(charts, overlays):
         hpod, kpod = (o["Deployment"]["spec"]["template"]["spec"] for o in (h, k))
         (hc,), (kc,) = hpod["containers"], kpod["containers"]
         for field in ("image", "ports", "startupProbe", "readinessProbe", "livenessProbe",
-                      "resources", "env", "securityContext", "volumeMounts", "lifecycle"):
+                      "resources", "env", "securityContext", "volumeMounts", "lifecycle"):  # fmt: skip
             assert hc[field] == kc[field], (kind, field)
         assert hpod["securityContext"] == kpod["securityContext"], kind
         assert hpod["volumes"] == kpod["volumes"], kind
