@@ -18,6 +18,7 @@ from .batching import MicroBatcher
 from .core import Core, ExplainOptions
 from .errors import InvalidInput, NotReady
 from .metrics import METRICS
+from .observability import note
 from .settings import Settings
 
 __all__ = ["DataPlane"]
@@ -74,6 +75,7 @@ class DataPlane:
         the maps of kind ``maps`` only if asked (they are most of the graph's output)."""
         self.core.check_request(len(blobs))
         METRICS.images_per_request.observe(len(blobs))
+        note(images=len(blobs))
         crops = await asyncio.gather(*(self.in_pool(self.core.prepare, b) for b in blobs))
         return crops, await self.batcher.submit(list(crops), self.core.outputs_for(maps))
 

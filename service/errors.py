@@ -7,6 +7,7 @@
     │   ├── UnsupportedMediaType       415 INVALID_ARGUMENT (not JPEG/PNG/WebP, animated)
     │   └── Unprocessable              422 INVALID_ARGUMENT (valid image, unusable request:
     │                                  too small, too elongated, unknown class, …)
+    ├── Unauthenticated                401 UNAUTHENTICATED (API keys set, none or a wrong one)
     ├── Overloaded                     503 RESOURCE_EXHAUSTED (with Retry-After)
     └── NotReady                       503 UNAVAILABLE
 
@@ -24,6 +25,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "ServiceError",
+    "Unauthenticated",
     "Unprocessable",
     "UnsupportedMediaType",
 ]
@@ -66,6 +68,12 @@ class UnsupportedMediaType(InvalidInput):
 class Unprocessable(InvalidInput):
     status = 422
     reason = "unprocessable"
+
+
+class Unauthenticated(ServiceError):
+    status = 401
+    grpc_code = "UNAUTHENTICATED"
+    reason = "unauthenticated"
 
 
 class Overloaded(ServiceError):

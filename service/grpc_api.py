@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from .core import ExplainOptions, Intervention
 from .errors import NotReady, ServiceError
 from .metrics import METRICS
+from .observability import REQUEST, ApiKeys, finish, initialize, presented_key, request_id
 from .proto.protonmf.v1 import protonmf_pb2 as pb
 from .proto.protonmf.v1 import protonmf_pb2_grpc as pb_grpc
 from .protomap import model_info_message, to_message
@@ -43,11 +46,19 @@ class GrpcConfig:
     max_concurrency: int = 128
     max_message_bytes: int = 9 << 20
     grace_s: float = 10.0
+    keys: ApiKeys | None = None  # None or empty: no authentication
+    open_services: tuple[str, ...] = ("grpc.health.v1.Health",)
+    tls_cert: str | None = None  # PEM paths: TLS when both are set
+    tls_key: str | None = None
 
     @classmethod
     def from_settings(cls, s) -> GrpcConfig:
         return cls(port=s.grpc_port, host=s.grpc_host, max_concurrency=s.grpc_max_concurrency,
-                   max_message_bytes=s.grpc_message_bytes(), grace_s=s.grpc_grace_s)  # fmt: skip
+                   max_message_bytes=s.grpc_message_bytes(), grace_s=s.grpc_grace_s,
+                   keys=ApiKeys.from_settings(s),
+                   open_services=tuple(x for x in s.auth_open_grpc.split(",") if x),
+                   tls_cert=s.grpc_tls_cert and str(s.grpc_tls_cert),
+                   tls_key=s.grpc_tls_key and str(s.grpc_tls_key))  # fmt: skip
 
 
 def _status(e: ServiceError) -> grpc.StatusCode:
@@ -138,18 +149,67 @@ def _lenient(message_class):
     return parse
 
 
-def _checked(method):
+def _checked(method, name: str):
     """``method`` for well-formed requests; INVALID_ARGUMENT (reason malformed_message)
-    for a ``Malformed`` one."""
+    for a ``Malformed`` one. Each call gets a request id (the client's ``x-request-id``
+    metadata or a new one, sent back in the initial metadata), is counted and logged."""
 
     async def handler(request, context):
-        if isinstance(request, Malformed):
-            METRICS.rejected.labels(reason="malformed_message").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"not a valid {request.message} message: {request.error} "
-                                "[malformed_message]")  # fmt: skip
-        return await method(request, context)
+        metadata = dict(context.invocation_metadata() or ())
+        info = {"id": request_id(metadata.get("x-request-id"))}
+        token, start = REQUEST.set(info), time.perf_counter()
+        await context.send_initial_metadata((("x-request-id", info["id"]),))
+        try:
+            if isinstance(request, Malformed):
+                METRICS.rejected.labels(reason="malformed_message").inc()
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"not a valid {request.message} message: {request.error} "
+                                    "[malformed_message]")  # fmt: skip
+            return await method(request, context)
+        finally:
+            REQUEST.reset(token)
+            code = context.code() or grpc.StatusCode.OK
+            finish(info, "grpc", name, getattr(code, "name", str(code)), time.perf_counter() - start)
 
+    return handler
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """API keys for every gRPC service but the open ones (health by default): the key in
+    ``authorization: Bearer KEY`` or ``x-api-key`` metadata; else UNAUTHENTICATED."""
+
+    def __init__(self, keys: ApiKeys, open_services: list[str]):
+        self.keys = keys
+        self.open = tuple(f"/{s.strip()}/" for s in open_services if s.strip())
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self.open):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        if self.keys.allows(presented_key(metadata.get("authorization"),
+                                          metadata.get("x-api-key"))):  # fmt: skip
+            return handler
+        METRICS.rejected.labels(reason="unauthenticated").inc()
+        return _denied_like(handler)
+
+
+def _denied_like(handler):
+    """A handler of ``handler``'s kind that answers UNAUTHENTICATED."""
+
+    async def deny(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            "a valid API key is required (authorization: Bearer KEY or "
+                            "x-api-key metadata) [unauthenticated]")  # fmt: skip
+
+    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+             ("unary_stream", grpc.unary_stream_rpc_method_handler),
+             ("stream_unary", grpc.stream_unary_rpc_method_handler),
+             ("stream_stream", grpc.stream_stream_rpc_method_handler))  # fmt: skip
+    for kind, make in kinds:
+        if getattr(handler, kind) is not None:
+            return make(deny, request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)  # fmt: skip
     return handler
 
 
@@ -162,7 +222,7 @@ def add_servicer(servicer: ProtoNMFServicer, server) -> None:
         if m.client_streaming or m.server_streaming:
             raise TypeError(f"{m.full_name}: only unary methods are registered here")
         handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-            _checked(getattr(servicer, m.name)),
+            _checked(getattr(servicer, m.name), m.name),
             request_deserializer=_lenient(getattr(pb, m.input_type.name)),
             response_serializer=getattr(pb, m.output_type.name).SerializeToString,
         )  # fmt: skip
@@ -183,7 +243,11 @@ class GrpcServer:
         config = config if isinstance(config, GrpcConfig) else GrpcConfig.from_settings(config)
         self.config = config
         self.health = health.aio.HealthServicer()
+        interceptors = []
+        if config.keys is not None and config.keys.enabled:
+            interceptors.append(AuthInterceptor(config.keys, list(config.open_services)))
         self.server = grpc.aio.server(
+            interceptors=interceptors,
             maximum_concurrent_rpcs=config.max_concurrency,
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -197,11 +261,18 @@ class GrpcServer:
                  reflection.SERVICE_NAME)  # fmt: skip
         reflection.enable_server_reflection(names, self.server)
         self.address = f"{config.host}:{config.port}"
-        if self.server.add_insecure_port(self.address) == 0:
+        if config.tls_cert:
+            credentials = grpc.ssl_server_credentials([(
+                Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])  # fmt: skip
+            bound = self.server.add_secure_port(self.address, credentials)
+        else:
+            bound = self.server.add_insecure_port(self.address)
+        if bound == 0:
             raise RuntimeError(f"gRPC: cannot bind {self.address}")
 
     async def start(self, ready: bool = True) -> None:
         """Listen; SERVING at once unless ``ready`` is False (then call ``ready()``)."""
+        initialize("grpc", [m.name for m in pb.DESCRIPTOR.services_by_name["ProtoNMF"].methods], "OK")
         await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("gRPC listening on %s", self.address)

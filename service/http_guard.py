@@ -13,8 +13,13 @@ counts a request once its body has arrived. What it does:
   field (multipart or urlencoded) is 400 ``not_a_file`` (BentoML 1.4 would fetch it as a URL); a plain field sent as
   a file part of bytes that are not UTF-8 is 400 ``malformed_multipart`` (BentoML: 500).
 
-Errors answer with the service's error body (errors.py). Paths not listed (probes,
-/metrics, /docs.json, /ui) pass through untouched.
+- **API keys** (when set): every path but the open ones (probes, /metrics by default)
+  needs one, compared in constant time; else 401 ``unauthenticated``.
+- **Request id and access log**: ``X-Request-ID`` taken from the client or made, returned
+  on every answer; the service's endpoints are counted and logged (observability.py).
+
+Errors answer with the service's error body (errors.py). Other paths (probes, /metrics,
+/docs.json, /ui) pass through once authorized.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from .errors import InvalidInput, PayloadTooLarge, ServiceError
+from .errors import InvalidInput, PayloadTooLarge, ServiceError, Unauthenticated
 from .metrics import METRICS
+from .observability import REQUEST, ApiKeys, finish, presented_key, request_id
 
 __all__ = ["RequestGuard"]
 
@@ -56,8 +62,11 @@ class RequestGuard:
     """ASGI middleware; ``paths``: the service's endpoints ("/classify", …)."""
 
     def __init__(self, app, *, paths: list[str], file_fields: list[str], max_body_bytes: int,
-                 body_timeout_s: float, max_concurrency: int, max_parts: int):  # fmt: skip
+                 body_timeout_s: float, max_concurrency: int, max_parts: int,
+                 keys: ApiKeys | None = None, open_paths: list[str] = ()):  # fmt: skip
         self.app = app
+        self.keys = keys or ApiKeys([])
+        self.open_paths = tuple(p.rstrip("/") for p in open_paths if p)
         self.paths = frozenset(paths)
         self.file_fields = frozenset(file_fields)
         self.max_body_bytes = max_body_bytes
@@ -67,8 +76,33 @@ class RequestGuard:
         self.in_flight = 0
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        info = {"id": request_id(headers.get("x-request-id")), "status": 500}
+        send = _tagged(send, info)
+        path = scope["path"]
+        if not self._authorized(path, headers):
+            await _answer(send, Unauthenticated(
+                "a valid API key is required (Authorization: Bearer KEY or X-API-Key)"))
+            return finish(info, "rest", path if path in self.paths else "other", 401, 0.0)
+        if path not in self.paths:
+            return await self.app(scope, receive, send)
+        token, start = REQUEST.set(info), time.perf_counter()
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            REQUEST.reset(token)
+            finish(info, "rest", path, info["status"], time.perf_counter() - start)
+
+    def _authorized(self, path: str, headers: dict) -> bool:
+        if not self.keys.enabled or any(path == p or path.startswith(p + "/")
+                                        for p in self.open_paths):  # fmt: skip
+            return True
+        return self.keys.allows(presented_key(headers.get("authorization"),
+                                              headers.get("x-api-key")))  # fmt: skip
+
+    async def _serve(self, scope, receive, send) -> None:
         try:
             body = await self._read_body(scope, receive)
             if self.in_flight >= self.max_concurrency:
@@ -133,6 +167,19 @@ class RequestGuard:
                         raise InvalidInput(f"field {key!r} is not text", "malformed_multipart") from e
         finally:
             await form.close()
+
+
+def _tagged(send, info: dict):
+    """``send`` that returns the request id in a header and notes the status."""
+    header = (b"x-request-id", info["id"].encode())
+
+    async def tagged(message) -> None:
+        if message["type"] == "http.response.start":
+            info["status"] = message["status"]
+            message = {**message, "headers": [*message.get("headers", []), header]}
+        await send(message)
+
+    return tagged
 
 
 def _replay(body: bytes, receive):

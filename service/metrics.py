@@ -52,6 +52,14 @@ class _Metrics:
             "Images waiting for the model (the micro-batcher's queue), summed over workers",
             multiprocess_mode="livesum",
         )
+        self.requests = Counter(
+            "protonmf_requests_total", "Requests answered, by transport (rest, grpc), endpoint "
+            "and status (HTTP status or gRPC code)", ["transport", "endpoint", "status"],
+        )
+        self.request_seconds = Histogram(
+            "protonmf_request_duration_seconds", "Request latency by transport and endpoint",
+            ["transport", "endpoint"], buckets=_LATENCY_BUCKETS,
+        )
         self.rejected = Counter(
             "protonmf_rejected_requests_total", "Requests refused, by reason", ["reason"]
         )

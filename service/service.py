@@ -35,6 +35,7 @@ from .errors import InvalidInput, ServiceError
 from .grpc_api import GrpcServer
 from .http_guard import RequestGuard
 from .metrics import METRICS
+from .observability import ApiKeys, configure_logging, initialize
 from .settings import Settings
 from .webui import app as ui_app
 
@@ -97,6 +98,8 @@ class ProtoNMFService:
         # Read again: the environment of the worker that builds the instance is the one
         # that counts (SETTINGS above only sized the decorator and the middleware).
         self.settings = Settings.from_env()
+        configure_logging(self.settings.log_format, self.settings.access_log)
+        initialize("rest", [f"/{name}" for name in ENDPOINTS], "200")
         # Loaded and warmed before /readyz says ready.
         self.plane = DataPlane.load(self.settings)
         self.grpc = GrpcServer(self.plane, self.settings) if self.settings.grpc_port > 0 else None
@@ -176,6 +179,7 @@ class ProtoNMFService:
 
 ProtoNMFService.add_asgi_middleware(
     RequestGuard, paths=[f"/{name}" for name in ENDPOINTS], file_fields=["images"],
+    keys=ApiKeys.from_settings(SETTINGS), open_paths=SETTINGS.auth_open_paths.split(","),
     max_body_bytes=SETTINGS.body_bytes(), body_timeout_s=SETTINGS.body_timeout_s,
     max_concurrency=SETTINGS.max_concurrency,
     max_parts=SETTINGS.max_images + 16,

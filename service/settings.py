@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .imaging import Limits
@@ -93,6 +93,24 @@ class Settings(BaseSettings):
                                                "images + 1 MiB")  # fmt: skip
     grpc_grace_s: float = Field(10.0, ge=0, le=600, description="seconds in-flight gRPC calls "
                                 "get to finish at shutdown")  # fmt: skip
+    grpc_tls_cert: Path | None = Field(None, description="PEM certificate chain: gRPC over TLS "
+                                       "(with PROTONMF_GRPC_TLS_KEY); unset: plaintext")  # fmt: skip
+    grpc_tls_key: Path | None = Field(None, description="PEM private key of the gRPC certificate")
+    # --- authentication and logs (service/observability.py) -------------------------------
+    api_keys: SecretStr | None = Field(None, description="API keys accepted, comma-separated "
+                                       "(`Authorization: Bearer KEY` or `X-API-Key: KEY`; gRPC "
+                                       "metadata the same); unset with no file: no "
+                                       "authentication")  # fmt: skip
+    api_keys_file: Path | None = Field(None, description="a file of API keys, one per line (a "
+                                       "mounted Secret)")  # fmt: skip
+    auth_open_paths: str = Field("/healthz,/livez,/readyz,/metrics", description="REST paths "
+                                 "served without a key when keys are set (comma-separated)")  # fmt: skip
+    auth_open_grpc: str = Field("grpc.health.v1.Health", description="gRPC services served "
+                                "without a key when keys are set (comma-separated)")  # fmt: skip
+    access_log: bool = Field(True, description="one log line per request on the "
+                             "protonmf.access logger")  # fmt: skip
+    log_format: Literal["json", "text"] = Field("json", description="access log lines as JSON "
+                                                "objects or plain text")  # fmt: skip
     # --- request limits (service/imaging.py) -----------------------------------------------
     max_bytes: int = Field(Limits.max_bytes, ge=1, description="bytes of one encoded image")
     max_pixels: int = Field(Limits.max_pixels, ge=1, description="declared width × height, "
@@ -113,6 +131,12 @@ class Settings(BaseSettings):
     jpeg_draft: bool = Field(Limits.jpeg_draft, description="decode JPEGs at reduced size when "
                              "the model's resize allows (same pixels as timm's transform)")  # fmt: skip
 
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ValueError("PROTONMF_GRPC_TLS_CERT and PROTONMF_GRPC_TLS_KEY go together")
+        return self
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Settings from ``env`` (default: os.environ); SettingsError names every bad variable."""
@@ -130,8 +154,9 @@ class Settings(BaseSettings):
             # model_validate reads only ``values`` (not the process environment)
             return cls.model_validate(values)
         except ValidationError as e:
-            problems = "; ".join(f"{PREFIX}{'.'.join(map(str, err['loc'])).upper()}: {err['msg']}"
-                                 for err in e.errors())  # fmt: skip
+            problems = "; ".join(
+                (f"{PREFIX}{'.'.join(map(str, err['loc'])).upper()}: " if err["loc"] else "")
+                + err["msg"] for err in e.errors())  # fmt: skip
             raise SettingsError(problems) from None
 
     def limits(self) -> Limits:
@@ -174,7 +199,8 @@ def _type_name(annotation) -> str:
         return "one of " + " / ".join(f"`{a}`" for a in args)
     if len(args) == 1:
         return _type_name(args[0])
-    return {Path: "path", bool: "bool (true/false/1/0)"}.get(annotation, annotation.__name__)
+    return {Path: "path", bool: "bool (true/false/1/0)", SecretStr: "secret (str)"}.get(
+        annotation, annotation.__name__)
 
 
 def markdown_table() -> str:

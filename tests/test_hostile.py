@@ -74,6 +74,7 @@ def stub_core(spec: Preprocessing) -> Core:
                 "graph": {"maps": "all", "scores": "all"},
                 "diagnostics": {"per_class": [{"fold": "sum"} for _ in classes]}}  # fmt: skip
     explainer = SimpleNamespace(manifest=manifest, preprocessing=spec, output_shapes={},
+                                provider="CPUExecutionProvider",
                                 tensors={"coefficients": np.ones((10, 3), np.float32)})  # fmt: skip
     return Core(explainer)
 

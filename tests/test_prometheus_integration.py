@@ -130,7 +130,8 @@ def test_metrics_page_lints_and_has_what_rules_and_dashboard_read(service, traff
     assert len(wanted) >= 12
     assert wanted <= exposed, wanted - exposed
     # Label names the rules and panels group by.
-    for label in ("endpoint", "http_response_code", "stage", "class_name", "prototype", "reason"):
+    for label in ("endpoint", "http_response_code", "stage", "class_name", "prototype", "reason",
+                  "transport", "status"):  # fmt: skip
         assert f'{label}="' in page, label
 
 
@@ -162,10 +163,13 @@ def test_scraped_values_match_the_traffic(prometheus, traffic):
     stages = poll(prometheus, 'sum by (stage) (protonmf_stage_duration_seconds_count{job="protonmf"})',
                   lambda r: len(r) >= 3)  # fmt: skip
     assert {"decode", "infer", "explain"} <= {s["metric"]["stage"] for s in stages}
-    # Recording rules evaluate on the live series (BentoML creates the 200 series at start,
-    # so their first sample predates the traffic and the rate sees it).
-    poll(prometheus, 'protonmf:http_requests:rate5m{endpoint="/explain", http_response_code="200"}',
+    # Recording rules evaluate on the live series (the service creates each endpoint's
+    # success series at start, so their first sample predates the traffic and the rate
+    # sees it).
+    poll(prometheus, 'protonmf:requests:rate5m{transport="rest", endpoint="/explain", status="200"}',
          lambda r: value(r) > 0)  # fmt: skip
+    poll(prometheus, 'sum(protonmf_requests_total{job="protonmf", transport="rest", '
+                     'endpoint="/explain", status="415"})', lambda r: value(r) == 2)  # fmt: skip
     poll(prometheus, "protonmf:images:rate5m", lambda r: True)
 
 
