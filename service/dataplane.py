@@ -18,7 +18,7 @@ from .batching import MicroBatcher
 from .core import Core, ExplainOptions
 from .errors import InvalidInput, NotReady
 from .metrics import METRICS
-from .observability import note
+from .observability import note, span
 from .settings import Settings
 
 __all__ = ["DataPlane"]
@@ -76,21 +76,26 @@ class DataPlane:
         self.core.check_request(len(blobs))
         METRICS.images_per_request.observe(len(blobs))
         note(images=len(blobs))
-        crops = await asyncio.gather(*(self.in_pool(self.core.prepare, b) for b in blobs))
-        return crops, await self.batcher.submit(list(crops), self.core.outputs_for(maps))
+        with span("decode", images=len(blobs)):
+            crops = await asyncio.gather(*(self.in_pool(self.core.prepare, b) for b in blobs))
+        with span("infer", images=len(blobs)):  # queue + the batch's run
+            outs = await self.batcher.submit(list(crops), self.core.outputs_for(maps))
+        return crops, outs
 
     # --- one method per endpoint -----------------------------------------------------------
 
     async def classify(self, blobs: list[bytes], top_k: int = 5) -> dict:
         self.core.check_request(len(blobs), ExplainOptions(top_k=top_k, heatmaps=False))
         _, outs = await self.run(blobs)
-        return {"predictions": [self.core.classification(o, top_k) for o in outs]}
+        with span("explain"):
+            return {"predictions": [self.core.classification(o, top_k) for o in outs]}
 
     async def explain(self, blobs: list[bytes], options: ExplainOptions) -> dict:
         self.core.check_request(len(blobs), options)
         _, outs = await self.run(blobs, options.map_kind if options.heatmaps else None)
-        return {"explanations": [self.core.explanation(o, options) for o in outs],
-                "provider": self.core.explainer.provider}  # fmt: skip
+        with span("explain", top_k=options.top_k, heatmaps=options.heatmaps):
+            return {"explanations": [self.core.explanation(o, options) for o in outs],
+                    "provider": self.core.explainer.provider}  # fmt: skip
 
     async def overlay(self, blobs: list[bytes], rank: int = 0,
                       map_kind: str = "contribution") -> bytes:  # fmt: skip

@@ -26,7 +26,15 @@ from grpc_reflection.v1alpha import reflection
 from .core import ExplainOptions, Intervention
 from .errors import NotReady, ServiceError
 from .metrics import METRICS
-from .observability import REQUEST, ApiKeys, finish, initialize, presented_key, request_id
+from .observability import (
+    REQUEST,
+    ApiKeys,
+    finish,
+    initialize,
+    presented_key,
+    request_id,
+    server_span,
+)
 from .proto.protonmf.v1 import protonmf_pb2 as pb
 from .proto.protonmf.v1 import protonmf_pb2_grpc as pb_grpc
 from .protomap import model_info_message, to_message
@@ -160,12 +168,13 @@ def _checked(method, name: str):
         token, start = REQUEST.set(info), time.perf_counter()
         await context.send_initial_metadata((("x-request-id", info["id"]),))
         try:
-            if isinstance(request, Malformed):
-                METRICS.rejected.labels(reason="malformed_message").inc()
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"not a valid {request.message} message: {request.error} "
-                                    "[malformed_message]")  # fmt: skip
-            return await method(request, context)
+            with server_span(f"grpc {name}", metadata):
+                if isinstance(request, Malformed):
+                    METRICS.rejected.labels(reason="malformed_message").inc()
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"not a valid {request.message} message: {request.error} "
+                                        "[malformed_message]")  # fmt: skip
+                return await method(request, context)
         finally:
             REQUEST.reset(token)
             code = context.code() or grpc.StatusCode.OK

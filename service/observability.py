@@ -1,4 +1,5 @@
-"""Request ids, one JSON log line per request, per-transport request metrics, API keys.
+"""Request ids, one JSON log line per request, per-transport request metrics, API keys,
+tracing spans (decode, infer, explain) for both transports.
 
 Both transports call the same few functions, so a REST and a gRPC request leave the same
 traces: a request id (taken from the client's ``X-Request-ID`` header / ``x-request-id``
@@ -16,12 +17,15 @@ import logging
 import re
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+
+from opentelemetry import trace
 
 from .metrics import METRICS
 
 __all__ = ["REQUEST", "ApiKeys", "configure_logging", "finish", "initialize", "note",
-           "request_id"]
+           "request_id", "server_span", "span"]
 
 ACCESS = logging.getLogger("protonmf.access")
 # the request being served (a dict: id, images, ...): set by the transport, read by all
@@ -51,6 +55,28 @@ def finish(info: dict, transport: str, endpoint: str, status: str | int, seconds
                                       "endpoint": endpoint, "status": status,
                                       "images": info.get("images"),
                                       "latency_ms": round(seconds * 1e3, 2)})  # fmt: skip
+
+
+@contextmanager
+def span(name: str, **attributes):
+    """An OpenTelemetry span (a no-op unless a tracer provider is set: BentoML's tracing
+    configuration, or the application's)."""
+    with trace.get_tracer("protonmf.service").start_as_current_span(name) as current:
+        for key, value in attributes.items():
+            current.set_attribute(key, value)
+        yield current
+
+
+@contextmanager
+def server_span(name: str, metadata: dict):
+    """The server span of a gRPC call, continuing the caller's trace (W3C traceparent in
+    the metadata) as BentoML's middleware does for REST."""
+    from opentelemetry import propagate
+
+    tracer = trace.get_tracer("protonmf.service")
+    with tracer.start_as_current_span(name, context=propagate.extract(metadata),
+                                      kind=trace.SpanKind.SERVER) as current:  # fmt: skip
+        yield current
 
 
 def initialize(transport: str, endpoints, ok: str) -> None:

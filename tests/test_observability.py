@@ -173,3 +173,59 @@ def test_grpc_over_tls(fashion_artifact, tmp_path):
     answer, plaintext = asyncio.run(scenario())
     assert answer.predictions[0].top_k[0].class_name == "bag"
     assert plaintext == "UNAVAILABLE"
+
+
+def _memory_exporter():
+    """An in-memory span exporter on this process's tracer provider (set once)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+        provider = trace.get_tracer_provider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+def test_a_traced_request_exports_decode_infer_explain_spans(fashion_artifact):
+    """The data plane's spans: decode, infer, explain (over REST they sit under BentoML's
+    server span); a gRPC call opens its server span, continuing the caller's trace from
+    the metadata, with the three under it."""
+    from protonmf.service.core import Core, ExplainOptions
+    from protonmf.service.dataplane import DataPlane
+    from protonmf.service.grpc_api import ProtoNMFServicer, add_servicer
+    from protonmf.service.settings import Settings
+
+    exporter = _memory_exporter()
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    async def scenario():
+        plane = DataPlane(Core.load(fashion_artifact), Settings.from_env({}))
+        await plane.start()
+        await plane.explain([IMAGE], ExplainOptions(top_k=2))
+        server = grpc.aio.server()
+        servicer = ProtoNMFServicer(plane)
+        servicer.ready = True
+        add_servicer(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await pb_grpc.ProtoNMFStub(channel).Explain(
+                pb.ExplainRequest(images=[IMAGE]), metadata=(("traceparent", traceparent),))
+        await server.stop(0)
+        await plane.stop()
+
+    asyncio.run(scenario())
+    spans = exporter.get_finished_spans()
+    names = [s.name for s in spans]
+    assert names.count("decode") == names.count("infer") == names.count("explain") == 2, names
+    (rpc,) = [s for s in spans if s.name == "grpc Explain"]
+    assert format(rpc.context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    children = {s.name for s in spans if s.parent and s.parent.span_id == rpc.context.span_id}
+    assert children == {"decode", "infer", "explain"}
+    decode = next(s for s in spans if s.name == "decode")
+    assert decode.attributes["images"] == 1
