@@ -982,6 +982,14 @@ def print_report(report: dict) -> None:
                            f"{'met' if v['p50_ms'] <= 1.05 else 'NOT met'})")  # fmt: skip
             print(f"explain vs baseline {s.get('baseline_ref')} at {n} client(s): img/s "
                   f"{v['images_per_s']:.3f}×, p50 latency {v['p50_ms']:.3f}×{verdict}")
+    if s.get("gpu_targets"):
+        n = rt["clients"]
+        run = find_run(runs, "explain", n)
+        ratio = rt.get("explain_over_raw_windows")
+        if run and ratio is not None:
+            print(f"GPU target: /explain at {n} clients = {ratio:.2f}x raw ORT batch 32 "
+                  f"(>= 0.3: {'PASS' if ratio >= 0.3 else 'FAIL'}); p99 {run['p99_ms']:.0f} ms "
+                  f"(<= 150: {'PASS' if run['p99_ms'] <= 150 else 'FAIL'})")
     agree = report.get("top1_agreement")
     if agree is not None:
         print(f"top-1 class, protonmf /explain vs logits-only, on the 20 photos: {agree:.0%} agree")
@@ -1043,6 +1051,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=WORKERS, help="workers of both servers")
     ap.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
                     help="batch limit of both servers (raw onnxruntime stays at 32)")
+    ap.add_argument("--gpu-targets", action="store_true",
+                    help="print issue #18's pass/fail lines: /explain at the most clients "
+                         ">= 0.3x raw ORT batch 32, p99 <= 150 ms, and each batch's time "
+                         "within 3x its bucket's warm time (stage metrics)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="onnxruntime provider of both servers and of the raw reference")
     ap.add_argument(
@@ -1129,6 +1141,7 @@ def main(argv=None) -> int:
             "raw_window_s": args.raw_seconds,
             "rounds": args.rounds,
             "baseline_ref": args.baseline_ref,
+            "gpu_targets": args.gpu_targets,
             "device": args.device,
             "quick": args.quick,
             "payloads": f"{len(payloads)} foolbox ImageNet JPEGs, one per request, round-robin",

@@ -9,8 +9,11 @@
 #                                      the CUDA provider, `protonmf verify --device cuda` on
 #                                      each converted model, the service core's stages
 #   benchmarks/gpu_checks.sh service   onnxruntime-gpu + bentoml: the real service on the CUDA
-#                                      provider under 1/8/32 clients vs the logits-only
-#                                      service and raw onnxruntime, both on CUDA
+#                                      provider (batch buckets on, every bucket warmed) under
+#                                      1/8/32/64 clients vs the logits-only service and raw
+#                                      onnxruntime, both on CUDA, with the pass/fail
+#                                      lines (/explain at 64 clients ≥ 0.3× raw batch 32,
+#                                      p99 ≤ 150 ms); then the trivial-graph ceiling
 #
 # STEPS="a b" runs only the named steps of a stage (default: all).
 #
@@ -69,10 +72,13 @@ s, used = create_session('$WORK/fashion/model.onnx', 'cuda'); print('in use:', s
     ;;
 service)
     blackbox=$(ls "$WORK"/tf_efficientnet_lite0-*-blackbox.onnx 2>/dev/null | head -n 1)
-    step bench-service 400 "$PY" benchmarks/bench_service.py --device cuda \
+    step bench-service 500 "$PY" benchmarks/bench_service.py --device cuda \
         --artifact "$WORK/lite0" ${blackbox:+--blackbox "$blackbox"} \
-        --workdir "$WORK/service" --endpoints explain --duration 10 \
-        --out "$OUT/bench_service_cuda.json"
+        --workdir "$WORK/service" --endpoints explain --clients 1,8,32,64 --duration 10 \
+        --gpu-targets --out "$OUT/bench_service_cuda.json"
+    step bench-ceiling 200 "$PY" benchmarks/bench_ceiling.py --artifact "$WORK/lite0" \
+        --workdir "$WORK/service" --clients 1,32 --duration 10 \
+        --out "$OUT/bench_ceiling_cuda_host.json"
     ;;
 *)
     echo "usage: $0 prepare|run|service" >&2

@@ -266,8 +266,12 @@ class GrpcServer:
         self.servicer = ProtoNMFServicer(plane)
         add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        from . import oip_grpc  # imports this module: here, not at the top
+
+        # the Open Inference Protocol v2 (docs/oip.md) on the same port and data plane
+        oip_grpc.add_oip_servicer(self.server, lambda: plane, "protonmf")
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME)  # fmt: skip
+                 oip_grpc.SERVICE_NAME, reflection.SERVICE_NAME)  # fmt: skip
         reflection.enable_server_reflection(names, self.server)
         self.address = f"{config.host}:{config.port}"
         if config.tls_cert:

@@ -8,6 +8,7 @@
     POST /prototype_image  one prototype's exemplars with their presence maps (PNG)
     POST /model            classes, p, coefficients, artifact identity, provider
     /ui                    the explanation viewer (service/webui.py)
+    /v2/...                the Open Inference Protocol v2 (oip_rest.py; gRPC: oip_grpc.py)
 
 Images come as multipart files (``images``) or base64 strings in JSON (``images_base64``).
 Errors answer with ``{"error", "reason", "status"}`` (errors.py). The gRPC twin
@@ -36,6 +37,8 @@ from .grpc_api import GrpcServer
 from .http_guard import RequestGuard
 from .metrics import METRICS
 from .observability import ApiKeys, configure_logging, initialize
+from .oip_rest import V2Root
+from .oip_rest import build_app as build_oip_app
 from .settings import Settings
 from .webui import app as ui_app
 
@@ -84,6 +87,12 @@ async def _read_then(request, call):
     return await call(_read(request.images, request.images_base64))
 
 
+# Open Inference Protocol v2 (docs/oip.md) on the same data plane; until the service is up
+# its endpoints answer 503
+oip_app = build_oip_app(lambda: getattr(bentoml.get_current_service(), "plane", None), "protonmf")
+
+
+@bentoml.asgi_app(oip_app, path="/v2")
 @bentoml.asgi_app(ui_app, path="/ui")  # the explanation viewer (service/webui.py)
 @bentoml.service(
     name="protonmf",
@@ -103,6 +112,7 @@ class ProtoNMFService:
         # Loaded and warmed before /readyz says ready.
         self.plane = DataPlane.load(self.settings)
         self.grpc = GrpcServer(self.plane, self.settings) if self.settings.grpc_port > 0 else None
+
         # Everything alive now (modules, the artifact, BentoML's app) lives as long as the
         # worker: out of the collector's sight, full collections only walk per-request garbage.
         gc.freeze()
@@ -177,6 +187,7 @@ class ProtoNMFService:
         return _json(self.plane.model_info())
 
 
+ProtoNMFService.add_asgi_middleware(V2Root)  # GET /v2 without Starlette's redirect to /v2/
 ProtoNMFService.add_asgi_middleware(
     RequestGuard, paths=[f"/{name}" for name in ENDPOINTS], file_fields=["images"],
     keys=ApiKeys.from_settings(SETTINGS), open_paths=SETTINGS.auth_open_paths.split(","),

@@ -103,7 +103,7 @@ class Settings(BaseSettings):
                                        "authentication")  # fmt: skip
     api_keys_file: Path | None = Field(None, description="a file of API keys, one per line (a "
                                        "mounted Secret)")  # fmt: skip
-    auth_open_paths: str = Field("/healthz,/livez,/readyz,/metrics", description="REST paths "
+    auth_open_paths: str = Field("/healthz,/livez,/readyz,/metrics,/v2/health", description="REST paths "
                                  "served without a key when keys are set (comma-separated)")  # fmt: skip
     auth_open_grpc: str = Field("grpc.health.v1.Health", description="gRPC services served "
                                 "without a key when keys are set (comma-separated)")  # fmt: skip

@@ -495,3 +495,33 @@ def test_generated_code_matches_proto(tmp_path):
     for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi", "grpc_predict_v2_pb2_grpc.py"):
         assert (tmp_path / name).read_text() == (committed / name).read_text(), \
             f"{name} is stale: run scripts/gen_oip_proto.sh"
+
+
+def test_the_served_service_speaks_v2_on_both_transports(fashion_artifact, tmp_path):
+    """`protonmf serve` mounts the v2 REST routes at /v2 and the gRPC service on the gRPC
+    port: tritonclient.http classifies as /classify does; tritonclient.grpc's ServerReady."""
+    import httpx
+    import tritonclient.http as triton_http
+    from served import serve
+
+    with serve(fashion_artifact, tmp_path) as s:
+        host = s.url.removeprefix("http://")
+        assert httpx.get(f"{s.url}/v2").json()["name"]  # no redirect: V2Root
+        client = triton_http.InferenceServerClient(host)
+        assert client.is_server_live() and client.is_model_ready("protonmf")
+        images = triton_http.InferInput("images", [1], "BYTES")
+        images.set_data_from_numpy(np.array([BLOBS[0]], dtype=object), binary_data=True)
+        result = client.infer("protonmf", [images],
+                              outputs=[triton_http.InferRequestedOutput("logits")])  # fmt: skip
+        logits = result.as_numpy("logits")[0]
+        rest = httpx.post(f"{s.url}/classify", files={"images": ("x.png", BLOBS[0], "image/png")},
+                          data={"top_k": "3"}).json()["predictions"][0]["top_k"]  # fmt: skip
+        assert [float(logits[t["index"]]) for t in rest] == [t["logit"] for t in rest]
+        code = textwrap.dedent(f"""
+            import tritonclient.grpc as g
+            c = g.InferenceServerClient("{s.grpc_target}")
+            print(c.is_server_ready(), c.is_model_ready("protonmf"))
+        """)  # the client's own inference.* messages clash with ours in one process
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+        assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]
