@@ -1,4 +1,4 @@
-"""Acceptance run (issue #16): SIGTERM under load. ``--rest`` + ``--grpc`` clients (8 + 8)
+"""Acceptance run (issue #16): SIGTERM under load. ``--rest`` + ``--grpc`` clients (16 + 16: 32 in flight)
 send /explain (1–4 Fashion images) back to back on kept-alive connections; after
 ``--warmup`` seconds the server process (the PID `protonmf serve` became: what a container
 runtime signals) gets SIGTERM. From then on, every ``--probe-every`` seconds, a request on a
@@ -207,17 +207,18 @@ def judge(transport: str, result: dict, args) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact", type=Path)
-    ap.add_argument("--rest", type=int, default=8, help="REST load clients")
-    ap.add_argument("--grpc", type=int, default=8, help="gRPC load clients")
+    ap.add_argument("--rest", type=int, default=16, help="REST load clients")
+    ap.add_argument("--grpc", type=int, default=16, help="gRPC load clients")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds of load before SIGTERM")
     ap.add_argument("--probe-every", type=float, default=0.25)
     ap.add_argument("--hang", type=float, default=5.0, help="a probe unanswered this long hangs")
     ap.add_argument("--accept-window", type=float, default=1.0)
     ap.add_argument("--max-wait", type=float, default=30.0)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--keep", type=Path, help="serve from this folder: its server.log stays")
     args = ap.parse_args(argv)
     images = [b for _, b in fashion_images(2)]
-    with served(args.artifact, workers=args.workers) as s:
+    with served(args.artifact, workers=args.workers, keep=args.keep) as s:
         result = asyncio.run(scenario(s, images, args))
         code = s.proc.poll()
     exit_at = result["exit_at"]

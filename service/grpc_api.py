@@ -264,6 +264,7 @@ class GrpcServer:
             ],
         )
         self.servicer = ProtoNMFServicer(plane)
+        self._drain: asyncio.Task | None = None
         add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         from . import oip_grpc  # imports this module: here, not at the top
@@ -296,10 +297,21 @@ class GrpcServer:
         self.servicer.ready = True
         await self._set(health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self) -> None:
-        self.servicer.ready = False
+    def drain(self) -> asyncio.Task:
+        """Stop taking calls now and give those in flight the grace period (idempotent).
+        grpc.aio refuses new calls itself; the servicer keeps answering the accepted ones,
+        so nothing sent before the drain is lost."""
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._stop())
+        return self._drain
+
+    async def _stop(self) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_s)
+        self.servicer.ready = False
+
+    async def stop(self) -> None:
+        await self.drain()
 
     async def _set(self, status) -> None:
         for name in ("", SERVICE_NAME):  # "" = the server as a whole

@@ -18,9 +18,11 @@ docs/configuration.md (settings.py).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import gc
+import signal
 from pathlib import Path
 
 import bentoml
@@ -125,6 +127,21 @@ class ProtoNMFService:
         await self.plane.start()
         if self.grpc:
             await self.grpc.start()
+            self._drain_grpc_on_sigterm()
+
+    def _drain_grpc_on_sigterm(self) -> None:
+        """SIGTERM starts gRPC's drain at once, beside the HTTP server's (whose handler,
+        installed before this hook runs, is kept and called): otherwise gRPC would go on
+        taking new calls until HTTP had drained and the shutdown hook ran."""
+        loop = asyncio.get_running_loop()
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum, frame):
+            loop.call_soon_threadsafe(self.grpc.drain)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
