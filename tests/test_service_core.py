@@ -671,8 +671,9 @@ def test_overlay_map_kinds(core, presence_cores, bag_png):
 
 
 def test_bucketed_batches_and_fewer_outputs_give_the_same_answers(fashion_artifact):
-    """A batch of 3 padded to a bucket of 4, and /classify fetching no maps: answers equal
-    to the unpadded, every-output run, to the bit."""
+    """A batch of 3 padded to a bucket of 4, and /classify fetching no maps: the same
+    answers as the unpadded, every-output run, up to float32 round-off (onnxruntime may
+    pick other kernels for another batch size): same classes, values within 1e-5."""
     import asyncio
 
     from protonmf.service.dataplane import DataPlane
@@ -686,20 +687,29 @@ def test_bucketed_batches_and_fewer_outputs_give_the_same_answers(fashion_artifa
         await plane.start()
         try:
             options = ExplainOptions(top_k=3, map_kind="contribution")
-            results = await asyncio.gather(plane.classify(blobs, 3), plane.explain(blobs, options))
-            crops, outs = await plane.run(blobs)  # every output
-            return results, outs, plane.batcher.buckets
+            classified = await plane.classify(blobs, 3)
+            explained = await plane.explain(blobs, options)
+            _, outs = await plane.run(blobs)  # every output
+            return classified, explained, outs, plane.batcher.buckets
         finally:
             await plane.stop()
 
-    (plain, outs, none), (padded, outs4, buckets) = asyncio.run(answers("off")), asyncio.run(
-        answers("1,2,4,8,16,32"))
-    assert none is None and buckets == (1, 2, 4, 8, 16, 32)
-    assert plain == padded
-    for a, b in zip(outs, outs4, strict=True):
+    plain, padded = asyncio.run(answers("off")), asyncio.run(answers("1,2,4,8,16,32"))
+    assert plain[3] is None and padded[3] == (1, 2, 4, 8, 16, 32)
+    classes = lambda body, key: [[e["class"] for e in x["top_k"]] for x in body[key]]  # noqa: E731
+    assert classes(plain[0], "predictions") == classes(padded[0], "predictions")
+    assert classes(plain[1], "explanations") == classes(padded[1], "explanations")
+    for a, b in zip(plain[2], padded[2], strict=True):
         assert a.keys() == b.keys()
         for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5)
+    for ea, eb in zip(plain[1]["explanations"], padded[1]["explanations"], strict=True):
+        for ca, cb in zip(ea["top_k"], eb["top_k"], strict=True):
+            assert ca["logit"] == pytest.approx(cb["logit"], rel=1e-5, abs=1e-5)
+            for pa, pb in zip(ca["prototypes"], cb["prototypes"], strict=True):
+                assert pa["contribution"] == pytest.approx(pb["contribution"], rel=1e-5, abs=1e-5)
+                np.testing.assert_allclose(pa["heatmap"]["values"], pb["heatmap"]["values"],
+                                           rtol=1e-4, atol=1e-4)  # fmt: skip
     core = Core.load(fashion_artifact)
     assert "maps" in core.outputs_for("similarity") and "maps" not in core.outputs_for(None)
     assert core.outputs_for(None) | {"maps"} == core.outputs_for("contribution")
