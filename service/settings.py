@@ -93,6 +93,9 @@ class Settings(BaseSettings):
                                                "images + 1 MiB")  # fmt: skip
     grpc_grace_s: float = Field(10.0, ge=0, le=600, description="seconds in-flight gRPC calls "
                                 "get to finish at shutdown")  # fmt: skip
+    grpc_drain_delay_s: float = Field(0.5, ge=0, le=60, description="at SIGTERM gRPC health "
+                                      "turns NOT_SERVING at once and calls are still taken "
+                                      "this long (those on the wire), then refused")  # fmt: skip
     grpc_tls_cert: Path | None = Field(None, description="PEM certificate chain: gRPC over TLS "
                                        "(with PROTONMF_GRPC_TLS_KEY); unset: plaintext")  # fmt: skip
     grpc_tls_key: Path | None = Field(None, description="PEM private key of the gRPC certificate")
