@@ -13,7 +13,6 @@ loaded and warmed before); reflection lists the services for grpcurl and friends
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -75,6 +74,31 @@ def _status(e: ServiceError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, e.grpc_code, grpc.StatusCode.INTERNAL)
 
 
+async def guarded(context: grpc.aio.ServicerContext, work):
+    """``work``'s result; typed errors → status codes (REST's reasons in the message). The
+    caller's deadline is enforced here too, so a request queued behind a long batch does
+    not outlive its caller (its images leave the batcher's queue with it). Both gRPC
+    services (protonmf.v1 and the Open Inference Protocol) answer through this."""
+    try:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return await work
+        return await asyncio.wait_for(work, timeout=max(remaining, 0.0))
+    except ServiceError as e:
+        METRICS.rejected.labels(reason=e.reason).inc()
+        if getattr(e, "retry_after_s", None):
+            context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
+        await context.abort(_status(e), f"{e.message} [{e.reason}]")
+    except asyncio.TimeoutError:
+        METRICS.rejected.labels(reason="deadline_exceeded").inc()
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            "deadline exceeded before the answer was ready [deadline]")  # fmt: skip
+
+
+async def _refuse(error: ServiceError):
+    raise error
+
+
 class ProtoNMFServicer(pb_grpc.ProtoNMFServicer):
     """The RPCs over ``plane`` (dataplane.DataPlane)."""
 
@@ -83,28 +107,12 @@ class ProtoNMFServicer(pb_grpc.ProtoNMFServicer):
         self.ready = False  # set with health SERVING
 
     async def _guarded(self, context: grpc.aio.ServicerContext, work):
-        """``work``'s result; typed errors → status codes (REST's reasons in the message).
-        The caller's deadline is enforced here too, so a request queued behind a long batch
-        does not outlive its caller (its images leave the batcher's queue with it)."""
-        try:
-            if not self.ready:
-                raise NotReady("the model is warming up; retry shortly", "not_ready")
-            remaining = context.time_remaining()
-            if remaining is None:
-                return await work
-            return await asyncio.wait_for(work, timeout=max(remaining, 0.0))
-        except ServiceError as e:
-            METRICS.rejected.labels(reason=e.reason).inc()
-            if getattr(e, "retry_after_s", None):
-                context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
-            await context.abort(_status(e), f"{e.message} [{e.reason}]")
-        except asyncio.TimeoutError:
-            METRICS.rejected.labels(reason="deadline_exceeded").inc()
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                "deadline exceeded before the explanation was ready [deadline]")  # fmt: skip
-        finally:
-            if inspect.iscoroutine(work):
-                work.close()  # never started (not ready): no "never awaited" warning
+        """``guarded``, once the data plane has started."""
+        if not self.ready:
+            work.close()  # never started: no "never awaited" warning
+            return await guarded(context, _refuse(NotReady("the model is warming up; "
+                                                           "retry shortly", "not_ready")))  # fmt: skip
+        return await guarded(context, work)
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         top_k = request.top_k if request.HasField("top_k") else 5

@@ -14,8 +14,6 @@ bytes → INVALID_ARGUMENT (the lenient deserializers of grpc_api.py).
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 from collections.abc import Callable
 
 import grpc
@@ -23,9 +21,8 @@ import numpy as np
 
 from protonmf import __version__ as PROTONMF_VERSION
 
-from .errors import InvalidInput, NotReady, ServiceError
-from .grpc_api import _checked, _lenient
-from .metrics import METRICS
+from .errors import InvalidInput, NotReady
+from .grpc_api import _checked, _lenient, guarded
 from .oip_rest import (
     EXTENSIONS,
     MODEL_VERSION,
@@ -104,10 +101,7 @@ class OipServicer:
         self._model: OipModel | None = None
 
     def _plane(self):
-        try:
-            return self.get_plane()
-        except Exception:
-            return None
+        return self.get_plane()
 
     def model(self) -> OipModel:
         plane = self._plane()
@@ -118,25 +112,7 @@ class OipServicer:
         return self._model
 
     async def _guarded(self, context, work):
-        """As grpc_api's: typed errors → codes, the caller's deadline enforced."""
-        try:
-            remaining = context.time_remaining()
-            if remaining is None:
-                return await work
-            return await asyncio.wait_for(work, timeout=max(remaining, 0.0))
-        except ServiceError as e:
-            METRICS.rejected.labels(reason=e.reason).inc()
-            if getattr(e, "retry_after_s", None):
-                context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
-            code = getattr(grpc.StatusCode, e.grpc_code, grpc.StatusCode.INTERNAL)
-            await context.abort(code, f"{e.message} [{e.reason}]")
-        except asyncio.TimeoutError:
-            METRICS.rejected.labels(reason="deadline_exceeded").inc()
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                "deadline exceeded before the answer was ready [deadline]")  # fmt: skip
-        finally:
-            if inspect.iscoroutine(work):
-                work.close()
+        return await guarded(context, work)
 
     def _ready(self) -> bool:
         plane = self._plane()

@@ -546,10 +546,7 @@ def build_app(get_plane: Callable[[], object | None], model_name: str = "protonm
     models: dict[int, OipModel] = {}
 
     def model() -> OipModel:
-        try:
-            plane = get_plane()
-        except Exception:  # e.g. bentoml.get_current_service() before the service exists
-            plane = None
+        plane = get_plane()
         if plane is None:
             raise NotReady("the model is not loaded yet; retry shortly", "not_ready")
         m = models.get(id(plane))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import bentoml
 import orjson
+from bentoml.exceptions import BentoMLException
 from PIL import Image
 from starlette.responses import Response
 
@@ -91,7 +92,15 @@ async def _read_then(request, call):
 
 # Open Inference Protocol v2 (docs/oip.md) on the same data plane; until the service is up
 # its endpoints answer 503
-oip_app = build_oip_app(lambda: getattr(bentoml.get_current_service(), "plane", None), "protonmf")
+def _current_plane() -> DataPlane | None:
+    """This worker's data plane; None before the service instance exists."""
+    try:
+        return bentoml.get_current_service().plane
+    except BentoMLException:  # "service isn't instantiated yet"
+        return None
+
+
+oip_app = build_oip_app(_current_plane, "protonmf")
 
 
 @bentoml.asgi_app(oip_app, path="/v2")

@@ -71,3 +71,20 @@ def dashboard_exprs() -> dict[str, list[str]]:
         if exprs:
             out[panel["title"]] = exprs
     return out
+
+
+def assert_same_body(rest, rpc, path: str = "", same_types: bool = False) -> None:
+    """Two answer bodies (REST's and gRPC's read back) equal; heatmap values up to float32,
+    the precision gRPC sends them in. ``same_types``: also the same Python types."""
+    if isinstance(rest, dict):
+        assert rest.keys() == rpc.keys(), path
+        for k in rest:
+            assert_same_body(rest[k], rpc[k], f"{path}.{k}", same_types)
+    elif isinstance(rest, list):
+        assert len(rest) == len(rpc), path
+        for i, (a, b) in enumerate(zip(rest, rpc, strict=True)):
+            assert_same_body(a, b, f"{path}[{i}]", same_types)
+    elif isinstance(rest, float) and ".values" in path:
+        assert rpc == pytest.approx(rest, rel=1e-6, abs=1e-6), path
+    else:
+        assert rest == rpc and (not same_types or type(rest) is type(rpc)), path

@@ -16,6 +16,7 @@ import grpc
 import httpx
 import pydantic
 import pytest
+from helpers import assert_same_body
 
 from protonmf.client import (
     AsyncGrpcClient,
@@ -382,22 +383,6 @@ def real_bodies(fashion_artifact) -> dict:
     }  # fmt: skip
 
 
-def _close(rest, rpc, path=""):
-    """Equal, heatmap values up to float32 (gRPC sends them as float32)."""
-    if isinstance(rest, dict):
-        assert rest.keys() == rpc.keys(), path
-        for k in rest:
-            _close(rest[k], rpc[k], f"{path}.{k}")
-    elif isinstance(rest, list):
-        assert len(rest) == len(rpc), path
-        for i, (a, b) in enumerate(zip(rest, rpc, strict=True)):
-            _close(a, b, f"{path}[{i}]")
-    elif isinstance(rest, float) and ".values" in path:
-        assert rpc == pytest.approx(rest, rel=1e-6, abs=1e-6), path
-    else:
-        assert rest == rpc, path
-
-
 def test_both_transports_answer_the_same_models(real_bodies):
     """REST (the orjson-encoded body, as the service sends it) and gRPC (the message the
     servicer builds with protomap) give the client the same typed answers."""
@@ -415,7 +400,7 @@ def test_both_transports_answer_the_same_models(real_bodies):
                  (rest.prototypes(), rpc.prototypes())]  # fmt: skip
     for a, b in pairs:
         assert type(a) is type(b)
-        _close(a.model_dump(mode="json"), b.model_dump(mode="json"))
+        assert_same_body(a.model_dump(mode="json"), b.model_dump(mode="json"))
     explanation = pairs[1][0].explanations[0]
     assert explanation.top_k[0].class_name == "bag" and explanation.intervention is not None
     assert pairs[1][1].explanations[0].top_k[0].prototypes[0].heatmap.shape == [7, 7]

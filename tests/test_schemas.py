@@ -14,7 +14,7 @@ import typing
 
 import pydantic
 import pytest
-from helpers import FASHION_DATA, run_images
+from helpers import FASHION_DATA, assert_same_body, run_images
 
 from protonmf.service import protomap
 from protonmf.service import schemas as S
@@ -485,22 +485,6 @@ def _same(a, b) -> None:
     assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
 
 
-def _close(rest, rpc, path="") -> None:
-    """Equal, floats up to float32 (heatmap values travel as float32 over gRPC)."""
-    if isinstance(rest, dict):
-        assert rest.keys() == rpc.keys(), path
-        for k in rest:
-            _close(rest[k], rpc[k], f"{path}.{k}")
-    elif isinstance(rest, list):
-        assert len(rest) == len(rpc), path
-        for i, (a, b) in enumerate(zip(rest, rpc, strict=True)):
-            _close(a, b, f"{path}[{i}]")
-    elif isinstance(rest, float) and ".values" in path:
-        assert rpc == pytest.approx(rest, rel=1e-6, abs=1e-6), path
-    else:
-        assert rest == rpc and type(rest) is type(rpc), path
-
-
 def test_protomap_explanations_equal_the_hand_written(core, images):
     kinds = core.model_info()["map_kinds"]
     bodies = [explain_body(core, images, top_k=3, map_kind=k) for k in kinds]
@@ -517,7 +501,7 @@ def test_protomap_explanations_equal_the_hand_written(core, images):
         wire = pb.ExplainResponse.FromString(message.SerializeToString())
         back = S.ExplainResponse.model_validate(protomap.from_message(wire))
         rest = S.ExplainResponse.model_validate(body)
-        _close(rest.model_dump(mode="json"), back.model_dump(mode="json"))
+        assert_same_body(rest.model_dump(mode="json"), back.model_dump(mode="json"), same_types=True)
 
 
 def test_protomap_classifications_and_prototypes_equal_the_hand_written(core, images):
