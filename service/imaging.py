@@ -51,7 +51,8 @@ class Limits:
     max_decode_ms: int = 3000  # one image's header reading and decoding (see _Timed)
     max_images: int = 16  # images in one request
     max_interventions: int = 64  # (class, prototype) pairs switched off in one request
-    jpeg_draft: bool = True  # decode JPEGs at reduced size when the model's resize allows
+    # decode JPEGs at reduced scale when the resize allows: faster, not timm's pixels
+    jpeg_draft: bool = False
 
 
 class _TooSlow(Exception):
@@ -200,8 +201,10 @@ def _large_buffers_from_mmap() -> bool:
 def decode_image(data: bytes, limits: Limits, spec: Preprocessing | None = None) -> Image.Image:
     """Checked, decoded, upright image. Raises the ``InvalidInput`` family with a reason.
 
-    With ``spec`` and ``limits.jpeg_draft``, a large JPEG is decoded directly at a reduced
-    scale (1/2, 1/4, 1/8) that still leaves at least the model's resize target.
+    With ``spec``, a JPEG is decoded directly at a reduced scale (1/2, 1/4, 1/8) that still
+    leaves at least the model's resize target when ``limits.jpeg_draft`` asks for it, or when
+    its full raster would exceed ``max_raster_bytes`` (a 24 MP photo: served approximately
+    rather than refused). Otherwise the pixels are the full decode's, as timm reads them.
     """
     _large_buffers_from_mmap()
     source = _Timed(data, limits.max_decode_ms / 1000)
@@ -210,7 +213,8 @@ def decode_image(data: bytes, limits: Limits, spec: Preprocessing | None = None)
     except _TooSlow as e:
         raise _too_slow(limits) from e
     _check_geometry(image, limits)
-    if spec is not None and limits.jpeg_draft and image.format == "JPEG":
+    too_big = raster_bytes(image) > limits.max_raster_bytes
+    if spec is not None and image.format == "JPEG" and (limits.jpeg_draft or too_big):
         w, h = image.size
         scale = spec.resize / min(w, h)  # rotation (EXIF) keeps the shorter side's length
         image.draft(spec.color_mode, (math.ceil(w * scale), math.ceil(h * scale)))

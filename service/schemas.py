@@ -126,7 +126,7 @@ _PREPROCESSING = {"height": 56, "width": 56, "resize": 56, "color_mode": "L",
 _LIMITS = {"max_bytes": 8388608, "max_pixels": 24000000, "min_side": 8, "max_side": 16384,
            "max_aspect": 32, "max_raster_bytes": 67108864, "max_scans": 64,
            "max_decode_ms": 3000, "max_images": 16, "max_interventions": 64,
-           "jpeg_draft": True}  # fmt: skip
+           "jpeg_draft": False}  # fmt: skip
 _ARTIFACT = {"format_version": 4, "protonmf_version": "0.1.0",
              "created": "2025-01-01T12:00:00+00:00", "model_sha256": "fe56b36f…",
              "prototypes_sha256": "88531cd0…"}  # fmt: skip

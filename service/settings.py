@@ -53,6 +53,10 @@ class Settings(BaseSettings):
                                "(faster alone, slower beside decoding and HTTP)")  # fmt: skip
     decode_threads: int | None = Field(None, ge=1, le=256, description="threads decoding "
                                        "images per worker; unset: the CPU count")  # fmt: skip
+    decode_processes: int = Field(0, ge=0, le=256, description="processes decoding images "
+                                  "beside each worker (crops come back through shared memory), "
+                                  "so decoding scales with cores while one worker runs the "
+                                  "model; 0: decode in the worker's threads")  # fmt: skip
     # --- batching (service/batching.py) ----------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per onnxruntime run")
     batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long a batch stays "
@@ -83,6 +87,11 @@ class Settings(BaseSettings):
     cudnn_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(
         "HEURISTIC", description="cuDNN convolution algorithm search (EXHAUSTIVE re-tunes for "
         "every new batch shape)")  # fmt: skip
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto", description="run the graph through onnxruntime IOBinding: the batch copied to "
+        "the device once, only the outputs an answer needs copied back; `auto`: on with CUDA")
+    cuda_graphs: bool = Field(False, description="capture one CUDA graph per batch bucket and "
+                              "replay it (CUDA only; needs batch buckets and IOBinding)")  # fmt: skip
     # --- gRPC ----------------------------------------------------------------------------
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 turns gRPC off")
     grpc_host: str = Field("0.0.0.0", description="gRPC bind address")
@@ -131,8 +140,10 @@ class Settings(BaseSettings):
     max_images: int = Field(Limits.max_images, ge=1, description="images in one request")
     max_interventions: int = Field(Limits.max_interventions, ge=1, description="(class, "
                                    "prototype) pairs switched off in one request")  # fmt: skip
-    jpeg_draft: bool = Field(Limits.jpeg_draft, description="decode JPEGs at reduced size when "
-                             "the model's resize allows (same pixels as timm's transform)")  # fmt: skip
+    jpeg_draft: bool = Field(Limits.jpeg_draft, description="decode large JPEGs at reduced "
+                             "scale (Pillow's draft mode, DCT scaling) when the model's resize "
+                             "allows: faster, but the pixels are NOT timm's (a few grey levels "
+                             "off), so answers may differ from the black box's")  # fmt: skip
 
     @model_validator(mode="after")
     def _tls_pair(self):

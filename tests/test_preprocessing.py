@@ -188,6 +188,38 @@ def test_jpeg_draft_keeps_enough_pixels(input_size, crop_mode):
         assert w <= drafted.size[0] and h <= drafted.size[1], (size, drafted.size, (w, h))
 
 
+def test_served_decode_is_timms_by_default():
+    """The service's default decoding of a JPEG gives timm's transform's pixels exactly (the
+    full decode, as timm's loader reads it: no draft), for a JPEG that a draft could shrink."""
+    from protonmf.service.imaging import Limits, decode_image
+
+    model = _model(interpolation="bicubic")
+    spec = preprocessing_from_timm(model)
+    for size in [(1200, 900), (512, 512), (600, 2400)]:
+        blob = io.BytesIO()
+        _image(size, "RGB").save(blob, format="JPEG", quality=90)
+        served = resize_crop(decode_image(blob.getvalue(), Limits(), spec), spec)
+        reference = Image.open(io.BytesIO(blob.getvalue())).convert("RGB")  # timm's loader
+        steps, _ = _timm_geometric(model)
+        for step in steps:
+            reference = step(reference)
+        want = np.asarray(reference)
+        np.testing.assert_array_equal(served, want)
+
+
+def test_jpeg_over_the_raster_limit_is_drafted_not_refused():
+    """A JPEG whose full raster is over max_raster_bytes is decoded at reduced scale."""
+    from protonmf.service.imaging import Limits, decode_image, raster_bytes
+
+    spec = preprocessing_from_timm(_model())
+    blob = io.BytesIO()
+    _image((150, 100), "RGB").resize((1500, 1000)).save(blob, format="JPEG")
+    small = Limits(max_raster_bytes=1500 * 1000 * 4 - 1)
+    image = decode_image(blob.getvalue(), small, spec)
+    assert image.size[0] < 1500 and raster_bytes(image) <= small.max_raster_bytes
+    assert decode_image(blob.getvalue(), Limits(), spec).size == (1500, 1000)
+
+
 # ---- served top-1 equals timm's transform + model on photos ----------------------------
 
 
