@@ -110,6 +110,9 @@ oip_app = build_oip_app(_current_plane, "protonmf")
     workers=SETTINGS.workers,
     # no max_concurrency: RequestGuard (http_guard.py) counts requests once their body is in
     traffic={"timeout": SETTINGS.request_timeout_s},
+    # RequestGuard writes the access log (protonmf.access, JSON); BentoML's own would add a
+    # second, plain-text line per request to the same stream
+    logging={"access": {"enabled": False}},
 )
 class ProtoNMFService:
     """Serves one ProtoNMF artifact; every prediction comes with its explanation."""

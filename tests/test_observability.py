@@ -107,6 +107,8 @@ def test_one_json_log_line_per_request_with_its_id(keyed):
             break
         time.sleep(0.1)
     (line,) = lines
+    # and only that one: BentoML's plain-text access line is off (not JSON, a duplicate)
+    assert not [ln for ln in keyed.log.read_text().splitlines() if "path=/classify" in ln]
     assert line["transport"] == "rest" and line["endpoint"] == "/classify"
     assert line["status"] == 200 and line["images"] == 1 and line["latency_ms"] > 0
     with grpc.insecure_channel(keyed.grpc_target) as channel:
