@@ -8,6 +8,7 @@ protonmf.service.settings --markdown``; a test checks the file is current). Unkn
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,12 +19,40 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .imaging import Limits
 
-__all__ = ["PREFIX", "REMOVED", "Settings", "SettingsError", "markdown_table"]
+__all__ = ["PREFIX", "REMOVED", "Settings", "SettingsError", "available_cpus", "markdown_table"]
 
 PREFIX = "PROTONMF_"
 # Variables of earlier versions that no longer do anything: a warning, not a refusal.
 REMOVED = {"BATCH_PATH": "batching is in-process always (docs/architecture.md)"}
 log = logging.getLogger("protonmf.settings")
+
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def _cgroup_cpu_quota(root: Path = CGROUP) -> float | None:
+    """The container's CPU limit in CPUs (cgroup v2 ``cpu.max``, else v1 CFS quota), or None."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def available_cpus(root: Path = CGROUP) -> int:
+    """CPUs this process may use: its CPU affinity, capped by a cgroup CPU limit rounded up.
+    ``os.cpu_count()`` counts the node's: a pod limited to 2 CPUs on a 64-core node would
+    start 64 decoding threads (each holding up to a raster's worth of memory) and an
+    onnxruntime pool of one thread per physical core, throttled by the limit."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = _cgroup_cpu_quota(root)
+    return min(cpus, max(1, math.ceil(quota))) if quota else cpus
 
 
 class SettingsError(ValueError):
@@ -48,11 +77,13 @@ class Settings(BaseSettings):
                          "its own model, batcher and gRPC server on the shared port")  # fmt: skip
     ort_threads: int | None = Field(None, ge=1, le=256, description="onnxruntime intra-op "
                                     "threads per worker; unset: onnxruntime's choice with one "
-                                    "worker, the CPUs shared out with several")  # fmt: skip
+                                    "worker and no cgroup CPU limit, else the CPUs available "
+                                    "shared out among the workers")  # fmt: skip
     ort_spinning: bool = Field(False, description="let idle onnxruntime threads busy-wait "
                                "(faster alone, slower beside decoding and HTTP)")  # fmt: skip
     decode_threads: int | None = Field(None, ge=1, le=256, description="threads decoding "
-                                       "images per worker; unset: the CPU count")  # fmt: skip
+                                       "images per worker; unset: the CPUs available (affinity, "
+                                       "capped by a cgroup CPU limit)")  # fmt: skip
     decode_processes: int = Field(0, ge=0, le=256, description="processes decoding images "
                                   "beside each worker (crops come back through shared memory), "
                                   "so decoding scales with cores while one worker runs the "
@@ -177,12 +208,20 @@ class Settings(BaseSettings):
         return Limits(**{name: getattr(self, name) for name in Limits.__dataclass_fields__})
 
     def ort_threads_per_worker(self) -> int | None:
-        """PROTONMF_ORT_THREADS, else None with one worker (onnxruntime's own choice) and the
-        CPUs shared out with several (each onnxruntime would take every core). On 2 vCPUs,
-        2 workers × 1 thread served 1.23× the images/s of 1 × 2 threads (benchmarks)."""
-        if self.ort_threads or self.workers <= 1:
+        """PROTONMF_ORT_THREADS, else None with one worker (onnxruntime's own choice: a
+        thread per physical core) unless a cgroup limits the CPUs, and the available CPUs
+        shared out with several workers (each onnxruntime would take every core). On 2
+        vCPUs, 2 workers × 1 thread served 1.23× the images/s of 1 × 2 threads (benchmarks)."""
+        if self.ort_threads:
             return self.ort_threads
-        return max(1, len(os.sched_getaffinity(0)) // self.workers)
+        cpus = available_cpus()
+        if self.workers <= 1 and cpus == len(os.sched_getaffinity(0)):
+            return None
+        return max(1, cpus // self.workers)
+
+    def decode_thread_count(self) -> int:
+        """PROTONMF_DECODE_THREADS, else the CPUs available."""
+        return self.decode_threads or available_cpus()
 
     def buckets(self, provider: str) -> tuple[int, ...] | None:
         """The batch sizes batches are padded to on ``provider`` (None: no padding)."""

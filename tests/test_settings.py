@@ -39,9 +39,41 @@ def test_removed_setting_warns_and_is_ignored(caplog):
     assert "PROTONMF_BATCH_PATH is ignored" in caplog.text
 
 
-def test_ort_threads_share_the_cpus_between_workers():
+@pytest.mark.parametrize("files, want", [
+    ({"cpu.max": "150000 100000\n"}, 2),  # v2: 1.5 CPUs, rounded up
+    ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, none
+    ({}, None),  # no cgroup files
+])  # fmt: skip
+def test_available_cpus_follow_a_cgroup_cpu_limit(tmp_path, files, want):
+    from protonmf.service.settings import available_cpus
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
     cpus = len(os.sched_getaffinity(0))
-    assert Settings.from_env({}).ort_threads_per_worker() is None  # onnxruntime's own choice
+    assert available_cpus(tmp_path) == (cpus if want is None else min(cpus, want))
+
+
+def test_a_cgroup_limit_sizes_threads_and_decoders(monkeypatch):
+    """A container limited to 1 CPU on a bigger machine: one onnxruntime thread and one
+    decoding thread per worker, not one per core of the node."""
+    import protonmf.service.settings as settings_module
+
+    monkeypatch.setattr(settings_module, "available_cpus", lambda root=None: 1)
+    monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda pid: set(range(8)))
+    s = Settings.from_env({})
+    assert s.ort_threads_per_worker() == 1 and s.decode_thread_count() == 1
+    assert Settings.from_env({"PROTONMF_DECODE_THREADS": "3"}).decode_thread_count() == 3
+
+
+def test_ort_threads_share_the_cpus_between_workers():
+    from protonmf.service.settings import available_cpus
+
+    cpus = available_cpus()
+    if cpus == len(os.sched_getaffinity(0)):  # no cgroup CPU limit below the affinity
+        assert Settings.from_env({}).ort_threads_per_worker() is None  # onnxruntime's choice
     two = Settings.from_env({"PROTONMF_WORKERS": "2"})
     assert two.ort_threads_per_worker() == max(1, cpus // 2)
     many = Settings.from_env({"PROTONMF_WORKERS": str(cpus * 4)})
