@@ -13,12 +13,20 @@ Batch sizes and devices are interleaved per round (warm-up call before each time
 figures are medians. The ratio that matters for serving is images/s of ``infer`` at batch
 32 against the per-image cost of ``decode`` + ``explain``, which the batcher cannot merge.
 
+``--io-binding`` times ``Explainer.run`` alone instead (a normalised batch → outputs on the
+host), at batch 1 and 32, with every output and without the maps: ``session.run`` against
+IOBinding on the same session (PROTONMF_IO_BINDING) and, with ``--device cuda``, CUDA graphs
+(PROTONMF_CUDA_GRAPHS, buckets 1 and 32, each graph captured before timing). All outputs
+are compared with ``session.run``'s (max |Δ|) before timing.
+
     .venv/bin/python benchmarks/bench_core.py ARTIFACT [--device cuda] [--images DIR]
+    .venv/bin/python benchmarks/bench_core.py ARTIFACT --io-binding [--device cuda] [--max-diff D]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -33,8 +41,11 @@ import _machine  # noqa: E402
 
 from protonmf.sample_data import imagenet_photo_files  # noqa: E402
 from protonmf.service.core import Core, ExplainOptions  # noqa: E402
+from protonmf.service.runtime import Explainer  # noqa: E402
 
 BATCHES = (1, 8, 32)
+BINDING_BATCHES = (1, 32)
+MAP_OUTPUTS = {"maps", "topk_maps", "presence", "topk_presence"}
 
 
 def jpeg_blobs(images: Path | None, n: int = 32) -> list[bytes]:
@@ -94,6 +105,61 @@ def report(result: dict, devices: list[str]) -> None:
         print(f"cuda/cpu infer throughput at batch 32: {ratio:.1f}×")
 
 
+def bench_binding(artifact: Path, devices: list[str], threads, rounds: int) -> dict:
+    """``Explainer.run``: session.run vs IOBinding (same session) vs CUDA graphs (CUDA)."""
+    runs: dict[str, dict[str, Explainer]] = {}
+    for device in devices:
+        plain = Explainer.load(artifact, device, threads, io_binding="off")
+        runs[device] = {"plain": plain, "iobinding": dataclasses.replace(plain, io_binding=True)}
+        if device == "cuda":
+            graphs = Explainer.load(artifact, device, threads, cuda_graphs=True,
+                                    buckets=BINDING_BATCHES)  # fmt: skip
+            runs[device]["cuda-graphs"] = graphs
+    any_ex = runs[devices[0]]["plain"]
+    spec = any_ex.preprocessing
+    rng = np.random.default_rng(0)
+    batch = rng.standard_normal((max(BINDING_BATCHES), spec.channels, spec.height, spec.width))
+    batch = batch.astype(np.float32)
+    outputs = {"all": None,
+               "no maps": {n for n in any_ex.manifest["graph"]["outputs"] if n not in MAP_OUTPUTS}}  # fmt: skip
+    parity: dict[str, float] = {}
+    for device, modes in runs.items():  # warm every size (captures the graphs), then compare
+        for b in BINDING_BATCHES:
+            for ex in modes.values():
+                for _ in range(ex.warm_up_runs):
+                    ex.run(batch[:b])
+            ref = modes["plain"].run(batch[:b])
+            for mode, ex in modes.items():
+                got = ex.run(batch[:b])
+                parity[f"{device} {mode} b{b}"] = max(
+                    float(np.abs(got[k].astype(np.float64) - ref[k]).max()) for k in ref)  # fmt: skip
+    ms: dict[tuple, list[float]] = {}
+    for _ in range(rounds):
+        for device, modes in runs.items():
+            for b in BINDING_BATCHES:
+                for kind, names in outputs.items():
+                    for mode, ex in modes.items():
+                        run = lambda ex=ex, b=b, names=names: ex.run(batch[:b], names)  # noqa: E731
+                        ms.setdefault((device, b, kind, mode), []).append(timed(run))
+    rows = []
+    for (device, b, kind, mode), ts in ms.items():
+        plain = statistics.median(ms[(device, b, kind, "plain")])
+        median = statistics.median(ts)
+        rows.append({"device": device, "batch": b, "outputs": kind, "mode": mode,
+                     "median_ms": median, "vs_plain": median / plain, "samples_ms": ts})  # fmt: skip
+    return {"rows": rows, "max_abs_diff_vs_plain": parity}
+
+
+def report_binding(result: dict) -> None:
+    print("| device | batch | outputs | run | median ms | × session.run |")
+    print("|---|---:|---|---|---:|---:|")
+    for r in result["rows"]:
+        print(f"| {r['device']} | {r['batch']} | {r['outputs']} | {r['mode']} | "
+              f"{r['median_ms']:.2f} | {r['vs_plain']:.3f} |")  # fmt: skip
+    print("\nmax |Δ| against session.run: " + ", ".join(
+        f"{k} {v:.3g}" for k, v in result["max_abs_diff_vs_plain"].items()))  # fmt: skip
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact", type=Path)
@@ -102,9 +168,29 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: photos)")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads")
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_core.json")
+    ap.add_argument("--io-binding", action="store_true",
+                    help="time Explainer.run: session.run vs IOBinding (vs CUDA graphs on cuda)")  # fmt: skip
+    ap.add_argument("--max-diff", type=float, default=None,
+                    help="with --io-binding: exit 1 if an output differs from session.run's by "
+                         "more than this (max |Δ|)")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON result (default: benchmarks/results/bench_core[_iobinding].json)")  # fmt: skip
     args = ap.parse_args(argv)
     devices = ["cpu"] + (["cuda"] if args.device == "cuda" else [])
+    if args.io_binding:
+        info = _machine.machine_info(ort_threads=args.threads)
+        print(f"machine: {info['cpu_model']} × {info['cpu_count']}, gpu={info['gpu']}, "
+              f"onnxruntime {info['onnxruntime']}", flush=True)  # fmt: skip
+        result = bench_binding(args.artifact, devices, args.threads, args.rounds)
+        report_binding(result)
+        out = REPO / "benchmarks" / "results" / "bench_core_iobinding.json"
+        _machine.write_result(args.out or out, {"machine": info, "artifact": str(args.artifact),
+                                                "rounds": args.rounds, **result})  # fmt: skip
+        worst = max(result["max_abs_diff_vs_plain"].values())
+        if args.max_diff is not None and worst > args.max_diff:
+            print(f"FAIL: max |Δ| against session.run {worst:.3g} > {args.max_diff:g}")
+            return 1
+        return 0
     cores = {d: Core.load(args.artifact, device=d, threads=args.threads) for d in devices}
     providers = {d: c.explainer.provider for d, c in cores.items()}
     info = _machine.machine_info(providers=providers, ort_threads=args.threads)
@@ -114,7 +200,7 @@ def main(argv=None) -> int:
     report(result, devices)
     out = {"machine": info, "artifact": str(args.artifact), "rounds": args.rounds,
            "model": cores["cpu"].manifest["backbone"].get("architecture"), **result}  # fmt: skip
-    _machine.write_result(args.out, out)
+    _machine.write_result(args.out or REPO / "benchmarks" / "results" / "bench_core.json", out)
     return 0
 
 

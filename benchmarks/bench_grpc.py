@@ -35,7 +35,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import _machine  # noqa: E402
 from bench_service import (  # noqa: E402
-    BATCH_METRIC,
     ensure_artifact,
     ensure_blackbox,
     free_port,
@@ -47,11 +46,12 @@ from bench_service import (  # noqa: E402
 )
 
 from protonmf.artifact import Preprocessing, load_manifest  # noqa: E402
+from protonmf.client import grpc_channel_options  # noqa: E402
 from protonmf.sample_data import imagenet_photo_files  # noqa: E402
-from protonmf.service.client import grpc_channel_options  # noqa: E402
 from protonmf.service.grpc_api import pb, pb_grpc  # noqa: E402
 
 TIMEOUT_S = 60
+BATCH_METRIC = "protonmf_inference_batch_size"  # the data plane's batches, both transports
 
 
 async def closed_loop(send, payloads, clients: int, warmup: float, duration: float) -> dict:
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
                 w = asyncio.run(window())
                 after = parse_metrics(httpx.get(f"{url}/metrics").text)
                 results[name]["w"].append(w)
-                results[name]["b"].append(hist_delta(before, after, BATCH_METRIC, method_name="infer"))
+                results[name]["b"].append(hist_delta(before, after, BATCH_METRIC))
                 print(f"  window {i + 1} {name:<9}: {len(w['latencies_ms']) / w['seconds']:6.1f} img/s, "
                       f"errors {w['errors'] or 0}", flush=True)  # fmt: skip
     summary = {k: summarise(v["w"], v["b"]) for k, v in results.items()}

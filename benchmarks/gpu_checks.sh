@@ -5,15 +5,20 @@
 #                                      bench_graph conversions (--device auto: NMF on CUDA) and
 #                                      exports into $WORK
 #   benchmarks/gpu_checks.sh run       onnxruntime-gpu: the gpu-marked tests (CUDA provider
-#                                      parity, verify on CUDA, fp16 variant), graph latency on
-#                                      the CUDA provider, `protonmf verify --device cuda` on
-#                                      each converted model, the service core's stages
+#                                      parity, verify on CUDA, fp16 variant, IOBinding and CUDA
+#                                      graphs vs session.run), graph latency on the CUDA
+#                                      provider, `protonmf verify --device cuda` on each
+#                                      converted model, the service core's stages, and
+#                                      Explainer.run plain vs IOBinding vs CUDA graphs on Lite0
+#                                      (max |Δ| against session.run ≤ 1e-4, then latency)
 #   benchmarks/gpu_checks.sh service   onnxruntime-gpu + bentoml: the real service on the CUDA
 #                                      provider (batch buckets on, every bucket warmed) under
 #                                      1/8/32/64 clients vs the logits-only service and raw
 #                                      onnxruntime, both on CUDA, with the issue's pass/fail
 #                                      lines (/explain at 64 clients ≥ 0.3× raw batch 32,
-#                                      p99 ≤ 150 ms); then the trivial-graph ceiling
+#                                      p99 ≤ 150 ms); the same service with
+#                                      PROTONMF_IO_BINDING=on, and with PROTONMF_CUDA_GRAPHS
+#                                      (buckets auto); then the trivial-graph ceiling
 #
 # STEPS="a b" runs only the named steps of a stage (default: all).
 #
@@ -57,7 +62,8 @@ run)
     step providers 60 "$PY" -c "import onnxruntime as ort; from protonmf.service.runtime import create_session
 print(ort.__version__, ort.__file__, ort.get_available_providers())
 s, used = create_session('$WORK/fashion/model.onnx', 'cuda'); print('in use:', s.get_providers())"
-    step gpu-tests 240 "$PY" -m pytest -q -s -p no:cacheprovider -m gpu tests/test_graph.py
+    step gpu-tests 240 "$PY" -m pytest -q -s -p no:cacheprovider -m gpu tests/test_graph.py \
+        tests/test_iobinding.py
     step bench-graph 300 "$PY" benchmarks/bench_graph.py --device cuda --workdir "$WORK" \
         --fashion-artifact "$WORK/fashion" --out "$OUT/bench_graph_cuda.json"
     for art in fashion lite0 resnet34; do  # the report to its own file, progress to the log
@@ -69,6 +75,8 @@ s, used = create_session('$WORK/fashion/model.onnx', 'cuda'); print('in use:', s
     done
     step bench-core 120 "$PY" benchmarks/bench_core.py "$WORK/lite0" --device cuda \
         --threads 8 --out "$OUT/bench_core_cuda.json"
+    step iobinding 150 "$PY" benchmarks/bench_core.py "$WORK/lite0" --device cuda --io-binding \
+        --threads 8 --rounds 20 --max-diff 1e-4 --out "$OUT/bench_core_iobinding_cuda.json"
     ;;
 service)
     blackbox=$(ls "$WORK"/tf_efficientnet_lite0-*-blackbox.onnx 2>/dev/null | head -n 1)
@@ -76,6 +84,14 @@ service)
         --artifact "$WORK/lite0" ${blackbox:+--blackbox "$blackbox"} \
         --workdir "$WORK/service" --endpoints explain --clients 1,8,32,64 --duration 10 \
         --gpu-targets --out "$OUT/bench_service_cuda.json"
+    step bench-service-iobinding 300 env PROTONMF_IO_BINDING=on "$PY" benchmarks/bench_service.py \
+        --device cuda --artifact "$WORK/lite0" ${blackbox:+--blackbox "$blackbox"} \
+        --workdir "$WORK/service" --endpoints explain --clients 1,64 --duration 10 \
+        --gpu-targets --out "$OUT/bench_service_cuda_iobinding.json"
+    step bench-service-cuda-graphs 300 env PROTONMF_CUDA_GRAPHS=true PROTONMF_BATCH_BUCKETS=auto \
+        "$PY" benchmarks/bench_service.py --device cuda --artifact "$WORK/lite0" \
+        ${blackbox:+--blackbox "$blackbox"} --workdir "$WORK/service" --endpoints explain \
+        --clients 1,64 --duration 10 --gpu-targets --out "$OUT/bench_service_cuda_graphs.json"
     step bench-ceiling 200 "$PY" benchmarks/bench_ceiling.py --artifact "$WORK/lite0" \
         --workdir "$WORK/service" --clients 1,32 --duration 10 \
         --out "$OUT/bench_ceiling_cuda_host.json"

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from protonmf.artifact import normalize, resize_crop
+from protonmf.artifact import normalize
 from protonmf.exemplars import Exemplars, load_exemplars
 
+from .decode_pool import decode_crop
 from .errors import Unprocessable
-from .imaging import Limits, decode_image, render_exemplar_strip, render_overlay
+from .imaging import Limits, render_exemplar_strip, render_overlay
 from .metrics import METRICS, class_label, stage
 from .runtime import Explainer
 
@@ -94,18 +95,22 @@ class Core:
     @classmethod
     def load(cls, artifact: str | os.PathLike, device: str = "cpu", threads: int | None = None,
              limits: Limits | None = None, variant: str = "fp32", spinning: bool = True,
-             cuda: dict | None = None) -> Core:  # fmt: skip
-        explainer = Explainer.load(Path(artifact), device, threads, variant, spinning, cuda)
+             cuda: dict | None = None, io_binding: str = "off", cuda_graphs: bool = False,
+             buckets=None) -> Core:  # fmt: skip
+        """``io_binding``, ``cuda_graphs``, ``buckets``: see ``Explainer.load``."""
+        explainer = Explainer.load(Path(artifact), device, threads, variant, spinning, cuda,
+                                   io_binding=io_binding, cuda_graphs=cuda_graphs,
+                                   buckets=buckets)  # fmt: skip
         # exemplars are read once here (thumbnails and maps: ~1 MB for Fashion's 10 classes)
         return cls(explainer, limits, load_exemplars(artifact, explainer.manifest))
 
     # --- per image, before batching ---------------------------------------------------
 
     def prepare(self, data: bytes) -> np.ndarray:
-        """Untrusted bytes → uint8 crop the model reads. Raises InvalidInput and subclasses."""
+        """Untrusted bytes → uint8 crop the model reads. Raises InvalidInput and subclasses.
+        The decode processes (decode_pool.py) run the same ``decode_crop``."""
         with stage("decode"):
-            image = decode_image(data, self.limits, self.spec)
-            return resize_crop(image, self.spec)
+            return decode_crop(data, self.limits, self.spec)
 
     def warm_up(self, max_batch: int, sizes: list[int] | None = None) -> list[int]:
         """Run the graph on blank crops before the service says ready; returns the sizes run.
@@ -115,15 +120,18 @@ class Core:
         on CUDA every size from max_batch down to 1: the CUDA provider prepares cuDNN
         convolutions per input shape (~5 ms per conv layer even with the heuristic search)
         — measured on an H100, a batch of a size not seen before took 140–380 ms against
-        ~6 ms once seen.
+        ~6 ms once seen. With CUDA graphs (``sizes`` are then the buckets) each size runs
+        ``explainer.warm_up_runs`` times, so its graph is captured before ready.
         """
         cuda = self.explainer.provider == "CUDAExecutionProvider"
+        sizes = sizes or (self.explainer.graphs.sizes if self.explainer.graphs else None)
         if sizes:
             sizes = sorted(set(sizes), reverse=True)
         else:
             sizes = list(range(max_batch, 0, -1)) if cuda else sorted({max_batch, 1}, reverse=True)
         for n in sizes:
-            self.explainer.run(normalize(np.zeros((n, *self.crop_shape), np.uint8), self.spec))
+            for _ in range(self.explainer.warm_up_runs):
+                self.explainer.run(normalize(np.zeros((n, *self.crop_shape), np.uint8), self.spec))
         return sizes
 
     # --- one merged batch ---------------------------------------------------------------

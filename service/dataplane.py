@@ -9,13 +9,13 @@ batcher and count in the same metrics; neither re-implements a step.
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .batching import MicroBatcher
 from .core import Core, ExplainOptions
+from .decode_pool import DecodePool
 from .errors import InvalidInput, NotReady
 from .metrics import METRICS
 from .observability import note, span
@@ -30,8 +30,12 @@ class DataPlane:
     def __init__(self, core: Core, settings: Settings):
         self.core = core
         self.settings = settings
-        self.pool = ThreadPoolExecutor(settings.decode_threads or os.cpu_count() or 2,
+        self.pool = ThreadPoolExecutor(settings.decode_thread_count(),
                                        thread_name_prefix="protonmf-decode")  # fmt: skip
+        # PROTONMF_DECODE_PROCESSES > 0: images decode in processes of this worker's own
+        # (started by start()); rendering and listings stay on the threads
+        self.decoder = (DecodePool(settings.decode_processes, core.limits, core.spec)
+                        if settings.decode_processes > 0 else None)  # fmt: skip
         self.batcher = MicroBatcher(
             core.infer, core.per_image, max_batch=settings.max_batch_size,
             wait_s=settings.batch_wait_ms / 1000, max_queue=settings.max_queue,
@@ -45,15 +49,26 @@ class DataPlane:
         """Load the artifact and run the graph once per warm-up size (before ready)."""
         if settings.artifact is None:
             raise NotReady("set PROTONMF_ARTIFACT to an artifact directory (protonmf convert)")
+        # CUDA graphs run on CUDA only (Explainer.load refuses any other provider), so their
+        # buckets are CUDA's: the same sizes the batcher pads to once the provider is known
+        graph_buckets = settings.buckets("CUDAExecutionProvider") if settings.cuda_graphs else None
         core = Core.load(settings.artifact, device=settings.device,
                          threads=settings.ort_threads_per_worker(), limits=settings.limits(),
                          variant=settings.variant, spinning=settings.ort_spinning,
-                         cuda={"tf32": settings.cuda_tf32, "search": settings.cudnn_search})  # fmt: skip
+                         cuda={"tf32": settings.cuda_tf32, "search": settings.cudnn_search},
+                         io_binding=settings.io_binding, cuda_graphs=settings.cuda_graphs,
+                         buckets=graph_buckets)  # fmt: skip
         plane = cls(core, settings)
+        graphs = core.explainer.graphs
+        if graphs is not None and tuple(plane.batcher.buckets or ()) != graphs.sizes:
+            raise RuntimeError(f"CUDA graphs for batches of {graphs.sizes}, the batcher pads "
+                               f"to {plane.batcher.buckets}")  # fmt: skip
         core.warm_up(settings.max_batch_size, plane.batcher.buckets)
         return plane
 
     async def start(self) -> None:
+        if self.decoder is not None:  # every decode process started and warm before ready
+            await self.decoder.start()
         self.batcher.start()
         self.ready = True
 
@@ -62,6 +77,8 @@ class DataPlane:
         self.ready = False
         await self.batcher.stop(grace_s)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.decoder is not None:
+            self.decoder.close()
 
     # --- the shared steps ----------------------------------------------------------------
 
@@ -77,7 +94,10 @@ class DataPlane:
         METRICS.images_per_request.observe(len(blobs))
         note(images=len(blobs))
         with span("decode", images=len(blobs)):
-            crops = await asyncio.gather(*(self.in_pool(self.core.prepare, b) for b in blobs))
+            if self.decoder is not None:
+                crops = await asyncio.gather(*(self.decoder.prepare(b) for b in blobs))
+            else:
+                crops = await asyncio.gather(*(self.in_pool(self.core.prepare, b) for b in blobs))
         with span("infer", images=len(blobs)):  # queue + the batch's run
             outs = await self.batcher.submit(list(crops), self.core.outputs_for(maps))
         return crops, outs

@@ -119,10 +119,12 @@ class Settings(BaseSettings):
         "HEURISTIC", description="cuDNN convolution algorithm search (EXHAUSTIVE re-tunes for "
         "every new batch shape)")  # fmt: skip
     io_binding: Literal["auto", "on", "off"] = Field(
-        "auto", description="run the graph through onnxruntime IOBinding: the batch copied to "
-        "the device once, only the outputs an answer needs copied back; `auto`: on with CUDA")
+        "off", description="run the graph through onnxruntime IOBinding: the batch copied to "
+        "the device once, only the outputs an answer needs copied back; `auto`: on with CUDA "
+        "(off by default until measured on a GPU: benchmarks/gpu_checks.sh)")
     cuda_graphs: bool = Field(False, description="capture one CUDA graph per batch bucket and "
-                              "replay it (CUDA only; needs batch buckets and IOBinding)")  # fmt: skip
+                              "replay it (CUDA only; needs batch buckets; binds its own "
+                              "buffers whatever PROTONMF_IO_BINDING says)")  # fmt: skip
     # --- gRPC ----------------------------------------------------------------------------
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 turns gRPC off")
     grpc_host: str = Field("0.0.0.0", description="gRPC bind address")

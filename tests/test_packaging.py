@@ -49,3 +49,12 @@ def test_wheel_installs_everything_under_protonmf(tmp_path):
                    "protonmf/service/proto/protonmf/v1/protonmf_pb2.py",
                    "protonmf/converter/convert.py", "protonmf/client.py"):  # fmt: skip
         assert module in names, module
+
+
+@pytest.mark.e2e
+def test_every_benchmark_still_imports_and_answers_help():
+    """Benchmarks are not imported by tests, so a renamed helper breaks them silently
+    (bench_grpc.py did after #17): each runs ``--help`` in a subprocess here."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "selfcheck.py"), "--only",
+                           "help"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
