@@ -185,7 +185,8 @@ def main(argv=None) -> int:
               "decode_floor_cpu_ms": floor, "runs": runs}  # fmt: skip
     print(
         "\n| graph | endpoint | clients | img/s | server CPU ms/img | decode ms | queue ms "
-        "| infer ms/img | explain ms | img/s per core |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| infer ms/img | explain ms | img/s per core | busiest process CPU ms/img |"
+        "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for r in runs:
         st = r.get("stages", {})
@@ -194,7 +195,8 @@ def main(argv=None) -> int:
         print(
             f"| {r['graph']} | {r['endpoint']} | {r['clients']} | {r['images_per_s']:.1f} | "
             f"{r['server_cpu_ms_per_image']:.1f} | {get('decode'):.2f} | {get('queue'):.2f} | "
-            f"{get('infer', 'ms_per_image'):.2f} | {get('explain'):.2f} | {per_core:.0f} |"
+            f"{get('infer', 'ms_per_image'):.2f} | {get('explain'):.2f} | {per_core:.0f} | "
+            f"{(r.get('cpu_ms_per_image_by_process') or [float('nan')])[0]:.1f} |"
         )
     ceiling = [r for r in runs if r["graph"] == "trivial" and r["endpoint"] == "explain"]
     if ceiling:

@@ -377,7 +377,7 @@ def process_tree(pid: int):
 def tree_stats(pid: int) -> dict:
     """RSS (sum over the tree, and per process: the server's own first, then its workers),
     CPU seconds (user + system) and process count."""
-    cpu, n, each = 0.0, 0, []
+    cpu, n, each, by_pid = 0.0, 0, [], {}
     try:
         procs = process_tree(pid)
     except _PS_ERRORS:  # psutil missing or process gone
@@ -387,10 +387,12 @@ def tree_stats(pid: int) -> dict:
             each.append(p.memory_info().rss / 2**20)
             t = p.cpu_times()
             cpu += t.user + t.system
+            by_pid[p.pid] = t.user + t.system
             n += 1
         except _PS_ERRORS:  # exited meanwhile
             continue
-    return {"rss_mb": sum(each), "cpu_s": cpu, "processes": n, "rss_mb_per_process": each}
+    return {"rss_mb": sum(each), "cpu_s": cpu, "processes": n, "rss_mb_per_process": each,
+            "cpu_s_per_process": by_pid}  # fmt: skip
 
 
 def _tree_stats_proc(pid: int) -> dict:
@@ -579,9 +581,14 @@ def batch_summary(batches: dict) -> dict:
 def server_usage(before: dict, after: dict, elapsed: float, ok: int, client_cpu: float) -> dict:
     """CPU and memory of the server's process tree over a run (``tree_stats`` before/after)."""
     cpu = after["cpu_s"] - before["cpu_s"]
+    # per process: the busiest one (the worker's event loop, unless decoding left it) bounds
+    # what one worker can serve however many cores the machine has
+    start, end = before.get("cpu_s_per_process", {}), after.get("cpu_s_per_process", {})
+    each = sorted((end[p] - start.get(p, 0.0) for p in end), reverse=True)
     return {
         "server_cpu_cores": cpu / elapsed,
         "server_cpu_ms_per_image": cpu * 1e3 / max(1, ok),
+        "cpu_ms_per_image_by_process": [round(c * 1e3 / max(1, ok), 3) for c in each],
         "client_cpu_cores": client_cpu / elapsed,
         "rss_mb_end": after["rss_mb"],
         "rss_mb_per_process_end": after.get("rss_mb_per_process"),

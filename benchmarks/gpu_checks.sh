@@ -84,6 +84,12 @@ service)
         --artifact "$WORK/lite0" ${blackbox:+--blackbox "$blackbox"} \
         --workdir "$WORK/service" --endpoints explain --clients 1,8,32,64 --duration 10 \
         --gpu-targets --out "$OUT/bench_service_cuda.json"
+    # one GPU, the 16 cores put to work: 4 workers (an event loop each, ~4 CPU-ms per
+    # /explain image once decoding left it) x 3 decode processes
+    step bench-service-scaled 300 env PROTONMF_DECODE_PROCESSES=3 "$PY" benchmarks/bench_service.py \
+        --device cuda --workers 4 --artifact "$WORK/lite0" ${blackbox:+--blackbox "$blackbox"} \
+        --workdir "$WORK/service" --endpoints explain --clients 64 --duration 10 \
+        --gpu-targets --out "$OUT/bench_service_cuda_scaled.json"
     step bench-service-iobinding 300 env PROTONMF_IO_BINDING=on "$PY" benchmarks/bench_service.py \
         --device cuda --artifact "$WORK/lite0" ${blackbox:+--blackbox "$blackbox"} \
         --workdir "$WORK/service" --endpoints explain --clients 1,64 --duration 10 \
