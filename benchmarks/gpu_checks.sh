@@ -24,7 +24,8 @@
 #
 # Needs python3 with CUDA torch, timm, onnx, onnxscript, scikit-learn, pillow, safetensors,
 # tqdm, prometheus_client, pytest; `run` also onnxruntime-gpu first on PYTHONPATH, and the
-# CUDA/cuDNN libraries it loads on LD_LIBRARY_PATH. Each step has its own time limit and a
+# CUDA/cuDNN libraries it loads on LD_LIBRARY_PATH; the GPU-decoding test also
+# nvidia-nvimgcodec-cu13 + nvidia-nvjpeg-cu13 (or -cu12), and skips itself without them. Each step has its own time limit and a
 # failing step does not stop the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +64,7 @@ run)
 print(ort.__version__, ort.__file__, ort.get_available_providers())
 s, used = create_session('$WORK/fashion/model.onnx', 'cuda'); print('in use:', s.get_providers())"
     step gpu-tests 240 "$PY" -m pytest -q -s -p no:cacheprovider -m gpu tests/test_graph.py \
-        tests/test_iobinding.py
+        tests/test_iobinding.py tests/test_gpu_decode.py
     step bench-graph 300 "$PY" benchmarks/bench_graph.py --device cuda --workdir "$WORK" \
         --fashion-artifact "$WORK/fashion" --out "$OUT/bench_graph_cuda.json"
     for art in fashion lite0 resnet34; do  # the report to its own file, progress to the log

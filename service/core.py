@@ -63,6 +63,8 @@ class Core:
                  exemplars: Exemplars | None = None):  # fmt: skip
         self.explainer = explainer
         self.exemplars = exemplars
+        # PROTONMF_JPEG_DECODER=nvimgcodec: JPEG pixels from the GPU (gpu_decode.py)
+        self.jpeg_decoder = None
         self.limits = limits or Limits()
         m = explainer.manifest
         self.manifest = m
@@ -110,7 +112,7 @@ class Core:
         """Untrusted bytes → uint8 crop the model reads. Raises InvalidInput and subclasses.
         The decode processes (decode_pool.py) run the same ``decode_crop``."""
         with stage("decode"):
-            return decode_crop(data, self.limits, self.spec)
+            return decode_crop(data, self.limits, self.spec, self.jpeg_decoder)
 
     def warm_up(self, max_batch: int, sizes: list[int] | None = None) -> list[int]:
         """Run the graph on blank crops before the service says ready; returns the sizes run.

@@ -58,6 +58,10 @@ class DataPlane:
                          cuda={"tf32": settings.cuda_tf32, "search": settings.cudnn_search},
                          io_binding=settings.io_binding, cuda_graphs=settings.cuda_graphs,
                          buckets=graph_buckets)  # fmt: skip
+        if settings.jpeg_decoder == "nvimgcodec":
+            from .gpu_decode import GpuJpegDecoder  # ProviderError without nvImageCodec or GPU
+
+            core.jpeg_decoder = GpuJpegDecoder().decode
         plane = cls(core, settings)
         graphs = core.explainer.graphs
         if graphs is not None and tuple(plane.batcher.buckets or ()) != graphs.sizes:

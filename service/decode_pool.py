@@ -68,10 +68,11 @@ START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_met
 _ERRORS = {name: getattr(errors, name) for name in errors.__all__}
 
 
-def decode_crop(data: bytes, limits: Limits, spec: Preprocessing) -> np.ndarray:
+def decode_crop(data: bytes, limits: Limits, spec: Preprocessing, jpeg=None) -> np.ndarray:
     """Untrusted bytes → the uint8 crop the model reads (``Core.prepare`` and the decode
-    processes both run this). Raises the ``InvalidInput`` family."""
-    return resize_crop(decode_image(data, limits, spec), spec)
+    processes both run this). Raises the ``InvalidInput`` family. ``jpeg``: see
+    ``decode_image`` (the GPU's JPEG decoder, in the worker only)."""
+    return resize_crop(decode_image(data, limits, spec, jpeg), spec)
 
 
 class DecoderCrashed(ServiceError):

@@ -18,6 +18,7 @@ import os
 import struct
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,8 +199,13 @@ def _large_buffers_from_mmap() -> bool:
         return False
 
 
-def decode_image(data: bytes, limits: Limits, spec: Preprocessing | None = None) -> Image.Image:
+def decode_image(data: bytes, limits: Limits, spec: Preprocessing | None = None,
+                 jpeg: Callable[[bytes], Image.Image | None] | None = None) -> Image.Image:  # fmt: skip
     """Checked, decoded, upright image. Raises the ``InvalidInput`` family with a reason.
+
+    ``jpeg``: another JPEG decoder (gpu_decode.GpuJpegDecoder.decode): bytes → upright RGB
+    image, or None to leave the image to Pillow. It gets a JPEG only once Pillow has read and
+    checked its header, and not one that is drafted.
 
     With ``spec``, a JPEG is decoded directly at a reduced scale (1/2, 1/4, 1/8) that still
     leaves at least the model's resize target when ``limits.jpeg_draft`` asks for it, or when
@@ -214,11 +220,17 @@ def decode_image(data: bytes, limits: Limits, spec: Preprocessing | None = None)
         raise _too_slow(limits) from e
     _check_geometry(image, limits)
     too_big = raster_bytes(image) > limits.max_raster_bytes
-    if spec is not None and image.format == "JPEG" and (limits.jpeg_draft or too_big):
+    drafted = spec is not None and image.format == "JPEG" and (limits.jpeg_draft or too_big)
+    if drafted:
         w, h = image.size
         scale = spec.resize / min(w, h)  # rotation (EXIF) keeps the shorter side's length
         image.draft(spec.color_mode, (math.ceil(w * scale), math.ceil(h * scale)))
     _check_cost(image, data, limits)
+    if jpeg is not None and image.format == "JPEG" and not drafted:
+        decoded = jpeg(data)
+        if decoded is not None:
+            image.close()
+            return decoded
     try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the raster

@@ -173,6 +173,11 @@ class Settings(BaseSettings):
     max_images: int = Field(Limits.max_images, ge=1, description="images in one request")
     max_interventions: int = Field(Limits.max_interventions, ge=1, description="(class, "
                                    "prototype) pairs switched off in one request")  # fmt: skip
+    jpeg_decoder: Literal["pillow", "nvimgcodec"] = Field(
+        "pillow", description="who decodes JPEG pixels: Pillow (libjpeg-turbo, timm's pixels) "
+        "or `nvimgcodec`: the GPU (nvImageCodec; `pip install nvidia-nvimgcodec-cu13 "
+        "nvidia-nvjpeg-cu13`), close to but not timm's pixels, in the worker (not with decode "
+        "processes); refused at start without a GPU")  # fmt: skip
     jpeg_draft: bool = Field(Limits.jpeg_draft, description="decode large JPEGs at reduced "
                              "scale (Pillow's draft mode, DCT scaling) when the model's resize "
                              "allows: faster, but the pixels are NOT timm's (a few grey levels "
@@ -182,6 +187,9 @@ class Settings(BaseSettings):
     def _tls_pair(self):
         if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
             raise ValueError("PROTONMF_GRPC_TLS_CERT and PROTONMF_GRPC_TLS_KEY go together")
+        if self.jpeg_decoder == "nvimgcodec" and self.decode_processes:
+            raise ValueError("PROTONMF_JPEG_DECODER=nvimgcodec decodes in the worker (one GPU "
+                             "context); set PROTONMF_DECODE_PROCESSES=0")  # fmt: skip
         return self
 
     @classmethod

@@ -210,7 +210,7 @@ def test_cuda_io_binding_and_graphs_equal_session_run(fashion_topk_artifact):
     CUDA graphs give session.run's outputs on the CUDA provider; warm-up captures each
     bucket's graph; replays read each new batch (update_inplace), not the warm-up's."""
     plain = Explainer.load(fashion_topk_artifact, device="cuda", io_binding="off")
-    auto = Explainer.load(fashion_topk_artifact, device="cuda")
+    auto = Explainer.load(fashion_topk_artifact, device="cuda", io_binding="auto")
     assert plain.provider == auto.provider == "CUDAExecutionProvider" and auto.io_binding
     core = Core.load(fashion_topk_artifact, device="cuda", cuda_graphs=True, buckets=(1, 4))
     graphs = core.explainer.graphs
