@@ -248,13 +248,28 @@ def serve_command(args, environ: dict) -> tuple[list[str], dict]:
     return cmd, env
 
 
+def preflight(settings) -> None:
+    """The worker's own load, without its warm-up: settings that cannot work on this machine
+    (CUDA without a GPU, CUDA graphs on the CPU, nvImageCodec missing) stop ``serve`` here
+    with their reason (exit 2), instead of failing in a worker that BentoML restarts
+    forever. What it loads goes with this process when ``bentoml serve`` replaces it."""
+    from protonmf.service.dataplane import DataPlane
+    from protonmf.service.runtime import ProviderError
+
+    try:
+        DataPlane.load(settings, warm=False)
+    except ProviderError as e:  # a RuntimeError: the machine, not a bug, so one line
+        raise ValueError(str(e)) from e
+
+
 def _cmd_serve(args) -> int:
     """Replace this process with ``bentoml serve`` so its PID is the server's."""
     from protonmf.service.settings import Settings
 
     check_artifact(args.artifact)  # refuse a bad artifact here, with the reason, exit 2
     cmd, env = serve_command(args, os.environ)
-    Settings.from_env(env)  # and a bad PROTONMF_* variable (SettingsError names it), exit 2
+    settings = Settings.from_env(env)  # and a bad PROTONMF_* variable (SettingsError names it)
+    preflight(settings)
     grpc = f" and grpc://{args.host}:{args.grpc_port}" if args.grpc_port > 0 else ""
     print(f"serving {args.artifact} on http://{args.host}:{args.port}{grpc}", flush=True)
     os.execve(sys.executable, cmd, env)

@@ -45,8 +45,9 @@ class DataPlane:
         self.ready = False
 
     @classmethod
-    def load(cls, settings: Settings) -> DataPlane:
-        """Load the artifact and run the graph once per warm-up size (before ready)."""
+    def load(cls, settings: Settings, warm: bool = True) -> DataPlane:
+        """Load the artifact and run the graph once per warm-up size (before ready).
+        ``warm=False``: load and check only (``protonmf serve``'s pre-flight)."""
         if settings.artifact is None:
             raise NotReady("set PROTONMF_ARTIFACT to an artifact directory (protonmf convert)")
         # CUDA graphs run on CUDA only (Explainer.load refuses any other provider), so their
@@ -67,7 +68,8 @@ class DataPlane:
         if graphs is not None and tuple(plane.batcher.buckets or ()) != graphs.sizes:
             raise RuntimeError(f"CUDA graphs for batches of {graphs.sizes}, the batcher pads "
                                f"to {plane.batcher.buckets}")  # fmt: skip
-        core.warm_up(settings.max_batch_size, plane.batcher.buckets)
+        if warm:
+            core.warm_up(settings.max_batch_size, plane.batcher.buckets)
         return plane
 
     async def start(self) -> None:

@@ -267,3 +267,16 @@ def test_bucket_settings(value, provider, expected):
     assert s.buckets(provider) == expected
     with pytest.raises(SettingsError, match="PROTONMF_BATCH_BUCKETS"):
         Settings.from_env({"PROTONMF_BATCH_BUCKETS": "1,,2"})
+
+
+def test_serve_refuses_settings_this_machine_cannot_run_in_one_line(fashion_artifact):
+    """`protonmf serve` loads the artifact as a worker would before it starts BentoML: a
+    setting that fails there (CUDA graphs on the CPU) exits 2 with its reason, instead of a
+    worker that BentoML restarts forever (the server never exited before)."""
+    env = dict(os.environ, PROTONMF_CUDA_GRAPHS="true", BENTOML_DO_NOT_TRACK="true")
+    r = subprocess.run([sys.executable, "-m", "protonmf.cli", "serve", str(fashion_artifact),
+                        "--port", "0", "--device", "cpu"], capture_output=True, text=True,
+                       env=env, cwd=REPO, timeout=120)  # fmt: skip
+    assert r.returncode == 2, (r.stdout[-500:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "PROTONMF_CUDA_GRAPHS runs on CUDA only" in r.stderr
