@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import io
+import logging
 import math
 import os
 import struct
@@ -27,6 +28,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageMode, ImageOps, UnidentifiedIm
 from protonmf.artifact import Preprocessing
 
 from .errors import InvalidInput, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+
+log = logging.getLogger("protonmf.decode")
 
 __all__ = ["Limits", "count_jpeg_scans", "decode_image", "render_exemplar_strip",
            "render_overlay"]  # fmt: skip
@@ -223,6 +226,9 @@ def decode_image(data: bytes, limits: Limits, spec: Preprocessing | None = None,
     drafted = spec is not None and image.format == "JPEG" and (limits.jpeg_draft or too_big)
     if drafted:
         w, h = image.size
+        if too_big and not limits.jpeg_draft:  # the operator did not choose it: say so
+            log.warning("JPEG of %d×%d decoded at reduced scale (its raster is over "
+                        "PROTONMF_MAX_RASTER_BYTES): not timm's exact pixels", w, h)  # fmt: skip
         scale = spec.resize / min(w, h)  # rotation (EXIF) keeps the shorter side's length
         image.draft(spec.color_mode, (math.ceil(w * scale), math.ceil(h * scale)))
     _check_cost(image, data, limits)

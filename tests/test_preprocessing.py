@@ -207,8 +207,9 @@ def test_served_decode_is_timms_by_default():
         np.testing.assert_array_equal(served, want)
 
 
-def test_jpeg_over_the_raster_limit_is_drafted_not_refused():
-    """A JPEG whose full raster is over max_raster_bytes is decoded at reduced scale."""
+def test_jpeg_over_the_raster_limit_is_drafted_not_refused(caplog):
+    """A JPEG whose full raster is over max_raster_bytes is decoded at reduced scale, and the
+    log says its pixels are not timm's."""
     from protonmf.service.imaging import Limits, decode_image, raster_bytes
 
     spec = preprocessing_from_timm(_model())
@@ -217,7 +218,11 @@ def test_jpeg_over_the_raster_limit_is_drafted_not_refused():
     small = Limits(max_raster_bytes=1500 * 1000 * 4 - 1)
     image = decode_image(blob.getvalue(), small, spec)
     assert image.size[0] < 1500 and raster_bytes(image) <= small.max_raster_bytes
+    assert "1500×1000 decoded at reduced scale" in caplog.text
+    caplog.clear()
     assert decode_image(blob.getvalue(), Limits(), spec).size == (1500, 1000)
+    decode_image(blob.getvalue(), Limits(jpeg_draft=True), spec)  # chosen: nothing to say
+    assert "reduced scale" not in caplog.text
 
 
 # ---- served top-1 equals timm's transform + model on photos ----------------------------
