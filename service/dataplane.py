@@ -64,10 +64,6 @@ class DataPlane:
 
             core.jpeg_decoder = GpuJpegDecoder().decode
         plane = cls(core, settings)
-        graphs = core.explainer.graphs
-        if graphs is not None and tuple(plane.batcher.buckets or ()) != graphs.sizes:
-            raise RuntimeError(f"CUDA graphs for batches of {graphs.sizes}, the batcher pads "
-                               f"to {plane.batcher.buckets}")  # fmt: skip
         if warm:
             core.warm_up(settings.max_batch_size, plane.batcher.buckets)
         return plane

@@ -172,7 +172,7 @@ def _rebuild(head: dict) -> BaseException:
     if isinstance(cls, type) and issubclass(cls, Exception):
         try:
             return cls(head["message"])
-        except Exception:  # noqa: BLE001 - a builtin with another signature
+        except (TypeError, ValueError):  # a builtin with another signature
             pass
     return RuntimeError(f"decode process: {head['raise']}: {head['message']}")
 
@@ -353,7 +353,7 @@ class DecodePool:
         except (EOFError, OSError):  # it died
             self._lost(child)
             return
-        except Exception:  # noqa: BLE001 - not our protocol: a child not to be trusted again
+        except (ValueError, TypeError, KeyError):  # not our protocol: not to be trusted again
             log.exception("decode process %d sent a malformed reply: killed", child.index)
             self._lost(child)
             return

@@ -300,7 +300,9 @@ class Explainer:
         try:
             session, provider = create_session(artifact_dir / graph, device, threads,
                                                spinning, cuda)  # fmt: skip
-        except Exception as e:  # onnxruntime refuses enable_cuda_graph at session creation
+        except Exception as e:  # noqa: BLE001
+            # onnxruntime refuses enable_cuda_graph at session creation with exception
+            # classes of its private module (pybind11's, deriving from Exception only)
             if not cuda_graphs or isinstance(e, ProviderError):
                 raise
             raise ProviderError(f"onnxruntime could not create the session with {GRAPHS_SETTING} "

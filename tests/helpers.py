@@ -3,6 +3,8 @@ Servers and processes: served.py; headless Chromium: browser.py."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -88,3 +90,14 @@ def assert_same_body(rest, rpc, path: str = "", same_types: bool = False) -> Non
         assert rpc == pytest.approx(rest, rel=1e-6, abs=1e-6), path
     else:
         assert rest == rpc and (not same_types or type(rest) is type(rpc)), path
+
+
+@functools.cache
+def hostile_corpus():
+    """scripts/hostile_corpus.py as a module (a script, not a package: loaded by path, once)."""
+    spec = importlib.util.spec_from_file_location("hostile_corpus",
+                                                  REPO / "scripts" / "hostile_corpus.py")  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module

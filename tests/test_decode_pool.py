@@ -4,7 +4,6 @@ without breaking the pool, nothing left in /dev/shm after ``close``."""
 
 import asyncio
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -16,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers import FASHION_DATA, REPO
+from helpers import FASHION_DATA, hostile_corpus
 from PIL import Image
 
 from protonmf.artifact import Preprocessing
@@ -36,16 +35,7 @@ RGB = Preprocessing(height=224, width=224, resize=256, interpolation="bicubic")
 GREY = Preprocessing(height=56, width=56, resize=56, color_mode="L", mean=(0.3,), std=(0.35,))
 
 
-def _corpus():
-    spec = importlib.util.spec_from_file_location("hostile_corpus",
-                                                  REPO / "scripts" / "hostile_corpus.py")  # fmt: skip
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-H = _corpus()
+H = hostile_corpus()
 
 
 def stub_core(spec: Preprocessing, limits: Limits | None = None) -> Core:

@@ -8,10 +8,8 @@ to where it was.
 """
 
 import base64
-import importlib.util
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +18,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, hostile_corpus
 from served import serve
 
 from protonmf.artifact import Preprocessing
@@ -35,20 +33,11 @@ RSS_GROWTH = 1.2  # worker RSS after the corpus ≤ this × before
 PEAK_RSS = 1 << 30  # worker peak RSS (VmHWM) below 1 GiB
 
 
-def _corpus_module():
-    spec = importlib.util.spec_from_file_location("hostile_corpus",
-                                                  REPO / "scripts" / "hostile_corpus.py")  # fmt: skip
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> list[dict]:
     """The corpus written by the script; each index entry with its bytes as ``data``."""
     folder = tmp_path_factory.mktemp("hostile")
-    assert _corpus_module().main([str(folder)]) == 0
+    assert hostile_corpus().main([str(folder)]) == 0
     index = json.loads((folder / "index.json").read_text())["cases"]
     return [dict(c, data=(folder / c["file"]).read_bytes()) for c in index]
 
@@ -134,7 +123,7 @@ def test_limits_from_env_and_their_defaults():
     assert (default.max_side, default.max_aspect, default.max_scans) == (16384, 32, 64)
     core = stub_core(SPECS["grey56"])
     core.limits = limits
-    wide = _corpus_module().png_flat(512, 64)  # within the defaults, not within these
+    wide = hostile_corpus().png_flat(512, 64)  # within the defaults, not within these
     with pytest.raises(ServiceError, match="at most 4× the shorter"):
         core.prepare(wide)
     with pytest.raises(SettingsError, match="PROTONMF_MAX_SCANS: Input should be greater"):
@@ -142,7 +131,7 @@ def test_limits_from_env_and_their_defaults():
 
 
 def test_jpeg_scans_are_counted_exactly_on_real_files():
-    module = _corpus_module()
+    module = hostile_corpus()
     photo = module._photo((256, 256))
     for kw, scans in (({}, 1), ({"progressive": True}, None)):
         blob = module._save(photo, "JPEG", **kw)
@@ -155,7 +144,7 @@ def test_jpeg_scans_are_counted_exactly_on_real_files():
 def test_decoding_stops_at_its_deadline_in_the_decoding_thread():
     """A JPEG of 200,000 comment segments (within every other limit) costs ~0.4 s of
     header reading: with a 50 ms budget it is refused, and promptly."""
-    module = _corpus_module()
+    module = hostile_corpus()
     blob = module.jpeg_with_segments(module._save(module._photo(), "JPEG"), b"\xff\xfe\x00\x02",
                                      200_000)  # fmt: skip
     t = time.perf_counter()
