@@ -101,3 +101,23 @@ def hostile_corpus():
     sys.modules[spec.name] = module  # its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
+
+
+def stub_core(spec, limits=None):
+    """A service Core without a model, Fashion's manifest layout: enough for ``prepare``
+    (decoding, limits) and the checks that need no graph."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from protonmf.service.core import Core
+
+    classes = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+               "sneaker", "bag", "boot"]  # fmt: skip
+    manifest = {"classes": classes, "p": 3, "feature_grid": [7, 7],
+                "graph": {"maps": "all", "scores": "all"},
+                "diagnostics": {"per_class": [{"fold": "sum"} for _ in classes]}}  # fmt: skip
+    explainer = SimpleNamespace(manifest=manifest, preprocessing=spec, output_shapes={},
+                                provider="CPUExecutionProvider",
+                                tensors={"coefficients": np.ones((10, 3), np.float32)})  # fmt: skip
+    return Core(explainer, limits)

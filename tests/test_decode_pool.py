@@ -11,11 +11,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers import FASHION_DATA, hostile_corpus
+from helpers import FASHION_DATA, hostile_corpus, stub_core
 from PIL import Image
 
 from protonmf.artifact import Preprocessing
@@ -36,18 +35,6 @@ GREY = Preprocessing(height=56, width=56, resize=56, color_mode="L", mean=(0.3,)
 
 
 H = hostile_corpus()
-
-
-def stub_core(spec: Preprocessing, limits: Limits | None = None) -> Core:
-    """A Core without a model: enough for ``prepare``."""
-    classes = [f"c{i}" for i in range(10)]
-    manifest = {"classes": classes, "p": 3, "feature_grid": [7, 7],
-                "graph": {"maps": "all", "scores": "all"},
-                "diagnostics": {"per_class": [{"fold": "sum"} for _ in classes]}}  # fmt: skip
-    explainer = SimpleNamespace(manifest=manifest, preprocessing=spec, output_shapes={},
-                                provider="CPUExecutionProvider",
-                                tensors={"coefficients": np.ones((10, 3), np.float32)})  # fmt: skip
-    return Core(explainer, limits)
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:

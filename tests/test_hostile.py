@@ -12,13 +12,12 @@ import json
 import re
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import httpx
 import numpy as np
 import pytest
-from helpers import REPO, hostile_corpus
+from helpers import REPO, hostile_corpus, stub_core
 from served import serve
 
 from protonmf.artifact import Preprocessing
@@ -54,18 +53,6 @@ def test_corpus_is_large_and_covers_every_kind(corpus):
 
 
 # --- through the core: no model needed, a stub explainer with Fashion's manifest layout ----
-
-
-def stub_core(spec: Preprocessing) -> Core:
-    classes = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
-               "sneaker", "bag", "boot"]  # fmt: skip
-    manifest = {"classes": classes, "p": 3, "feature_grid": [7, 7],
-                "graph": {"maps": "all", "scores": "all"},
-                "diagnostics": {"per_class": [{"fold": "sum"} for _ in classes]}}  # fmt: skip
-    explainer = SimpleNamespace(manifest=manifest, preprocessing=spec, output_shapes={},
-                                provider="CPUExecutionProvider",
-                                tensors={"coefficients": np.ones((10, 3), np.float32)})  # fmt: skip
-    return Core(explainer)
 
 
 SPECS = {
