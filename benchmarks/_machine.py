@@ -77,7 +77,7 @@ def write_result(path, report: dict) -> None:
 # pool per session, each session's workers keep spinning after its run on the cores the
 # next session's run needs. One pool for all of a process's sessions avoids that. The
 # service holds one session per process and does not need it (it lives here, not in
-# protonmf.service.runtime).
+# protonmf.graph).
 
 _shared_pool_threads: int | None = None
 
@@ -106,10 +106,10 @@ def shared_pool_threads() -> int | None:
 
 def shared_session(model_path, device: str = "cpu"):
     """(session, provider in use) on the shared pool: ``use_per_session_threads = False``,
-    full graph optimisation, providers as ``protonmf.service.runtime.create_session``."""
+    full graph optimisation, providers as ``protonmf.graph.create_session``."""
     import onnxruntime as ort
 
-    from protonmf.service.runtime import ProviderError, cuda_options
+    from protonmf.graph import ProviderError, cuda_options
 
     if _shared_pool_threads is None:
         raise RuntimeError("shared_session before set_shared_thread_pool")
@@ -131,7 +131,7 @@ def session(model_path, device: str = "cpu", threads: int | None = None):
     """(session, provider in use): on the shared pool once ``set_shared_thread_pool`` ran
     (``threads`` must then be None or the pool's size), else ``create_session``'s own pool."""
     if _shared_pool_threads is None:
-        from protonmf.service.runtime import create_session
+        from protonmf.graph import create_session
 
         return create_session(model_path, device, threads=threads)
     if threads not in (None, _shared_pool_threads):

@@ -64,7 +64,7 @@ def decode_floor(payloads, spec, limits, repeats: int = 20) -> dict:
     import time
 
     from protonmf.artifact import resize_crop
-    from protonmf.service.imaging import decode_image
+    from protonmf.service.decode.images import decode_image
 
     def cpu_ms(work) -> float:
         t0 = time.process_time()
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     if args.payload == "baseline":
         payloads = baseline_jpegs(payloads)
     from protonmf.artifact import Preprocessing
-    from protonmf.service.settings import Settings
+    from protonmf.service.ops.settings import Settings
 
     spec = Preprocessing.from_dict(load_manifest(real)["preprocessing"])
     floor = decode_floor(payloads, spec, Settings.from_env({}).limits())

@@ -13,7 +13,7 @@ Batch sizes and devices are interleaved per round (warm-up call before each time
 figures are medians. The ratio that matters for serving is images/s of ``infer`` at batch
 32 against the per-image cost of ``decode`` + ``explain``, which the batcher cannot merge.
 
-``--io-binding`` times ``Explainer.run`` alone instead (a normalised batch → outputs on the
+``--io-binding`` times ``GraphSession.run`` alone instead (a normalised batch → outputs on the
 host), at batch 1 and 32, with every output and without the maps: ``session.run`` against
 IOBinding on the same session (PROTONMF_IO_BINDING) and, with ``--device cuda``, CUDA graphs
 (PROTONMF_CUDA_GRAPHS, buckets 1 and 32, each graph captured before timing). All outputs
@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO))
 import _machine  # noqa: E402
 
 from protonmf.sample_data import imagenet_photo_files  # noqa: E402
-from protonmf.service.core import Core, ExplainOptions  # noqa: E402
-from protonmf.service.runtime import Explainer  # noqa: E402
+from protonmf.service.engine.core import Core, ExplainOptions  # noqa: E402
+from protonmf.graph import GraphSession  # noqa: E402
 
 BATCHES = (1, 8, 32)
 BINDING_BATCHES = (1, 32)
@@ -106,13 +106,13 @@ def report(result: dict, devices: list[str]) -> None:
 
 
 def bench_binding(artifact: Path, devices: list[str], threads, rounds: int) -> dict:
-    """``Explainer.run``: session.run vs IOBinding (same session) vs CUDA graphs (CUDA)."""
-    runs: dict[str, dict[str, Explainer]] = {}
+    """``GraphSession.run``: session.run vs IOBinding (same session) vs CUDA graphs (CUDA)."""
+    runs: dict[str, dict[str, GraphSession]] = {}
     for device in devices:
-        plain = Explainer.load(artifact, device, threads, io_binding="off")
+        plain = GraphSession.load(artifact, device, threads, io_binding="off")
         runs[device] = {"plain": plain, "iobinding": dataclasses.replace(plain, io_binding=True)}
         if device == "cuda":
-            graphs = Explainer.load(artifact, device, threads, cuda_graphs=True,
+            graphs = GraphSession.load(artifact, device, threads, cuda_graphs=True,
                                     buckets=BINDING_BATCHES)  # fmt: skip
             runs[device]["cuda-graphs"] = graphs
     any_ex = runs[devices[0]]["plain"]
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--io-binding", action="store_true",
-                    help="time Explainer.run: session.run vs IOBinding (vs CUDA graphs on cuda)")  # fmt: skip
+                    help="time GraphSession.run: session.run vs IOBinding (vs CUDA graphs on cuda)")  # fmt: skip
     ap.add_argument("--max-diff", type=float, default=None,
                     help="with --io-binding: exit 1 if an output differs from session.run's by "
                          "more than this (max |Δ|)")  # fmt: skip

@@ -109,8 +109,8 @@ def tiny_jpeg() -> bytes:
 async def bench(blobs: list[bytes], spec, processes: int, rounds: int, repeat: int) -> dict:
     import numpy as np
 
-    from protonmf.service.decode_pool import DecodePool, decode_crop
-    from protonmf.service.imaging import Limits
+    from protonmf.service.decode.pool import DecodePool, decode_crop
+    from protonmf.service.decode.images import Limits
 
     limits = Limits()
     loop = asyncio.get_running_loop()

@@ -48,7 +48,7 @@ from bench_service import (  # noqa: E402
 from protonmf.artifact import Preprocessing, load_manifest  # noqa: E402
 from protonmf.client import grpc_channel_options  # noqa: E402
 from protonmf.sample_data import imagenet_photo_files  # noqa: E402
-from protonmf.service.grpc_api import pb, pb_grpc  # noqa: E402
+from protonmf.service.grpc.server import pb, pb_grpc  # noqa: E402
 
 TIMEOUT_S = 60
 BATCH_METRIC = "protonmf_inference_batch_size"  # the data plane's batches, both transports

@@ -38,7 +38,7 @@ import bench_graph  # noqa: E402
 from protonmf.converter.export import export_module, export_onnx  # noqa: E402
 from protonmf.converter.models import HeadSpec  # noqa: E402
 from protonmf.converter.protomodel import ProtoModel  # noqa: E402
-from protonmf.service.runtime import create_session  # noqa: E402
+from protonmf.graph import create_session  # noqa: E402
 
 P, K, GRID = 3, 5, (7, 7)
 

@@ -26,7 +26,7 @@ import _machine  # noqa: E402
 
 from protonmf.artifact import Preprocessing, load_manifest, resize_crop  # noqa: E402
 from protonmf.sample_data import imagenet_photo_files  # noqa: E402
-from protonmf.service.imaging import Limits, decode_image  # noqa: E402
+from protonmf.service.decode.images import Limits, decode_image  # noqa: E402
 
 
 def camera_jpeg(size=(4000, 3000)) -> bytes:

@@ -87,7 +87,7 @@ from protonmf.sample_data import (  # noqa: E402
     imagenet_photo_folder,
     lite0_checkpoint,
 )
-from protonmf.service.runtime import create_session  # noqa: E402
+from protonmf.graph import create_session  # noqa: E402
 
 MAX_BATCH_SIZE = 32
 WORKERS = 1
@@ -257,7 +257,7 @@ def decode_costs(spec: Preprocessing, rounds: int) -> dict:
     """ms per image, median over the photos × rounds, of each server's per-image work."""
     from PIL import Image
 
-    from protonmf.service.imaging import Limits, decode_image
+    from protonmf.service.decode.images import Limits, decode_image
 
     blobs = [f.read_bytes() for f in imagenet_photo_files()]
     limits = Limits()

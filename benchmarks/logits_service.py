@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from protonmf.artifact import Preprocessing, load_manifest, preprocess
-from protonmf.service.runtime import create_session
+from protonmf.graph import create_session
 
 MAX_BATCH_SIZE = int(os.environ.get("LOGITS_MAX_BATCH_SIZE", "32"))
 MAX_LATENCY_MS = int(os.environ.get("LOGITS_MAX_LATENCY_MS", "10000"))

@@ -114,7 +114,7 @@ def check_pool(work: Path, artifact: Path | None) -> None:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from protonmf.service.runtime import create_session
+    from protonmf.graph import create_session
 
     path = artifact / "model.onnx"
     own, _ = create_session(path, threads=2)

@@ -24,12 +24,12 @@ from tqdm import tqdm
 import protonmf
 from protonmf.artifact import Preprocessing, preprocess, scratch, write_artifact
 from protonmf.data import Sample, find_split, load_samples
-from protonmf.exemplars import EXEMPLARS_FILE, KINDS, save_exemplars
+from protonmf.artifact.exemplars import EXEMPLARS_FILE, KINDS, save_exemplars
 
-from .exemplars import assemble, presence_filters, rank_class
-from .export import export_onnx, graph_spec
-from .head import fit_coefficients, fold_residual
-from .models import (
+from protonmf.converter.exemplars import assemble, presence_filters, rank_class
+from protonmf.converter.export import export_onnx, graph_spec
+from protonmf.converter.head import fit_coefficients, fold_residual
+from protonmf.converter.models import (
     HeadSpec,
     ModelSource,
     analyse_head,
@@ -37,8 +37,8 @@ from .models import (
     load_model,
     preprocessing_from_timm,
 )
-from .nmf import nmf
-from .protomodel import ProtoModel
+from protonmf.converter.nmf import nmf
+from protonmf.converter.protomodel import ProtoModel
 
 __all__ = ["ConvertConfig", "NotExactError", "class_names_of", "convert", "extract_features",
            "logits_of", "onnx_exactness"]  # fmt: skip
@@ -552,7 +552,7 @@ def convert(cfg: ConvertConfig) -> Path:
 def onnx_exactness(onnx_path, want: np.ndarray, samples, prep, batch_size) -> dict:
     """The exported graph, run by onnxruntime on the CPU as the service runs it, vs the
     black box's logits ``want`` on the same images: what ``protonmf verify`` reports."""
-    from protonmf.service.runtime import create_session
+    from protonmf.graph import create_session
 
     session, provider = create_session(onnx_path, "cpu")
     got = np.concatenate([session.run(["logits"], {"image": x.numpy()})[0]

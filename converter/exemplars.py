@@ -18,7 +18,7 @@ import torch
 
 from protonmf.artifact import Preprocessing, resize_crop
 from protonmf.data import Sample
-from protonmf.exemplars import Exemplars
+from protonmf.artifact.exemplars import Exemplars
 
 __all__ = ["assemble", "presence_filters", "rank_class", "top_images"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .protomodel import ProtoModel
+from protonmf.converter.protomodel import ProtoModel
 
 __all__ = ["OPSET", "export_module", "export_onnx", "gathernd_to_gather", "graph_spec",
            "pooled_as_global_pool"]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import HeadSpec, features_nhwc
+from protonmf.converter.models import HeadSpec, features_nhwc
 
 __all__ = ["MAPS", "SCORES", "ProtoModel", "output_names", "resolve_modes"]
 

@@ -21,10 +21,10 @@ from protonmf.artifact import (
     write_artifact,
 )
 
-from .exemplars import presence_filters
-from .export import export_onnx, graph_spec
-from .models import analyse_head, recorded_model
-from .protomodel import ProtoModel
+from protonmf.converter.exemplars import presence_filters
+from protonmf.converter.export import export_onnx, graph_spec
+from protonmf.converter.models import analyse_head, recorded_model
+from protonmf.converter.protomodel import ProtoModel
 
 __all__ = ["prototype_model", "reexport"]
 

@@ -87,7 +87,7 @@ def _to_fp16(fp32: Path, out: Path) -> None:
 
 
 def _agreement(reference: np.ndarray, path: Path, images: np.ndarray, device: str) -> dict:
-    from protonmf.service.runtime import create_session
+    from protonmf.graph import create_session
 
     session, provider = create_session(path, device)
     got = np.concatenate([session.run(["logits"], {"image": b})[0]
@@ -108,7 +108,7 @@ def add_variants(artifact: str | Path, kinds=("int8",), calibration_images: int 
     Calibration uses the conversion images; agreement the held-out ones (or the conversion
     images when there are none). Returns the manifest's new ``variants`` section.
     """
-    from protonmf.service.runtime import create_session
+    from protonmf.graph import create_session
 
     artifact = Path(artifact)
     manifest = load_manifest(artifact)

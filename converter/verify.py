@@ -10,10 +10,10 @@ from tqdm import tqdm
 
 from protonmf.artifact import Preprocessing, preprocess
 from protonmf.data import load_samples
-from protonmf.service.runtime import Explainer
+from protonmf.graph import GraphSession
 
-from .convert import exactness
-from .models import recorded_model
+from protonmf.converter.convert import exactness
+from protonmf.converter.models import recorded_model
 
 __all__ = ["verify"]
 
@@ -31,7 +31,7 @@ def default_data(manifest: dict) -> str:
 def verify(artifact, data=None, device="cpu", batch_size=32, max_images=None,
            progress=True) -> dict:  # fmt: skip
     """Run ONNX (onnxruntime) and the original model (torch) on the same preprocessed images."""
-    explainer = Explainer.load(artifact, device=device)
+    explainer = GraphSession.load(artifact, device=device)
     manifest = explainer.manifest
     data = data or default_data(manifest)
     samples = load_samples(data, manifest["classes"])[:max_images]

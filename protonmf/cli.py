@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .artifact import ArtifactError, load_manifest
+from protonmf.artifact.store import ArtifactError, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "fashion-resnet"
@@ -170,12 +170,12 @@ def check_artifact(artifact) -> dict:
     """Everything a server checks before it serves: checksums, tensors against the manifest,
     exemplars, and the graph's input/outputs against the manifest (onnxruntime loads it).
     Raises ArtifactError with the reason; returns the manifest."""
-    from .exemplars import load_exemplars
+    from protonmf.artifact.exemplars import load_exemplars
 
     manifest = load_manifest(artifact)
-    from protonmf.service.runtime import Explainer  # onnxruntime: the serve extra
+    from protonmf.graph import GraphSession  # onnxruntime: the serve extra
 
-    explainer = Explainer.load(artifact, device="cpu", threads=1)
+    explainer = GraphSession.load(artifact, device="cpu", threads=1)
     load_exemplars(artifact, explainer.manifest)
     return manifest
 
@@ -202,7 +202,7 @@ def _cmd_verify(args) -> int:
 def _cmd_evaluate(args) -> int:
     import time
 
-    from protonmf.service.evaluate import FAITH_IMAGES, evaluate, format_report, parse_p_list
+    from protonmf.analysis.evaluate import FAITH_IMAGES, evaluate, format_report, parse_p_list
 
     ps = parse_p_list(args.sweep_p) if args.sweep_p else None  # refuse a bad list up front
     faith_images = FAITH_IMAGES if args.faith_images is None else (args.faith_images or None)
@@ -253,8 +253,8 @@ def preflight(settings) -> None:
     (CUDA without a GPU, CUDA graphs on the CPU, nvImageCodec missing) stop ``serve`` here
     with their reason (exit 2), instead of failing in a worker that BentoML restarts
     forever. What it loads goes with this process when ``bentoml serve`` replaces it."""
-    from protonmf.service.dataplane import DataPlane
-    from protonmf.service.runtime import ProviderError
+    from protonmf.service.engine.pipeline import DataPlane
+    from protonmf.graph import ProviderError
 
     try:
         DataPlane.load(settings, warm=False)
@@ -264,7 +264,7 @@ def preflight(settings) -> None:
 
 def _cmd_serve(args) -> int:
     """Replace this process with ``bentoml serve`` so its PID is the server's."""
-    from protonmf.service.settings import Settings
+    from protonmf.service.ops.settings import Settings
 
     check_artifact(args.artifact)  # refuse a bad artifact here, with the reason, exit 2
     cmd, env = serve_command(args, os.environ)
@@ -288,7 +288,7 @@ def _cmd_variants(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from protonmf.service.report import write_report
+    from protonmf.analysis.report import write_report
 
     evaluation = json.loads(Path(args.evaluation).read_text()) if args.evaluation else None
     classes = args.classes.split(",") if args.classes else None

@@ -1,5 +1,5 @@
 """Clients for both transports of a ProtoNMF service, sync and async, returning the typed
-response models of protonmf.service.schemas.
+response models of protonmf.api.schemas.
 
     from protonmf.client import GrpcClient, RestClient
     with RestClient("http://127.0.0.1:3000") as c:        # or GrpcClient("127.0.0.1:50051"),
@@ -16,7 +16,7 @@ ClassifyResponse, ExplainResponse, ModelInfo, PrototypesResponse; ``prototype_im
 ``overlay`` (REST only: protonmf.v1 has no Overlay RPC) return PNG bytes. Requests are
 built from the request models (ExplainRequest, ...), so arguments are checked before
 anything is sent; gRPC answers are read back into the same models as REST's
-(protonmf.service.protomap).
+(protonmf.api.protomap).
 
 Failures raise ``RequestFailed`` with the REST status or gRPC code name, the message and
 the service's reason (``too_large``, ``unsupported_media_type``, ...). Needs httpx (REST)
@@ -34,8 +34,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from protonmf.service import protomap
-from protonmf.service.schemas import (
+from protonmf.api import protomap
+from protonmf.api.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     ErrorBody,
@@ -299,7 +299,7 @@ def grpc_channel_options(max_message_bytes: int = 256 << 20, own_connection: boo
 
 
 def _pb():
-    from protonmf.service.proto.protonmf.v1 import protonmf_pb2, protonmf_pb2_grpc
+    from protonmf.api.proto.protonmf.v1 import protonmf_pb2, protonmf_pb2_grpc
 
     return protonmf_pb2, protonmf_pb2_grpc
 

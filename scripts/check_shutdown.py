@@ -85,7 +85,7 @@ def _grpc_stub(target: str):
     import grpc
 
     from protonmf.client import grpc_channel_options
-    from protonmf.service.proto.protonmf.v1 import protonmf_pb2, protonmf_pb2_grpc
+    from protonmf.api.proto.protonmf.v1 import protonmf_pb2, protonmf_pb2_grpc
 
     channel = grpc.aio.insecure_channel(target, options=grpc_channel_options(own_connection=True))
     return channel, protonmf_pb2_grpc.ProtoNMFStub(channel), protonmf_pb2

@@ -410,7 +410,7 @@ def request_cases() -> list[Case]:
 def _bad_utf8_map_kind() -> bytes:
     """An ExplainRequest whose string field map_kind holds bytes that are not UTF-8."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from protonmf.service.grpc_api import pb
+    from protonmf.service.grpc.server import pb
 
     field = pb.ExplainRequest.DESCRIPTOR.fields_by_name["map_kind"].number
     return bytes([field << 3 | 2, 2]) + b"\xc3\x28"

@@ -31,19 +31,19 @@ from bentoml.exceptions import BentoMLException
 from PIL import Image
 from starlette.responses import Response
 
-from . import bentoml_fixes
-from . import schemas as S
-from .core import ExplainOptions
-from .dataplane import DataPlane
-from .errors import InvalidInput, ServiceError
-from .grpc_api import GrpcServer
-from .http_guard import RequestGuard
-from .metrics import METRICS
-from .observability import ApiKeys, configure_logging, initialize
-from .oip_rest import V2Root
-from .oip_rest import build_app as build_oip_app
-from .settings import Settings
-from .webui import app as ui_app
+from protonmf.service.rest import bentoml_fixes
+from protonmf.api import schemas as S
+from protonmf.service.engine.core import ExplainOptions
+from protonmf.service.engine.pipeline import DataPlane
+from protonmf.service.ops.errors import InvalidInput, ServiceError
+from protonmf.service.grpc.server import GrpcServer
+from protonmf.service.rest.guard import RequestGuard
+from protonmf.service.ops.metrics import METRICS
+from protonmf.service.ops.observability import ApiKeys, configure_logging, initialize
+from protonmf.service.oip.rest import V2Root
+from protonmf.service.oip.rest import build_app as build_oip_app
+from protonmf.service.ops.settings import Settings
+from protonmf.service.rest.webui import app as ui_app
 
 SETTINGS = Settings.from_env()  # the decorator below needs the worker count now
 bentoml_fixes.apply()

@@ -110,7 +110,7 @@ def stub_core(spec, limits=None):
 
     import numpy as np
 
-    from protonmf.service.core import Core
+    from protonmf.service.engine.core import Core
 
     classes = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                "sneaker", "bag", "boot"]  # fmt: skip

@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 
-from protonmf.service import bentoml_fixes
+from protonmf.service.rest import bentoml_fixes
 
 REQUEST = contextvars.ContextVar("request")
 
@@ -196,7 +196,7 @@ def guarded(body: bytes, content_type: str = FORM, in_app: bool = True, **limits
     """(status, JSON body or None, whether the app behind the guard was called)."""
     import json
 
-    from protonmf.service.http_guard import RequestGuard
+    from protonmf.service.rest.guard import RequestGuard
 
     reached = []
 
@@ -276,7 +276,7 @@ def test_a_good_form_reaches_the_app_with_its_body_intact():
 
 
 def run_guard(scope, receive, **limits):
-    from protonmf.service.http_guard import RequestGuard
+    from protonmf.service.rest.guard import RequestGuard
 
     async def app(scope, receive, send):
         await receive()
@@ -308,7 +308,7 @@ def test_slow_body_is_408_and_huge_body_413_before_reading_it():
 
 def test_clients_that_send_only_headers_do_not_take_slots():
     """Four clients stuck in their bodies; a fifth, complete request is still served."""
-    from protonmf.service.http_guard import RequestGuard
+    from protonmf.service.rest.guard import RequestGuard
 
     async def app(scope, receive, send):
         await receive()

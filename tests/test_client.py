@@ -26,10 +26,10 @@ from protonmf.client import (
     RestClient,
     grpc_channel_options,
 )
-from protonmf.service import protomap
-from protonmf.service import schemas as S
-from protonmf.service.proto.protonmf.v1 import protonmf_pb2 as pb
-from protonmf.service.proto.protonmf.v1 import protonmf_pb2_grpc as pb_grpc
+from protonmf.api import protomap
+from protonmf.api import schemas as S
+from protonmf.api.proto.protonmf.v1 import protonmf_pb2 as pb
+from protonmf.api.proto.protonmf.v1 import protonmf_pb2_grpc as pb_grpc
 
 PNG = b"\x89PNG\r\n\x1a\n fake"
 IMAGES = [b"\xff\xd8 first image", b"\x89PNG second image"]
@@ -49,7 +49,7 @@ BODIES = {
 
 def test_import_pulls_in_neither_bentoml_nor_onnxruntime():
     code = ("import sys, protonmf.client; "
-            "bad = {'bentoml', 'onnxruntime', 'torch', 'numpy', 'protonmf.service.core'} "
+            "bad = {'bentoml', 'onnxruntime', 'torch', 'numpy', 'protonmf.service.engine.core'} "
             "& set(sys.modules); sys.exit(str(bad) if bad else 0)")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr + r.stdout
@@ -368,7 +368,7 @@ def real_bodies(fashion_artifact) -> dict:
     intervention, top-5 classes, every prototype, the model."""
     from helpers import FASHION_DATA, run_images
 
-    from protonmf.service.core import Core, ExplainOptions, Intervention
+    from protonmf.service.engine.core import Core, ExplainOptions, Intervention
 
     core = Core.load(fashion_artifact)
     blobs = [next((FASHION_DATA / "test" / c).glob("*.png")).read_bytes() for c in ("bag", "coat")]

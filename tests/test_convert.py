@@ -15,8 +15,8 @@ from protonmf.converter.reexport import prototype_model, reexport
 from protonmf.converter.verify import verify
 from protonmf.data import load_image_folder
 from protonmf.sample_data import lite0_checkpoint
-from protonmf.service.evaluate import explanation_residual
-from protonmf.service.runtime import Explainer
+from protonmf.analysis.evaluate import explanation_residual
+from protonmf.graph import GraphSession
 
 
 def proto_model_from_artifact(artifact, maps="none", scores="topk"):
@@ -185,7 +185,7 @@ def test_supported_heads_convert_exactly(name, kwargs, kind, tmp_path, imagenet_
     assert ("bias" in manifest_of(every)["graph"]["outputs"]) == (kind == "avg_norm_linear")
     report = verify(every, data=imagenet_photos, progress=False)
     assert report["top1_agreement"] == 1.0 and report["max_rel_logit_diff"] <= 1e-5
-    ex = Explainer.load(every)
+    ex = GraphSession.load(every)
     x = ex.preprocess([Image.open(p) for p in sorted(imagenet_photos.glob("*/*.jpg"))[:4]])
     assert explanation_residual(ex.run(x)).max() <= 1e-5
 
@@ -194,7 +194,7 @@ def outside_topk_terms_match_torch(artifact, image: bytes):
     """The service's terms of a class outside the graph's top-k (computed from the pooled
     features, LayerNorm heads included) == the all-scores prototype model in torch."""
     from protonmf.artifact import normalize
-    from protonmf.service.core import Core
+    from protonmf.service.engine.core import Core
 
     core = Core.load(artifact)
     crop = core.prepare(image)

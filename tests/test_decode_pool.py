@@ -19,16 +19,16 @@ from PIL import Image
 
 from protonmf.artifact import Preprocessing
 from protonmf.sample_data import imagenet_photo_files
-from protonmf.service.core import Core, ExplainOptions
-from protonmf.service.decode_pool import DecodePool, DecoderCrashed, _rebuild, _reply
-from protonmf.service.errors import (
+from protonmf.service.engine.core import Core, ExplainOptions
+from protonmf.service.decode.pool import DecodePool, DecoderCrashed, _rebuild, _reply
+from protonmf.service.ops.errors import (
     InvalidInput,
     PayloadTooLarge,
     ServiceError,
     Unprocessable,
     UnsupportedMediaType,
 )
-from protonmf.service.imaging import Limits
+from protonmf.service.decode.images import Limits
 
 RGB = Preprocessing(height=224, width=224, resize=256, interpolation="bicubic")
 GREY = Preprocessing(height=56, width=56, resize=56, color_mode="L", mean=(0.3,), std=(0.35,))
@@ -211,7 +211,7 @@ def test_replies_name_errors_without_pickles():
 def test_decode_processes_import_neither_the_model_nor_metrics():
     """A child imports this module, the limits' and the preprocessing's: not onnxruntime
     (threads, memory), not prometheus_client (its multiprocess files), not torch."""
-    code = ("import sys, protonmf.service.decode_pool, protonmf.service.imaging, "
+    code = ("import sys, protonmf.service.decode.pool, protonmf.service.decode.images, "
             "protonmf.artifact; bad = {'onnxruntime', 'prometheus_client', 'torch'} & "
             "set(sys.modules); sys.exit(str(sorted(bad)) if bad else 0)")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -353,8 +353,8 @@ def test_dataplane_answers_the_same_with_decode_processes(fashion_artifact):
     """classify, explain, overlay and a refusal: equal bodies with 2 decode processes and
     with the worker's threads (batches of one image: no float differences between batch
     compositions); the process path never calls Core.prepare."""
-    from protonmf.service.dataplane import DataPlane
-    from protonmf.service.settings import Settings
+    from protonmf.service.engine.pipeline import DataPlane
+    from protonmf.service.ops.settings import Settings
 
     blobs = [p.read_bytes() for p in sorted((FASHION_DATA / "test" / "bag").glob("*.png"))[:2]]
     blobs.append(imagenet_photo_files()[0].read_bytes())  # colour JPEG → grey crop

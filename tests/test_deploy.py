@@ -477,8 +477,8 @@ def test_bentos_build_offline_without_torch_and_serve(fashion_artifact, tmp_path
         (wheel,) = (bento / "env" / "python" / "wheels").glob("protonmf-*.whl")
         with zipfile.ZipFile(wheel) as z:
             names = set(z.namelist())
-        assert {"protonmf/service/service.py", "protonmf/service/ui/index.html",
-                "protonmf/artifact.py"} <= names  # fmt: skip
+        assert {"protonmf/service/service.py", "protonmf/service/rest/ui/index.html",
+                "protonmf/artifact/store.py"} <= names  # fmt: skip
         assert not any(n.split("/")[0] in ("service", "converter") for n in names)
     dockerfile_gpu = (bentos["gpu"] / "env" / "docker" / "Dockerfile").read_text()
     assert "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04" in dockerfile_gpu

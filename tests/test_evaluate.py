@@ -12,7 +12,7 @@ from helpers import FASHION_DATA, FASHION_MODEL, run_cli
 
 from protonmf.artifact import Preprocessing, load_manifest, load_tensors, preprocess
 from protonmf.data import load_image_folder
-from protonmf.service.evaluate import (
+from protonmf.analysis.evaluate import (
     ablation_logits,
     auc,
     deletion_insertion,
@@ -22,7 +22,7 @@ from protonmf.service.evaluate import (
     intervention,
     residual_share,
 )
-from protonmf.service.runtime import Explainer
+from protonmf.graph import GraphSession
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def fashion_torch(fashion_artifact):
     from protonmf.converter.models import recorded_model
 
     manifest = load_manifest(fashion_artifact)
-    ex = Explainer.load(fashion_artifact)
+    ex = GraphSession.load(fashion_artifact)
     samples = load_image_folder(FASHION_DATA / "test", ex.classes)[::21][:24]
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     x = np.stack([preprocess(s.open(), prep) for s in samples])
@@ -276,13 +276,13 @@ def _assert_close(x, y, tol):
 
 def test_no_pooled_no_maps_are_reported_unavailable(fashion_artifact, monkeypatch):
     """An old all-class graph (no ``pooled``) with --maps none: those keys say why."""
-    run = Explainer.run
+    run = GraphSession.run
 
     def old_graph(self, batch):
         out = run(self, batch)
         return {k: v for k, v in out.items() if k not in ("pooled", "maps")}
 
-    monkeypatch.setattr(Explainer, "run", old_graph)
+    monkeypatch.setattr(GraphSession, "run", old_graph)
     r = evaluate(fashion_artifact, max_images=20, progress=False)
     for key in ("ablation", "residual_share", "faithfulness"):
         assert set(r[key]) == {"unavailable"}, key
@@ -331,7 +331,7 @@ def test_sweep_head_error_falls_with_p(fashion_artifact):
     assert rows[1]["head_rel_error"] < rows[0]["head_rel_error"] < 1
     assert rows[1]["feature_rel_error"] < rows[0]["feature_rel_error"] < 1
     # the augmented head is V whatever p: the black box's top-1 on the same 30 images
-    ex = Explainer.load(fashion_artifact)
+    ex = GraphSession.load(fashion_artifact)
     samples = load_image_folder(FASHION_DATA / "test", ex.classes)
     samples = [samples[i] for i in evenly_spread(len(samples), 30)]
     logits = ex.run(ex.preprocess([s.open() for s in samples]))["logits"]

@@ -13,7 +13,7 @@ from helpers import FASHION_DATA, FASHION_MODEL, REPO, run_cli
 from protonmf.artifact import ArtifactError, Preprocessing, load_manifest, load_tensors, preprocess
 from protonmf.converter.models import ModelSource, load_model
 from protonmf.data import load_samples
-from protonmf.exemplars import load_exemplars
+from protonmf.artifact.exemplars import load_exemplars
 
 PER_CLASS = 12  # a small conversion: 120 images
 M = 4

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from protonmf.artifact import Preprocessing, resize_crop
-from protonmf.service.errors import PayloadTooLarge
-from protonmf.service.gpu_decode import GpuJpegDecoder
-from protonmf.service.imaging import Limits, decode_image
-from protonmf.service.runtime import ProviderError
-from protonmf.service.settings import Settings, SettingsError
+from protonmf.service.ops.errors import PayloadTooLarge
+from protonmf.service.decode.gpu import GpuJpegDecoder
+from protonmf.service.decode.images import Limits, decode_image
+from protonmf.graph import ProviderError
+from protonmf.service.ops.settings import Settings, SettingsError
 
 SPEC = Preprocessing(height=224, width=224, resize=256, interpolation="bicubic")
 
@@ -138,7 +138,7 @@ def test_gpu_jpeg_pixels_and_logits_close_to_pillows(lite0_artifact):
     the figures go to the log (benchmarks/gpu_checks.sh run)."""
     pytest.importorskip("nvidia.nvimgcodec")
     from protonmf.sample_data import imagenet_photo_files
-    from protonmf.service.core import Core
+    from protonmf.service.engine.core import Core
 
     core = Core.load(lite0_artifact)
     gpu = GpuJpegDecoder()
@@ -157,7 +157,7 @@ def test_gpu_jpeg_pixels_and_logits_close_to_pillows(lite0_artifact):
 
 def test_data_plane_refuses_to_start_without_nvimgcodec(fashion_artifact, monkeypatch):
     """The setting is not ignored where it cannot work: DataPlane.load fails, naming it."""
-    from protonmf.service.dataplane import DataPlane
+    from protonmf.service.engine.pipeline import DataPlane
 
     monkeypatch.setitem(sys.modules, "nvidia", None)
     env = {"PROTONMF_ARTIFACT": str(fashion_artifact), "PROTONMF_JPEG_DECODER": "nvimgcodec"}

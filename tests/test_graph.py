@@ -12,8 +12,8 @@ from onnx import numpy_helper
 from protonmf.artifact import FORMAT_VERSION, ArtifactError
 from protonmf.converter.export import gathernd_to_gather
 from protonmf.data import load_image_folder
-from protonmf.service.evaluate import explanation_residual
-from protonmf.service.runtime import Explainer, ProviderError, create_session
+from protonmf.analysis.evaluate import explanation_residual
+from protonmf.graph import GraphSession, ProviderError, create_session
 
 
 def verify_json(artifact, capsys, *extra):
@@ -48,7 +48,7 @@ def test_evaluate_fashion(fashion_artifact, capsys):
 @pytest.fixture(scope="module")
 def fashion_batch(fashion_topk_artifact):
     """The top-k graph (the default of a 1,000-class model) on 32 held-out images."""
-    ex = Explainer.load(fashion_topk_artifact)
+    ex = GraphSession.load(fashion_topk_artifact)
     samples = load_image_folder(FASHION_DATA / "test", ex.classes)[::5][:32]
     return ex, ex.preprocess([s.open() for s in samples])
 
@@ -87,8 +87,8 @@ def test_dynamic_batch(fashion_batch, n):
 def all_outputs(fashion_artifact, fashion_batch):
     """The Fashion default, the same prototypes with scores="all", maps="all": every class."""
     _, x = fashion_batch
-    ex = Explainer.load(fashion_artifact)
-    # format 3: a constant bias is not a graph output; Explainer.run adds the tensor.
+    ex = GraphSession.load(fashion_artifact)
+    # format 3: a constant bias is not a graph output; GraphSession.run adds the tensor.
     # format 4: pooled features in every graph (the residual split needs them)
     assert list(ex.manifest["graph"]["outputs"]) == ["logits", "scores", "contributions",
                                                      "pooled", "maps"]  # fmt: skip
@@ -100,7 +100,7 @@ def all_outputs(fashion_artifact, fashion_batch):
 @pytest.mark.parametrize("n", [1, 3, 32])
 def test_dynamic_batch_all_classes(fashion_artifact, fashion_batch, all_outputs, n):
     _, x = fashion_batch
-    ex = Explainer.load(fashion_artifact)
+    ex = GraphSession.load(fashion_artifact)
     out = ex.run(x[:n])
     m = ex.manifest
     C, p, (H, W) = len(m["classes"]), m["p"], m["feature_grid"]
@@ -253,7 +253,7 @@ def test_cuda_request_without_gpu_is_an_error(fashion_artifact):
 
 
 def test_cuda_tf32_off_unless_asked():
-    from protonmf.service.runtime import cuda_options
+    from protonmf.graph import cuda_options
 
     # exact fp32 is the contract; no per-shape benchmarking under adaptive batching
     assert cuda_options() == {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
@@ -267,7 +267,7 @@ def test_cuda_tf32_off_unless_asked():
 def test_cuda_provider_parity(fashion_topk_artifact, fashion_batch):
     """CUDA provider (TF32 off) vs CPU provider: same logits, contributions, top-k maps."""
     ex_cpu, x = fashion_batch
-    ex_gpu = Explainer.load(fashion_topk_artifact, device="cuda")
+    ex_gpu = GraphSession.load(fashion_topk_artifact, device="cuda")
     assert ex_gpu.provider == "CUDAExecutionProvider"
     got, want = ex_gpu.run(x), ex_cpu.run(x)
     scale = np.abs(want["logits"]).max()
@@ -299,7 +299,7 @@ def test_fp16_variant_measured_on_cuda(fashion_artifact, tmp_path):
     fp16 = add_variants(art, ("fp16",), eval_images=200)["fp16"]
     agreement = fp16["agreement"]
     assert agreement["provider"] == "CUDAExecutionProvider" and agreement["top1_agreement"] >= 0.98
-    assert Explainer.load(art, device="cuda", variant="fp16").provider == "CUDAExecutionProvider"
+    assert GraphSession.load(art, device="cuda", variant="fp16").provider == "CUDAExecutionProvider"
     print(json.dumps(fp16))
 
 
@@ -318,7 +318,7 @@ def test_int8_and_fp16_variants(fashion_artifact, tmp_path):
     assert variants["int8"]["exact"] is False
     fp16 = variants["fp16"]
     assert fp16["agreement"] is not None or "not_measured" in fp16
-    ex = Explainer.load(art, variant="int8")
+    ex = GraphSession.load(art, variant="int8")
     samples = load_image_folder(FASHION_DATA / "test", ex.classes)[:8]
     out = ex.run(ex.preprocess([s.open() for s in samples]))
     assert explanation_residual(out).max() <= 1e-4  # the fp32 head still adds up
@@ -332,7 +332,7 @@ def test_int8_and_fp16_variants(fashion_artifact, tmp_path):
                and tuple(weights[n.input[1]].dims) == (C * p, D, 1, 1)]  # fmt: skip
     assert weights[head.input[1]].data_type == onnx.TensorProto.FLOAT
     with pytest.raises(ArtifactError, match="has no 'bf16' graph"):
-        Explainer.load(art, variant="bf16")
+        GraphSession.load(art, variant="bf16")
 
 
 def test_verify_lite0_on_scikit_image_photos(lite0_artifact, tmp_path, capsys):

@@ -21,7 +21,7 @@ from test_service_core import animated, bomb_png, png_bytes
 from test_service_http import _half_jpeg, histogram_count, sample_images
 
 from protonmf.client import GrpcClient, RequestFailed, RestClient
-from protonmf.service.grpc_api import GrpcConfig, GrpcServer, pb, pb_grpc
+from protonmf.service.grpc.server import GrpcConfig, GrpcServer, pb, pb_grpc
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
@@ -76,7 +76,7 @@ def assert_same_explanation(rest: dict, rpc: dict):
 def test_generated_code_matches_proto(tmp_path):
     subprocess.run(["bash", str(REPO / "scripts/gen_proto.sh"), str(tmp_path)], check=True,
                    env={**os.environ, "PY": sys.executable})  # fmt: skip
-    committed = REPO / "service/proto/protonmf/v1"
+    committed = REPO / "protonmf/api/proto/protonmf/v1"
     for name in ("protonmf_pb2.py", "protonmf_pb2.pyi", "protonmf_pb2_grpc.py"):
         assert (tmp_path / name).read_text() == (committed / name).read_text(), \
             f"{name} is stale: run scripts/gen_proto.sh"
@@ -85,9 +85,9 @@ def test_generated_code_matches_proto(tmp_path):
 def test_health_is_not_serving_until_ready(fashion_artifact):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from protonmf.service.core import Core
-    from protonmf.service.dataplane import DataPlane
-    from protonmf.service.settings import Settings
+    from protonmf.service.engine.core import Core
+    from protonmf.service.engine.pipeline import DataPlane
+    from protonmf.service.ops.settings import Settings
 
     async def scenario():
         plane = DataPlane(Core.load(fashion_artifact), Settings.from_env({}))

@@ -21,11 +21,11 @@ from helpers import REPO, hostile_corpus, stub_core
 from served import serve
 
 from protonmf.artifact import Preprocessing
-from protonmf.service.core import Core, Intervention
-from protonmf.service.errors import ServiceError
-from protonmf.service.grpc_api import pb
-from protonmf.service.imaging import Limits, count_jpeg_scans, decode_image
-from protonmf.service.settings import Settings, SettingsError
+from protonmf.service.engine.core import Core, Intervention
+from protonmf.service.ops.errors import ServiceError
+from protonmf.service.grpc.server import pb
+from protonmf.service.decode.images import Limits, count_jpeg_scans, decode_image
+from protonmf.service.ops.settings import Settings, SettingsError
 
 REQUEST_SECONDS = 5.0  # every answer, refusal or not, within this
 RSS_GROWTH = 1.2  # worker RSS after the corpus ≤ this × before
@@ -146,8 +146,8 @@ def grpc_codes(register, requests: list[bytes]) -> list[tuple[str, str]]:
     server whose data plane has the stub core (``register``: how it is added)."""
     import asyncio
 
-    from protonmf.service.dataplane import DataPlane
-    from protonmf.service.grpc_api import ProtoNMFServicer
+    from protonmf.service.engine.pipeline import DataPlane
+    from protonmf.service.grpc.server import ProtoNMFServicer
 
     async def scenario():
         server = grpc.aio.server()
@@ -175,7 +175,7 @@ def grpc_codes(register, requests: list[bytes]) -> list[tuple[str, str]]:
 
 
 def test_grpc_malformed_messages_and_unicode_digits_are_invalid_argument(corpus):
-    from protonmf.service.grpc_api import add_servicer, pb_grpc
+    from protonmf.service.grpc.server import add_servicer, pb_grpc
 
     malformed = [c["data"] for c in corpus if c["kind"] == "protobuf"]
     names = [c["data"].decode() for c in corpus if c["kind"] == "class"]

@@ -15,19 +15,19 @@ import numpy as np
 import pytest
 from helpers import FASHION_DATA
 
-from protonmf.service.core import Core, ExplainOptions
-from protonmf.service.runtime import BucketGraphs, Explainer, ProviderError
+from protonmf.service.engine.core import Core, ExplainOptions
+from protonmf.graph import BucketGraphs, GraphSession, ProviderError
 
 MAP_OUTPUTS = {"maps", "topk_maps", "presence", "topk_presence"}
 
 
-def _batch(explainer: Explainer, n: int, seed: int = 0) -> np.ndarray:
+def _batch(explainer: GraphSession, n: int, seed: int = 0) -> np.ndarray:
     spec = explainer.preprocessing
     rng = np.random.default_rng(seed)
     return rng.standard_normal((n, spec.channels, spec.height, spec.width)).astype(np.float32)
 
 
-def _subsets(explainer: Explainer) -> list:
+def _subsets(explainer: GraphSession) -> list:
     names = list(explainer.manifest["graph"]["outputs"])
     no_maps = [n for n in names if n not in MAP_OUTPUTS]
     return [None, no_maps, ["logits"], [n for n in names if n in MAP_OUTPUTS] or names[-1:]]
@@ -48,10 +48,10 @@ def artifact(request, fashion_artifact, fashion_topk_artifact):
 
 
 def test_io_binding_on_cpu_equals_session_run(artifact):
-    plain = Explainer.load(artifact, io_binding="off")
-    bound = Explainer.load(artifact, io_binding="on")
+    plain = GraphSession.load(artifact, io_binding="off")
+    bound = GraphSession.load(artifact, io_binding="on")
     assert not plain.io_binding and bound.io_binding and bound.graphs is None
-    assert not Explainer.load(artifact, io_binding="auto").io_binding  # auto: on with CUDA only
+    assert not GraphSession.load(artifact, io_binding="auto").io_binding  # auto: on with CUDA only
     for n in (1, 5):
         batch = _batch(plain, n, seed=n)
         for outputs in _subsets(plain):
@@ -59,7 +59,7 @@ def test_io_binding_on_cpu_equals_session_run(artifact):
 
 
 def test_io_binding_binds_only_the_requested_outputs(fashion_artifact, monkeypatch):
-    ex = Explainer.load(fashion_artifact, io_binding="on")
+    ex = GraphSession.load(fashion_artifact, io_binding="on")
     bound: list[list[str]] = []
     real = ex.session.io_binding
 
@@ -85,21 +85,21 @@ def test_io_binding_binds_only_the_requested_outputs(fashion_artifact, monkeypat
 
 def test_cuda_graphs_are_refused_without_cuda_or_buckets(fashion_artifact):
     with pytest.raises(ValueError, match="PROTONMF_CUDA_GRAPHS runs on CUDA only"):
-        Explainer.load(fashion_artifact, cuda_graphs=True, buckets=(1, 2))
+        GraphSession.load(fashion_artifact, cuda_graphs=True, buckets=(1, 2))
     with pytest.raises(ValueError, match="PROTONMF_CUDA_GRAPHS needs batch buckets"):
-        Explainer.load(fashion_artifact, device="cuda", cuda_graphs=True, buckets=None)
+        GraphSession.load(fashion_artifact, device="cuda", cuda_graphs=True, buckets=None)
     with pytest.raises(ValueError, match="io_binding must be"):
-        Explainer.load(fashion_artifact, io_binding="yes")
-    if Explainer.load(fashion_artifact, device="auto").provider != "CUDAExecutionProvider":
+        GraphSession.load(fashion_artifact, io_binding="yes")
+    if GraphSession.load(fashion_artifact, device="auto").provider != "CUDAExecutionProvider":
         # auto that lands on the CPU: refused once the session says where it runs
         with pytest.raises(ProviderError, match="PROTONMF_CUDA_GRAPHS runs on CUDA only"):
-            Explainer.load(fashion_artifact, device="auto", cuda_graphs=True, buckets=(1, 2))
+            GraphSession.load(fashion_artifact, device="auto", cuda_graphs=True, buckets=(1, 2))
 
 
 def test_bucket_graphs_bookkeeping_on_cpu(fashion_topk_artifact, monkeypatch):
     """Buffers, bindings and graph ids per bucket, regular runs before capture, one thread,
     only the asked outputs copied back and never overwritten by a later run."""
-    ex = Explainer.load(fashion_topk_artifact)
+    ex = GraphSession.load(fashion_topk_artifact)
     graphs = BucketGraphs(ex.session, [4, 1, 2, 2], device="cpu")
     assert graphs.sizes == (1, 2, 4)
     names = [o.name for o in ex.session.get_outputs()]
@@ -150,7 +150,7 @@ def test_bucket_graphs_bookkeeping_on_cpu(fashion_topk_artifact, monkeypatch):
 def test_explainer_and_warm_up_through_bucket_graphs_on_cpu(artifact):
     """The graph path's outputs equal session.run's for every subset (bias included), and
     warm-up runs each bucket past its capture, so every graph is captured before ready."""
-    plain = Explainer.load(artifact)
+    plain = GraphSession.load(artifact)
     core = Core.load(artifact)
     ex = core.explainer
     ex.graphs = BucketGraphs(ex.session, (1, 4), device="cpu")
@@ -167,8 +167,8 @@ def test_explainer_and_warm_up_through_bucket_graphs_on_cpu(artifact):
 def test_data_plane_settings_plumbing(fashion_artifact):
     """PROTONMF_IO_BINDING=on serves the same answers as off, bit for bit; CUDA graphs on
     this CPU machine are refused at load with the variable's name."""
-    from protonmf.service.dataplane import DataPlane
-    from protonmf.service.settings import Settings
+    from protonmf.service.engine.pipeline import DataPlane
+    from protonmf.service.ops.settings import Settings
 
     blobs = [p.read_bytes() for p in sorted((FASHION_DATA / "test" / "bag").glob("*.png"))[:3]]
 
@@ -198,7 +198,7 @@ def test_data_plane_settings_plumbing(fashion_artifact):
 
 
 def test_cuda_graph_provider_option():
-    from protonmf.service.runtime import cuda_options
+    from protonmf.graph import cuda_options
 
     assert "enable_cuda_graph" not in cuda_options()
     assert cuda_options(graphs=True)["enable_cuda_graph"] == "1"
@@ -209,8 +209,8 @@ def test_cuda_io_binding_and_graphs_equal_session_run(fashion_topk_artifact):
     """On a GPU (benchmarks/gpu_checks.sh run): IOBinding ("auto" turns it on with CUDA) and
     CUDA graphs give session.run's outputs on the CUDA provider; warm-up captures each
     bucket's graph; replays read each new batch (update_inplace), not the warm-up's."""
-    plain = Explainer.load(fashion_topk_artifact, device="cuda", io_binding="off")
-    auto = Explainer.load(fashion_topk_artifact, device="cuda", io_binding="auto")
+    plain = GraphSession.load(fashion_topk_artifact, device="cuda", io_binding="off")
+    auto = GraphSession.load(fashion_topk_artifact, device="cuda", io_binding="auto")
     assert plain.provider == auto.provider == "CUDAExecutionProvider" and auto.io_binding
     core = Core.load(fashion_topk_artifact, device="cuda", cuda_graphs=True, buckets=(1, 4))
     graphs = core.explainer.graphs

@@ -12,8 +12,8 @@ import pytest
 from helpers import FASHION_DATA
 from served import serve
 
-from protonmf.service.grpc_api import pb, pb_grpc
-from protonmf.service.observability import ApiKeys, presented_key, request_id
+from protonmf.service.grpc.server import pb, pb_grpc
+from protonmf.service.ops.observability import ApiKeys, presented_key, request_id
 
 KEYS = ("key-one", "key-two")
 IMAGE = (FASHION_DATA / "test" / "bag" / "00030.png").read_bytes()
@@ -28,7 +28,7 @@ def test_keys_compare_every_key_and_read_both_headers(tmp_path):
     assert presented_key("Basic abc", None) is None
     secret = tmp_path / "keys"
     secret.write_text("# one per line\nkey-three\n\n")
-    from protonmf.service.settings import Settings
+    from protonmf.service.ops.settings import Settings
 
     s = Settings.from_env({"PROTONMF_API_KEYS": "a, b", "PROTONMF_API_KEYS_FILE": str(secret)})
     assert all(ApiKeys.from_settings(s).allows(k) for k in ("a", "b", "key-three"))
@@ -135,10 +135,10 @@ def test_grpc_over_tls(fashion_artifact, tmp_path):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from served import free_port
 
-    from protonmf.service.core import Core
-    from protonmf.service.dataplane import DataPlane
-    from protonmf.service.grpc_api import GrpcServer
-    from protonmf.service.settings import Settings
+    from protonmf.service.engine.core import Core
+    from protonmf.service.engine.pipeline import DataPlane
+    from protonmf.service.grpc.server import GrpcServer
+    from protonmf.service.ops.settings import Settings
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
@@ -197,10 +197,10 @@ def test_a_traced_request_exports_decode_infer_explain_spans(fashion_artifact):
     """The data plane's spans: decode, infer, explain (over REST they sit under BentoML's
     server span); a gRPC call opens its server span, continuing the caller's trace from
     the metadata, with the three under it."""
-    from protonmf.service.core import Core, ExplainOptions
-    from protonmf.service.dataplane import DataPlane
-    from protonmf.service.grpc_api import ProtoNMFServicer, add_servicer
-    from protonmf.service.settings import Settings
+    from protonmf.service.engine.core import Core, ExplainOptions
+    from protonmf.service.engine.pipeline import DataPlane
+    from protonmf.service.grpc.server import ProtoNMFServicer, add_servicer
+    from protonmf.service.ops.settings import Settings
 
     exporter = _memory_exporter()
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

@@ -33,12 +33,12 @@ from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 from protonmf.artifact import normalize
-from protonmf.service.core import Core, ExplainOptions, Intervention
-from protonmf.service.dataplane import DataPlane
-from protonmf.service.oip_grpc import add_oip_servicer
-from protonmf.service.oip_rest import V2Root, build_app
-from protonmf.service.proto.inference import grpc_predict_v2_pb2 as pb
-from protonmf.service.settings import Settings
+from protonmf.service.engine.core import Core, ExplainOptions, Intervention
+from protonmf.service.engine.pipeline import DataPlane
+from protonmf.service.oip.grpc import add_oip_servicer
+from protonmf.service.oip.rest import V2Root, build_app
+from protonmf.api.proto.inference import grpc_predict_v2_pb2 as pb
+from protonmf.service.ops.settings import Settings
 
 BLOBS = [p.read_bytes() for p in sorted((FASHION_DATA / "test" / "bag").glob("*.png"))[:2]] + [
     p.read_bytes() for p in sorted((FASHION_DATA / "test" / "sneaker").glob("*.png"))[:1]
@@ -427,7 +427,7 @@ def test_tritonclient_grpc(served, tmp_path):
 def test_raw_grpc_stubs(served):
     """The vendored proto's stubs: typed contents in → typed out, raw in → raw out, every
     RPC, errors with their codes."""
-    from protonmf.service.proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+    from protonmf.api.proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
     core = served.plane.core
     outs, explained = expected(served)
@@ -491,7 +491,7 @@ def test_raw_grpc_stubs(served):
 def test_generated_code_matches_proto(tmp_path):
     subprocess.run(["bash", str(REPO / "scripts/gen_oip_proto.sh"), str(tmp_path)], check=True,
                    env={**os.environ, "PY": sys.executable})  # fmt: skip
-    committed = REPO / "service/proto/inference"
+    committed = REPO / "protonmf/api/proto/inference"
     for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi", "grpc_predict_v2_pb2_grpc.py"):
         assert (tmp_path / name).read_text() == (committed / name).read_text(), \
             f"{name} is stale: run scripts/gen_oip_proto.sh"

@@ -31,7 +31,7 @@ def test_only_the_documented_bentoml_patch_touches_bentoml_internals():
     (docs/architecture.md, "Upstream bugs worked around")."""
     users = {str(p.relative_to(REPO)) for folder in PRODUCT for p in (REPO / folder).rglob("*.py")
              if "bentoml._internal" in p.read_text()}  # fmt: skip
-    assert users == {"service/bentoml_fixes.py"}
+    assert users == {"service/rest/bentoml_fixes.py"}
 
 
 @pytest.mark.e2e
@@ -45,8 +45,8 @@ def test_wheel_installs_everything_under_protonmf(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
     assert {n.split("/")[0] for n in names} == {"protonmf", wheel.name.split("-py3")[0] + ".dist-info"}
-    for module in ("protonmf/service/dataplane.py", "protonmf/service/ui/index.html",
-                   "protonmf/service/proto/protonmf/v1/protonmf_pb2.py",
+    for module in ("protonmf/service/engine/pipeline.py", "protonmf/service/rest/ui/index.html",
+                   "protonmf/api/proto/protonmf/v1/protonmf_pb2.py",
                    "protonmf/converter/convert.py", "protonmf/client.py"):  # fmt: skip
         assert module in names, module
 

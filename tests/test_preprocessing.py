@@ -174,8 +174,8 @@ def test_older_non_square_artifacts_resize_as_they_were_converted():
 def test_jpeg_draft_keeps_enough_pixels(input_size, crop_mode):
     """service.imaging drafts JPEGs to a shorter side of ``spec.resize``: the resize after it
     must still only shrink, for every crop mode and non-square input."""
-    from protonmf.artifact import _resized_size
-    from protonmf.service.imaging import Limits, decode_image
+    from protonmf.artifact.preprocessing import _resized_size
+    from protonmf.service.decode.images import Limits, decode_image
 
     spec = preprocessing_from_timm(_model(crop_pct=0.9, input_size=input_size,
                                           crop_mode=crop_mode))  # fmt: skip
@@ -191,7 +191,7 @@ def test_jpeg_draft_keeps_enough_pixels(input_size, crop_mode):
 def test_served_decode_is_timms_by_default():
     """The service's default decoding of a JPEG gives timm's transform's pixels exactly (the
     full decode, as timm's loader reads it: no draft), for a JPEG that a draft could shrink."""
-    from protonmf.service.imaging import Limits, decode_image
+    from protonmf.service.decode.images import Limits, decode_image
 
     model = _model(interpolation="bicubic")
     spec = preprocessing_from_timm(model)
@@ -210,7 +210,7 @@ def test_served_decode_is_timms_by_default():
 def test_jpeg_over_the_raster_limit_is_drafted_not_refused(caplog):
     """A JPEG whose full raster is over max_raster_bytes is decoded at reduced scale, and the
     log says its pixels are not timm's."""
-    from protonmf.service.imaging import Limits, decode_image, raster_bytes
+    from protonmf.service.decode.images import Limits, decode_image, raster_bytes
 
     spec = preprocessing_from_timm(_model())
     blob = io.BytesIO()

@@ -13,8 +13,8 @@ from helpers import manifest_of, run_cli
 from PIL import Image
 
 from protonmf.artifact import load_tensors, sha256_file
-from protonmf.exemplars import EXEMPLARS_FILE, load_exemplars, save_exemplars
-from protonmf.service.report import bar_chart, build_report, class_shares
+from protonmf.artifact.exemplars import EXEMPLARS_FILE, load_exemplars, save_exemplars
+from protonmf.analysis.report import bar_chart, build_report, class_shares
 
 
 def _rewrite_exemplars(art: Path, ex) -> None:

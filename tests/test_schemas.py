@@ -16,9 +16,9 @@ import pydantic
 import pytest
 from helpers import FASHION_DATA, assert_same_body, run_images
 
-from protonmf.service import protomap
-from protonmf.service import schemas as S
-from protonmf.service.errors import (
+from protonmf.api import protomap
+from protonmf.api import schemas as S
+from protonmf.service.ops.errors import (
     InvalidInput,
     NotReady,
     Overloaded,
@@ -27,7 +27,7 @@ from protonmf.service.errors import (
     Unprocessable,
     UnsupportedMediaType,
 )
-from protonmf.service.proto.protonmf.v1 import protonmf_pb2 as pb
+from protonmf.api.proto.protonmf.v1 import protonmf_pb2 as pb
 
 # --- the core's bodies -------------------------------------------------------------------
 
@@ -41,7 +41,7 @@ def images() -> list[bytes]:
 @pytest.fixture(scope="module")
 def core_all(fashion_artifact):
     """Fashion's default graph: every class's scores, contributions and maps."""
-    from protonmf.service.core import Core
+    from protonmf.service.engine.core import Core
 
     return Core.load(fashion_artifact)
 
@@ -49,7 +49,7 @@ def core_all(fashion_artifact):
 @pytest.fixture(scope="module")
 def core_topk(fashion_topk_artifact):
     """The top-k graph: maps and terms of the k best classes, the rest from pooled."""
-    from protonmf.service.core import Core
+    from protonmf.service.engine.core import Core
 
     return Core.load(fashion_topk_artifact)
 
@@ -58,7 +58,7 @@ def core_topk(fashion_topk_artifact):
 def core_presence(fashion_artifact, tmp_path_factory):
     """The top-k graph with Eq. 9's presence maps too (the third map kind)."""
     from protonmf.cli import main
-    from protonmf.service.core import Core
+    from protonmf.service.engine.core import Core
 
     out = tmp_path_factory.mktemp("presence") / "artifact"
     args = ["export", fashion_artifact, "--maps", "topk", "--scores", "topk", "--presence",
@@ -74,7 +74,7 @@ def core(request, fashion_artifact, fashion_topk_artifact):  # named: the tier s
 
 def explain_body(core, images, **options) -> dict:
     """The REST /explain body for ``images``; interventions as (class, prototype) pairs."""
-    from protonmf.service.core import ExplainOptions, Intervention
+    from protonmf.service.engine.core import ExplainOptions, Intervention
 
     interventions = options.pop("interventions", ())
     opts = ExplainOptions(interventions=tuple(Intervention(c, p) for c, p in interventions),
@@ -207,13 +207,13 @@ def test_request_models_match_the_endpoints():
 
 
 def test_intervention_in_to_core(core_all):
-    from protonmf.service.core import Intervention
+    from protonmf.service.engine.core import Intervention
 
     assert S.InterventionIn(class_name="bag", prototype=2).to_core() == Intervention("bag", 2)
 
 
 def test_importable_without_bentoml_or_onnxruntime():
-    code = ("import sys; import protonmf.service.schemas, protonmf.service.protomap; "
+    code = ("import sys; import protonmf.api.schemas, protonmf.api.protomap; "
             "bad = {'bentoml', 'onnxruntime', 'torch', 'numpy'} & set(sys.modules); "
             "sys.exit(str(bad) if bad else 0)")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -11,14 +11,14 @@ import pytest
 from helpers import FASHION_DATA, run_images
 from PIL import Image
 
-from protonmf.service.core import Core, ExplainOptions, Intervention
-from protonmf.service.errors import (
+from protonmf.service.engine.core import Core, ExplainOptions, Intervention
+from protonmf.service.ops.errors import (
     InvalidInput,
     PayloadTooLarge,
     Unprocessable,
     UnsupportedMediaType,
 )
-from protonmf.service.imaging import Limits, decode_image, render_overlay
+from protonmf.service.decode.images import Limits, decode_image, render_overlay
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def bag_png():
 
 
 def test_service_does_not_import_torch():
-    code = "import protonmf.service.service, protonmf.service.core, sys; sys.exit('torch' in sys.modules)"
+    code = "import protonmf.service.service, protonmf.service.engine.core, sys; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -91,7 +91,7 @@ def test_intervention_equals_recomputed_logits(core, bag_png):
 
 
 def test_exactness_metric_keeps_the_largest_gap(core, bag_png):
-    from protonmf.service.metrics import METRICS
+    from protonmf.service.ops.metrics import METRICS
 
     out = run_images(core, [bag_png])[0]
     broken = dict(out, topk_bias=out["topk_bias"] + 1.0)  # logit ≠ Σ contributions + bias
@@ -581,7 +581,7 @@ def test_presence_maps_from_both_graph_kinds(presence_cores, bag_png):
 
 def test_explanation_names_each_prototypes_exemplars(core_all, fashion_artifact, bag_png):
     from protonmf.artifact import load_manifest
-    from protonmf.exemplars import load_exemplars
+    from protonmf.artifact.exemplars import load_exemplars
 
     ex = load_exemplars(fashion_artifact, load_manifest(fashion_artifact))
     assert ex is not None and core_all.exemplars is not None
@@ -676,8 +676,8 @@ def test_bucketed_batches_and_fewer_outputs_give_the_same_answers(fashion_artifa
     pick other kernels for another batch size): same classes, values within 1e-5."""
     import asyncio
 
-    from protonmf.service.dataplane import DataPlane
-    from protonmf.service.settings import Settings
+    from protonmf.service.engine.pipeline import DataPlane
+    from protonmf.service.ops.settings import Settings
 
     blobs = [p.read_bytes() for p in sorted((FASHION_DATA / "test" / "bag").glob("*.png"))[:3]]
 

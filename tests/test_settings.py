@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from protonmf.service.batching import MicroBatcher
-from protonmf.service.errors import NotReady, Overloaded
-from protonmf.service.settings import Settings, SettingsError
+from protonmf.service.engine.batching import MicroBatcher
+from protonmf.service.ops.errors import NotReady, Overloaded
+from protonmf.service.ops.settings import Settings, SettingsError
 
 
 def test_limits_and_types_from_env():
@@ -47,7 +47,7 @@ def test_removed_setting_warns_and_is_ignored(caplog):
     ({}, None),  # no cgroup files
 ])  # fmt: skip
 def test_available_cpus_follow_a_cgroup_cpu_limit(tmp_path, files, want):
-    from protonmf.service.settings import available_cpus
+    from protonmf.service.ops.settings import available_cpus
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def test_available_cpus_follow_a_cgroup_cpu_limit(tmp_path, files, want):
 def test_a_cgroup_limit_sizes_threads_and_decoders(monkeypatch):
     """A container limited to 1 CPU on a bigger machine: one onnxruntime thread and one
     decoding thread per worker, not one per core of the node."""
-    import protonmf.service.settings as settings_module
+    import protonmf.service.ops.settings as settings_module
 
     monkeypatch.setattr(settings_module, "available_cpus", lambda root=None: 1)
     monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda pid: set(range(8)))
@@ -69,7 +69,7 @@ def test_a_cgroup_limit_sizes_threads_and_decoders(monkeypatch):
 
 
 def test_ort_threads_share_the_cpus_between_workers():
-    from protonmf.service.settings import available_cpus
+    from protonmf.service.ops.settings import available_cpus
 
     cpus = available_cpus()
     if cpus == len(os.sched_getaffinity(0)):  # no cgroup CPU limit below the affinity
@@ -83,10 +83,10 @@ def test_ort_threads_share_the_cpus_between_workers():
 
 
 def test_configuration_doc_is_current():
-    doc = subprocess.run([sys.executable, "-m", "protonmf.service.settings", "--markdown"],
+    doc = subprocess.run([sys.executable, "-m", "protonmf.service.ops.settings", "--markdown"],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert (REPO / "docs" / "configuration.md").read_text() == doc, \
-        "docs/configuration.md is stale: python -m protonmf.service.settings --markdown > docs/configuration.md"
+        "docs/configuration.md is stale: python -m protonmf.service.ops.settings --markdown > docs/configuration.md"
     for name in Settings.model_fields:
         assert f"`PROTONMF_{name.upper()}`" in doc
 

@@ -145,7 +145,7 @@ def test_ui_files_are_served_self_contained():
     from starlette.routing import Mount
     from starlette.testclient import TestClient
 
-    from protonmf.service.webui import UI_DIR, app
+    from protonmf.service.rest.webui import UI_DIR, app
 
     with TestClient(Starlette(routes=[Mount("/ui", app)])) as client:  # as BentoML mounts it
         page = client.get("/ui/")

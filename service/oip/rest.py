@@ -1,0 +1,618 @@
+"""Open Inference Protocol v2 (KServe v2 / Triton) over the data plane: REST, and the
+transport-free tensor layer the gRPC twin (oip_grpc.py) shares.
+
+Mounted under ``/v2`` (``bentoml.mount_asgi_app`` / ``@bentoml.asgi_app(app, path="/v2")``):
+every route below is relative to the mount, so the app itself answers
+
+    GET  /health/live, /health/ready              liveness, readiness (200 / 503)
+    GET  /                                        server metadata (``GET /v2``, see V2Root)
+    GET  /models/{name}[/versions/{v}]            model metadata: every input and output
+    GET  /models/{name}[/versions/{v}]/ready      model readiness
+    POST /models/{name}[/versions/{v}]/infer      inference
+
+Inputs (exactly one per request): ``images`` BYTES [N] (encoded JPEG/PNG/WebP: base64
+strings in JSON, raw in the binary tensor extension), ``crops`` UINT8 [N, H, W(, C)] (the
+model's crop, ``core.crop_shape``), or the graph input (``image``) FP32 [N, C, H, W]
+normalised, which must be a normalised uint8 crop (it is mapped back to one and runs
+through the same batcher). Outputs: ``logits`` by default; any graph output of the manifest
+(``scores``, ``contributions``, ``pooled``, ``maps``, ``topk_*``…, and ``bias``) and
+``explanation`` (BYTES, one JSON document per image: the REST ``/explain`` entry) on
+request. Everything runs through ``DataPlane``: decoding in its pool, the graph in its
+batcher, explanations by ``Core.explanation``; typed errors keep their status codes in the
+protocol's ``{"error": "..."}`` body. docs/oip.md has the details and examples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from protonmf import __version__ as PROTONMF_VERSION
+from protonmf.artifact import normalize
+
+from protonmf.service.engine.core import ExplainOptions, Intervention
+from protonmf.service.ops.errors import InvalidInput, NotReady, PayloadTooLarge, ServiceError
+from protonmf.service.ops.metrics import METRICS
+
+__all__ = ["MODEL_VERSION", "ModelNotFound", "OipModel", "V2Root", "build_app"]
+
+MODEL_VERSION = "1"  # the only version served; /versions/{v} must name it
+EXPLANATION = "explanation"
+IMAGES, CROPS = "images", "crops"
+EXTENSIONS = ["binary_tensor_data"]
+HEADER_LENGTH = "inference-header-content-length"
+
+# OIP datatype ↔ numpy
+NP_OF = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+         "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
+         "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}  # fmt: skip
+DATATYPE_OF = {np.dtype(t): name for name, t in NP_OF.items()}
+ORT_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
+             "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(uint8)": "UINT8",
+             "tensor(bool)": "BOOL"}  # fmt: skip
+
+
+class ModelNotFound(ServiceError):
+    status = 404
+    grpc_code = "NOT_FOUND"
+    reason = "model_not_found"
+
+
+@dataclass
+class InputTensor:
+    """One request input, decoded: ``data`` is a numpy array, or a list of bytes (BYTES)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray | list[bytes]
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray | list[bytes]
+    parameters: dict = field(default_factory=dict)
+
+
+# --- tensor encoding shared by both transports ----------------------------------------------
+
+
+def element_count(shape: list[int]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def check_shape(name: str, shape) -> list[int]:
+    if not isinstance(shape, list | tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape
+    ):
+        raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers, "
+                           f"got {shape!r}", "bad_shape")  # fmt: skip
+    return list(shape)
+
+
+def decode_bytes_elements(name: str, raw: bytes) -> list[bytes]:
+    """The binary BYTES serialisation: each element a 4-byte little-endian length + bytes."""
+    out, i, n = [], 0, len(raw)
+    while i < n:
+        if i + 4 > n:
+            raise InvalidInput(f"input {name!r}: truncated BYTES element length", "bad_tensor")
+        (size,) = struct.unpack_from("<I", raw, i)
+        i += 4
+        if i + size > n:
+            raise InvalidInput(f"input {name!r}: BYTES element overruns the data", "bad_tensor")
+        out.append(raw[i : i + size])
+        i += size
+    return out
+
+
+def encode_bytes_elements(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> InputTensor:
+    """A tensor from its raw bytes (binary extension / gRPC ``raw_input_contents``)."""
+    count = element_count(shape)
+    if datatype == "BYTES":
+        items = decode_bytes_elements(name, raw)
+        if len(items) != count:
+            raise InvalidInput(f"input {name!r}: {len(items)} BYTES elements for shape "
+                               f"{shape}", "bad_tensor")  # fmt: skip
+        return InputTensor(name, datatype, shape, items)
+    dtype = np.dtype(NP_OF[datatype]).newbyteorder("<")
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(f"input {name!r}: {len(raw)} bytes for {datatype} {shape} (expected "
+                           f"{count * dtype.itemsize})", "bad_tensor")  # fmt: skip
+    return InputTensor(name, datatype, shape, np.frombuffer(raw, dtype).reshape(shape))
+
+
+def to_raw(t: OutputTensor) -> bytes:
+    if t.datatype == "BYTES":
+        return encode_bytes_elements(t.data)
+    return np.ascontiguousarray(t.data, np.asarray(t.data).dtype.newbyteorder("<")).tobytes()
+
+
+def check_datatype(name: str, datatype) -> str:
+    if datatype != "BYTES" and datatype not in NP_OF:
+        raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r}", "bad_datatype")
+    return datatype
+
+
+def _flatten(data) -> list:
+    if not isinstance(data, list):
+        return [data]
+    if all(not isinstance(x, list) for x in data):
+        return data
+    out: list = []
+    for x in data:
+        out.extend(_flatten(x))
+    return out
+
+
+def from_json(name: str, datatype: str, shape: list[int], data) -> InputTensor:
+    """A tensor from the JSON ``data`` (flat or nested, row-major). BYTES elements are
+    base64 strings (images are binary; JSON strings cannot carry them as they are)."""
+    flat = _flatten(data)
+    if len(flat) != element_count(shape):
+        raise InvalidInput(f"input {name!r}: {len(flat)} elements for shape {shape}",
+                           "bad_tensor")  # fmt: skip
+    if datatype == "BYTES":
+        items = []
+        for i, text in enumerate(flat):
+            if not isinstance(text, str):
+                raise InvalidInput(f"input {name!r}[{i}]: BYTES elements in JSON are base64 "
+                                   "strings", "bad_base64")  # fmt: skip
+            try:
+                items.append(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError) as e:
+                raise InvalidInput(f"input {name!r}[{i}] is not valid base64: {e}",
+                                   "bad_base64") from e  # fmt: skip
+        return InputTensor(name, datatype, shape, items)
+    if not all(isinstance(x, int | float) for x in flat):  # bool is an int: BOOL data
+        raise InvalidInput(f"input {name!r}: {datatype} data must be numbers", "bad_tensor")
+    dtype = NP_OF[datatype]
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if not all(float(x).is_integer() and info.min <= x <= info.max for x in flat):
+            raise InvalidInput(f"input {name!r}: values out of range for {datatype}",
+                               "bad_tensor")  # fmt: skip
+    return InputTensor(name, datatype, shape, np.asarray(flat, dtype).reshape(shape))
+
+
+def to_json_data(t: OutputTensor) -> list:
+    if t.datatype == "BYTES":
+        return [b.decode() for b in t.data]  # explanation: JSON text (UTF-8)
+    return np.asarray(t.data).ravel().tolist()
+
+
+# --- parameters -----------------------------------------------------------------------------
+
+
+def _int(params: dict, key: str, default: int) -> int:
+    v = params.get(key, default)
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidInput(f"parameter {key!r} must be an integer, got {v!r}", "bad_parameter")
+    return v
+
+
+def _bool(params: dict, key: str, default: bool) -> bool:
+    v = params.get(key, default)
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        v = v.lower() == "true"
+    if not isinstance(v, bool):
+        raise InvalidInput(f"parameter {key!r} must be a boolean, got {v!r}", "bad_parameter")
+    return v
+
+
+def _float(params: dict, key: str, default: float) -> float:
+    v = params.get(key, default)
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise InvalidInput(f"parameter {key!r} must be a number, got {v!r}", "bad_parameter")
+    return float(v)
+
+
+def _interventions(params: dict) -> tuple[Intervention, ...]:
+    v = params.get("interventions")
+    if v is None or v == "":
+        return ()
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError as e:
+            raise InvalidInput(f"parameter 'interventions' is not JSON: {e}",
+                               "bad_parameter") from e  # fmt: skip
+    if not isinstance(v, list) or not all(
+        isinstance(x, dict) and set(x) == {"class", "prototype"}
+        and isinstance(x["class"], str | int) and not isinstance(x["class"], bool)
+        and isinstance(x["prototype"], int) and not isinstance(x["prototype"], bool)
+        for x in v
+    ):  # fmt: skip
+        raise InvalidInput('parameter \'interventions\' must be a JSON list of {"class": name '
+                           'or index, "prototype": index}', "bad_parameter")  # fmt: skip
+    return tuple(Intervention(x["class"], x["prototype"]) for x in v)
+
+
+def explain_options(params: dict) -> ExplainOptions:
+    """The ``explanation`` output's options, as REST /explain's (same defaults)."""
+    return ExplainOptions(
+        top_k=_int(params, "top_k", 3), heatmaps=_bool(params, "heatmaps", True),
+        box_percentile=_float(params, "box_percentile", 90.0),
+        map_kind=str(params.get("map_kind", "similarity")),
+        interventions=_interventions(params),
+    )  # fmt: skip
+
+
+# --- the model, transport-free --------------------------------------------------------------
+
+
+class OipModel:
+    """The artifact as an OIP model: metadata and ``infer`` over one ``DataPlane``."""
+
+    def __init__(self, plane, name: str = "protonmf"):
+        self.plane = plane
+        self.name = name
+        core = plane.core
+        self.core = core
+        graph = core.manifest["graph"]
+        self.graph_input = graph["input"]["name"]
+        self.graph_outputs = set(graph["outputs"])
+        ort_types = {o.name: o.type for o in core.explainer.session.get_outputs()}
+        self.outputs: dict[str, tuple[str, list[int]]] = {}
+        for out_name, shape in core.explainer.output_shapes.items():
+            if out_name in ort_types:
+                datatype = ORT_TYPES.get(ort_types[out_name], "FP32")
+            else:  # bias of an all-scores graph, from the tensors (runtime.GraphSession.run)
+                datatype = DATATYPE_OF.get(core.tensors["bias"].dtype, "FP32")
+            self.outputs[out_name] = (datatype, [-1 if isinstance(d, str) else int(d)
+                                                 for d in shape])  # fmt: skip
+        self.outputs[EXPLANATION] = ("BYTES", [-1])
+        c = core.spec.channels
+        self.inputs = {
+            IMAGES: ("BYTES", [-1]),
+            CROPS: ("UINT8", [-1, *core.crop_shape]),
+            self.graph_input: ("FP32", [-1, c, core.spec.height, core.spec.width]),
+        }
+
+    def check_name(self, name: str, version: str | None = None) -> None:
+        if name != self.name:
+            raise ModelNotFound(f"unknown model {name!r}; this server serves {self.name!r}")
+        if version not in (None, "", MODEL_VERSION):
+            raise ModelNotFound(f"model {name!r} has no version {version!r} (versions: "
+                                f"[{MODEL_VERSION!r}])")  # fmt: skip
+
+    def metadata(self) -> dict:
+        def tensors(d):
+            return [{"name": n, "datatype": dt, "shape": shape} for n, (dt, shape) in d.items()]
+
+        return {"name": self.name, "versions": [MODEL_VERSION], "platform": "onnxruntime",
+                "inputs": tensors(self.inputs), "outputs": tensors(self.outputs)}  # fmt: skip
+
+    # -- inference --
+
+    async def _crops(self, t: InputTensor) -> list[np.ndarray]:
+        core = self.core
+        expected = self.inputs.get(t.name)
+        if expected is None:
+            raise InvalidInput(f"unknown input {t.name!r}; inputs: {list(self.inputs)}",
+                               "unknown_input")  # fmt: skip
+        if t.datatype != expected[0]:
+            raise InvalidInput(f"input {t.name!r} is {expected[0]}, got {t.datatype}",
+                               "bad_datatype")  # fmt: skip
+        if t.name == IMAGES:
+            if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.shape[1] != 1):
+                raise InvalidInput(f"input 'images' has shape [N] (or [N, 1]), got {t.shape}",
+                                   "bad_shape")  # fmt: skip
+            blobs = list(t.data)
+            core.check_request(len(blobs))
+            return list(await asyncio.gather(*(self.plane.in_pool(core.prepare, b)
+                                               for b in blobs)))  # fmt: skip
+        n = t.shape[0] if t.shape else 0
+        want = expected[1][1:]
+        shape = list(t.shape[1:])
+        if t.name == CROPS and len(want) == 2 and shape == [*want, 1]:
+            shape = want  # a grey crop with its channel axis
+        if len(t.shape) < 1 or shape != want:
+            raise InvalidInput(f"input {t.name!r} has shape [N, {', '.join(map(str, want))}], "
+                               f"got {t.shape}", "bad_shape")  # fmt: skip
+        core.check_request(n)
+        data = np.asarray(t.data).reshape(n, *want)
+        if t.name == CROPS:
+            return list(np.ascontiguousarray(data, np.uint8).reshape(n, *core.crop_shape))
+        return list(self._quantise(data.astype(np.float32, copy=False)))
+
+    def _quantise(self, x: np.ndarray) -> np.ndarray:
+        """Normalised FP32 (N, c, h, w) → the uint8 crops it encodes; InvalidInput unless it
+        is one (to within a hundredth of a grey level): the batcher runs uint8 crops."""
+        spec = self.core.spec
+        mean = np.asarray(spec.mean, np.float64)[:, None, None]
+        std = np.asarray(spec.std, np.float64)[:, None, None]
+        levels = (x.astype(np.float64) * std + mean) * 255.0
+        u = np.clip(np.rint(levels), 0, 255)
+        if not np.all(np.isfinite(levels)) or np.abs(levels - u).max(initial=0) > 0.01:
+            raise InvalidInput(f"input {self.graph_input!r} must be a normalised uint8 crop "
+                               "((x / 255 - mean) / std, the manifest's preprocessing); send "
+                               "'crops' or 'images' otherwise", "not_a_crop")  # fmt: skip
+        u = u.astype(np.uint8)
+        crops = u[:, 0] if spec.channels == 1 else u.transpose(0, 2, 3, 1)
+        if not np.allclose(normalize(crops, spec), x, rtol=0, atol=1e-4):
+            raise InvalidInput(f"input {self.graph_input!r} is not a normalised uint8 crop",
+                               "not_a_crop")  # fmt: skip
+        return np.ascontiguousarray(crops)
+
+    async def infer(self, inputs: list[InputTensor], outputs: list[tuple[str, dict]] | None,
+                    parameters: dict) -> list[OutputTensor]:  # fmt: skip
+        """``outputs``: (name, parameters) of those asked for (None: ``logits``)."""
+        if not self.plane.ready:
+            raise NotReady("the model is warming up; retry shortly", "not_ready")
+        if len(inputs) != 1:
+            raise InvalidInput(f"send exactly one input (one of {list(self.inputs)}), got "
+                               f"{len(inputs)}", "one_input")  # fmt: skip
+        requested = outputs if outputs else [("logits", {})]
+        names = [n for n, _ in requested]
+        for n in names:
+            if n not in self.outputs:
+                raise InvalidInput(f"unknown output {n!r}; outputs: {list(self.outputs)}",
+                                   "unknown_output")  # fmt: skip
+        if len(set(names)) != len(names):
+            raise InvalidInput("an output is asked for twice", "duplicate_output")
+        core = self.core
+        options = None
+        wanted = {"logits"}
+        for n, params in requested:
+            if n == EXPLANATION:
+                options = explain_options({**parameters, **params})
+                core.check_request(1, options)
+                wanted |= core.outputs_for(options.map_kind if options.heatmaps else None)
+            elif n == "bias" and n not in self.graph_outputs:
+                wanted |= {"scores"}  # runtime.GraphSession.run adds bias beside scores
+            else:
+                wanted.add(n)
+        crops = await self._crops(inputs[0])
+        if options is not None:
+            core.check_request(len(crops), options)
+        METRICS.images_per_request.observe(len(crops))
+        outs = await self.plane.batcher.submit(crops, frozenset(wanted))
+        result = []
+        for n, _ in requested:
+            if n == EXPLANATION:
+                docs = [orjson.dumps(core.explanation(o, options), option=orjson.OPT_SERIALIZE_NUMPY)
+                        for o in outs]  # fmt: skip
+                result.append(OutputTensor(n, "BYTES", [len(docs)], docs))
+            else:
+                arr = np.stack([o[n] for o in outs])
+                datatype = DATATYPE_OF.get(arr.dtype, self.outputs[n][0])
+                result.append(OutputTensor(n, datatype, list(arr.shape), arr))
+        return result
+
+
+# --- REST -----------------------------------------------------------------------------------
+
+
+def _json(body: dict, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json", headers=headers)  # fmt: skip
+
+
+def _error(e: ServiceError) -> Response:
+    """The protocol's error body ``{"error": "..."}`` (with the service's reason and status
+    beside it, as its REST errors have), the typed error's status code."""
+    METRICS.rejected.labels(reason=e.reason).inc()
+    retry = getattr(e, "retry_after_s", None)
+    return _json(e.to_dict(), e.status, {"Retry-After": str(retry)} if retry else None)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes; the limit is {limit}",
+                              "body_too_large")  # fmt: skip
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes", "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_infer_request(body: bytes, header_length: str | None
+                        ) -> tuple[list[InputTensor], list[tuple[str, dict]] | None, dict, dict, object]:  # fmt: skip
+    """HTTP/JSON (and binary tensor extension) request → inputs, outputs (name, parameters;
+    None if not given), request parameters, per-output "binary_data" wishes, and its id."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidInput("Inference-Header-Content-Length must be the JSON header's size "
+                               "in bytes", "bad_header_length")  # fmt: skip
+        head, binary = body[: int(header_length)], memoryview(body)[int(header_length):]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        request = orjson.loads(head)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"the request is not JSON: {e}", "bad_json") from e
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise InvalidInput("the request must be a JSON object with an 'inputs' list",
+                           "bad_request")  # fmt: skip
+    params = request.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be an object", "bad_request")
+    inputs, offset = [], 0
+    for i, t in enumerate(request["inputs"]):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise InvalidInput(f"inputs[{i}] must be an object with a name", "bad_request")
+        name = t["name"]
+        datatype = check_datatype(name, t.get("datatype"))
+        shape = check_shape(name, t.get("shape"))
+        tparams = t.get("parameters") or {}
+        size = tparams.get("binary_data_size") if isinstance(tparams, dict) else None
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0 \
+                    or offset + size > len(binary):  # fmt: skip
+                raise InvalidInput(f"input {name!r}: binary_data_size {size!r} does not fit the "
+                                   "binary data after the JSON header", "bad_tensor")  # fmt: skip
+            inputs.append(from_raw(name, datatype, shape, bytes(binary[offset : offset + size])))
+            offset += size
+        elif "data" in t:
+            inputs.append(from_json(name, datatype, shape, t["data"]))
+        else:
+            raise InvalidInput(f"input {name!r} has neither data nor binary_data_size",
+                               "bad_tensor")  # fmt: skip
+    if offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes of binary data belong to no input",
+                           "bad_tensor")  # fmt: skip
+    outputs, binary_wish = None, {}
+    if request.get("outputs") is not None:
+        if not isinstance(request["outputs"], list):
+            raise InvalidInput("'outputs' must be a list", "bad_request")
+        outputs = []
+        for i, o in enumerate(request["outputs"]):
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise InvalidInput(f"outputs[{i}] must be an object with a name", "bad_request")
+            oparams = o.get("parameters") or {}
+            if not isinstance(oparams, dict):
+                raise InvalidInput(f"outputs[{i}].parameters must be an object", "bad_request")
+            if "binary_data" in oparams:
+                binary_wish[o["name"]] = _bool(oparams, "binary_data", False)
+            outputs.append((o["name"], oparams))
+    return inputs, outputs, params, binary_wish, request.get("id")
+
+
+def infer_response(model: OipModel, tensors: list[OutputTensor], request_id, binary: dict,
+                   default_binary: bool) -> Response:  # fmt: skip
+    outputs, chunks = [], []
+    for t in tensors:
+        entry = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
+        if binary.get(t.name, default_binary):
+            raw = to_raw(t)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = to_json_data(t)
+        outputs.append(entry)
+    body = {"model_name": model.name, "model_version": MODEL_VERSION, "outputs": outputs}
+    if request_id is not None:
+        body["id"] = request_id
+    head = orjson.dumps(body)
+    if not chunks:
+        return Response(head, media_type="application/json")
+    return Response(b"".join([head, *chunks]), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(head))})  # fmt: skip
+
+
+class V2Root:
+    """ASGI middleware: ``GET /v2`` (server metadata; tritonclient asks for exactly that) to
+    the mounted app's ``/``. Starlette's ``Mount("/v2")`` matches ``/v2/…`` only and would
+    answer ``/v2`` with a 307 to ``/v2/``, which Triton's clients do not follow.
+    Add it with ``Service.add_asgi_middleware(V2Root)`` (``path``: the mount's path)."""
+
+    def __init__(self, app, path: str = "/v2"):
+        self.app, self.path = app, path.rstrip("/")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == self.path:
+            scope = {**scope, "path": self.path + "/",
+                     "raw_path": (self.path + "/").encode()}  # fmt: skip
+        await self.app(scope, receive, send)
+
+
+def build_app(get_plane: Callable[[], object | None], model_name: str = "protonmf",
+              max_body_bytes: int | None = None) -> Starlette:  # fmt: skip
+    """The OIP v2 REST app, routes relative to its mount (``/v2``). ``get_plane``: the
+    worker's DataPlane, or None while there is none (everything but liveness answers 503).
+    ``max_body_bytes``: default the plane's ``settings.body_bytes()`` (the RequestGuard's
+    limit for the service's own endpoints does not reach mounted apps)."""
+    models: dict[int, OipModel] = {}
+
+    def model() -> OipModel:
+        plane = get_plane()
+        if plane is None:
+            raise NotReady("the model is not loaded yet; retry shortly", "not_ready")
+        m = models.get(id(plane))
+        if m is None or m.plane is not plane:
+            models.clear()
+            m = models[id(plane)] = OipModel(plane, model_name)
+        return m
+
+    def handled(func):
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await func(request)
+            except ServiceError as e:
+                return _error(e)
+            except ClientDisconnect:
+                return Response(status_code=499)
+
+        return endpoint
+
+    async def live(request: Request) -> Response:
+        return _json({"live": True})
+
+    async def ready(request: Request) -> Response:
+        try:
+            ok = model().plane.ready
+        except ServiceError:
+            ok = False
+        return _json({"ready": ok}, 200 if ok else 503)
+
+    async def server_metadata(request: Request) -> Response:
+        return _json({"name": model_name, "version": PROTONMF_VERSION, "extensions": EXTENSIONS})
+
+    async def model_metadata(request: Request) -> Response:
+        m = model()
+        m.check_name(request.path_params["name"], request.path_params.get("version"))
+        return _json(m.metadata())
+
+    async def model_ready(request: Request) -> Response:
+        m = model()
+        m.check_name(request.path_params["name"], request.path_params.get("version"))
+        ok = bool(m.plane.ready)
+        return _json({"name": m.name, "ready": ok}, 200 if ok else 503)
+
+    async def infer(request: Request) -> Response:
+        m = model()
+        m.check_name(request.path_params["name"], request.path_params.get("version"))
+        if request.headers.get("content-encoding", "identity") != "identity":
+            raise InvalidInput("compressed request bodies are not supported",
+                               "unsupported_encoding")  # fmt: skip
+        limit = max_body_bytes or m.plane.settings.body_bytes()
+        body = await _read_body(request, limit)
+        inputs, outputs, params, binary, request_id = parse_infer_request(
+            body, request.headers.get(HEADER_LENGTH))  # fmt: skip
+        default_binary = _bool(params, "binary_data_output", False)
+        tensors = await m.infer(inputs, outputs, params)
+        return infer_response(m, tensors, request_id, binary, default_binary)
+
+    routes = [
+        Route("/health/live", handled(live), methods=["GET"]),
+        Route("/health/ready", handled(ready), methods=["GET"]),
+        Route("/", handled(server_metadata), methods=["GET"]),
+    ]
+    for base in ("/models/{name}", "/models/{name}/versions/{version}"):
+        routes += [
+            Route(base, handled(model_metadata), methods=["GET"]),
+            Route(base + "/ready", handled(model_ready), methods=["GET"]),
+            Route(base + "/infer", handled(infer), methods=["POST"]),
+        ]
+    return Starlette(routes=routes)
