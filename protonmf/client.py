@@ -47,6 +47,7 @@ from protonmf.api.schemas import (
     PrototypeImageRequest,
     PrototypesRequest,
     PrototypesResponse,
+    default_of,
 )
 
 __all__ = ["AsyncGrpcClient", "AsyncRestClient", "GrpcClient", "RequestFailed", "RestClient",
@@ -57,6 +58,12 @@ _REASON = re.compile(r"\[([a-z_]+)\]\s*$")
 _JSON = {"content-type": "application/json"}
 # request fields that are not gRPC request fields (images travel as bytes there)
 _NOT_IN_MESSAGE = {"images", "images_base64"}
+# the request defaults, declared once on the schema's models
+CLASSIFY_TOP_K = default_of(ClassifyRequest, "top_k")
+TOP_K, HEATMAPS = default_of(ExplainRequest, "top_k"), default_of(ExplainRequest, "heatmaps")
+PERCENTILE, MAP_KIND = default_of(ExplainRequest, "box_percentile"), default_of(ExplainRequest, "map_kind")
+OVERLAY_MAP_KIND = default_of(OverlayRequest, "map_kind")
+EXEMPLAR_KIND = default_of(PrototypeImageRequest, "kind")
 
 
 class RequestFailed(Exception):
@@ -195,18 +202,18 @@ class RestClient(_RestBase):
         self._check(r)
         return r
 
-    def classify(self, images: Sequence[bytes], top_k: int = 5) -> ClassifyResponse:
+    def classify(self, images: Sequence[bytes], top_k: int = CLASSIFY_TOP_K) -> ClassifyResponse:
         r = self._post("/classify", _rest_body(_classify(top_k), images))
         return ClassifyResponse.model_validate_json(r.content)
 
-    def explain(self, images: Sequence[bytes], top_k: int = 3, heatmaps: bool = True,
-                box_percentile: float = 90.0, interventions: Sequence[Mapping] = (),
-                map_kind: str = "similarity") -> ExplainResponse:  # fmt: skip
+    def explain(self, images: Sequence[bytes], top_k: int = TOP_K, heatmaps: bool = HEATMAPS,
+                box_percentile: float = PERCENTILE, interventions: Sequence[Mapping] = (),
+                map_kind: str = MAP_KIND) -> ExplainResponse:  # fmt: skip
         request = _explain(top_k, heatmaps, box_percentile, interventions, map_kind)
         r = self._post("/explain", _rest_body(request, images))
         return ExplainResponse.model_validate_json(r.content)
 
-    def overlay(self, image: bytes, rank: int = 0, map_kind: str = "contribution") -> bytes:
+    def overlay(self, image: bytes, rank: int = 0, map_kind: str = OVERLAY_MAP_KIND) -> bytes:
         """PNG: the image under the rank-th class's maps."""
         request = OverlayRequest(rank=rank, map_kind=map_kind)
         return self._post("/overlay", _rest_body(request, [image])).content
@@ -219,7 +226,7 @@ class RestClient(_RestBase):
         return PrototypesResponse.model_validate_json(r.content)
 
     def prototype_image(self, class_name: str | int, prototype: int,
-                        kind: str = "augmented") -> bytes:  # fmt: skip
+                        kind: str = EXEMPLAR_KIND) -> bytes:  # fmt: skip
         """PNG bytes of the prototype's exemplar strip."""
         request = _prototype_image(class_name, prototype, kind)
         return self._post("/prototype_image", _rest_body(request)).content
@@ -247,18 +254,18 @@ class AsyncRestClient(_RestBase):
         self._check(r)
         return r
 
-    async def classify(self, images: Sequence[bytes], top_k: int = 5) -> ClassifyResponse:
+    async def classify(self, images: Sequence[bytes], top_k: int = CLASSIFY_TOP_K) -> ClassifyResponse:
         r = await self._post("/classify", _rest_body(_classify(top_k), images))
         return ClassifyResponse.model_validate_json(r.content)
 
-    async def explain(self, images: Sequence[bytes], top_k: int = 3, heatmaps: bool = True,
-                      box_percentile: float = 90.0, interventions: Sequence[Mapping] = (),
-                      map_kind: str = "similarity") -> ExplainResponse:  # fmt: skip
+    async def explain(self, images: Sequence[bytes], top_k: int = TOP_K, heatmaps: bool = HEATMAPS,
+                      box_percentile: float = PERCENTILE, interventions: Sequence[Mapping] = (),
+                      map_kind: str = MAP_KIND) -> ExplainResponse:  # fmt: skip
         request = _explain(top_k, heatmaps, box_percentile, interventions, map_kind)
         r = await self._post("/explain", _rest_body(request, images))
         return ExplainResponse.model_validate_json(r.content)
 
-    async def overlay(self, image: bytes, rank: int = 0, map_kind: str = "contribution") -> bytes:
+    async def overlay(self, image: bytes, rank: int = 0, map_kind: str = OVERLAY_MAP_KIND) -> bytes:
         request = OverlayRequest(rank=rank, map_kind=map_kind)
         return (await self._post("/overlay", _rest_body(request, [image]))).content
 
@@ -270,7 +277,7 @@ class AsyncRestClient(_RestBase):
         return PrototypesResponse.model_validate_json(r.content)
 
     async def prototype_image(self, class_name: str | int, prototype: int,
-                              kind: str = "augmented") -> bytes:  # fmt: skip
+                              kind: str = EXEMPLAR_KIND) -> bytes:  # fmt: skip
         request = _prototype_image(class_name, prototype, kind)
         return (await self._post("/prototype_image", _rest_body(request))).content
 
@@ -358,18 +365,18 @@ class GrpcClient(_GrpcBase):
         except self._grpc.RpcError as e:
             raise RequestFailed.from_grpc(e) from e
 
-    def classify(self, images: Sequence[bytes], top_k: int = 5) -> ClassifyResponse:
+    def classify(self, images: Sequence[bytes], top_k: int = CLASSIFY_TOP_K) -> ClassifyResponse:
         r = self._call(self.stub.Classify, self._classify_message(images, top_k))
         return _parse(ClassifyResponse, r)
 
-    def explain(self, images: Sequence[bytes], top_k: int = 3, heatmaps: bool = True,
-                box_percentile: float = 90.0, interventions: Sequence[Mapping] = (),
-                map_kind: str = "similarity") -> ExplainResponse:  # fmt: skip
+    def explain(self, images: Sequence[bytes], top_k: int = TOP_K, heatmaps: bool = HEATMAPS,
+                box_percentile: float = PERCENTILE, interventions: Sequence[Mapping] = (),
+                map_kind: str = MAP_KIND) -> ExplainResponse:  # fmt: skip
         request = self._explain_message(images, top_k, heatmaps, box_percentile, interventions,
                                         map_kind)  # fmt: skip
         return _parse(ExplainResponse, self._call(self.stub.Explain, request))
 
-    def overlay(self, image: bytes, rank: int = 0, map_kind: str = "contribution") -> bytes:
+    def overlay(self, image: bytes, rank: int = 0, map_kind: str = OVERLAY_MAP_KIND) -> bytes:
         raise self._no_overlay()
 
     def model(self) -> ModelInfo:
@@ -381,7 +388,7 @@ class GrpcClient(_GrpcBase):
         return _parse(PrototypesResponse, r)
 
     def prototype_image(self, class_name: str | int, prototype: int,
-                        kind: str = "augmented") -> bytes:  # fmt: skip
+                        kind: str = EXEMPLAR_KIND) -> bytes:  # fmt: skip
         """PNG bytes of the prototype's exemplar strip."""
         request = self._prototype_image_message(class_name, prototype, kind)
         return self._call(self.stub.PrototypeImage, request).png
@@ -415,18 +422,18 @@ class AsyncGrpcClient(_GrpcBase):
         except self._grpc.RpcError as e:  # grpc.aio.AioRpcError is one
             raise RequestFailed.from_grpc(e) from e
 
-    async def classify(self, images: Sequence[bytes], top_k: int = 5) -> ClassifyResponse:
+    async def classify(self, images: Sequence[bytes], top_k: int = CLASSIFY_TOP_K) -> ClassifyResponse:
         r = await self._call(self.stub.Classify, self._classify_message(images, top_k))
         return _parse(ClassifyResponse, r)
 
-    async def explain(self, images: Sequence[bytes], top_k: int = 3, heatmaps: bool = True,
-                      box_percentile: float = 90.0, interventions: Sequence[Mapping] = (),
-                      map_kind: str = "similarity") -> ExplainResponse:  # fmt: skip
+    async def explain(self, images: Sequence[bytes], top_k: int = TOP_K, heatmaps: bool = HEATMAPS,
+                      box_percentile: float = PERCENTILE, interventions: Sequence[Mapping] = (),
+                      map_kind: str = MAP_KIND) -> ExplainResponse:  # fmt: skip
         request = self._explain_message(images, top_k, heatmaps, box_percentile, interventions,
                                         map_kind)  # fmt: skip
         return _parse(ExplainResponse, await self._call(self.stub.Explain, request))
 
-    async def overlay(self, image: bytes, rank: int = 0, map_kind: str = "contribution") -> bytes:
+    async def overlay(self, image: bytes, rank: int = 0, map_kind: str = OVERLAY_MAP_KIND) -> bytes:
         raise self._no_overlay()
 
     async def model(self) -> ModelInfo:
@@ -438,7 +445,7 @@ class AsyncGrpcClient(_GrpcBase):
         return _parse(PrototypesResponse, r)
 
     async def prototype_image(self, class_name: str | int, prototype: int,
-                              kind: str = "augmented") -> bytes:  # fmt: skip
+                              kind: str = EXEMPLAR_KIND) -> bytes:  # fmt: skip
         request = self._prototype_image_message(class_name, prototype, kind)
         return (await self._call(self.stub.PrototypeImage, request)).png
 

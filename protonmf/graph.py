@@ -170,7 +170,7 @@ class BucketGraphs:
     A bucket's first ``REGULAR_RUNS`` runs are ordinary runs (gpu_graph_id -1): the arena
     grows and cuDNN picks its convolutions there, since nothing may allocate while a graph
     is captured; the next run captures the graph, later runs replay it.
-    ``Core.warm_up`` runs every bucket ``GraphSession.warm_up_runs`` times, so each graph is
+    ``Model.warm_up`` runs every bucket ``GraphSession.warm_up_runs`` times, so each graph is
     captured (and replayed once) before the service says ready.
 
     onnxruntime's CUDA provider keeps captured graphs per calling thread, so every run goes

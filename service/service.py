@@ -1,4 +1,4 @@
-"""REST adapter (BentoML): each endpoint reads its request, calls the data plane, answers.
+"""REST adapter (BentoML): each endpoint reads its request, calls the engine, answers.
 
     POST /classify         images → top-k classes with probabilities
     POST /explain          images → per top-k class: prototypes, contributions (NMF and
@@ -7,12 +7,12 @@
     POST /prototypes       every prototype: coefficient, fold weight, exemplars
     POST /prototype_image  one prototype's exemplars with their presence maps (PNG)
     POST /model            classes, p, coefficients, artifact identity, provider
-    /ui                    the explanation viewer (service/webui.py)
-    /v2/...                the Open Inference Protocol v2 (oip_rest.py; gRPC: oip_grpc.py)
+    /ui                    the explanation viewer (service/rest/webui.py)
+    /v2/...                the Open Inference Protocol v2 (oip/rest.py; gRPC: oip/grpc.py)
 
 Images come as multipart files (``images``) or base64 strings in JSON (``images_base64``).
 Errors answer with ``{"error", "reason", "status"}`` (errors.py). The gRPC twin
-(grpc_api.py) runs in the same worker over the same data plane (dataplane.py). Settings:
+(grpc/server.py) runs in the same worker over the same engine (engine/pipeline.py). Settings:
 docs/configuration.md (settings.py).
 """
 
@@ -33,8 +33,8 @@ from starlette.responses import Response
 
 from protonmf.service.rest import bentoml_fixes
 from protonmf.api import schemas as S
-from protonmf.service.engine.core import ExplainOptions
-from protonmf.service.engine.pipeline import DataPlane
+from protonmf.service.engine.options import ExplainOptions
+from protonmf.service.engine.pipeline import Engine
 from protonmf.service.ops.errors import InvalidInput, ServiceError
 from protonmf.service.grpc.server import GrpcServer
 from protonmf.service.rest.guard import RequestGuard
@@ -66,7 +66,7 @@ def _error(e: ServiceError) -> Response:
 
 
 async def _answer(work, media_type: str | None = None) -> Response:
-    """The data plane's answer (a dict, or bytes of ``media_type``) or its typed error."""
+    """The engine's answer (a dict, or bytes of ``media_type``) or its typed error."""
     try:
         result = await work
     except ServiceError as e:
@@ -86,29 +86,29 @@ def _read(images: list[Path], images_base64: list[str]) -> list[bytes]:
 
 
 async def _read_then(request, call):
-    """Read the request's images, then ``call(blobs)`` (a data plane coroutine)."""
+    """Read the request's images, then ``call(blobs)`` (a engine coroutine)."""
     return await call(_read(request.images, request.images_base64))
 
 
-# Open Inference Protocol v2 (docs/oip.md) on the same data plane; until the service is up
+# Open Inference Protocol v2 (docs/oip.md) on the same engine; until the service is up
 # its endpoints answer 503
-def _current_plane() -> DataPlane | None:
-    """This worker's data plane; None before the service instance exists."""
+def _current_engine() -> Engine | None:
+    """This worker's engine; None before the service instance exists."""
     try:
-        return bentoml.get_current_service().plane
+        return bentoml.get_current_service().engine
     except BentoMLException:  # "service isn't instantiated yet"
         return None
 
 
-oip_app = build_oip_app(_current_plane, "protonmf")
+oip_app = build_oip_app(_current_engine, "protonmf")
 
 
 @bentoml.asgi_app(oip_app, path="/v2")
-@bentoml.asgi_app(ui_app, path="/ui")  # the explanation viewer (service/webui.py)
+@bentoml.asgi_app(ui_app, path="/ui")  # the explanation viewer (service/rest/webui.py)
 @bentoml.service(
     name="protonmf",
     workers=SETTINGS.workers,
-    # no max_concurrency: RequestGuard (http_guard.py) counts requests once their body is in
+    # no max_concurrency: RequestGuard (rest/guard.py) counts requests once their body is in
     traffic={"timeout": SETTINGS.request_timeout_s},
     # RequestGuard writes the access log (protonmf.access, JSON); BentoML's own would add a
     # second, plain-text line per request to the same stream
@@ -124,19 +124,19 @@ class ProtoNMFService:
         configure_logging(self.settings.log_format, self.settings.access_log)
         initialize("rest", [f"/{name}" for name in ENDPOINTS], "200")
         # Loaded and warmed before /readyz says ready.
-        self.plane = DataPlane.load(self.settings)
-        self.grpc = GrpcServer(self.plane, self.settings) if self.settings.grpc_port > 0 else None
+        self.engine = Engine.load(self.settings)
+        self.grpc = GrpcServer(self.engine, self.settings) if self.settings.grpc_port > 0 else None
 
         # Everything alive now (modules, the artifact, BentoML's app) lives as long as the
         # worker: out of the collector's sight, full collections only walk per-request garbage.
         gc.freeze()
 
     def __is_ready__(self) -> bool:
-        return self.plane.ready
+        return self.engine.ready
 
     @bentoml.on_startup
     async def start(self) -> None:
-        await self.plane.start()
+        await self.engine.start()
         if self.grpc:
             await self.grpc.start()
             self._drain_grpc_on_sigterm()
@@ -159,15 +159,15 @@ class ProtoNMFService:
     async def stop(self) -> None:
         if self.grpc:
             await self.grpc.stop()
-        await self.plane.stop(self.settings.grpc_grace_s)
+        await self.engine.stop(self.settings.grpc_grace_s)
 
-    # --- endpoints: request and response models in schemas.py ------------------------------
+    # --- endpoints: request and response models in protonmf/api/schemas.py ------------------------------
 
     @bentoml.api(input_spec=S.ClassifyRequest, output_spec=S.ClassifyResponse)
     async def classify(self, **request) -> dict:
         """Top-k classes with probabilities for each image."""
         r = S.ClassifyRequest.model_construct(**request)
-        return await _answer(_read_then(r, lambda blobs: self.plane.classify(blobs, r.top_k)))
+        return await _answer(_read_then(r, lambda blobs: self.engine.classify(blobs, r.top_k)))
 
     @bentoml.api(input_spec=S.ExplainRequest, output_spec=S.ExplainResponse)
     async def explain(self, **request) -> dict:
@@ -184,7 +184,7 @@ class ProtoNMFService:
             top_k=r.top_k, heatmaps=r.heatmaps, box_percentile=r.box_percentile,
             interventions=tuple(i.to_core() for i in r.interventions), map_kind=r.map_kind,
         )  # fmt: skip
-        return await _answer(_read_then(r, lambda blobs: self.plane.explain(blobs, options)))
+        return await _answer(_read_then(r, lambda blobs: self.engine.explain(blobs, options)))
 
     @bentoml.api(input_spec=S.OverlayRequest)
     async def overlay(self, **request) -> Image.Image:
@@ -192,7 +192,7 @@ class ProtoNMFService:
         prototypes, then each): red = for the class, blue = against, opacity by |value| on
         one scale; legend: signed contributions split NMF/residual, the residual share."""
         r = S.OverlayRequest.model_construct(**request)
-        work = _read_then(r, lambda blobs: self.plane.overlay(blobs, r.rank, r.map_kind))
+        work = _read_then(r, lambda blobs: self.engine.overlay(blobs, r.rank, r.map_kind))
         return await _answer(work, media_type="image/png")
 
     @bentoml.api(input_spec=S.PrototypesRequest, output_spec=S.PrototypesResponse)
@@ -200,20 +200,20 @@ class ProtoNMFService:
         """{p, exemplar_kinds, classes: [{class, index, explained, fold, explained_share:
         {energy: 1 − ‖R‖²/‖V‖², norm_ratio: ‖a·B‖/‖V‖}, prototypes: [{prototype,
         coefficient, fold_weight, exemplars: {kind: [{image, source, presence}]}}]}]}."""
-        return await _answer(self.plane.prototypes(request["classes"]))
+        return await _answer(self.engine.prototypes(request["classes"]))
 
     @bentoml.api(input_spec=S.PrototypeImageRequest)
     async def prototype_image(self, **request) -> Image.Image:
         """PNG strip of one prototype's exemplars (best first), each with its presence map
         over it and its score; 422 no_exemplars when the artifact has none."""
         r = S.PrototypeImageRequest.model_construct(**request)
-        work = self.plane.prototype_image(r.class_name, r.prototype, r.kind)
+        work = self.engine.prototype_image(r.class_name, r.prototype, r.kind)
         return await _answer(work, media_type="image/png")
 
     @bentoml.api(output_spec=S.ModelInfo)
     def model(self) -> dict:
         """Classes, p, coefficients, prototype descriptions, artifact identity, provider."""
-        return _json(self.plane.model_info())
+        return _json(self.engine.model_info())
 
 
 ProtoNMFService.add_asgi_middleware(V2Root)  # GET /v2 without Starlette's redirect to /v2/

@@ -33,8 +33,9 @@ from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 from protonmf.artifact import normalize
-from protonmf.service.engine.core import Core, ExplainOptions, Intervention
-from protonmf.service.engine.pipeline import DataPlane
+from protonmf.service.engine.options import ExplainOptions, Intervention
+from protonmf.service.engine.model import Model
+from protonmf.service.engine.pipeline import Engine
 from protonmf.service.oip.grpc import add_oip_servicer
 from protonmf.service.oip.rest import V2Root, build_app
 from protonmf.api.proto.inference import grpc_predict_v2_pb2 as pb
@@ -70,7 +71,7 @@ def rest(fashion_artifact):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        plane = DataPlane(Core.load(fashion_artifact), Settings.from_env({}))
+        plane = Engine(Model.load(fashion_artifact), Settings.from_env({}))
         await plane.start()
         holder["plane"] = plane
         yield
@@ -109,25 +110,25 @@ def test_health_and_server_metadata(rest):
 
 
 def test_model_metadata_lists_every_output(rest):
-    core = rest.plane.core
+    core = rest.plane
     meta = rest.get("/v2/models/protonmf").json()
     assert meta == rest.get("/v2/models/protonmf/versions/1").json()
     assert meta["name"] == "protonmf" and meta["versions"] == ["1"]
     outputs = {o["name"]: o for o in meta["outputs"]}
-    shapes = core.explainer.output_shapes
+    shapes = core.model.graph.output_shapes
     assert set(outputs) == set(shapes) | {"explanation"}
     for name, shape in shapes.items():
         assert outputs[name]["shape"] == [-1, *shape[1:]], name
         assert outputs[name]["datatype"] == "FP32", name  # the fashion graph's are float
-    assert outputs["logits"]["shape"] == [-1, len(core.classes)]
+    assert outputs["logits"]["shape"] == [-1, len(core.model.classes)]
     assert outputs["explanation"] == {"name": "explanation", "datatype": "BYTES", "shape": [-1]}
     inputs = {i["name"]: i for i in meta["inputs"]}
-    graph_input = core.manifest["graph"]["input"]["name"]
+    graph_input = core.model.manifest["graph"]["input"]["name"]
     assert inputs == {
         "images": {"name": "images", "datatype": "BYTES", "shape": [-1]},
-        "crops": {"name": "crops", "datatype": "UINT8", "shape": [-1, *core.crop_shape]},
+        "crops": {"name": "crops", "datatype": "UINT8", "shape": [-1, *core.model.crop_shape]},
         graph_input: {"name": graph_input, "datatype": "FP32",
-                      "shape": [-1, core.spec.channels, core.spec.height, core.spec.width]},
+                      "shape": [-1, core.model.spec.channels, core.model.spec.height, core.model.spec.width]},
     }  # fmt: skip
     for path in ("/v2/models/other", "/v2/models/protonmf/versions/2",
                  "/v2/models/other/ready"):  # fmt: skip
@@ -184,8 +185,8 @@ def test_json_infer_equals_the_data_plane(rest):
 
 
 def test_crops_and_normalised_input_give_the_same_logits(rest):
-    core = rest.plane.core
-    crops = np.stack([core.prepare(b) for b in BLOBS])
+    core = rest.plane
+    crops = np.stack([core.model.prepare(b) for b in BLOBS])
     base = {"outputs": [{"name": "logits"}]}
 
     def logits(inp):
@@ -197,8 +198,8 @@ def test_crops_and_normalised_input_give_the_same_logits(rest):
                           "data": [b64(b) for b in BLOBS]})  # fmt: skip
     from_crops = logits({"name": "crops", "datatype": "UINT8", "shape": list(crops.shape),
                          "data": crops.tolist()})  # fmt: skip
-    x = normalize(crops, core.spec)
-    graph_input = core.manifest["graph"]["input"]["name"]
+    x = normalize(crops, core.model.spec)
+    graph_input = core.model.manifest["graph"]["input"]["name"]
     from_fp32 = logits({"name": graph_input, "datatype": "FP32", "shape": list(x.shape),
                         "data": x.ravel().tolist()})  # fmt: skip
     assert from_images == from_crops == from_fp32
@@ -297,7 +298,7 @@ class Served:
     async def _start(self):
         import uvicorn
 
-        self.plane = DataPlane(Core.load(self.artifact), Settings.from_env({}))
+        self.plane = Engine(Model.load(self.artifact), Settings.from_env({}))
         await self.plane.start()
         self.grpc = grpc.aio.server()
         add_oip_servicer(self.grpc, lambda: self.plane, "protonmf")
@@ -359,7 +360,7 @@ def test_tritonclient_http(served):
         np.testing.assert_array_equal(result.as_numpy(name), np.stack([o[name] for o in outs]))
     assert [json.loads(s) for s in result.as_numpy("explanation")] == explained
     # JSON (not binary) both ways: crops in, logits out
-    crops = np.stack([served.plane.core.prepare(b) for b in BLOBS])
+    crops = np.stack([served.plane.model.prepare(b) for b in BLOBS])
     inp = httpclient.InferInput("crops", list(crops.shape), "UINT8")
     inp.set_data_from_numpy(crops, binary_data=False)
     result = client.infer("protonmf", [inp], outputs=[httpclient.InferRequestedOutput(
@@ -421,7 +422,7 @@ def test_tritonclient_grpc(served, tmp_path):
     assert [json.loads(s) for s in side["explanation"]] == explained
     assert side["error"] == "StatusCode.NOT_FOUND"
     shapes = {o["name"]: [int(d) for d in o["shape"]] for o in side["meta"]["outputs"]}
-    assert shapes["logits"] == [-1, len(served.plane.core.classes)]
+    assert shapes["logits"] == [-1, len(served.plane.model.classes)]
 
 
 def test_raw_grpc_stubs(served):
@@ -429,7 +430,7 @@ def test_raw_grpc_stubs(served):
     RPC, errors with their codes."""
     from protonmf.api.proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
-    core = served.plane.core
+    core = served.plane
     outs, explained = expected(served)
     with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -440,7 +441,7 @@ def test_raw_grpc_stubs(served):
         meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="protonmf", version="1"))
         shapes = {o.name: (o.datatype, list(o.shape)) for o in meta.outputs}
         assert shapes == {n: ("FP32", [-1, *s[1:]]) for n, s in
-                          core.explainer.output_shapes.items()} | {"explanation": ("BYTES", [-1])}  # fmt: skip
+                          core.model.graph.output_shapes.items()} | {"explanation": ("BYTES", [-1])}  # fmt: skip
         param = pb.InferParameter
         typed = pb.ModelInferRequest(
             model_name="protonmf", id="x",
@@ -459,7 +460,7 @@ def test_raw_grpc_stubs(served):
         logits = np.asarray(r.outputs[0].contents.fp32_contents, np.float32).reshape(r.outputs[0].shape)
         np.testing.assert_array_equal(logits, np.stack([o["logits"] for o in outs]))
         assert [json.loads(s) for s in r.outputs[1].contents.bytes_contents] == explained
-        crops = np.stack([core.prepare(b) for b in BLOBS])
+        crops = np.stack([core.model.prepare(b) for b in BLOBS])
         raw = pb.ModelInferRequest(
             model_name="protonmf",
             inputs=[pb.ModelInferRequest.InferInputTensor(name="crops", datatype="UINT8",

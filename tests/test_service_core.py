@@ -11,26 +11,29 @@ import pytest
 from helpers import FASHION_DATA, run_images
 from PIL import Image
 
-from protonmf.service.engine.core import Core, ExplainOptions, Intervention
+from protonmf.service.engine.options import ExplainOptions, Intervention
+from protonmf.service.engine.model import Model
+from protonmf.service.engine.pipeline import Engine
 from protonmf.service.ops.errors import (
     InvalidInput,
     PayloadTooLarge,
     Unprocessable,
     UnsupportedMediaType,
 )
-from protonmf.service.decode.images import Limits, decode_image, render_overlay
+from protonmf.service.decode.images import Limits, decode_image
+from protonmf.service.engine.render import render_overlay
 
 
 @pytest.fixture(scope="module")
 def core(fashion_topk_artifact):
     """The top-k graph: maps and terms of the k predicted classes, the rest from pooled."""
-    return Core.load(fashion_topk_artifact)
+    return Engine.from_artifact(fashion_topk_artifact)
 
 
 @pytest.fixture(scope="module")
 def core_all(fashion_artifact):
     """The Fashion default: every class's scores, contributions and maps (C ≤ 2k)."""
-    return Core.load(fashion_artifact)
+    return Engine.from_artifact(fashion_artifact)
 
 
 def png_bytes(image: Image.Image, **kw) -> bytes:
@@ -51,19 +54,19 @@ def bag_png():
 
 
 def test_service_does_not_import_torch():
-    code = "import protonmf.service.service, protonmf.service.engine.core, sys; sys.exit('torch' in sys.modules)"
+    code = "import protonmf.service.service, protonmf.service.engine.pipeline, sys; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_explanation_adds_up_and_names_classes(core, bag_png):
     (out,) = run_images(core, [bag_png])
-    exp = core.explanation(out, ExplainOptions(top_k=3))
+    exp = core.explanations.explanation(out, ExplainOptions(top_k=3))
     assert exp["top_k"][0]["class"] == "bag"
     assert exp["exactness"] <= 1e-4
     for entry in exp["top_k"]:
         total = sum(p["contribution"] for p in entry["prototypes"]) + entry["bias"]
         assert total == pytest.approx(entry["logit"], abs=1e-4 * abs(entry["logit"]) + 1e-6)
-        assert len(entry["prototypes"]) == core.p
+        assert len(entry["prototypes"]) == core.model.p
         hm = entry["prototypes"][0]["heatmap"]
         assert hm["shape"] == [7, 7] and len(hm["values"]) == 7
         assert 0 <= hm["peak"]["row"] < 7
@@ -79,15 +82,15 @@ def test_intervention_equals_recomputed_logits(core, bag_png):
     assert top == out["topk_classes"][0]
     contributions = out["topk_contributions"][0]  # the graph's own, rank 0
     best = int(np.argmax(contributions))
-    opts = ExplainOptions(top_k=3, interventions=(Intervention(core.classes[top], best),))
-    iv = core.explanation(out, opts)["intervention"]
+    opts = ExplainOptions(top_k=3, interventions=(Intervention(core.model.classes[top], best),))
+    iv = core.explanations.explanation(out, opts)["intervention"]
     want = out["logits"][top] - contributions[best]
-    assert iv["logits"][core.classes[top]] == pytest.approx(float(want), rel=1e-6)
+    assert iv["logits"][core.model.classes[top]] == pytest.approx(float(want), rel=1e-6)
     logits = out["logits"].astype(np.float64).copy()
     logits[top] = want
-    assert iv["prediction_after"] == core.classes[int(np.argmax(logits))]
+    assert iv["prediction_after"] == core.model.classes[int(np.argmax(logits))]
     assert iv["prediction_changed"] == (int(np.argmax(logits)) != top)
-    assert iv["switched_off"] == [{"class": core.classes[top], "prototype": best}]
+    assert iv["switched_off"] == [{"class": core.model.classes[top], "prototype": best}]
 
 
 def test_exactness_metric_keeps_the_largest_gap(core, bag_png):
@@ -95,10 +98,10 @@ def test_exactness_metric_keeps_the_largest_gap(core, bag_png):
 
     out = run_images(core, [bag_png])[0]
     broken = dict(out, topk_bias=out["topk_bias"] + 1.0)  # logit ≠ Σ contributions + bias
-    assert core.explanation(broken, ExplainOptions(heatmaps=False))["exactness"] > 1e-3
+    assert core.explanations.explanation(broken, ExplainOptions(heatmaps=False))["exactness"] > 1e-3
     breach = METRICS.exactness_gap._value.get()
     assert breach > 1e-3
-    core.explanation(out, ExplainOptions(heatmaps=False))  # a good one after the breach
+    core.explanations.explanation(out, ExplainOptions(heatmaps=False))  # a good one after the breach
     assert METRICS.exactness_gap._value.get() == breach
 
 
@@ -127,16 +130,16 @@ def test_version1_all_scores_artifact_explains_the_same(core, fashion_topk_artif
                                                         tmp_path):  # fmt: skip
     """Both scores modes give the same explanation and interventions, in the top-k and
     outside it (computed from the pooled features in the top-k mode)."""
-    old = Core.load(scores_all_v1_copy(fashion_topk_artifact, tmp_path / "v1"))
-    assert old.scores_mode == "all" and core.scores_mode == "topk"
+    old = Engine.from_artifact(scores_all_v1_copy(fashion_topk_artifact, tmp_path / "v1"))
+    assert old.model.scores_mode == "all" and core.model.scores_mode == "topk"
     (new_out,) = run_images(core, [bag_png])
     (old_out,) = run_images(old, [bag_png])
     assert "contributions" in old_out and "contributions" not in new_out
-    outside = [c for c in range(len(core.classes)) if c not in new_out["topk_classes"]]
-    pairs = (Intervention(core.classes[int(new_out["topk_classes"][0])], 0),
-             Intervention(core.classes[outside[0]], 1), Intervention(outside[-1], 2))  # fmt: skip
+    outside = [c for c in range(len(core.model.classes)) if c not in new_out["topk_classes"]]
+    pairs = (Intervention(core.model.classes[int(new_out["topk_classes"][0])], 0),
+             Intervention(core.model.classes[outside[0]], 1), Intervention(outside[-1], 2))  # fmt: skip
     opts = ExplainOptions(top_k=3, interventions=pairs)
-    new, old_exp = core.explanation(new_out, opts), old.explanation(old_out, opts)
+    new, old_exp = core.explanations.explanation(new_out, opts), old.explanations.explanation(old_out, opts)
     assert new["intervention"]["switched_off"] == old_exp["intervention"]["switched_off"]
     for c, v in old_exp["intervention"]["logits"].items():
         assert new["intervention"]["logits"][c] == pytest.approx(v, rel=1e-5, abs=1e-5)
@@ -146,41 +149,41 @@ def test_version1_all_scores_artifact_explains_the_same(core, fashion_topk_artif
             assert pa["contribution"] == pytest.approx(pb["contribution"], rel=1e-5, abs=1e-5)
             np.testing.assert_allclose(pa["heatmap"]["values"], pb["heatmap"]["values"], atol=1e-4)
     for c in outside:  # the service's pooled-feature terms == the all-scores graph's outputs
-        scores, contributions, bias = core.terms(new_out, c)
+        scores, contributions, bias = core.explanations.terms(new_out, c)
         np.testing.assert_allclose(contributions, old_out["contributions"][c], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(scores, old_out["scores"][c], rtol=1e-5, atol=1e-5)
         assert bias == pytest.approx(float(old_out["bias"][c]), abs=1e-6)
-    assert old.model_info()["scores"] == "all"
+    assert old.listings.model_info()["scores"] == "all"
 
 
 def test_explanation_beyond_the_graph_top_k(core, bag_png):
     """top_k over the graph's k without heatmaps: classes k+1… come from the pooled
     features and still add up to their logits."""
     (out,) = run_images(core, [bag_png])
-    exp = core.explanation(out, ExplainOptions(top_k=10, heatmaps=False))
-    assert [e["index"] for e in exp["top_k"]] == core.top_classes(out["logits"], 10)
-    assert exp["exactness"] <= 1e-5 and core.graph_k < 10
+    exp = core.explanations.explanation(out, ExplainOptions(top_k=10, heatmaps=False))
+    assert [e["index"] for e in exp["top_k"]] == core.explanations.top_classes(out["logits"], 10)
+    assert exp["exactness"] <= 1e-5 and core.model.graph_k < 10
     for e in exp["top_k"]:
         total = sum(p["contribution"] for p in e["prototypes"]) + e["bias"]
         assert total == pytest.approx(e["logit"], abs=1e-5 * float(np.abs(out["logits"]).max()))
 
 
 def test_intervention_by_index_and_unknowns(core):
-    assert core.resolve([Intervention(3, 0), Intervention("3", 2)]) == [(3, 0), (3, 2)]
+    assert core.model.resolve([Intervention(3, 0), Intervention("3", 2)]) == [(3, 0), (3, 2)]
     with pytest.raises(Unprocessable, match="unknown class 'zebra'"):
-        core.resolve([Intervention("zebra", 0)])
+        core.model.resolve([Intervention("zebra", 0)])
     with pytest.raises(Unprocessable, match="has prototypes 0..2, got 7"):
-        core.resolve([Intervention("bag", 7)])
+        core.model.resolve([Intervention("bag", 7)])
 
 
 def test_request_checks(core):
     with pytest.raises(PayloadTooLarge, match="the limit is 16"):
-        core.check_request(17)
+        core.model.check_request(17)
     with pytest.raises(Unprocessable, match="no images"):
-        core.check_request(0)
+        core.model.check_request(0)
     with pytest.raises(Unprocessable, match="heatmaps are computed for the top 5"):
-        core.check_request(1, ExplainOptions(top_k=6))
-    core.check_request(1, ExplainOptions(top_k=10, heatmaps=False))
+        core.model.check_request(1, ExplainOptions(top_k=6))
+    core.model.check_request(1, ExplainOptions(top_k=10, heatmaps=False))
 
 
 def test_batch_equals_single(core, bag_png):
@@ -191,31 +194,31 @@ def test_batch_equals_single(core, bag_png):
 
 
 def test_overlay_png(core, bag_png):
-    crop = core.prepare(bag_png)
+    crop = core.model.prepare(bag_png)
     (out,) = run_images(core, [bag_png])
-    im = Image.open(io.BytesIO(core.overlay(crop, out)))
+    im = Image.open(io.BytesIO(core.listings.overlay(crop, out)))
     assert im.format == "PNG" and min(im.size) >= 256
 
 
 def test_model_info(core):
-    info = core.model_info()
+    info = core.listings.model_info()
     assert info["p"] == 3 and len(info["coefficients"]) == 10
     assert info["provider"] == "CPUExecutionProvider"
-    assert info["artifact"]["model_sha256"] == core.manifest["files"]["model.onnx"]
+    assert info["artifact"]["model_sha256"] == core.model.manifest["files"]["model.onnx"]
     assert info["maps"] == "topk" and info["heatmap_classes"] == 5
 
 
 def test_all_classes_graph_explains_like_the_topk_graph(core, core_all, bag_png):
     """The default all-class head gives the top-k head's explanation, and maps for every
     class; its bias (constant, not a graph output in format 3) is the artifact's tensor."""
-    assert (core_all.scores_mode, core_all.maps_mode) == ("all", "all")
-    assert "bias" not in core_all.manifest["graph"]["outputs"]
+    assert (core_all.model.scores_mode, core_all.model.maps_mode) == ("all", "all")
+    assert "bias" not in core_all.model.manifest["graph"]["outputs"]
     (out,) = run_images(core_all, [bag_png])
     (topk_out,) = run_images(core, [bag_png])
-    np.testing.assert_array_equal(out["bias"], core_all.explainer.tensors["bias"])
+    np.testing.assert_array_equal(out["bias"], core_all.model.graph.tensors["bias"])
     ivs = (Intervention("bag", 0), Intervention("coat", 2))  # coat: outside the top-k graph's k
     opts = ExplainOptions(top_k=5, interventions=ivs)
-    got, want = core_all.explanation(out, opts), core.explanation(topk_out, opts)
+    got, want = core_all.explanations.explanation(out, opts), core.explanations.explanation(topk_out, opts)
     assert got["exactness"] <= 1e-5
     assert [e["class"] for e in got["top_k"]] == [e["class"] for e in want["top_k"]]
     for a, b in zip(got["top_k"], want["top_k"], strict=True):
@@ -226,14 +229,14 @@ def test_all_classes_graph_explains_like_the_topk_graph(core, core_all, bag_png)
     for c, v in want["intervention"]["logits"].items():
         assert got["intervention"]["logits"][c] == pytest.approx(v, rel=1e-5, abs=1e-5)
     # every class has maps: heatmaps for all 10, an overlay of the last-ranked class
-    core_all.check_request(1, ExplainOptions(top_k=10))
-    every = core_all.explanation(out, ExplainOptions(top_k=10))
+    core_all.model.check_request(1, ExplainOptions(top_k=10))
+    every = core_all.explanations.explanation(out, ExplainOptions(top_k=10))
     last = every["top_k"][-1]
     np.testing.assert_allclose([p["heatmap"]["values"] for p in last["prototypes"]],
                                out["maps"][last["index"]], atol=1e-5)  # fmt: skip
-    png = core_all.overlay(core_all.prepare(bag_png), out, rank=9)
+    png = core_all.listings.overlay(core_all.model.prepare(bag_png), out, rank=9)
     assert Image.open(io.BytesIO(png)).format == "PNG"
-    info = core_all.model_info()
+    info = core_all.listings.model_info()
     assert (info["maps"], info["scores"], info["heatmap_classes"]) == ("all", "all", 10)
 
 
@@ -242,15 +245,15 @@ def test_graph_without_maps_refuses_heatmaps(fashion_artifact, tmp_path, bag_png
 
     out = tmp_path / "nomaps"
     assert run_cli("export", fashion_artifact, "--maps", "none", "--out", out)[0] == 0
-    nomaps = Core.load(out)
+    nomaps = Engine.from_artifact(out)
     with pytest.raises(Unprocessable, match="no similarity maps") as e:
-        nomaps.check_request(1, ExplainOptions(top_k=3))
+        nomaps.model.check_request(1, ExplainOptions(top_k=3))
     assert e.value.reason == "no_maps"
     (res,) = run_images(nomaps, [bag_png])
-    exp = nomaps.explanation(res, ExplainOptions(top_k=3, heatmaps=False))
+    exp = nomaps.explanations.explanation(res, ExplainOptions(top_k=3, heatmaps=False))
     assert exp["top_k"][0]["class"] == "bag" and exp["exactness"] <= 1e-5
     with pytest.raises(Unprocessable, match="no similarity maps"):
-        nomaps.overlay(nomaps.prepare(bag_png), res)
+        nomaps.listings.overlay(nomaps.model.prepare(bag_png), res)
 
 
 # --- hostile and unusual images -----------------------------------------------------
@@ -289,7 +292,7 @@ HOSTILE = [
 def test_hostile_images_are_refused(core, name, make, error, match):
     jpeg = jpeg_bytes(Image.new("RGB", (64, 64), "gray"))
     with pytest.raises(error, match=match):
-        core.prepare(make(jpeg))
+        core.model.prepare(make(jpeg))
 
 
 def test_modes_users_send(core):
@@ -304,10 +307,10 @@ def test_modes_users_send(core):
     }
     for name, im in cases.items():
         blob = jpeg_bytes(im) if name.endswith("jpeg") else png_bytes(im)
-        crop = core.prepare(blob)
-        assert crop.shape == core.crop_shape and crop.dtype == np.uint8, name
+        crop = core.model.prepare(blob)
+        assert crop.shape == core.model.crop_shape and crop.dtype == np.uint8, name
     # 16-bit is scaled by range, not clipped: the brightest pixel stays bright.
-    assert core.prepare(png_bytes(Image.fromarray(arr16))).max() > 200
+    assert core.model.prepare(png_bytes(Image.fromarray(arr16))).max() > 200
 
 
 def test_exif_orientation_is_applied():
@@ -325,13 +328,13 @@ def test_jpeg_draft_decodes_smaller_but_close(core):
     rng = np.random.default_rng(1)
     big = Image.fromarray(rng.integers(0, 255, (8, 8), np.uint8)).resize((448, 448))
     blob = jpeg_bytes(big)
-    drafted = decode_image(blob, Limits(jpeg_draft=True), core.spec)
-    full = decode_image(blob, Limits(jpeg_draft=False), core.spec)
-    assert drafted.size[0] < full.size[0] and min(drafted.size) >= core.spec.resize
+    drafted = decode_image(blob, Limits(jpeg_draft=True), core.model.spec)
+    full = decode_image(blob, Limits(jpeg_draft=False), core.model.spec)
+    assert drafted.size[0] < full.size[0] and min(drafted.size) >= core.model.spec.resize
     from protonmf.artifact import resize_crop
 
-    a = resize_crop(drafted, core.spec).astype(int)
-    b = resize_crop(full, core.spec).astype(int)
+    a = resize_crop(drafted, core.model.spec).astype(int)
+    b = resize_crop(full, core.model.spec).astype(int)
     assert np.abs(a - b).mean() < 4  # grey levels out of 255
 
 
@@ -339,12 +342,12 @@ def test_warm_up_runs_every_batch_size_on_cuda(core, monkeypatch):
     """CPU: largest batch and one image. CUDA (provider faked, runs stay on CPU): every size,
     since the CUDA provider prepares convolutions per input shape."""
     seen = []
-    run = core.explainer.run
-    monkeypatch.setattr(core.explainer, "run", lambda x: seen.append(len(x)) or run(x))
-    assert core.warm_up(4) == [4, 1] and seen == [4, 1]
+    run = core.model.graph.run
+    monkeypatch.setattr(core.model.graph, "run", lambda x: seen.append(len(x)) or run(x))
+    assert core.model.warm_up(4) == [4, 1] and seen == [4, 1]
     seen.clear()
-    monkeypatch.setattr(core.explainer, "provider", "CUDAExecutionProvider")
-    assert core.warm_up(4) == [4, 3, 2, 1] and seen == [4, 3, 2, 1]
+    monkeypatch.setattr(core.model.graph, "provider", "CUDAExecutionProvider")
+    assert core.model.warm_up(4) == [4, 3, 2, 1] and seen == [4, 3, 2, 1]
 
 
 def _heatmap_reference(m, percentile, height, width):
@@ -369,8 +372,8 @@ def test_heatmaps_equal_the_per_map_reference(core, percentile):
     maps[1] = 0.25  # constant map: every cell is hot
     maps[2, 3:, :] = 0.0  # ties at the bottom
     maps[3] = np.round(maps[3], 1)  # many ties
-    got = core._heatmaps(maps, percentile)
-    want = [_heatmap_reference(m, percentile, core.spec.height, core.spec.width) for m in maps]
+    got = core.explanations._heatmaps(maps, percentile)
+    want = [_heatmap_reference(m, percentile, core.model.spec.height, core.model.spec.width) for m in maps]
     assert got == want
 
 
@@ -407,7 +410,7 @@ def old_format_copy(artifact, dst):
 
 @pytest.fixture(scope="module")
 def core_old(fashion_artifact, tmp_path_factory):
-    return Core.load(old_format_copy(fashion_artifact, tmp_path_factory.mktemp("v3") / "a"))
+    return Engine.from_artifact(old_format_copy(fashion_artifact, tmp_path_factory.mktemp("v3") / "a"))
 
 
 def _export(artifact, out, *args):
@@ -424,7 +427,7 @@ def presence_cores(fashion_artifact, tmp_path_factory):
     every = _export(fashion_artifact, root / "all", "--presence")
     topk = _export(fashion_artifact, root / "topk", "--maps", "topk", "--scores", "topk",
                    "--presence")  # fmt: skip
-    return Core.load(every), Core.load(topk)
+    return Engine.from_artifact(every), Engine.from_artifact(topk)
 
 
 def numpy_split(artifact, c: int, pooled: np.ndarray):
@@ -463,7 +466,7 @@ def test_residual_split_adds_up_and_equals_numpy(which, core, core_all, fashion_
     seen_residual = seen_nmf = 0
     for blob in fashion_blobs():
         (out,) = run_images(served, [blob])
-        for entry in served.explanation(out, ExplainOptions(top_k=10, heatmaps=False))["top_k"]:
+        for entry in served.explanations.explanation(out, ExplainOptions(top_k=10, heatmaps=False))["top_k"]:
             nmf_ref, residual_ref, scale = numpy_split(artifact, entry["index"], out["pooled"])
             for i, proto in enumerate(entry["prototypes"]):
                 nmf, residual = proto["nmf_contribution"], proto["residual_contribution"]
@@ -483,14 +486,14 @@ def test_residual_share_of_logit_and_margin(core_all, fashion_artifact):
         (out,) = run_images(core_all, [blob])
         logits = out["logits"].astype(np.float64)
         order = np.argsort(-logits)
-        exp = core_all.explanation(out, ExplainOptions(top_k=4, heatmaps=False))
+        exp = core_all.explanations.explanation(out, ExplainOptions(top_k=4, heatmaps=False))
         for rank, entry in enumerate(exp["top_k"]):
             c = entry["index"]
             o = int(order[1] if rank == 0 else order[0])
             r_c = numpy_split(fashion_artifact, c, out["pooled"])[1].sum()
             r_o = numpy_split(fashion_artifact, o, out["pooled"])[1].sum()
             share = entry["residual_share"]
-            assert share["versus"] == core_all.classes[o]
+            assert share["versus"] == core_all.model.classes[o]
             assert share["logit"] == pytest.approx(r_c / (logits[c] - entry["bias"]), rel=1e-5)
             assert share["margin"] == pytest.approx((r_c - r_o) / (logits[c] - logits[o]),
                                                     rel=1e-5)  # fmt: skip
@@ -501,10 +504,10 @@ def test_residual_split_of_a_class_that_is_all_residual(core_all, bag_png, monke
     contribution is residual, the NMF part exactly 0."""
     (out,) = run_images(core_all, [bag_png])
     c = int(np.argmax(out["logits"]))
-    flags = list(core_all._all_residual)
-    flags[c] = True
-    monkeypatch.setattr(core_all, "_all_residual", flags)
-    entry = core_all.explanation(out, ExplainOptions(top_k=1, heatmaps=False))["top_k"][0]
+    folds = list(core_all.explanations.folds)
+    folds[c] = "class_vector"
+    monkeypatch.setattr(core_all.explanations, "folds", folds)
+    entry = core_all.explanations.explanation(out, ExplainOptions(top_k=1, heatmaps=False))["top_k"][0]
     for proto in entry["prototypes"]:
         assert proto["nmf_contribution"] == 0.0
         assert proto["residual_contribution"] == proto["contribution"]
@@ -513,22 +516,22 @@ def test_residual_split_of_a_class_that_is_all_residual(core_all, bag_png, monke
 def test_graph_without_pooled_gives_null_split(core_old, bag_png):
     """Format 3 all-class graphs have no pooled features: the split and the residual
     share are null, the rest of the explanation unchanged; no exemplars: []."""
-    assert not core_old.has_pooled and core_old.exemplars is None
+    assert not core_old.model.has_pooled and core_old.model.exemplars is None
     (out,) = run_images(core_old, [bag_png])
     assert "pooled" not in out
-    exp = core_old.explanation(out, ExplainOptions(top_k=3))
+    exp = core_old.explanations.explanation(out, ExplainOptions(top_k=3))
     assert exp["top_k"][0]["class"] == "bag" and exp["exactness"] <= 1e-5
     for entry in exp["top_k"]:
         assert entry["residual_share"] is None
         for proto in entry["prototypes"]:
             assert proto["nmf_contribution"] is None and proto["residual_contribution"] is None
             assert proto["exemplars"] == []
-    png = core_old.overlay(core_old.prepare(bag_png), out)
+    png = core_old.listings.overlay(core_old.model.prepare(bag_png), out)
     assert Image.open(io.BytesIO(png)).format == "PNG"
     with pytest.raises(Unprocessable) as e:
-        core_old.prototype_image("bag", 0)
+        core_old.listings.prototype_image("bag", 0)
     assert e.value.reason == "no_exemplars"
-    assert core_old.prototypes()["exemplar_kinds"] == []
+    assert core_old.listings.prototypes()["exemplar_kinds"] == []
 
 
 @pytest.mark.parametrize("which", ["all", "topk"])
@@ -537,10 +540,10 @@ def test_map_kinds(which, core, core_all, bag_png):
     contribution, each heatmap names its kind; presence refused without presence maps."""
     served = core_all if which == "all" else core
     (out,) = run_images(served, [bag_png])
-    plain = served.explanation(out, ExplainOptions(top_k=3))
-    similarity = served.explanation(out, ExplainOptions(top_k=3, map_kind="similarity"))
+    plain = served.explanations.explanation(out, ExplainOptions(top_k=3))
+    similarity = served.explanations.explanation(out, ExplainOptions(top_k=3, map_kind="similarity"))
     assert plain == similarity
-    contribution = served.explanation(out, ExplainOptions(top_k=3, map_kind="contribution"))
+    contribution = served.explanations.explanation(out, ExplainOptions(top_k=3, map_kind="contribution"))
     for rank, (s, c) in enumerate(zip(similarity["top_k"], contribution["top_k"], strict=True)):
         graph_maps = out["maps"][s["index"]] if which == "all" else out["topk_maps"][rank]
         for i, (ps, pc) in enumerate(zip(s["prototypes"], c["prototypes"], strict=True)):
@@ -550,25 +553,25 @@ def test_map_kinds(which, core, core_all, bag_png):
             np.testing.assert_allclose(values, graph_maps[i] * ps["coefficient"], atol=1e-5)
             assert values.mean() == pytest.approx(pc["contribution"], rel=1e-4, abs=1e-5)
     with pytest.raises(Unprocessable) as e:
-        served.check_request(1, ExplainOptions(map_kind="presence"))
+        served.model.check_request(1, ExplainOptions(map_kind="presence"))
     assert e.value.reason == "no_presence_maps"
     with pytest.raises(Unprocessable) as e:
-        served.check_request(1, ExplainOptions(map_kind="saliency"))
+        served.model.check_request(1, ExplainOptions(map_kind="saliency"))
     assert e.value.reason == "unknown_map_kind"
-    served.check_request(1, ExplainOptions(map_kind="presence", heatmaps=False))
+    served.model.check_request(1, ExplainOptions(map_kind="presence", heatmaps=False))
 
 
 def test_presence_maps_from_both_graph_kinds(presence_cores, bag_png):
     """presence heatmaps are the graph's presence output of the right class: the all-class
     graph's presence[c] and the top-k graph's topk_presence[rank] agree class by class."""
     every, topk = presence_cores
-    assert every.has_presence and topk.has_presence
-    assert "presence" in every.model_info()["map_kinds"]
+    assert every.model.has_presence and topk.model.has_presence
+    assert "presence" in every.listings.model_info()["map_kinds"]
     (out_all,) = run_images(every, [bag_png])
     (out_topk,) = run_images(topk, [bag_png])
     opts = ExplainOptions(top_k=3, map_kind="presence")
-    every.check_request(1, opts)
-    a, b = every.explanation(out_all, opts), topk.explanation(out_topk, opts)
+    every.model.check_request(1, opts)
+    a, b = every.explanations.explanation(out_all, opts), topk.explanations.explanation(out_topk, opts)
     assert [e["class"] for e in a["top_k"]] == [e["class"] for e in b["top_k"]]
     for ea, eb in zip(a["top_k"], b["top_k"], strict=True):
         for i, (pa, pb) in enumerate(zip(ea["prototypes"], eb["prototypes"], strict=True)):
@@ -584,9 +587,9 @@ def test_explanation_names_each_prototypes_exemplars(core_all, fashion_artifact,
     from protonmf.artifact.exemplars import load_exemplars
 
     ex = load_exemplars(fashion_artifact, load_manifest(fashion_artifact))
-    assert ex is not None and core_all.exemplars is not None
+    assert ex is not None and core_all.model.exemplars is not None
     (out,) = run_images(core_all, [bag_png])
-    for entry in core_all.explanation(out, ExplainOptions(top_k=2))["top_k"]:
+    for entry in core_all.explanations.explanation(out, ExplainOptions(top_k=2))["top_k"]:
         for proto in entry["prototypes"]:
             want = ex.entries(entry["index"], proto["prototype"], "augmented")
             assert proto["exemplars"] == want and want
@@ -597,9 +600,9 @@ def test_prototypes_listing(core_all, fashion_artifact):
     from protonmf.artifact import load_tensors
 
     t = load_tensors(fashion_artifact)
-    body = core_all.prototypes()
+    body = core_all.listings.prototypes()
     assert body["p"] == 3 and body["exemplar_kinds"] == ["augmented", "nmf"]
-    assert [c["class"] for c in body["classes"]] == core_all.classes
+    assert [c["class"] for c in body["classes"]] == core_all.model.classes
     for c, entry in enumerate(body["classes"]):
         V, R = t["class_vectors"][c].astype(np.float64), t["residuals"][c].astype(np.float64)
         aB = t["coefficients"][c].astype(np.float64) @ t["nmf_prototypes"][c].astype(np.float64)
@@ -608,29 +611,29 @@ def test_prototypes_listing(core_all, fashion_artifact):
         assert share["norm_ratio"] == pytest.approx(np.linalg.norm(aB) / np.linalg.norm(V),
                                                     rel=1e-6)  # fmt: skip
         assert 0 < share["energy"] < 1
-        assert entry["fold"] == core_all.manifest["diagnostics"]["per_class"][c]["fold"]
+        assert entry["fold"] == core_all.model.manifest["diagnostics"]["per_class"][c]["fold"]
         for i, proto in enumerate(entry["prototypes"]):
             assert proto["coefficient"] == pytest.approx(float(t["coefficients"][c, i]))
             assert proto["fold_weight"] == pytest.approx(float(t["fold_weights"][c, i]))
             for kind in ("augmented", "nmf"):
-                assert proto["exemplars"][kind] == core_all.exemplars.entries(c, i, kind)
-    subset = core_all.prototypes(["bag", 0, "3"])
+                assert proto["exemplars"][kind] == core_all.model.exemplars.entries(c, i, kind)
+    subset = core_all.listings.prototypes(["bag", 0, "3"])
     assert [c["class"] for c in subset["classes"]] == ["bag", "tshirt_top", "dress"]
     with pytest.raises(Unprocessable) as e:
-        core_all.prototypes(["zebra"])
+        core_all.listings.prototypes(["zebra"])
     assert e.value.reason == "unknown_class"
 
 
 def test_prototype_image(core_all):
-    png = core_all.prototype_image("bag", 1)
+    png = core_all.listings.prototype_image("bag", 1)
     im = Image.open(io.BytesIO(png))
-    m = len(core_all.exemplars.entries(8, 1))
+    m = len(core_all.model.exemplars.entries(8, 1))
     assert im.format == "PNG" and im.size[0] >= m * 112 and im.size[1] >= 112
-    assert core_all.prototype_image(8, 1, "nmf") != png
+    assert core_all.listings.prototype_image(8, 1, "nmf") != png
     for args, reason in ((("bag", 3), "unknown_prototype"), (("zebra", 0), "unknown_class"),
                          (("bag", 0, "best"), "unknown_exemplar_kind")):  # fmt: skip
         with pytest.raises(Unprocessable) as e:
-            core_all.prototype_image(*args)
+            core_all.listings.prototype_image(*args)
         assert e.value.reason == reason
 
 
@@ -657,17 +660,17 @@ def test_overlay_map_kinds(core, presence_cores, bag_png):
     """The overlay draws the kind asked for: presence maps need a graph with them (422
     no_presence_maps otherwise); an unknown kind is refused; each kind's PNG differs."""
     every, _ = presence_cores
-    crop = every.prepare(bag_png)
+    crop = every.model.prepare(bag_png)
     (out,) = run_images(every, [bag_png])
-    pngs = {k: every.overlay(crop, out, 0, k) for k in ("contribution", "similarity", "presence")}
+    pngs = {k: every.listings.overlay(crop, out, 0, k) for k in ("contribution", "similarity", "presence")}
     assert len(set(pngs.values())) == 3
     assert all(Image.open(io.BytesIO(p)).format == "PNG" for p in pngs.values())
     (plain,) = run_images(core, [bag_png])
     with pytest.raises(Unprocessable, match="no presence maps") as e:
-        core.overlay(core.prepare(bag_png), plain, 0, "presence")
+        core.listings.overlay(core.model.prepare(bag_png), plain, 0, "presence")
     assert e.value.reason == "no_presence_maps"
     with pytest.raises(Unprocessable, match="map_kind must be one of"):
-        core.overlay(core.prepare(bag_png), plain, 0, "saliency")
+        core.listings.overlay(core.model.prepare(bag_png), plain, 0, "saliency")
 
 
 def test_bucketed_batches_and_fewer_outputs_give_the_same_answers(fashion_artifact):
@@ -676,13 +679,13 @@ def test_bucketed_batches_and_fewer_outputs_give_the_same_answers(fashion_artifa
     pick other kernels for another batch size): same classes, values within 1e-5."""
     import asyncio
 
-    from protonmf.service.engine.pipeline import DataPlane
+    from protonmf.service.engine.pipeline import Engine
     from protonmf.service.ops.settings import Settings
 
     blobs = [p.read_bytes() for p in sorted((FASHION_DATA / "test" / "bag").glob("*.png"))[:3]]
 
     async def answers(buckets: str):
-        plane = DataPlane(Core.load(fashion_artifact),
+        plane = Engine(Model.load(fashion_artifact),
                           Settings.from_env({"PROTONMF_BATCH_BUCKETS": buckets}))  # fmt: skip
         await plane.start()
         try:
@@ -710,6 +713,6 @@ def test_bucketed_batches_and_fewer_outputs_give_the_same_answers(fashion_artifa
                 assert pa["contribution"] == pytest.approx(pb["contribution"], rel=1e-5, abs=1e-5)
                 np.testing.assert_allclose(pa["heatmap"]["values"], pb["heatmap"]["values"],
                                            rtol=1e-4, atol=1e-4)  # fmt: skip
-    core = Core.load(fashion_artifact)
-    assert "maps" in core.outputs_for("similarity") and "maps" not in core.outputs_for(None)
-    assert core.outputs_for(None) | {"maps"} == core.outputs_for("contribution")
+    core = Engine.from_artifact(fashion_artifact)
+    assert "maps" in core.model.outputs_for("similarity") and "maps" not in core.model.outputs_for(None)
+    assert core.model.outputs_for(None) | {"maps"} == core.model.outputs_for("contribution")

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from protonmf import explain
 from tqdm import tqdm
 
 from protonmf.artifact import normalize, resize_crop
@@ -47,7 +49,7 @@ __all__ = [
     "residual_share",
 ]
 
-NO_RESIDUAL_SPLIT = ("class_vector", "no_images")  # folds whose whole logit is "residual"
+NO_RESIDUAL_SPLIT = explain.ALL_RESIDUAL_FOLDS  # folds whose whole logit is "residual"
 FAITH_IMAGES = 128  # default images for the faithfulness curves (108 graph runs per image)
 FAITH_SEED = 0
 
@@ -119,82 +121,62 @@ def head_logits(W: np.ndarray, pooled: np.ndarray, bias: np.ndarray, norm_eps=No
     return raw + np.asarray(bias, np.float64)
 
 
-def _norm_eps(manifest: dict):
-    head = manifest.get("head", {})
-    return head.get("norm_eps", 0.0) if head.get("kind") == "avg_norm_linear" else None
-
-
-def _folds(manifest: dict, n_classes: int) -> list[str]:
-    per_class = manifest.get("diagnostics", {}).get("per_class") or []
-    return [d.get("fold", "sum") for d in per_class] or ["sum"] * n_classes
-
-
 def ablation_heads(tensors: dict, folds: list[str]) -> dict[str, np.ndarray]:
-    """The four heads (C, D) in float64: ``black_box`` V, ``augmented`` Σ_i a_i b'_i,
-    ``nmf_only`` Σ_i a_i b_i and ``residual_only`` Σ_i a_i (b'_i − b_i) (= R; the whole V for
-    classes folded as "class_vector"/"no_images", whose prototype 0 is V itself)."""
-    a = tensors["coefficients"].astype(np.float64)  # (C, p)
-    aug = np.einsum("cp,cpd->cd", a, tensors["prototypes"].astype(np.float64))
-    nmf = np.einsum("cp,cpd->cd", a, tensors["nmf_prototypes"].astype(np.float64))
-    nmf[np.array([f in NO_RESIDUAL_SPLIT for f in folds], bool)] = 0.0
-    return {"black_box": tensors["class_vectors"].astype(np.float64), "augmented": aug,
-            "nmf_only": nmf, "residual_only": aug - nmf}  # fmt: skip
+    """The four heads (C, D): ``protonmf.explain.heads``."""
+    return explain.heads(tensors, folds)
 
 
 def ablation_logits(manifest: dict, tensors: dict, pooled: np.ndarray) -> dict[str, np.ndarray]:
     """Each ablation head's logits (N, C) on pooled features; nmf_only + residual_only − bias
     = augmented (the graph's logits up to float rounding)."""
-    heads = ablation_heads(tensors, _folds(manifest, len(tensors["bias"])))
-    eps = _norm_eps(manifest)
+    heads = explain.heads(tensors, explain.folds(manifest))
+    eps = explain.layer_norm_eps(manifest)
     return {name: head_logits(W, pooled, tensors["bias"], eps) for name, W in heads.items()}
 
 
 def explained_share(manifest: dict, tensors: dict) -> dict:
-    """Per class: energy 1 − ‖R‖²/‖V‖² and norm ratio ‖aB‖/‖V‖ (R, aB as in ablation_heads)."""
-    heads = ablation_heads(tensors, _folds(manifest, len(tensors["bias"])))
-    v2 = np.maximum((heads["black_box"] ** 2).sum(1), 1e-300)
-    energy = 1.0 - (heads["residual_only"] ** 2).sum(1) / v2
-    ratio = np.sqrt((heads["nmf_only"] ** 2).sum(1) / v2)
-    per_class = {name: {"energy": float(e), "norm_ratio": float(r)}
+    """Per class: energy 1 − ‖R‖²/‖V‖² and norm ratio ‖aB‖/‖V‖ (``protonmf.explain``; null
+    where V = 0), and their means over the classes where they are defined."""
+    energy, ratio = explain.explained_share(tensors, explain.folds(manifest))
+    per_class = {name: {"energy": _number(e), "norm_ratio": _number(r)}
                  for name, e, r in zip(manifest["classes"], energy, ratio, strict=True)}  # fmt: skip
-    return {"per_class": per_class, "mean_energy": float(energy.mean()),
-            "mean_norm_ratio": float(ratio.mean())}  # fmt: skip
+    return {"per_class": per_class, "mean_energy": _nan_stat(np.nanmean, energy),
+            "mean_norm_ratio": _nan_stat(np.nanmean, ratio)}  # fmt: skip
 
 
-def residual_share(manifest, tensors, logits, pooled, pred) -> dict:
-    """The predicted class c's residual r_c against its logit minus bias, and r_c − r_o against
-    the margin logit_c − logit_o to the runner-up o (the service's ``residual_share``).
-
-    r_c = Σ_i a_ci (b'_ci − b_ci)·f [/σ]; the LayerNorm head's −μ/σ·ΣV term is bias, as in
-    ``Core.terms``. Images where a denominator is 0 are left out of the statistics."""
-    heads = ablation_heads(tensors, _folds(manifest, len(tensors["bias"])))
+def residual_shares_per_image(manifest, tensors, logits, pooled, pred) -> tuple[np.ndarray, np.ndarray]:
+    """Per image (N,), the predicted class's residual share of its logit without bias and of
+    its margin over the runner-up (``protonmf.explain.residual_shares``; NaN where undefined):
+    the service's ``residual_share`` for every image at once."""
     f = np.asarray(pooled, np.float64)
     n = np.arange(len(f))
     logits = np.asarray(logits, np.float64)
     runner = np.argsort(-logits, 1, kind="stable")[:, :2]
     other = np.where(runner[:, 0] == pred, runner[:, 1], runner[:, 0])
+    eps = explain.layer_norm_eps(manifest)
     bias = np.broadcast_to(tensors["bias"].astype(np.float64), logits.shape).copy()
-    inv_sigma = np.ones(len(f))
-    eps = _norm_eps(manifest)
-    if eps is not None:
-        mu = f.mean(1)
-        inv_sigma = 1.0 / np.sqrt(((f - mu[:, None]) ** 2).mean(1) + eps)
-        bias -= (mu * inv_sigma)[:, None] * heads["black_box"].sum(1)
-    r = (f @ heads["residual_only"].T) * inv_sigma[:, None]  # (N, C)
-    logit_share = _ratio(r[n, pred], logits[n, pred] - bias[n, pred])
-    margin_share = _ratio(r[n, pred] - r[n, other], logits[n, pred] - logits[n, other])
+    if eps is not None:  # the LayerNorm head's −μ/σ·ΣV term is bias, as in the service's terms
+        bias -= (f.mean(1) * explain.inv_sigma(f, eps))[:, None] * tensors["class_vectors"].astype(np.float64).sum(1)
+    r = explain.residual_logits(tensors, explain.folds(manifest), f, eps)  # (N, C)
+    return explain.residual_shares(logits[n, pred], bias[n, pred], r[n, pred],
+                                   logits[n, other], r[n, other])  # fmt: skip
+
+
+def residual_share(manifest, tensors, logits, pooled, pred) -> dict:
+    """Statistics of ``residual_shares_per_image``; images where a denominator is 0 are left
+    out of them."""
+    logit_share, margin_share = residual_shares_per_image(manifest, tensors, logits, pooled, pred)
     return {
         "logit_mean": _nan_stat(np.nanmean, logit_share),
         "margin_mean": _nan_stat(np.nanmean, margin_share),
         "logit_median": _nan_stat(np.nanmedian, logit_share),
         "margin_median": _nan_stat(np.nanmedian, margin_share),
-        "n_images": int(len(f)),
+        "n_images": int(len(pooled)),
     }
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    ok = np.abs(den) > 1e-12
-    return np.where(ok, num / np.where(ok, den, 1.0), np.nan)
+def _number(x) -> float | None:
+    return float(x) if np.isfinite(x) else None
 
 
 def _nan_stat(fn, x: np.ndarray):

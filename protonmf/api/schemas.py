@@ -46,6 +46,7 @@ __all__ = [
     "ClassifyResponse",
     "ErrorBody",
     "Exemplar",
+    "default_of",
     "ExemplarsInfo",
     "ExplainRequest",
     "ExplainResponse",
@@ -160,8 +161,8 @@ class InterventionIn(BaseModel):
     prototype: int = Field(description="prototype index within the class, 0..p-1")
 
     def to_core(self):
-        """The core's ``Intervention`` (imported here: the core needs onnxruntime)."""
-        from protonmf.service.engine.core import Intervention
+        """The engine's ``Intervention`` (imported here: the engine needs onnxruntime)."""
+        from protonmf.service.engine.options import Intervention
 
         return Intervention(self.class_name, self.prototype)
 
@@ -237,6 +238,12 @@ class PrototypeImageRequest(BaseModel):
 
 
 PrototypeImageIn = PrototypeImageRequest  # the name service.py has used
+
+
+def default_of(model: type[BaseModel], name: str) -> Any:
+    """A request field's default. Request defaults are declared once, on the models above;
+    the engine, the gRPC and OIP adapters and the client read them from here."""
+    return model.model_fields[name].get_default(call_default_factory=True)
 
 
 # --- responses: /classify -------------------------------------------------------------

@@ -3,7 +3,7 @@
 With ``PROTONMF_DECODE_PROCESSES`` = N > 0 each worker decodes its images in N processes of
 its own instead of its threads, so that decoding scales with the cores while one worker
 (one per GPU) runs the model. Each child runs ``decode_crop``, the function
-``Core.prepare`` runs, with the worker's ``Limits`` and ``Preprocessing`` (sent once, when
+``Model.prepare`` runs, with the worker's ``Limits`` and ``Preprocessing`` (sent once, when
 it starts): the same crops, the same errors.
 
 One duplex pipe per child, one image at a time per child:
@@ -69,7 +69,7 @@ _ERRORS = {name: getattr(errors, name) for name in errors.__all__}
 
 
 def decode_crop(data: bytes, limits: Limits, spec: Preprocessing, jpeg=None) -> np.ndarray:
-    """Untrusted bytes → the uint8 crop the model reads (``Core.prepare`` and the decode
+    """Untrusted bytes → the uint8 crop the model reads (``Model.prepare`` and the decode
     processes both run this). Raises the ``InvalidInput`` family. ``jpeg``: see
     ``decode_image`` (the GPU's JPEG decoder, in the worker only)."""
     return resize_crop(decode_image(data, limits, spec, jpeg), spec)
@@ -273,7 +273,7 @@ class DecodePool:
     # --- one image --------------------------------------------------------------------------
 
     async def prepare(self, blob: bytes) -> np.ndarray:
-        """Encoded image → uint8 crop, decoded in a child. Raises what ``Core.prepare``
+        """Encoded image → uint8 crop, decoded in a child. Raises what ``Model.prepare``
         raises, ``DecoderCrashed`` if the child died with the image, NotReady once closed."""
         if self._loop is None:
             raise RuntimeError("DecodePool.prepare before start")

@@ -1,12 +1,12 @@
-"""gRPC adapter (protonmf.v1): the REST API's twin over the same data plane.
+"""gRPC adapter (protonmf.v1): the REST API's twin over the same engine.
 
 BentoML 1.4 cannot serve gRPC for new-style services, so the service starts this
 ``grpc.aio`` server in its start-up hook, on the worker's own event loop. Every RPC calls
-the ``DataPlane`` method its REST endpoint calls — images of both transports merge into
+the ``Engine`` method its REST endpoint calls — images of both transports merge into
 the same batches and count in the same metrics — and turns the same JSON-able body into
-its message (protomap.py, from the descriptors), so both transports say the same thing.
+its message (protonmf/api/protomap.py, from the descriptors), so both transports say the same thing.
 
-Health (``grpc.health.v1``) says SERVING once the data plane has started (the model is
+Health (``grpc.health.v1``) says SERVING once the engine has started (the model is
 loaded and warmed before); reflection lists the services for grpcurl and friends.
 """
 
@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protonmf.service.engine.core import ExplainOptions, Intervention
+from protonmf.service.engine.options import CLASSIFY_TOP_K, ExplainOptions, Intervention
 from protonmf.service.grpc.calls import Malformed, guarded, register_unary
 from protonmf.service.oip.grpc import SERVICE_NAME as OIP_SERVICE_NAME
 from protonmf.service.oip.grpc import add_oip_servicer
@@ -39,11 +39,15 @@ from protonmf.service.ops.observability import (
 from protonmf.api.proto.protonmf.v1 import protonmf_pb2 as pb
 from protonmf.api.proto.protonmf.v1 import protonmf_pb2_grpc as pb_grpc
 from protonmf.api.protomap import model_info_message, to_message
+from protonmf.api.schemas import PrototypeImageRequest, default_of
 
 __all__ = ["GrpcConfig", "GrpcServer", "Malformed", "add_servicer", "pb", "pb_grpc"]
 
 log = logging.getLogger("protonmf.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProtoNMF"].full_name
+# ExplainRequest's optional scalars: unset, they take ExplainOptions' (the schema's) defaults
+EXPLAIN_FIELDS = ("top_k", "heatmaps", "box_percentile", "map_kind")
+EXEMPLAR_KIND = default_of(PrototypeImageRequest, "kind")
 
 
 @dataclass(frozen=True)
@@ -77,14 +81,14 @@ async def _refuse(error: ServiceError):
 
 
 class ProtoNMFServicer(pb_grpc.ProtoNMFServicer):
-    """The RPCs over ``plane`` (dataplane.DataPlane)."""
+    """The RPCs over ``engine`` (engine.Engine)."""
 
-    def __init__(self, plane):
-        self.plane = plane
+    def __init__(self, engine):
+        self.engine = engine
         self.ready = False  # set with health SERVING
 
     async def _guarded(self, context: grpc.aio.ServicerContext, work):
-        """``guarded``, once the data plane has started."""
+        """``guarded``, once the engine has started."""
         if not self.ready:
             work.close()  # never started: no "never awaited" warning
             return await guarded(context, _refuse(NotReady("the model is warming up; "
@@ -92,34 +96,28 @@ class ProtoNMFServicer(pb_grpc.ProtoNMFServicer):
         return await guarded(context, work)
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        top_k = request.top_k if request.HasField("top_k") else 5
-        body = await self._guarded(context, self.plane.classify(list(request.images), top_k))
+        top_k = request.top_k if request.HasField("top_k") else CLASSIFY_TOP_K
+        body = await self._guarded(context, self.engine.classify(list(request.images), top_k))
         return to_message(body, pb.ClassifyResponse)
 
     async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
-        def get(name, default):
-            return getattr(request, name) if request.HasField(name) else default
-
-        options = ExplainOptions(
-            top_k=get("top_k", 3), heatmaps=get("heatmaps", True),
-            box_percentile=get("box_percentile", 90.0), map_kind=get("map_kind", "similarity"),
-            interventions=tuple(Intervention(i.class_name, i.prototype)
-                                for i in request.interventions),
-        )  # fmt: skip
-        body = await self._guarded(context, self.plane.explain(list(request.images), options))
+        given = {name: getattr(request, name) for name in EXPLAIN_FIELDS if request.HasField(name)}
+        interventions = tuple(Intervention(i.class_name, i.prototype) for i in request.interventions)
+        options = ExplainOptions(**given, interventions=interventions)  # unset: the defaults
+        body = await self._guarded(context, self.engine.explain(list(request.images), options))
         return to_message(body, pb.ExplainResponse)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfoResponse:
-        return model_info_message(self.plane.model_info(), pb.ModelInfoResponse)
+        return model_info_message(self.engine.model_info(), pb.ModelInfoResponse)
 
     async def Prototypes(self, request: pb.PrototypesRequest, context) -> pb.PrototypesResponse:
-        body = await self._guarded(context, self.plane.prototypes(list(request.classes)))
+        body = await self._guarded(context, self.engine.prototypes(list(request.classes)))
         return to_message(body, pb.PrototypesResponse)
 
     async def PrototypeImage(self, request: pb.PrototypeImageRequest, context
                              ) -> pb.PrototypeImageResponse:  # fmt: skip
-        kind = request.kind if request.HasField("kind") else "augmented"
-        work = self.plane.prototype_image(request.class_name, request.prototype, kind)
+        kind = request.kind if request.HasField("kind") else EXEMPLAR_KIND
+        work = self.engine.prototype_image(request.class_name, request.prototype, kind)
         return pb.PrototypeImageResponse(png=await self._guarded(context, work))
 
 
@@ -175,7 +173,7 @@ class GrpcServer:
     spreads connections across them, as it does for BentoML's HTTP workers.
     """
 
-    def __init__(self, plane, config):
+    def __init__(self, engine, config):
         """``config``: a GrpcConfig or the service's Settings."""
         config = config if isinstance(config, GrpcConfig) else GrpcConfig.from_settings(config)
         self.config = config
@@ -191,12 +189,12 @@ class GrpcServer:
                 ("grpc.max_send_message_length", config.max_message_bytes),
             ],
         )
-        self.servicer = ProtoNMFServicer(plane)
+        self.servicer = ProtoNMFServicer(engine)
         self._drain: asyncio.Task | None = None
         add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        # the Open Inference Protocol v2 (docs/oip.md) on the same port and data plane
-        add_oip_servicer(self.server, lambda: plane, "protonmf")
+        # the Open Inference Protocol v2 (docs/oip.md) on the same port and engine
+        add_oip_servicer(self.server, lambda: engine, "protonmf")
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  OIP_SERVICE_NAME, reflection.SERVICE_NAME)  # fmt: skip
         reflection.enable_server_reflection(names, self.server)

@@ -4,7 +4,7 @@ server, beside ``protonmf.v1``.
 
 ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer; ModelInfer
 is the REST ``/v2/models/{name}/infer`` (service/oip/rest.py) with the same tensor layer
-(``OipModel``) over the same data plane and batcher. Inputs come as typed ``contents`` or as
+(``OipModel``) over the same engine and batcher. Inputs come as typed ``contents`` or as
 ``raw_input_contents`` (one per input, in order, as Triton's clients send them); outputs are
 answered the same way the inputs came (raw → ``raw_output_contents``). Parameters
 (``top_k``, ``heatmaps``, ``map_kind``, ``box_percentile``, ``interventions``) are request
@@ -93,30 +93,30 @@ def _output(t: OutputTensor, raw: bool):
 
 
 class OipServicer:
-    """The GRPCInferenceService RPCs over ``get_plane()`` (a DataPlane, or None)."""
+    """The GRPCInferenceService RPCs over ``get_engine()`` (a Engine, or None)."""
 
-    def __init__(self, get_plane: Callable[[], object | None], model_name: str = "protonmf"):
-        self.get_plane = get_plane
+    def __init__(self, get_engine: Callable[[], object | None], model_name: str = "protonmf"):
+        self.get_engine = get_engine
         self.model_name = model_name
         self._model: OipModel | None = None
 
     def _plane(self):
-        return self.get_plane()
+        return self.get_engine()
 
     def model(self) -> OipModel:
-        plane = self._plane()
-        if plane is None:
+        engine = self._plane()
+        if engine is None:
             raise NotReady("the model is not loaded yet; retry shortly", "not_ready")
-        if self._model is None or self._model.plane is not plane:
-            self._model = OipModel(plane, self.model_name)
+        if self._model is None or self._model.engine is not engine:
+            self._model = OipModel(engine, self.model_name)
         return self._model
 
     async def _guarded(self, context, work):
         return await guarded(context, work)
 
     def _ready(self) -> bool:
-        plane = self._plane()
-        return bool(plane is not None and plane.ready)
+        engine = self._plane()
+        return bool(engine is not None and engine.ready)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -174,10 +174,10 @@ class OipServicer:
         return await self._guarded(context, work())
 
 
-def add_oip_servicer(server, get_plane: Callable[[], object | None],
+def add_oip_servicer(server, get_engine: Callable[[], object | None],
                      model_name: str = "protonmf") -> OipServicer:  # fmt: skip
     """Register ``inference.GRPCInferenceService`` on the grpc.aio ``server`` (before it
     starts), with lenient deserializers: malformed request bytes are INVALID_ARGUMENT."""
-    servicer = OipServicer(get_plane, model_name)
+    servicer = OipServicer(get_engine, model_name)
     register_unary(server, pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], servicer, pb)
     return servicer

@@ -1,5 +1,5 @@
-"""Open Inference Protocol v2 (KServe v2 / Triton) over the data plane: REST, and the
-transport-free tensor layer the gRPC twin (oip_grpc.py) shares.
+"""Open Inference Protocol v2 (KServe v2 / Triton) over the engine: REST, and the
+transport-free tensor layer the gRPC twin (oip/grpc.py) shares.
 
 Mounted under ``/v2`` (``bentoml.mount_asgi_app`` / ``@bentoml.asgi_app(app, path="/v2")``):
 every route below is relative to the mount, so the app itself answers
@@ -12,13 +12,13 @@ every route below is relative to the mount, so the app itself answers
 
 Inputs (exactly one per request): ``images`` BYTES [N] (encoded JPEG/PNG/WebP: base64
 strings in JSON, raw in the binary tensor extension), ``crops`` UINT8 [N, H, W(, C)] (the
-model's crop, ``core.crop_shape``), or the graph input (``image``) FP32 [N, C, H, W]
+model's crop, ``Model.crop_shape``), or the graph input (``image``) FP32 [N, C, H, W]
 normalised, which must be a normalised uint8 crop (it is mapped back to one and runs
 through the same batcher). Outputs: ``logits`` by default; any graph output of the manifest
 (``scores``, ``contributions``, ``pooled``, ``maps``, ``topk_*``…, and ``bias``) and
 ``explanation`` (BYTES, one JSON document per image: the REST ``/explain`` entry) on
-request. Everything runs through ``DataPlane``: decoding in its pool, the graph in its
-batcher, explanations by ``Core.explanation``; typed errors keep their status codes in the
+request. Everything runs through the ``Engine``'s steps, as REST and gRPC do: ``decode``
+(its threads or decode processes), ``infer`` (its batcher), ``explain_outputs``; typed errors keep their status codes in the
 protocol's ``{"error": "..."}`` body. docs/oip.md has the details and examples.
 """
 
@@ -43,7 +43,7 @@ from starlette.routing import Route
 from protonmf import __version__ as PROTONMF_VERSION
 from protonmf.artifact import normalize
 
-from protonmf.service.engine.core import ExplainOptions, Intervention
+from protonmf.service.engine.options import ExplainOptions, Intervention
 from protonmf.service.ops.errors import InvalidInput, NotReady, PayloadTooLarge, ServiceError
 from protonmf.service.ops.metrics import METRICS
 
@@ -255,35 +255,36 @@ def _interventions(params: dict) -> tuple[Intervention, ...]:
 
 
 def explain_options(params: dict) -> ExplainOptions:
-    """The ``explanation`` output's options, as REST /explain's (same defaults)."""
+    """The ``explanation`` output's options, as REST /explain's (the schema's defaults)."""
+    d = ExplainOptions()
     return ExplainOptions(
-        top_k=_int(params, "top_k", 3), heatmaps=_bool(params, "heatmaps", True),
-        box_percentile=_float(params, "box_percentile", 90.0),
-        map_kind=str(params.get("map_kind", "similarity")),
+        top_k=_int(params, "top_k", d.top_k), heatmaps=_bool(params, "heatmaps", d.heatmaps),
+        box_percentile=_float(params, "box_percentile", d.box_percentile),
+        map_kind=str(params.get("map_kind", d.map_kind)),
         interventions=_interventions(params),
-    )  # fmt: skip
+    )
 
 
 # --- the model, transport-free --------------------------------------------------------------
 
 
 class OipModel:
-    """The artifact as an OIP model: metadata and ``infer`` over one ``DataPlane``."""
+    """The artifact as an OIP model: metadata and ``infer`` over one ``Engine``."""
 
-    def __init__(self, plane, name: str = "protonmf"):
-        self.plane = plane
+    def __init__(self, engine, name: str = "protonmf"):
+        self.engine = engine
         self.name = name
-        core = plane.core
+        core = engine.model
         self.core = core
         graph = core.manifest["graph"]
         self.graph_input = graph["input"]["name"]
         self.graph_outputs = set(graph["outputs"])
-        ort_types = {o.name: o.type for o in core.explainer.session.get_outputs()}
+        ort_types = {o.name: o.type for o in core.graph.session.get_outputs()}
         self.outputs: dict[str, tuple[str, list[int]]] = {}
-        for out_name, shape in core.explainer.output_shapes.items():
+        for out_name, shape in core.graph.output_shapes.items():
             if out_name in ort_types:
                 datatype = ORT_TYPES.get(ort_types[out_name], "FP32")
-            else:  # bias of an all-scores graph, from the tensors (runtime.GraphSession.run)
+            else:  # bias of an all-scores graph, from the tensors (protonmf.graph.GraphSession.run)
                 datatype = DATATYPE_OF.get(core.tensors["bias"].dtype, "FP32")
             self.outputs[out_name] = (datatype, [-1 if isinstance(d, str) else int(d)
                                                  for d in shape])  # fmt: skip
@@ -324,10 +325,7 @@ class OipModel:
             if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.shape[1] != 1):
                 raise InvalidInput(f"input 'images' has shape [N] (or [N, 1]), got {t.shape}",
                                    "bad_shape")  # fmt: skip
-            blobs = list(t.data)
-            core.check_request(len(blobs))
-            return list(await asyncio.gather(*(self.plane.in_pool(core.prepare, b)
-                                               for b in blobs)))  # fmt: skip
+            return await self.engine.decode(list(t.data))
         n = t.shape[0] if t.shape else 0
         want = expected[1][1:]
         shape = list(t.shape[1:])
@@ -364,7 +362,7 @@ class OipModel:
     async def infer(self, inputs: list[InputTensor], outputs: list[tuple[str, dict]] | None,
                     parameters: dict) -> list[OutputTensor]:  # fmt: skip
         """``outputs``: (name, parameters) of those asked for (None: ``logits``)."""
-        if not self.plane.ready:
+        if not self.engine.ready:
             raise NotReady("the model is warming up; retry shortly", "not_ready")
         if len(inputs) != 1:
             raise InvalidInput(f"send exactly one input (one of {list(self.inputs)}), got "
@@ -386,19 +384,18 @@ class OipModel:
                 core.check_request(1, options)
                 wanted |= core.outputs_for(options.map_kind if options.heatmaps else None)
             elif n == "bias" and n not in self.graph_outputs:
-                wanted |= {"scores"}  # runtime.GraphSession.run adds bias beside scores
+                wanted |= {"scores"}  # protonmf.graph.GraphSession.run adds bias beside scores
             else:
                 wanted.add(n)
         crops = await self._crops(inputs[0])
         if options is not None:
             core.check_request(len(crops), options)
-        METRICS.images_per_request.observe(len(crops))
-        outs = await self.plane.batcher.submit(crops, frozenset(wanted))
+        outs = await self.engine.infer(crops, frozenset(wanted))
         result = []
         for n, _ in requested:
             if n == EXPLANATION:
-                docs = [orjson.dumps(core.explanation(o, options), option=orjson.OPT_SERIALIZE_NUMPY)
-                        for o in outs]  # fmt: skip
+                docs = [orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY)
+                        for e in self.engine.explain_outputs(outs, options)]  # fmt: skip
                 result.append(OutputTensor(n, "BYTES", [len(docs)], docs))
             else:
                 arr = np.stack([o[n] for o in outs])
@@ -537,22 +534,22 @@ class V2Root:
         await self.app(scope, receive, send)
 
 
-def build_app(get_plane: Callable[[], object | None], model_name: str = "protonmf",
+def build_app(get_engine: Callable[[], object | None], model_name: str = "protonmf",
               max_body_bytes: int | None = None) -> Starlette:  # fmt: skip
-    """The OIP v2 REST app, routes relative to its mount (``/v2``). ``get_plane``: the
-    worker's DataPlane, or None while there is none (everything but liveness answers 503).
-    ``max_body_bytes``: default the plane's ``settings.body_bytes()`` (the RequestGuard's
+    """The OIP v2 REST app, routes relative to its mount (``/v2``). ``get_engine``: the
+    worker's Engine, or None while there is none (everything but liveness answers 503).
+    ``max_body_bytes``: default the engine's ``settings.body_bytes()`` (the RequestGuard's
     limit for the service's own endpoints does not reach mounted apps)."""
     models: dict[int, OipModel] = {}
 
     def model() -> OipModel:
-        plane = get_plane()
-        if plane is None:
+        engine = get_engine()
+        if engine is None:
             raise NotReady("the model is not loaded yet; retry shortly", "not_ready")
-        m = models.get(id(plane))
-        if m is None or m.plane is not plane:
+        m = models.get(id(engine))
+        if m is None or m.engine is not engine:
             models.clear()
-            m = models[id(plane)] = OipModel(plane, model_name)
+            m = models[id(engine)] = OipModel(engine, model_name)
         return m
 
     def handled(func):
@@ -571,7 +568,7 @@ def build_app(get_plane: Callable[[], object | None], model_name: str = "protonm
 
     async def ready(request: Request) -> Response:
         try:
-            ok = model().plane.ready
+            ok = model().engine.ready
         except ServiceError:
             ok = False
         return _json({"ready": ok}, 200 if ok else 503)
@@ -587,7 +584,7 @@ def build_app(get_plane: Callable[[], object | None], model_name: str = "protonm
     async def model_ready(request: Request) -> Response:
         m = model()
         m.check_name(request.path_params["name"], request.path_params.get("version"))
-        ok = bool(m.plane.ready)
+        ok = bool(m.engine.ready)
         return _json({"name": m.name, "ready": ok}, 200 if ok else 503)
 
     async def infer(request: Request) -> Response:
@@ -596,7 +593,7 @@ def build_app(get_plane: Callable[[], object | None], model_name: str = "protonm
         if request.headers.get("content-encoding", "identity") != "identity":
             raise InvalidInput("compressed request bodies are not supported",
                                "unsupported_encoding")  # fmt: skip
-        limit = max_body_bytes or m.plane.settings.body_bytes()
+        limit = max_body_bytes or m.engine.settings.body_bytes()
         body = await _read_body(request, limit)
         inputs, outputs, params, binary, request_id = parse_infer_request(
             body, request.headers.get(HEADER_LENGTH))  # fmt: skip

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
                                   "beside each worker (crops come back through shared memory), "
                                   "so decoding scales with cores while one worker runs the "
                                   "model; 0: decode in the worker's threads")  # fmt: skip
-    # --- batching (service/batching.py) ----------------------------------------------------
+    # --- batching (service/engine/batching.py) ----------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=1024, description="images per onnxruntime run")
     batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long a batch stays "
                                  "open for more images once the model is free; 0: run what "
@@ -141,7 +141,7 @@ class Settings(BaseSettings):
     grpc_tls_cert: Path | None = Field(None, description="PEM certificate chain: gRPC over TLS "
                                        "(with PROTONMF_GRPC_TLS_KEY); unset: plaintext")  # fmt: skip
     grpc_tls_key: Path | None = Field(None, description="PEM private key of the gRPC certificate")
-    # --- authentication and logs (service/observability.py) -------------------------------
+    # --- authentication and logs (service/ops/observability.py) -------------------------------
     api_keys: SecretStr | None = Field(None, description="API keys accepted, comma-separated "
                                        "(`Authorization: Bearer KEY` or `X-API-Key: KEY`; gRPC "
                                        "metadata the same); unset with no file: no "
@@ -156,7 +156,7 @@ class Settings(BaseSettings):
                              "protonmf.access logger")  # fmt: skip
     log_format: Literal["json", "text"] = Field("json", description="access log lines as JSON "
                                                 "objects or plain text")  # fmt: skip
-    # --- request limits (service/imaging.py) -----------------------------------------------
+    # --- request limits (service/decode/images.py) -----------------------------------------------
     max_bytes: int = Field(Limits.max_bytes, ge=1, description="bytes of one encoded image")
     max_pixels: int = Field(Limits.max_pixels, ge=1, description="declared width × height, "
                             "checked before decoding")  # fmt: skip

@@ -1,5 +1,5 @@
 """A fix for a BentoML 1.4 bug, applied when the service is imported: BentoML's own method
-(Apache-2.0) with the bug taken out; tests/test_bentoml_fixes.py shows the bug on BentoML's
+(Apache-2.0) with the bug taken out; tests/test_rest/bentoml_fixes.py shows the bug on BentoML's
 original and its absence on the replacement (docs/architecture.md has the upstream note).
 
 ``TimeoutMiddleware`` (bentoml/_internal/server/http/traffic.py) arms a ``loop.call_later``

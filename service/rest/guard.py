@@ -1,7 +1,7 @@
 """The REST front door: one ASGI middleware between uvicorn and BentoML's endpoints.
 
 Added with BentoML's public ``add_asgi_middleware``, inside BentoML's request timeout
-(traffic.timeout; see bentoml_fixes.py). BentoML's concurrency limit is off: this one
+(traffic.timeout; see rest/bentoml_fixes.py). BentoML's concurrency limit is off: this one
 counts a request once its body has arrived. What it does:
 
 - **Body first, slot second.** A request's body is read in full, within

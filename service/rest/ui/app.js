@@ -2,6 +2,8 @@
 "use strict";
 
 const $ = (sel, root = document) => root.querySelector(sel);
+// Builds nodes; "text" and string children always land as text, never as markup: class names
+// come from user checkpoints (tests/test_xss.py). No innerHTML anywhere in this file.
 const el = (tag, attrs = {}, ...children) => {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
