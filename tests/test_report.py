@@ -12,9 +12,9 @@ from browser import browse
 from helpers import manifest_of, run_cli
 from PIL import Image
 
+from protonmf.analysis.report import bar_chart, build_report, class_shares
 from protonmf.artifact import load_tensors, sha256_file
 from protonmf.artifact.exemplars import EXEMPLARS_FILE, load_exemplars, save_exemplars
-from protonmf.analysis.report import bar_chart, build_report, class_shares
 
 
 def _rewrite_exemplars(art: Path, ex) -> None:
@@ -184,3 +184,12 @@ def test_bar_heights_are_proportional():
     assert heights[0] / heights[1] == pytest.approx(2.0, rel=0.02)
     assert heights[0] / heights[2] == pytest.approx(3.0, rel=0.02)
     assert "n/a" in bar_chart("t", "t", [("a", [None]), ("b", [float("nan")])], ["s"])
+
+
+def test_chart_labels_are_escaped():
+    """Names in plots (group labels, legends, tooltips, titles) reach the SVG as text."""
+    name = '<img src=x onerror=alert(1)>"'
+    svg = bar_chart(f"id-{name}", f"title {name}", [(name, [0.5, 0.2])], [name, "b"])
+    assert "<img" not in svg and 'alert(1)>"' not in svg
+    # id, aria-label, title, legend, group label, and 3 in the two bars' tooltips
+    assert svg.count("&lt;img src=x onerror=alert(1)&gt;&#34;") == 8
