@@ -1,9 +1,17 @@
-"""What the benchmarks record about the machine they ran on (shared by the scripts)."""
+"""What the benchmark scripts share: the repository's paths, what they record about the
+machine they ran on, their result files, and one onnxruntime thread pool per process.
+
+The scripts import the installed package (``protonmf``, an editable install in .venv) and
+this module as ``import _machine``: ``python benchmarks/NAME.py`` puts benchmarks/ first
+on sys.path."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"  # the scripts' default --out folder
 
 
 def cpu_model() -> str:

@@ -26,18 +26,15 @@ import shutil
 import sys
 from pathlib import Path
 
+import _machine
+import bench_service as bs
 import numpy as np
 import onnx
+from _machine import RESULTS
 from onnx import TensorProto, helper, numpy_helper
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import _machine  # noqa: E402
-import bench_service as bs  # noqa: E402
-
-from protonmf.artifact import MODEL_FILE, load_manifest, sha256_file  # noqa: E402
-from protonmf.sample_data import imagenet_photo_files  # noqa: E402
+from protonmf.artifact import MODEL_FILE, load_manifest, sha256_file
+from protonmf.sample_data import imagenet_photo_files
 
 INT_OUTPUTS = {"topk_classes"}
 TARGET_MS = 5.0
@@ -140,7 +137,7 @@ def main(argv=None) -> int:
                     help="the foolbox photos as shipped (progressive JPEGs) or re-encoded "
                     "as baseline JPEGs")  # fmt: skip
     ap.add_argument("--graphs", default="trivial,real")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/bench_ceiling.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_ceiling.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.duration = 5.0

@@ -17,26 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import RESULTS, machine_info
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _machine import machine_info  # noqa: E402
+from protonmf.artifact import preprocess
+from protonmf.converter.convert import extract_features
+from protonmf.converter.models import ModelSource, analyse_head, load_model, preprocessing_from_timm
+from protonmf.converter.nmf import nmf
+from protonmf.data import load_image_folder
+from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint
 
-from protonmf.artifact import preprocess  # noqa: E402
-from protonmf.converter.convert import extract_features  # noqa: E402
-from protonmf.converter.models import ModelSource, analyse_head, load_model, preprocessing_from_timm  # noqa: E402
-from protonmf.converter.nmf import nmf  # noqa: E402
-from protonmf.data import load_image_folder  # noqa: E402
-from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 IMAGENET_IMAGES, IMAGENET_CLASSES = 1_281_167, 1000
 
 
@@ -45,7 +40,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=160)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--nmf-iters", type=int, default=5, help="NMF iterations timed")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_convert_scale.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_convert_scale.json")
     args = ap.parse_args()
     torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
     model = load_model(ModelSource("tf_efficientnet_lite0", str(lite0_checkpoint())))

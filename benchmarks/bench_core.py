@@ -1,13 +1,15 @@
 """The service core's stages without a transport: decode, batched inference, explanation.
 
 Where does a request's time go, and how much does a GPU move it? One process, no BentoML,
-the same ``service.core.Core`` the service runs. For each device asked for (``cpu`` and,
-with ``--device cuda``, onnxruntime's CUDA provider, TF32 off):
+the same engine pieces the service runs (``protonmf.service.engine``: ``Model`` and
+``Explanations``). For each device asked for (``cpu`` and, with ``--device cuda``,
+onnxruntime's CUDA provider, TF32 off):
 
-* ``decode``   untrusted JPEG bytes → uint8 crop (``Core.prepare``), per image, one thread;
+* ``decode``   untrusted JPEG bytes → uint8 crop (``Model.prepare``), per image, one thread;
 * ``infer``    uint8 crops → graph outputs, one onnxruntime run per batch of 1, 8 and 32
-               (``Core.infer``: normalisation + run + outputs copied back);
-* ``explain``  graph outputs → the /explain JSON dict (top-3, heatmaps), per image.
+               (``Model.infer``: normalisation + run + outputs copied back);
+* ``explain``  graph outputs → the /explain JSON dict (top-3, heatmaps; ``Explanations``),
+               per image.
 
 Batch sizes and devices are interleaved per round (warm-up call before each timed call),
 figures are medians. The ratio that matters for serving is images/s of ``infer`` at batch
@@ -32,16 +34,15 @@ import sys
 import time
 from pathlib import Path
 
+import _machine
 import numpy as np
+from _machine import RESULTS
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import _machine  # noqa: E402
-
-from protonmf.sample_data import imagenet_photo_files  # noqa: E402
-from protonmf.service.engine.core import Core, ExplainOptions  # noqa: E402
-from protonmf.graph import GraphSession  # noqa: E402
+from protonmf.graph import GraphSession
+from protonmf.sample_data import imagenet_photo_files
+from protonmf.service.engine.explanations import Explanations
+from protonmf.service.engine.model import Model
+from protonmf.service.engine.options import ExplainOptions
 
 BATCHES = (1, 8, 32)
 BINDING_BATCHES = (1, 32)
@@ -63,21 +64,23 @@ def timed(fn) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def bench(cores: dict[str, Core], blobs: list[bytes], rounds: int) -> dict:
-    any_core = next(iter(cores.values()))
-    crops = np.stack([any_core.prepare(b) for b in blobs])  # (32, h, w[, 3]) uint8
+def bench(models: dict[str, Model], blobs: list[bytes], rounds: int) -> dict:
+    any_model = next(iter(models.values()))
+    crops = np.stack([any_model.prepare(b) for b in blobs])  # (32, h, w[, 3]) uint8
     options = ExplainOptions()
-    out = {name: core.infer(crops[:1]) for name, core in cores.items()}
+    explanations = {name: Explanations(model) for name, model in models.items()}
+    out = {name: model.infer(crops[:1]) for name, model in models.items()}
     one = {name: {k: v[0] for k, v in o.items()} for name, o in out.items()}
     ms: dict[str, list[float]] = {}
     for _ in range(rounds):
-        ms.setdefault("decode", []).append(timed(lambda: any_core.prepare(blobs[0])))
-        for name, core in cores.items():
+        ms.setdefault("decode", []).append(timed(lambda: any_model.prepare(blobs[0])))
+        for name, model in models.items():
             for b in BATCHES:
                 ms.setdefault(f"infer {name} b{b}", []).append(
-                    timed(lambda core=core, b=b: core.infer(crops[:b])))
+                    timed(lambda model=model, b=b: model.infer(crops[:b])))
+            ex = explanations[name]
             ms.setdefault(f"explain {name}", []).append(
-                timed(lambda core=core, name=name: core.explanation(one[name], options)))
+                timed(lambda ex=ex, name=name: ex.explanation(one[name], options)))
     rows = []
     for key, ts in ms.items():
         per = int(key.rsplit("b", 1)[1]) if key.startswith("infer") else 1
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
               f"onnxruntime {info['onnxruntime']}", flush=True)  # fmt: skip
         result = bench_binding(args.artifact, devices, args.threads, args.rounds)
         report_binding(result)
-        out = REPO / "benchmarks" / "results" / "bench_core_iobinding.json"
+        out = RESULTS / "bench_core_iobinding.json"
         _machine.write_result(args.out or out, {"machine": info, "artifact": str(args.artifact),
                                                 "rounds": args.rounds, **result})  # fmt: skip
         worst = max(result["max_abs_diff_vs_plain"].values())
@@ -191,16 +194,16 @@ def main(argv=None) -> int:
             print(f"FAIL: max |Δ| against session.run {worst:.3g} > {args.max_diff:g}")
             return 1
         return 0
-    cores = {d: Core.load(args.artifact, device=d, threads=args.threads) for d in devices}
-    providers = {d: c.explainer.provider for d, c in cores.items()}
+    models = {d: Model.load(args.artifact, device=d, threads=args.threads) for d in devices}
+    providers = {d: m.graph.provider for d, m in models.items()}
     info = _machine.machine_info(providers=providers, ort_threads=args.threads)
     print(f"machine: {info['cpu_model']} × {info['cpu_count']}, gpu={info['gpu']}, "
           f"onnxruntime {info['onnxruntime']}, providers {providers}", flush=True)  # fmt: skip
-    result = bench(cores, jpeg_blobs(args.images), args.rounds)
+    result = bench(models, jpeg_blobs(args.images), args.rounds)
     report(result, devices)
     out = {"machine": info, "artifact": str(args.artifact), "rounds": args.rounds,
-           "model": cores["cpu"].manifest["backbone"].get("architecture"), **result}  # fmt: skip
-    _machine.write_result(args.out or REPO / "benchmarks" / "results" / "bench_core.json", out)
+           "model": models["cpu"].manifest["backbone"].get("architecture"), **result}  # fmt: skip
+    _machine.write_result(args.out or RESULTS / "bench_core.json", out)
     return 0
 
 

@@ -4,7 +4,7 @@ what the hop to a process costs, and images/s.
 JPEG photos (foolbox's 512 × 512 ImageNet photos by default) to the model's crop (a
 Lite0-like 224 × 224 RGB crop, bicubic from 256, unless --artifact names one):
 
-* ``in-process``  ``decode_crop`` (what ``Core.prepare`` runs) on one thread, one image at
+* ``in-process``  ``decode_crop`` (what ``Model.prepare`` runs) on one thread, one image at
                   a time: CPU-ms and wall-ms per image; the baseline.
 * ``hop``         one image at a time through a pool of one process, per transport (the
                   crop back through the pipe, or through a shared-memory slot): the worker's
@@ -30,10 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import _machine  # noqa: E402
+import _machine
+from _machine import RESULTS
 
 TRANSPORTS = ("pipe", "shm")
 TINY = " (64 px JPEG)"
@@ -109,8 +107,8 @@ def tiny_jpeg() -> bytes:
 async def bench(blobs: list[bytes], spec, processes: int, rounds: int, repeat: int) -> dict:
     import numpy as np
 
-    from protonmf.service.decode.pool import DecodePool, decode_crop
     from protonmf.service.decode.images import Limits
+    from protonmf.service.decode.pool import DecodePool, decode_crop
 
     limits = Limits()
     loop = asyncio.get_running_loop()
@@ -201,7 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", type=Path, default=None, help="its preprocessing (default: "
                     "224 × 224 RGB, bicubic from 256)")  # fmt: skip
     ap.add_argument("--out", type=Path,
-                    default=REPO / "benchmarks" / "results" / "bench_decode.json")  # fmt: skip
+                    default=RESULTS / "bench_decode.json")  # fmt: skip
     args = ap.parse_args(argv)
 
     from protonmf.artifact import Preprocessing

@@ -2,8 +2,10 @@
 
 Server A runs the defaults, server B the same artifact with extra environment (e.g.
 ``PROTONMF_ORT_THREADS=1``). With ``--a-repo`` server A runs another checkout's code
-instead (``git worktree add /tmp/before HEAD``), on ``--a-artifact`` if that code reads
-an older artifact format: before/after of a change, same machine, same windows. Both stay up for the whole run (an idle BentoML server costs
+instead (``git worktree add /tmp/before HEAD``; links protonmf/service and
+protonmf/converter are made in it so that it runs its own code: bench_service.own_imports),
+on ``--a-artifact`` if that code reads an older artifact format: before/after of a change,
+same machine, same windows. Both stay up for the whole run (an idle BentoML server costs
 next to no CPU) and /explain is loaded on one at a time, A B A B …, with
 bench_service.py's closed loop (N clients, one JPEG per request), so drift on a shared
 machine hits both. Reports img/s per window and B/A of the pooled throughput.
@@ -21,14 +23,11 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+import _machine
+from _machine import REPO, RESULTS
+from bench_service import CLIENTS, MAX_BATCH_SIZE, ensure_artifact, own_imports, run_load, server
 
-import _machine  # noqa: E402
-from bench_service import CLIENTS, MAX_BATCH_SIZE, ensure_artifact, run_load, server  # noqa: E402
-
-from protonmf.sample_data import imagenet_photo_files  # noqa: E402
+from protonmf.sample_data import imagenet_photo_files
 
 
 def parse_env(pairs: list[str]) -> dict[str, str]:
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--client", choices=sorted(CLIENTS), default="httpx",
                     help="load generator (see bench_service.py)")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_env_ab.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_env_ab.json")
     args = ap.parse_args(argv)
     if not args.env_b and not args.a_repo:
         ap.error("nothing differs: give NAME=VALUE settings for B and/or --a-repo")
@@ -82,6 +81,9 @@ def main(argv=None) -> int:
                 PROTONMF_MAX_BATCH_SIZE=str(MAX_BATCH_SIZE))  # fmt: skip
     cmd = [sys.executable, "-m", "protonmf.cli", "serve", "{artifact}", "--grpc-port", "0"]
     a_repo = (args.a_repo or REPO).resolve()
+    if a_repo != REPO:
+        for link in own_imports(a_repo):  # A runs its own protonmf.service, not this one's
+            print(f"linked {link} → {link.readlink()}", flush=True)
     a_artifact = (args.a_artifact or artifact).resolve()
     envs = {"A": dict(base, BENTOML_HOME=str(args.workdir / "bentoml_home_a")),
             "B": dict(base, BENTOML_HOME=str(args.workdir / "bentoml_home_b"), **extra)}  # fmt: skip

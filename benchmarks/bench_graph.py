@@ -56,15 +56,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import _machine
 import numpy as np
 import torch
+from _machine import REPO, RESULTS
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import _machine  # noqa: E402
-
-from protonmf.artifact import (  # noqa: E402
+from protonmf.artifact import (
     FORMAT_VERSION,
     MODEL_FILE,
     Preprocessing,
@@ -72,12 +69,12 @@ from protonmf.artifact import (  # noqa: E402
     load_tensors,
     preprocess,
 )
-from protonmf.converter.convert import ConvertConfig, convert  # noqa: E402
-from protonmf.converter.export import export_module, export_onnx  # noqa: E402
-from protonmf.converter.models import analyse_head, recorded_model  # noqa: E402
-from protonmf.converter.protomodel import ProtoModel  # noqa: E402
-from protonmf.data import find_split, load_image_folder  # noqa: E402
-from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint  # noqa: E402
+from protonmf.converter.convert import ConvertConfig, convert
+from protonmf.converter.export import export_module, export_onnx
+from protonmf.converter.models import analyse_head, recorded_model
+from protonmf.converter.protomodel import ProtoModel
+from protonmf.data import find_split, load_image_folder
+from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint
 
 THREADS = 2
 DEVICE = "cpu"  # --device: "cuda" runs the ORT graphs on the CUDA provider, eager on the GPU
@@ -762,7 +759,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "default: a temporary directory, removed at the end",
     )
     ap.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_graph.json"
+        "--out", type=Path, default=RESULTS / "bench_graph.json"
     )
     args = ap.parse_args(argv)
     if args.quick:

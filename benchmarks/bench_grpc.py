@@ -25,19 +25,14 @@ import sys
 import time
 from pathlib import Path
 
+import _machine
 import grpc
 import httpx
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import _machine  # noqa: E402
-from bench_service import (  # noqa: E402
+from _machine import RESULTS
+from bench_service import (
     ensure_artifact,
     ensure_blackbox,
-    free_port,
     hist_delta,
     machine_info,
     parse_metrics,
@@ -45,10 +40,11 @@ from bench_service import (  # noqa: E402
     server,
 )
 
-from protonmf.artifact import Preprocessing, load_manifest  # noqa: E402
-from protonmf.client import grpc_channel_options  # noqa: E402
-from protonmf.sample_data import imagenet_photo_files  # noqa: E402
-from protonmf.service.grpc.server import pb, pb_grpc  # noqa: E402
+from protonmf.artifact import Preprocessing, load_manifest
+from protonmf.client import grpc_channel_options
+from protonmf.launcher import free_port
+from protonmf.sample_data import imagenet_photo_files
+from protonmf.service.grpc.server import pb, pb_grpc
 
 TIMEOUT_S = 60
 BATCH_METRIC = "protonmf_inference_batch_size"  # the data plane's batches, both transports
@@ -153,7 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="counted seconds per window")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_grpc.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_grpc.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.windows, args.duration = 2, 4.0

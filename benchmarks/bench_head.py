@@ -43,17 +43,13 @@ import statistics
 import sys
 from pathlib import Path
 
+import _machine
+import bench_graph
 import numpy as np
 import onnx
+from _machine import REPO, RESULTS
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import _machine  # noqa: E402
-import bench_graph  # noqa: E402
-
-from protonmf.data import find_split  # noqa: E402
+from protonmf.data import find_split
 
 CUTS = {
     "logits": ["logits"],
@@ -215,7 +211,7 @@ def main(argv=None) -> int:
         help="keep the black-box export and the cut graphs here",
     )
     ap.add_argument("--out", type=Path,
-                    default=REPO / "benchmarks" / "results" / "bench_head.json")  # fmt: skip
+                    default=RESULTS / "bench_head.json")  # fmt: skip
     args = ap.parse_args(argv)
     if args.rep_spec:
         spec = json.loads(args.rep_spec.read_text())

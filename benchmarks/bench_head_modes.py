@@ -20,25 +20,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
+import _machine
+import bench_graph
 import numpy as np
 import torch
+from _machine import RESULTS
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import _machine  # noqa: E402
-import bench_graph  # noqa: E402
-
-from protonmf.converter.export import export_module, export_onnx  # noqa: E402
-from protonmf.converter.models import HeadSpec  # noqa: E402
-from protonmf.converter.protomodel import ProtoModel  # noqa: E402
-from protonmf.graph import create_session  # noqa: E402
+from protonmf.converter.export import export_module, export_onnx
+from protonmf.converter.models import HeadSpec
+from protonmf.converter.protomodel import ProtoModel
+from protonmf.graph import create_session
 
 P, K, GRID = 3, 5, (7, 7)
 
@@ -121,7 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--seconds", type=float, default=3.0, help="time per (D, C, batch)")
     ap.add_argument("--out", type=Path,
-                    default=REPO / "benchmarks" / "results" / "bench_head_modes.json")  # fmt: skip
+                    default=RESULTS / "bench_head_modes.json")  # fmt: skip
     args = ap.parse_args(argv)
     info = bench_graph.machine_info()
     with tempfile.TemporaryDirectory(prefix="bench_head_modes.") as work:

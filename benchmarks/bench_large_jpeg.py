@@ -17,16 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import _machine
+from _machine import RESULTS
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import _machine  # noqa: E402
-
-from protonmf.artifact import Preprocessing, load_manifest, resize_crop  # noqa: E402
-from protonmf.sample_data import imagenet_photo_files  # noqa: E402
-from protonmf.service.decode.images import Limits, decode_image  # noqa: E402
+from protonmf.artifact import Preprocessing, load_manifest, resize_crop
+from protonmf.sample_data import imagenet_photo_files
+from protonmf.service.decode.images import Limits, decode_image
 
 
 def camera_jpeg(size=(4000, 3000)) -> bytes:
@@ -48,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", type=Path, default=Path("/tmp/bench_service_work/lite0"),
                     help="its preprocessing is used (default: bench_service's Lite0)")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/bench_large_jpeg.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_large_jpeg.json")
     args = ap.parse_args(argv)
     spec = Preprocessing.from_dict(load_manifest(args.artifact)["preprocessing"])
     blob = camera_jpeg()

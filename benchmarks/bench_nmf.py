@@ -46,18 +46,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import sklearn
 import torch
+from _machine import RESULTS
+from sklearn.decomposition import NMF
+from sklearn.exceptions import ConvergenceWarning
+from threadpoolctl import threadpool_info, threadpool_limits
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import sklearn  # noqa: E402
-from sklearn.decomposition import NMF  # noqa: E402
-from sklearn.exceptions import ConvergenceWarning  # noqa: E402
-from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
-
-from protonmf.converter.nmf import nmf  # noqa: E402
+from protonmf.converter.nmf import nmf
 
 TOL = 1e-4
 MAX_ITER = 200
@@ -394,7 +390,7 @@ def main(argv=None):
     ap.add_argument("--skip-batched", action="store_true", help="skip the batched case")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: also time ours on the GPU (same data, copy not timed)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_nmf.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_nmf.json")
     args = ap.parse_args(argv)
 
     rows_n = args.rows or (5_000 if args.quick else 50_000)

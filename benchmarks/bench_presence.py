@@ -13,20 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench_graph as bg  # noqa: E402
-from _machine import machine_info, set_shared_thread_pool, shared_session  # noqa: E402
+import bench_graph as bg
+from _machine import REPO, RESULTS, machine_info, set_shared_thread_pool, shared_session
 
-from protonmf.artifact import MODEL_FILE, Preprocessing, load_manifest, load_tensors  # noqa: E402
-from protonmf.converter.export import export_onnx  # noqa: E402
-from protonmf.converter.reexport import prototype_model  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from protonmf.artifact import MODEL_FILE, Preprocessing, load_manifest, load_tensors
+from protonmf.converter.export import export_onnx
+from protonmf.converter.reexport import prototype_model
 
 
 def main() -> None:
@@ -35,7 +30,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="time per batch size")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
                     help="another ONNX graph to time beside them (e.g. an older format's)")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_presence.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_presence.json")
     args = ap.parse_args()
     set_shared_thread_pool(bg.THREADS)
     manifest = load_manifest(args.artifact)

@@ -1,15 +1,20 @@
 """End-to-end HTTP throughput of the ProtoNMF service vs a naive logits-only service.
 
-Two real servers, started one at a time as subprocesses on free loopback ports, each with
+Two real servers (three with --baseline-ref), started one at a time as subprocesses on free loopback ports, each with
 `--workers` workers (default 1; several share the CPUs out between their onnxruntime
 threads) and `--max-batch-size` (default 32):
 
     protonmf      `python -m protonmf.cli serve ARTIFACT` (service/service.py): /explain
                   (and /classify); decode in a thread pool, the data plane's micro-batcher
-                  (service/batching.py), the fused artifact graph, explanation JSON with
+                  (service/engine/batching.py), the fused artifact graph, explanation JSON with
                   heatmaps
-    baseline      with --baseline-ref REF: the same service at an earlier commit (a git
-                  worktree under WORKDIR), /explain only — an A/B in one run
+    baseline      with --baseline-ref REF: the service at another commit, from a git
+                  worktree under WORKDIR, started by that commit's own `protonmf serve`
+                  (its code, not this checkout's: see baseline_tree), /explain only,
+                  alternating with this tree's server round by round — an A/B in one run.
+                  Its batches are read from protonmf_inference_batch_size like this
+                  tree's: a REF from before the data plane (#17, ad81289) is served and
+                  timed, but its batch sizes are not read
     logits-only   benchmarks/logits_service.py: one batchable /classify taking PIL images,
                   decode + resize + crop + normalise serially in the worker, the plain
                   black-box ONNX graph of the same timm model, top-5 logits
@@ -22,8 +27,8 @@ connections, ~1 % of a core) or `--client httpx` (one httpx.AsyncClient, N async
 window; throughput = successful answers completed inside the window / window.
 /metrics is scraped at the window's start and after the last answer: the batch size
 histogram (protonmf_inference_batch_size; BentoML's bentoml_service_adaptive_batch_size
-for the logits-only service and a baseline before the data plane) and, for protonmf, the per-stage
-timings (protonmf_stage_duration_seconds) are deltas over the run. The server's process
+for the logits-only service) and, for protonmf, the per-stage timings
+(protonmf_stage_duration_seconds) are deltas over the run. The server's process
 tree is sampled for RSS and CPU time.
 
 Raw onnxruntime (the black-box graph at batch 32 on preprocessed tensors, in this process)
@@ -32,7 +37,7 @@ run's ratio to raw uses the two windows around it (raw throughput here drifts ±
 between minutes).
 
 In-process references (no HTTP): onnxruntime on preprocessed tensors, black-box graph vs
-fused artifact graph at batch 1 and 32 (create_session from service.runtime, same thread
+fused artifact graph at batch 1 and 32 (create_session from protonmf.graph, same thread
 setting as the servers, interleaved, one untimed call before each timed call, medians),
 and the per-image cost of each service's decode path.
 
@@ -41,7 +46,7 @@ Run from the repository root (needs a quiet machine: client and server share the
     .venv/bin/python benchmarks/bench_service.py            # full: 1, 8, 32 clients, 20 s
     .venv/bin/python benchmarks/bench_service.py --workers 2   # one worker per core
     .venv/bin/python benchmarks/bench_service.py --quick    # smoke: 1, 8 clients, 5 s
-    .venv/bin/python benchmarks/bench_service.py --baseline-ref 9731ca9 --clients 1,32 \
+    .venv/bin/python benchmarks/bench_service.py --baseline-ref REF --clients 1,32 \
         --endpoints explain --rounds 2                      # A/B against a commit
 """
 
@@ -55,8 +60,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,15 +68,13 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import _machine
 import httpx
 import numpy as np
+from _machine import REPO, RESULTS
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import _machine  # noqa: E402
-
-from protonmf.artifact import (  # noqa: E402
+from protonmf import launcher
+from protonmf.artifact import (
     FORMAT_VERSION,
     MODEL_FILE,
     Preprocessing,
@@ -82,12 +83,12 @@ from protonmf.artifact import (  # noqa: E402
     preprocess,
     resize_crop,
 )
-from protonmf.sample_data import (  # noqa: E402
+from protonmf.graph import create_session
+from protonmf.sample_data import (
     imagenet_photo_files,
     imagenet_photo_folder,
     lite0_checkpoint,
 )
-from protonmf.graph import create_session  # noqa: E402
 
 MAX_BATCH_SIZE = 32
 WORKERS = 1
@@ -108,9 +109,8 @@ TARGETS = {
     "classify": ("protonmf /classify", "protonmf", "/classify", PROTONMF_BATCHES),
     "logits": ("logits-only /classify", "logits", "/classify",
                (BENTOML_BATCHES, {"method_name": "classify"})),
-    # --baseline-ref: the service at an earlier commit (BentoML's adaptive batcher, "infer")
-    "explain_baseline": ("baseline /explain", "protonmf_baseline", "/explain",
-                         (BENTOML_BATCHES, {"method_name": "infer"})),
+    # --baseline-ref: the service at another commit (its data plane's batches)
+    "explain_baseline": ("baseline /explain", "protonmf_baseline", "/explain", PROTONMF_BATCHES),
 }
 
 
@@ -361,12 +361,6 @@ def stage_means(before, after) -> dict:
 # ----------------------------------------------------------------------------- servers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def process_tree(pid: int):
     import psutil
 
@@ -425,49 +419,18 @@ def tree_uss_mb(pid: int) -> float | None:
 
 @contextmanager
 def server(name: str, cmd: list[str], env: dict, log_path: Path, cwd: Path = REPO):
-    """A server subprocess in its own session on a free port; yields (url, pid)."""
-    port = free_port()
+    """A server subprocess (protonmf.launcher: own session, output to ``log_path``, ready on
+    /readyz, stopped by PID) on a free loopback port; yields (url, pid)."""
+    port = launcher.free_port()
     cmd = [*cmd, "--host", "127.0.0.1", "--port", str(port)]
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
     url = f"http://127.0.0.1:{port}"
+    proc = launcher.start(cmd, log_path, env, cwd)
     try:
-        t0 = time.monotonic()
-        deadline = t0 + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                tail = log_path.read_text()[-3000:]
-                raise RuntimeError(f"{name} server exited ({proc.returncode}):\n{tail}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{name} server not ready in {READY_TIMEOUT_S} s (log {log_path})"
-                )
-            time.sleep(0.5)
-        print(
-            f"[{name}] ready on {url} in {time.monotonic() - t0:.1f} s (pid {proc.pid})", flush=True
-        )
+        took = launcher.wait_ready(f"{url}/readyz", proc, log_path, READY_TIMEOUT_S)
+        print(f"[{name}] ready on {url} in {took:.1f} s (pid {proc.pid})", flush=True)
         yield url, proc.pid
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        log.close()
+        launcher.stop(proc, STOP_TIMEOUT_S)
 
 
 def server_commands(args, artifact: Path, blackbox: Path) -> dict:
@@ -517,27 +480,42 @@ def server_commands(args, artifact: Path, blackbox: Path) -> dict:
         ),
     }
     if args.baseline_ref:
+        # the same `protonmf serve` line run from that commit's tree: `python -m` puts the
+        # working directory first on sys.path, so the baseline imports its own protonmf
         tree = baseline_tree(args.baseline_ref, args.workdir)
-        # that commit's own `bentoml serve` line (its service module, run from its tree)
-        commands["protonmf_baseline"] = (
-            [sys.executable, "-m", "bentoml", "serve", "service.service:ProtoNMFService",
-             "--working-dir", str(tree)],
-            dict(protonmf_env, PROTONMF_ARTIFACT=str(artifact), PROTONMF_GRPC_PORT="0",
-                 PROTONMF_DEVICE=args.device),
-            tree,
-        )  # fmt: skip
+        commands["protonmf_baseline"] = (serve, protonmf_env, tree)
     return commands
 
 
 def baseline_tree(ref: str, workdir: Path) -> Path:
-    """A detached git worktree of ``ref`` under ``workdir`` (made once, reused)."""
+    """A detached git worktree of ``ref`` under ``workdir`` (made once, reused), ready to
+    run its own code (``own_imports``)."""
     sha = subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     tree = workdir / f"baseline-{sha[:12]}"
     if not (tree / ".git").exists():
         subprocess.run(["git", "worktree", "add", "--detach", "--force", str(tree), sha],
                        cwd=REPO, check=True, capture_output=True)  # fmt: skip
+    own_imports(tree)
     return tree
+
+
+def own_imports(tree: Path) -> list[Path]:
+    """Links ``tree/protonmf/service`` → ``../service`` and ``tree/protonmf/converter`` →
+    ``../converter`` where the tree has those folders (pyproject's package-dir installs
+    them as protonmf.service and protonmf.converter) and no such link yet; the links made.
+
+    Run from its folder, another checkout's ``protonmf`` is imported from there, but
+    ``protonmf.service`` and ``protonmf.converter`` are not in it: the import system would
+    then ask this checkout's editable install, which answers with *this* checkout's
+    service/ and converter/. With the links, the checkout runs its own code throughout."""
+    made = []
+    for name in ("service", "converter"):
+        link = tree / "protonmf" / name
+        if (tree / name / "__init__.py").is_file() and not (link.exists() or link.is_symlink()):
+            link.symlink_to(Path("..") / name, target_is_directory=True)
+            made.append(link)
+    return made
 
 
 # ----------------------------------------------------------------------------- load
@@ -1070,7 +1048,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="smoke test: 5 s per run, 1 and 8 clients, fewer raw rounds",
     )
     ap.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_service.json"
+        "--out", type=Path, default=RESULTS / "bench_service.json"
     )
     args = ap.parse_args(argv)
     if args.quick:

@@ -9,7 +9,7 @@
 #                                      graphs vs session.run), graph latency on the CUDA
 #                                      provider, `protonmf verify --device cuda` on each
 #                                      converted model, the service core's stages, and
-#                                      Explainer.run plain vs IOBinding vs CUDA graphs on Lite0
+#                                      GraphSession.run plain vs IOBinding vs CUDA graphs on Lite0
 #                                      (max |Δ| against session.run ≤ 1e-4, then latency)
 #   benchmarks/gpu_checks.sh service   onnxruntime-gpu + bentoml: the real service on the CUDA
 #                                      provider (batch buckets on, every bucket warmed) under
@@ -34,7 +34,24 @@ WORK=${WORK:-/tmp/gpu_work}
 PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 BENTOML_DO_NOT_TRACK=true PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+case "${1:-}" in
+prepare | run | service) ;;
+*)
+    echo "usage: $0 prepare|run|service" >&2
+    exit 2
+    ;;
+esac
 LOG="$OUT/$1.log"
+
+# protonmf.service and protonmf.converter are service/ and converter/ (pyproject's
+# package-dir). Without an install of this checkout (pip install -e .), links make them
+# importable from it: for the scripts (PYTHONPATH) and for the servers they start
+# (`bentoml serve --working-dir` puts the checkout first on sys.path).
+if ! "$PY" -c "import protonmf.service, protonmf.converter" 2>/dev/null; then
+    for pkg in service converter; do
+        [[ -e protonmf/$pkg ]] || ln -s "../$pkg" "protonmf/$pkg"
+    done
+fi
 
 STEPS=${STEPS:-all}
 
@@ -60,7 +77,7 @@ torch.cuda.get_device_name(), '| timm', timm.__version__, '| onnx', onnx.__versi
         --fashion-artifact "$WORK/fashion"
     ;;
 run)
-    step providers 60 "$PY" -c "import onnxruntime as ort; from protonmf.service.runtime import create_session
+    step providers 60 "$PY" -c "import onnxruntime as ort; from protonmf.graph import create_session
 print(ort.__version__, ort.__file__, ort.get_available_providers())
 s, used = create_session('$WORK/fashion/model.onnx', 'cuda'); print('in use:', s.get_providers())"
     step gpu-tests 240 "$PY" -m pytest -q -s -p no:cacheprovider -m gpu tests/test_graph.py \

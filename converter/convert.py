@@ -23,12 +23,10 @@ from tqdm import tqdm
 
 import protonmf
 from protonmf.artifact import Preprocessing, preprocess, scratch, write_artifact
-from protonmf.data import Sample, find_split, load_samples
 from protonmf.artifact.exemplars import EXEMPLARS_FILE, KINDS, save_exemplars
-
 from protonmf.converter.exemplars import assemble, presence_filters, rank_class
 from protonmf.converter.export import export_onnx, graph_spec
-from protonmf.converter.head import fit_coefficients, fold_residual
+from protonmf.converter.head import Fold, fit_coefficients, fold_residual
 from protonmf.converter.models import (
     HeadSpec,
     ModelSource,
@@ -39,6 +37,7 @@ from protonmf.converter.models import (
 )
 from protonmf.converter.nmf import nmf
 from protonmf.converter.protomodel import ProtoModel
+from protonmf.data import Sample, find_split, load_samples
 
 __all__ = ["ConvertConfig", "NotExactError", "class_names_of", "convert", "extract_features",
            "logits_of", "onnx_exactness"]  # fmt: skip
@@ -341,42 +340,56 @@ def _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device, worker
         mine = {j for j in mine if j % n == i}
     nmf_out, ranked = {}, {}
     for chunk in chunks:
-        todo = []
-        for j, group in enumerate(groups):
-            if group[0] not in chunk or j not in mine:
-                continue
-            done = parts.load(group, by_class)
-            if done is None and cfg.merge:
-                raise ValueError(f"--merge: NMF batch {j} (classes {group[0]}–{group[-1]}) has "
-                                 f"no finished part in {parts.dir}; run its shard first")  # fmt: skip
-            if done is None:
-                todo += group
-            else:
-                nmf_out.update(done[0])
-                ranked.update(done[1])
+        todo = _reuse_parts(chunk, groups, mine, parts, by_class, cfg.merge, nmf_out, ranked)
         if not todo:
             continue
-        chunk = todo
-        features = extract_features(model, head, [s for c in chunk for s in by_class[c]], prep,
-                                    cfg.batch_size, device, cfg.progress, workers)  # fmt: skip
-        out = _run_nmf(features, None, cfg.p, cfg, device, cfg.progress,
-                       keep_E=cfg.exemplars > 0)  # fmt: skip
-        if cfg.exemplars > 0:
-            # the served prototypes b' of these classes: the fit and fold are per class, so
-            # the same as the whole-model fit below
-            B = np.stack([out[c]["B"] for c in chunk])
-            a, R = fit_coefficients(V[chunk], B, nonneg=cfg.nonneg)
-            folded = fold_residual(a, B, R, min_sum_ratio=cfg.min_sum_ratio).prototypes
-            filters = presence_filters(folded)
-            for j, c in enumerate(chunk):
-                ranked[c] = rank_class(features[c], out[c].pop("E"), filters[j], cfg.exemplars)
-        nmf_out.update(out)
-        del features
-        for group in (g for g in groups if g[0] in chunk):
+        nmf_out.update(_factorise(model, head, todo, by_class, prep, V, cfg, device, workers,
+                                  ranked))  # fmt: skip
+        for group in (g for g in groups if g[0] in todo):
             parts.save(group, by_class, nmf_out, ranked)
     if parts.reused:
         log.info("resumed %d finished NMF batch(es) of %d", parts.reused, len(groups))
     return nmf_out, ranked
+
+
+def _reuse_parts(chunk, groups, mine, parts, by_class, merge, nmf_out, ranked) -> list[int]:
+    """The classes of ``chunk`` still to compute: this run's NMF batches (``mine``) in the
+    chunk that have no finished part; the finished ones go into ``nmf_out`` and
+    ``ranked``. With ``merge`` a missing part is refused."""
+    todo = []
+    for j, group in enumerate(groups):
+        if group[0] not in chunk or j not in mine:
+            continue
+        done = parts.load(group, by_class)
+        if done is None and merge:
+            raise ValueError(f"--merge: NMF batch {j} (classes {group[0]}–{group[-1]}) has "
+                             f"no finished part in {parts.dir}; run its shard first")  # fmt: skip
+        if done is None:
+            todo += group
+        else:
+            nmf_out.update(done[0])
+            ranked.update(done[1])
+    return todo
+
+
+def _factorise(model, head, chunk, by_class, prep, V, cfg, device, workers, ranked) -> dict:
+    """Features and NMF for the classes of ``chunk`` (their grids are freed on return):
+    the NMF results per class; with exemplars, each class's ranked candidates into
+    ``ranked``."""
+    features = extract_features(model, head, [s for c in chunk for s in by_class[c]], prep,
+                                cfg.batch_size, device, cfg.progress, workers)  # fmt: skip
+    out = _run_nmf(features, None, cfg.p, cfg, device, cfg.progress,
+                   keep_E=cfg.exemplars > 0)  # fmt: skip
+    if cfg.exemplars > 0:
+        # the served prototypes b' of these classes: the fit and fold are per class, so
+        # the same as the whole-model fit in _fit_head
+        B = np.stack([out[c]["B"] for c in chunk])
+        a, R = fit_coefficients(V[chunk], B, nonneg=cfg.nonneg)
+        folded = fold_residual(a, B, R, min_sum_ratio=cfg.min_sum_ratio).prototypes
+        filters = presence_filters(folded)
+        for j, c in enumerate(chunk):
+            ranked[c] = rank_class(features[c], out[c].pop("E"), filters[j], cfg.exemplars)
+    return out
 
 
 def _fingerprint(cfg: ConvertConfig, source: ModelSource, device) -> dict:
@@ -388,10 +401,81 @@ def _fingerprint(cfg: ConvertConfig, source: ModelSource, device) -> dict:
             "protonmf": protonmf.__version__}  # fmt: skip
 
 
+@dataclass
+class _Loaded:
+    """Phase 1's result: the black box, its preprocessing, classes and analysed head."""
+
+    source: ModelSource
+    model: torch.nn.Module
+    prep: Preprocessing
+    head: HeadSpec
+    classes: list[str]
+    descriptions: list[str] | None
+    V: np.ndarray  # (C, D) float64 class vectors the prototypes rebuild
+    grid_hw: tuple[int, int]  # the feature grid H × W
+
+
+@dataclass
+class _Split:
+    """Phase 2's result: the conversion images (per class) and where held-out ones are."""
+
+    train_dir: Path
+    heldout_dir: Path | None
+    samples: list[Sample]
+    by_class: dict[int, list[Sample]]
+
+
+@dataclass
+class _HeadFit:
+    """Phase 4's result: Eq. 4's coefficients, Eq. 5's residual and Eq. 8's fold."""
+
+    B: np.ndarray  # (C, p, D) NMF prototypes (0 for classes without images)
+    R: np.ndarray  # (C, D) residuals
+    fold: Fold
+    rebuild_err: np.ndarray  # (C,) ||Σ a b' − V|| / ||V||, before the no-image fallback
+    per_class: list[dict]  # the manifest's per-class diagnostics
+    filters: np.ndarray  # (C·p, D) Eq. 9's presence filters of the served prototypes
+
+
 def convert(cfg: ConvertConfig) -> Path:
     """Run the whole conversion; returns the artifact directory. With ``shard=(i, N)`` only
     that shard's NMF batches (saved as parts; returns their folder); with ``merge`` the
-    artifact from the shards' parts, computing none."""
+    artifact from the shards' parts, computing none.
+
+    Phases: validate → load the model and analyse its head → load the images → features,
+    NMF and exemplar candidates, chunk by chunk (resumable parts; a shard stops here) →
+    fit the coefficients and fold the residual → torch exactness check → manifest → ONNX
+    export, ONNX exactness check and the artifact → refuse an inexact graph."""
+    _validate(cfg)
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    loaded = _load_and_analyse(cfg, device)
+    images = _load_images(cfg, loaded.classes)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    keep = cfg.resume or cfg.merge or cfg.shard is not None  # shards share one parts folder
+    parts = Parts(cfg.out, _fingerprint(cfg, loaded.source, device), keep)
+    nmf_out, ranked = _stream_classes(loaded.model, loaded.head, images.by_class, loaded.prep,
+                                      loaded.V, loaded.grid_hw, cfg, device, workers, parts)  # fmt: skip
+    if cfg.shard is not None:
+        log.info("shard %d/%d: its NMF batches are saved in %s", *cfg.shard, parts.dir)
+        return parts.dir
+    fit = _fit_head(cfg, loaded, images, nmf_out)
+    exemplars = None
+    if cfg.exemplars > 0:
+        exemplars = assemble(ranked, images.by_class, loaded.prep,
+                             (len(loaded.classes), cfg.p, cfg.exemplars, *loaded.grid_hw),
+                             Path(images.train_dir))  # fmt: skip
+    proto, check_samples, want, exact = _check_torch(cfg, loaded, images, fit, device, workers)
+    manifest = _build_manifest(cfg, loaded, images, fit, exact, device, exemplars)
+    out, onnx_exact = _export_artifact(cfg, loaded, fit, proto.cpu(), manifest, exemplars,
+                                      want, check_samples)  # fmt: skip
+    parts.remove()
+    _refuse_inexact(out, onnx_exact, cfg.rtol)
+    return out
+
+
+def _validate(cfg: ConvertConfig) -> None:
+    """Refuse settings that cannot work, before anything is loaded."""
     if cfg.p < 1:
         raise ValueError(f"p must be >= 1, got {cfg.p}")
     if cfg.exemplars < 0:
@@ -400,8 +484,12 @@ def convert(cfg: ConvertConfig) -> Path:
         raise ValueError(f"--shard i/N needs 0 <= i < N, got {cfg.shard[0]}/{cfg.shard[1]}")
     if cfg.shard is not None and cfg.merge:
         raise ValueError("--shard and --merge exclude each other: run the shards, then merge")
-    device = _device(cfg.device)
-    torch.manual_seed(cfg.seed)
+
+
+def _load_and_analyse(cfg: ConvertConfig, device: torch.device) -> _Loaded:
+    """The black box on ``device``, its preprocessing and class names, and its head
+    analysed on a random probe batch (refused unless exactly convertible); -p checked
+    against the feature dimension."""
     source = ModelSource(cfg.model, cfg.checkpoint, cfg.model_kwargs or None)
     model = load_model(source).to(device)
     prep = preprocessing_from_timm(model)
@@ -414,26 +502,33 @@ def convert(cfg: ConvertConfig) -> Path:
             f"-p {cfg.p} exceeds the feature dimension D = {head.weight.shape[1]}: at most D "
             "prototypes per class can be linearly independent (and C·p·D floats are stored)"
         )
+    with torch.no_grad():
+        grid_hw = tuple(features_nhwc(model, model.forward_features(probe), head.layout).shape[1:3])
+    return _Loaded(source=source, model=model, prep=prep, head=head, classes=classes,
+                   descriptions=descriptions, V=head.class_vectors.cpu().numpy(),
+                   grid_hw=grid_hw)  # fmt: skip
 
+
+def _load_images(cfg: ConvertConfig, classes: list[str]) -> _Split:
+    """The conversion images (``--data``'s train part, at most ``--max-per-class`` each),
+    grouped by class, and the held-out folder (``--heldout`` or the data's split)."""
     train_dir, split_heldout = find_split(cfg.data)
     heldout_dir = Path(cfg.heldout) if cfg.heldout else split_heldout
     samples = load_samples(train_dir, classes, cfg.max_per_class)
     by_class: dict[int, list[Sample]] = {}
     for s in samples:
         by_class.setdefault(s.label, []).append(s)
-    V = head.class_vectors.cpu().numpy()  # (C, D) float64
-    C, D = V.shape
-    with torch.no_grad():
-        grid_hw = tuple(features_nhwc(model, model.forward_features(probe), head.layout).shape[1:3])
-    workers = default_workers() if cfg.workers is None else cfg.workers
-    keep = cfg.resume or cfg.merge or cfg.shard is not None  # shards share one parts folder
-    parts = Parts(cfg.out, _fingerprint(cfg, source, device), keep)
-    nmf_out, ranked = _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device,
-                                      workers, parts)  # fmt: skip
-    if cfg.shard is not None:
-        log.info("shard %d/%d: its NMF batches are saved in %s", *cfg.shard, parts.dir)
-        return parts.dir
+    return _Split(train_dir=train_dir, heldout_dir=heldout_dir, samples=samples,
+                   by_class=by_class)  # fmt: skip
 
+
+def _fit_head(cfg: ConvertConfig, loaded: _Loaded, images: _Split, nmf_out: dict) -> _HeadFit:
+    """Eq. 4–5 (coefficients a, residual R) and Eq. 8 (fold, guarded) for every class,
+    the per-class diagnostics, then the fallback: classes without images (or whose
+    prototypes explain nothing of V) keep V whole as prototype 0 with a = (1, 0, …), so
+    logits stay exact and the class is flagged unexplained."""
+    V = loaded.V
+    C, D = V.shape
     B = np.zeros((C, cfg.p, D))
     for c, r in nmf_out.items():
         B[c] = r["B"]
@@ -441,83 +536,76 @@ def convert(cfg: ConvertConfig) -> Path:
     fold = fold_residual(a, B, R, min_sum_ratio=cfg.min_sum_ratio)
     rebuilt = np.einsum("cp,cpd->cd", fold.coefficients, fold.prototypes)
     rebuild_err = np.linalg.norm(rebuilt - V, axis=1) / np.maximum(np.linalg.norm(V, axis=1), 1e-300)
-
-    per_class = []
-    for c in range(C):
-        r = nmf_out.get(c)
-        per_class.append({
-            "class": classes[c],
-            "n_images": len(by_class.get(c, [])),
-            "explained": r is not None,
-            "nmf_iterations": r["iterations"] if r else 0,
-            "feature_rel_error": r["feature_rel_error"] if r else None,
-            "head_rel_error": float(np.linalg.norm(R[c]) / max(np.linalg.norm(V[c]), 1e-300)),
-            "sum_a_ratio": float(fold.sum_ratio[c]),
-            "fold": "no_images" if r is None else fold.method[c],
-            "rebuild_rel_error": float(rebuild_err[c]),
-        })  # fmt: skip
-    # Classes without images (or whose prototypes explain nothing of V) keep V whole as
-    # prototype 0 with a = (1, 0, …): logits stay exact, the class is flagged unexplained.
+    per_class = [_class_diagnostics(c, loaded, images, nmf_out.get(c), R, fold, rebuild_err)
+                 for c in range(C)]  # fmt: skip
     for c in range(C):
         if c not in nmf_out:
             fold.prototypes[c] = 0.0
             fold.prototypes[c, 0] = V[c]
             fold.coefficients[c] = 0.0
             fold.coefficients[c, 0] = 1.0
+    return _HeadFit(B=B, R=R, fold=fold, rebuild_err=rebuild_err, per_class=per_class,
+                    filters=presence_filters(fold.prototypes))
 
-    filters = presence_filters(fold.prototypes)
-    exemplars = None
-    if cfg.exemplars > 0:
-        exemplars = assemble(ranked, by_class, prep, (C, cfg.p, cfg.exemplars, *grid_hw),
-                             Path(train_dir))  # fmt: skip
-    proto = ProtoModel(model, head, fold.prototypes, fold.coefficients, maps=cfg.maps, k=cfg.k,
-                       scores=cfg.scores, presence_filters=filters if cfg.presence else None)  # fmt: skip
+
+def _class_diagnostics(c: int, loaded: _Loaded, images: _Split, r: dict | None,
+                       R: np.ndarray, fold: Fold, rebuild_err: np.ndarray) -> dict:  # fmt: skip
+    """One entry of the manifest's diagnostics.per_class (``r``: the class's NMF result,
+    None when it had no images)."""
+    V = loaded.V
+    return {
+        "class": loaded.classes[c],
+        "n_images": len(images.by_class.get(c, [])),
+        "explained": r is not None,
+        "nmf_iterations": r["iterations"] if r else 0,
+        "feature_rel_error": r["feature_rel_error"] if r else None,
+        "head_rel_error": float(np.linalg.norm(R[c]) / max(np.linalg.norm(V[c]), 1e-300)),
+        "sum_a_ratio": float(fold.sum_ratio[c]),
+        "fold": "no_images" if r is None else fold.method[c],
+        "rebuild_rel_error": float(rebuild_err[c]),
+    }
+
+
+def _check_torch(cfg: ConvertConfig, loaded: _Loaded, images: _Split, fit: _HeadFit, device,
+                workers: int) -> tuple[ProtoModel, list[Sample], np.ndarray, dict]:  # fmt: skip
+    """The prototype model (torch) vs the black box on the held-out images (else the first
+    256 conversion images): (the model, those images, the black box's logits, exactness)."""
+    proto = ProtoModel(loaded.model, loaded.head, fit.fold.prototypes, fit.fold.coefficients,
+                       maps=cfg.maps, k=cfg.k, scores=cfg.scores,
+                       presence_filters=fit.filters if cfg.presence else None)  # fmt: skip
     proto = proto.eval().to(device)
-    check_samples = (load_samples(heldout_dir, classes, cfg.max_per_class) if heldout_dir
-                     else samples[:256])  # fmt: skip
+    check_samples = (load_samples(images.heldout_dir, loaded.classes, cfg.max_per_class)
+                     if images.heldout_dir else images.samples[:256])  # fmt: skip
+    prep, model = loaded.prep, loaded.model
     want = logits_of(model, check_samples, prep, cfg.batch_size, device, workers=workers)
     got = logits_of(proto, check_samples, prep, cfg.batch_size, device, workers=workers)
     want, got = want.double().numpy(), got.double().numpy()
     exact = exactness(want, got)
     log.info("torch exactness: %s", exact)
+    return proto, check_samples, want, exact
 
-    tensors = {
-        "prototypes": fold.prototypes.astype(np.float32),
-        "nmf_prototypes": B.astype(np.float32),
-        "coefficients": fold.coefficients.astype(np.float32),
-        "residuals": R.astype(np.float32),
-        "class_vectors": V.astype(np.float32),
-        "bias": head.effective_bias.cpu().numpy().astype(np.float32),
-        "fold_weights": fold.weights.astype(np.float32),
-        "presence_filters": filters.astype(np.float32),
-    }
-    input_shape = (prep.channels, prep.height, prep.width)
-    explained = sum(1 for d in per_class if d["explained"])
+
+def _build_manifest(cfg: ConvertConfig, loaded: _Loaded, images: _Split, fit: _HeadFit,
+                   exact: dict, device, exemplars) -> dict:  # fmt: skip
+    """The manifest, less what the export adds (graph, diagnostics.onnx_exactness)."""
+    head, per_class = loaded.head, fit.per_class
     manifest = {
         "protonmf_version": protonmf.__version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "classes": classes,
-        "class_descriptions": descriptions,
+        "classes": loaded.classes,
+        "class_descriptions": loaded.descriptions,
         "p": cfg.p,
-        "feature_dim": D,
-        "feature_grid": list(grid_hw),
+        "feature_dim": loaded.V.shape[1],
+        "feature_grid": list(loaded.grid_hw),
         "head": {"kind": head.kind, "layout": head.layout, "norm_eps": head.norm_eps},
-        "backbone": {"architecture": model.pretrained_cfg.get("architecture"), **source.to_dict()},
-        "preprocessing": prep.to_dict(),
-        "conversion": {
-            # not memory_budget/workers: how the work was done, not what it computed
-            **{k: v for k, v in asdict(cfg).items()
-               if k not in ("out", "progress", "memory_budget", "workers", "resume", "shard",
-                            "merge")},
-            "data": str(Path(train_dir).resolve()),
-            "heldout": str(heldout_dir.resolve()) if heldout_dir else None,
-            "device": device.type,
-            "n_images": len(samples),
-        },
+        "backbone": {"architecture": loaded.model.pretrained_cfg.get("architecture"),
+                     **loaded.source.to_dict()},  # fmt: skip
+        "preprocessing": loaded.prep.to_dict(),
+        "conversion": _conversion_record(cfg, images, device),
         "diagnostics": {
-            "classes_explained": explained,
-            "classes_total": C,
-            "max_rebuild_rel_error": float(rebuild_err.max()),
+            "classes_explained": sum(1 for d in per_class if d["explained"]),
+            "classes_total": len(loaded.classes),
+            "max_rebuild_rel_error": float(fit.rebuild_err.max()),
             "guarded_classes": [d["class"] for d in per_class if d["fold"] == "min_norm"],
             "torch_exactness": exact,
             "per_class": per_class,
@@ -526,10 +614,34 @@ def convert(cfg: ConvertConfig) -> Path:
     if exemplars is not None:
         manifest["exemplars"] = {"file": EXEMPLARS_FILE, "m": cfg.exemplars, "kinds": list(KINDS),
                                  "ranking": "peak", "images": len(exemplars.thumbnails)}  # fmt: skip
-    proto = proto.cpu()
+    return manifest
+
+
+def _conversion_record(cfg: ConvertConfig, images: _Split, device) -> dict:
+    """The manifest's "conversion": the settings (not memory_budget/workers/resume/shard/
+    merge: how the work was done, not what it computed) and the data used."""
+    return {
+        **{k: v for k, v in asdict(cfg).items()
+           if k not in ("out", "progress", "memory_budget", "workers", "resume", "shard",
+                        "merge")},  # fmt: skip
+        "data": str(Path(images.train_dir).resolve()),
+        "heldout": str(images.heldout_dir.resolve()) if images.heldout_dir else None,
+        "device": device.type,
+        "n_images": len(images.samples),
+    }
+
+
+def _export_artifact(cfg: ConvertConfig, loaded: _Loaded, fit: _HeadFit, proto: ProtoModel,
+                    manifest: dict, exemplars, want: np.ndarray, check_samples
+                    ) -> tuple[Path, dict]:  # fmt: skip
+    """ONNX export, the graph's exactness on ``check_samples`` (onnxruntime) and the
+    artifact written atomically: (its directory, the ONNX exactness). ``manifest`` gets
+    the graph spec and diagnostics.onnx_exactness."""
+    prep = loaded.prep
+    input_shape = (prep.channels, prep.height, prep.width)
     with scratch(cfg.out, "export") as tmp:
         onnx_path = export_onnx(proto, input_shape, Path(tmp) / "model.onnx")
-        manifest["graph"] = graph_spec(proto, input_shape, grid_hw)
+        manifest["graph"] = graph_spec(proto, input_shape, loaded.grid_hw)
         onnx_exact = onnx_exactness(onnx_path, want, check_samples, prep, cfg.batch_size)
         manifest["diagnostics"]["onnx_exactness"] = {**onnx_exact, "rtol": cfg.rtol}
         log.info("onnx exactness: %s", onnx_exact)
@@ -537,16 +649,36 @@ def convert(cfg: ConvertConfig) -> Path:
         if exemplars is not None:
             save_exemplars(Path(tmp) / EXEMPLARS_FILE, exemplars)
             extra[EXEMPLARS_FILE] = Path(tmp) / EXEMPLARS_FILE
-        out = write_artifact(cfg.out, manifest, tensors, onnx_path, extra_files=extra)
-    parts.remove()
-    if onnx_exact["top1_agreement"] < 1.0 or onnx_exact["max_rel_logit_diff"] > cfg.rtol:
+        out = write_artifact(cfg.out, manifest, _tensors(loaded, fit), onnx_path,
+                             extra_files=extra)  # fmt: skip
+    return out, onnx_exact
+
+
+def _tensors(loaded: _Loaded, fit: _HeadFit) -> dict[str, np.ndarray]:
+    """prototypes.safetensors' tensors (float32)."""
+    fold = fit.fold
+    return {
+        "prototypes": fold.prototypes.astype(np.float32),
+        "nmf_prototypes": fit.B.astype(np.float32),
+        "coefficients": fold.coefficients.astype(np.float32),
+        "residuals": fit.R.astype(np.float32),
+        "class_vectors": loaded.V.astype(np.float32),
+        "bias": loaded.head.effective_bias.cpu().numpy().astype(np.float32),
+        "fold_weights": fold.weights.astype(np.float32),
+        "presence_filters": fit.filters.astype(np.float32),
+    }
+
+
+def _refuse_inexact(out: Path, onnx_exact: dict, rtol: float) -> None:
+    """NotExactError when the written graph's logits are not the black box's (top-1
+    disagreement, or a relative logit difference above ``rtol``)."""
+    if onnx_exact["top1_agreement"] < 1.0 or onnx_exact["max_rel_logit_diff"] > rtol:
         raise NotExactError(
             f"{out}: the ONNX graph is not exact on {onnx_exact['n_images']} images "
-            f"(max rel logit diff {onnx_exact['max_rel_logit_diff']:.3g} > rtol {cfg.rtol:g} "
+            f"(max rel logit diff {onnx_exact['max_rel_logit_diff']:.3g} > rtol {rtol:g} "
             f"or top-1 agreement {onnx_exact['top1_agreement']:.2%}); the artifact is written "
             "for inspection, do not serve it as exact (see `protonmf verify`)"
         )
-    return out
 
 
 def onnx_exactness(onnx_path, want: np.ndarray, samples, prep, batch_size) -> dict:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from protonmf.artifact import Preprocessing, resize_crop
-from protonmf.data import Sample
 from protonmf.artifact.exemplars import Exemplars
+from protonmf.data import Sample
 
 __all__ = ["assemble", "presence_filters", "rank_class", "top_images"]
 

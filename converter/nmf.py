@@ -150,14 +150,7 @@ def nmf(
         rows only (else one generator seeded by ``seed`` draws the whole padded batch).
     progress : optional tqdm-like object with ``update(n)``, advanced once per iteration.
     """
-    if A.ndim != 3:
-        raise ValueError(f"A must have shape (K, n, D), got {tuple(A.shape)}")
-    if p < 1:
-        raise ValueError(f"p must be >= 1, got {p}")
-    if solver not in ("mu", "hals"):
-        raise ValueError(f"solver must be 'mu' or 'hals', got {solver!r}")
-    if bool((A < 0).any()):
-        raise ValueError("A has negative entries; clip features to >= 0 before NMF")
+    _check(A, p, solver)
     K, n, D = A.shape
     if n_rows is None:
         n_rows = torch.full((K,), n, device=A.device)
@@ -167,8 +160,24 @@ def nmf(
     if seeds is not None and len(seeds) != K:
         raise ValueError(f"{len(seeds)} seeds for {K} classes")
     E, B = _init(A, p, mask, init, gen, seeds)
-
     step = _mu_step if solver == "mu" else _hals_step
+    return _iterate(A, E, B, step, tol, max_iter, progress)
+
+
+def _check(A: torch.Tensor, p: int, solver: str) -> None:
+    if A.ndim != 3:
+        raise ValueError(f"A must have shape (K, n, D), got {tuple(A.shape)}")
+    if p < 1:
+        raise ValueError(f"p must be >= 1, got {p}")
+    if solver not in ("mu", "hals"):
+        raise ValueError(f"solver must be 'mu' or 'hals', got {solver!r}")
+    if bool((A < 0).any()):
+        raise ValueError("A has negative entries; clip features to >= 0 before NMF")
+
+
+def _iterate(A, E, B, step, tol, max_iter, progress) -> NMFResult:
+    """``step`` from (E, B) until every class has converged (Eq. 3) or ``max_iter``."""
+    K = A.shape[0]
     sq_norm_A = torch.linalg.vector_norm(A, dim=(1, 2)) ** 2  # no A-sized temporary
     Et = E.transpose(1, 2)
     err_init = _error(sq_norm_A, Et @ A, Et @ E, B).clamp_min(_EPS)

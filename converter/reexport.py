@@ -20,7 +20,6 @@ from protonmf.artifact import (
     scratch,
     write_artifact,
 )
-
 from protonmf.converter.exemplars import presence_filters
 from protonmf.converter.export import export_onnx, graph_spec
 from protonmf.converter.models import analyse_head, recorded_model

@@ -19,13 +19,12 @@ import logging
 import numpy as np
 import torch
 
-from protonmf.artifact import Preprocessing, load_manifest
-from protonmf.data import load_samples
 from protonmf.analysis.evaluate import head_logits, heldout_samples
-
+from protonmf.artifact import Preprocessing, load_manifest
 from protonmf.converter.convert import ConvertConfig, _device, _run_nmf, extract_features
 from protonmf.converter.head import fit_coefficients, fold_residual
 from protonmf.converter.models import analyse_head, recorded_model
+from protonmf.data import load_samples
 
 __all__ = ["sweep"]
 

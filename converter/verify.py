@@ -9,11 +9,10 @@ import torch
 from tqdm import tqdm
 
 from protonmf.artifact import Preprocessing, preprocess
-from protonmf.data import load_samples
-from protonmf.graph import GraphSession
-
 from protonmf.converter.convert import exactness
 from protonmf.converter.models import recorded_model
+from protonmf.data import load_samples
+from protonmf.graph import GraphSession
 
 __all__ = ["verify"]
 

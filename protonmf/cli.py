@@ -15,24 +15,31 @@ from pathlib import Path
 
 from protonmf.artifact.store import ArtifactError, load_manifest
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "models" / "fashion-resnet"
-DEFAULT_DATA = REPO / "data" / "fashion-mnist"
+# The folder the protonmf package is imported from: the source checkout, or site-packages
+# after a wheel install (``bentoml serve --working-dir``).
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+# convert's defaults: in a source checkout only (a wheel ships neither)
+CHECKOUT_DEFAULTS = {"model": Path("models") / "fashion-resnet",
+                     "data": Path("data") / "fashion-mnist"}  # fmt: skip
+DEFAULT_MODEL = PACKAGE_ROOT / CHECKOUT_DEFAULTS["model"]
+DEFAULT_DATA = PACKAGE_ROOT / CHECKOUT_DEFAULTS["data"]
 DEFAULT_ARTIFACT = Path("artifacts") / "fashion-default"
 
 
 def _add_convert(sub):
     p = sub.add_parser("convert", help="timm classifier + labelled images -> artifact directory")
-    p.add_argument("--model", default=str(DEFAULT_MODEL),
+    p.add_argument("--model",
                    help="timm local-dir model folder, or a timm architecture name with "
-                        "--checkpoint (default: the embedded Fashion-MNIST ResNet)")
+                        "--checkpoint (default in a source checkout: the embedded "
+                        "Fashion-MNIST ResNet, models/fashion-resnet)")
     p.add_argument("--checkpoint", help="weights file (.safetensors or .pth) for --model NAME")
     p.add_argument("--model-kwargs", type=json.loads, default={},
                    help='JSON kwargs for timm.create_model, e.g. \'{"global_pool": "avg"}\'')
-    p.add_argument("--data", default=str(DEFAULT_DATA),
+    p.add_argument("--data",
                    help="ImageFolder ROOT/<class>/<image>, or ROOT with train/ and val/ or "
                         "test/ (the latter held out for verify), or a Fashion-MNIST IDX "
-                        "folder (train-* for prototypes, t10k-* held out)")
+                        "folder (train-* for prototypes, t10k-* held out; default in a "
+                        "source checkout: data/fashion-mnist)")
     p.add_argument("--heldout", help="held-out ImageFolder for verification (overrides split)")
     p.add_argument("--max-per-class", type=int, help="cap on images per class")
     p.add_argument("-p", "--prototypes", dest="p", type=int, default=3,
@@ -101,11 +108,29 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def checkout_defaults(model: str | None, data: str | None) -> tuple[str, str]:
+    """``--model`` and ``--data``, the source checkout's Fashion-MNIST defaults for those not
+    given; ValueError (one line, exit 2) naming what to pass where the checkout's folder is
+    not there (an installed wheel)."""
+    given = {"model": model, "data": data}
+    defaults = {"model": DEFAULT_MODEL, "data": DEFAULT_DATA}
+    missing = [k for k, v in given.items() if v is None and not defaults[k].exists()]
+    if missing:
+        flags = " and ".join(f"--{k}" for k in missing)
+        where = ", ".join(str(CHECKOUT_DEFAULTS[k]) for k in missing)
+        exist = "exists" if len(missing) == 1 else "exist"
+        default = "default" if len(missing) == 1 else "defaults"
+        raise ValueError(f"no {flags} given and the embedded {default} ({where}) {exist} only "
+                         "in a source checkout; pass --model DIR|NAME and --data DIR")
+    return (model or str(DEFAULT_MODEL)), (data or str(DEFAULT_DATA))
+
+
 def _cmd_convert(args) -> int:
+    model, data = checkout_defaults(args.model, args.data)
     from protonmf.converter.convert import ConvertConfig, NotExactError, convert, memory_budget
 
     cfg = ConvertConfig(
-        model=args.model, data=args.data, out=args.out, checkpoint=args.checkpoint,
+        model=model, data=data, out=args.out, checkpoint=args.checkpoint,
         model_kwargs=args.model_kwargs, heldout=args.heldout, max_per_class=args.max_per_class,
         p=args.p, solver=args.solver, init=args.init, tol=args.tol, max_iter=args.max_iter,
         seed=args.seed, nonneg=args.nonneg, min_sum_ratio=args.min_sum_ratio,
@@ -244,7 +269,7 @@ def serve_command(args, environ: dict) -> tuple[list[str], dict]:
     if args.max_batch_size is not None:
         env["PROTONMF_MAX_BATCH_SIZE"] = str(args.max_batch_size)
     cmd = [sys.executable, "-m", "bentoml", "serve", "protonmf.service.service:ProtoNMFService",
-           "--host", args.host, "--port", str(args.port), "--working-dir", str(REPO)]  # fmt: skip
+           "--host", args.host, "--port", str(args.port), "--working-dir", str(PACKAGE_ROOT)]  # fmt: skip
     return cmd, env
 
 
@@ -253,11 +278,11 @@ def preflight(settings) -> None:
     (CUDA without a GPU, CUDA graphs on the CPU, nvImageCodec missing) stop ``serve`` here
     with their reason (exit 2), instead of failing in a worker that BentoML restarts
     forever. What it loads goes with this process when ``bentoml serve`` replaces it."""
-    from protonmf.service.engine.pipeline import DataPlane
     from protonmf.graph import ProviderError
+    from protonmf.service.engine.pipeline import Engine
 
     try:
-        DataPlane.load(settings, warm=False)
+        Engine.load(settings, warm=False)
     except ProviderError as e:  # a RuntimeError: the machine, not a bug, so one line
         raise ValueError(str(e)) from e
 
@@ -341,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact")
     p.add_argument("--int8", action="store_true", help="static QDQ int8 (CPU), calibrated")
     p.add_argument("--fp16", action="store_true", help="half precision (for GPUs)")
+    _add_serve(sub)
+    _add_report(sub)
+    return ap
+
+
+def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve an artifact over REST (BentoML)")
     p.add_argument("artifact", nargs="?", default=str(DEFAULT_ARTIFACT))
     p.add_argument("--port", type=int, default=3000, help="HTTP (REST) port")
@@ -360,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "throughput setting")  # fmt: skip
     p.add_argument("--max-batch-size", type=_positive_int,
                    help="images per onnxruntime run, per worker (default: PROTONMF_MAX_BATCH_SIZE or 32)")
+
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="one self-contained HTML page: evaluation, plots, "
                                       "reading and the prototype atlas with exemplars")
     p.add_argument("artifact")
@@ -373,7 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: all; a 1,000-class atlas is a large page)")
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return ap
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -409,6 +442,13 @@ def main(argv=None) -> int:
         return handlers[args.command](args)
     except (ArtifactError, FileNotFoundError, ValueError) as e:
         print(f"protonmf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "protonmf").split(".")[0] == "protonmf":
+            raise  # one of ours missing: a bug, keep the traceback
+        # a dependency of an extra not installed (torch for convert, bentoml for serve, …)
+        print(f"protonmf {args.command}: error: {e}: install the extra this command needs "
+              "(pip install 'protonmf[convert]' or 'protonmf[serve]')", file=sys.stderr)
         return 2
 
 

@@ -8,15 +8,15 @@ import torch
 from helpers import FASHION_DATA, FASHION_MODEL, manifest_of, run_cli, run_images
 from PIL import Image
 
+from protonmf.analysis.evaluate import explanation_residual
 from protonmf.artifact import Preprocessing, load_tensors
 from protonmf.converter.convert import ConvertConfig, convert, exactness, logits_of
 from protonmf.converter.models import ModelSource, UnsupportedModelError, analyse_head, load_model
 from protonmf.converter.reexport import prototype_model, reexport
 from protonmf.converter.verify import verify
 from protonmf.data import load_image_folder
-from protonmf.sample_data import lite0_checkpoint
-from protonmf.analysis.evaluate import explanation_residual
 from protonmf.graph import GraphSession
+from protonmf.sample_data import lite0_checkpoint
 
 
 def proto_model_from_artifact(artifact, maps="none", scores="topk"):
@@ -125,6 +125,47 @@ def test_cli_reports_bad_paths(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_convert_defaults_exist_only_in_a_source_checkout(tmp_path, monkeypatch, capsys):
+    """Without --model/--data, convert takes the checkout's Fashion-MNIST model and data;
+    where they are not there (an installed wheel) it says what to pass: exit 2, one line.
+    tests/test_packaging.py runs the installed wheel itself."""
+    from protonmf import cli
+
+    assert cli.checkout_defaults(None, None) == (str(FASHION_MODEL), str(FASHION_DATA))
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "models" / "fashion-resnet")
+    monkeypatch.setattr(cli, "DEFAULT_DATA", tmp_path / "data" / "fashion-mnist")
+    for args, flags, where in (((), "--model and --data", "defaults (models/fashion-resnet, "
+                                "data/fashion-mnist) exist"),
+                               (("--data", tmp_path), "--model", "default (models/fashion-resnet) exists"),
+                               (("--model", "resnet18"), "--data", "default (data/fashion-mnist) exists")):  # fmt: skip
+        code, _ = run_cli("convert", "--quiet", "--out", tmp_path / "o", *args)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err == (f"protonmf convert: error: no {flags} given and the embedded {where} "
+                       "only in a source checkout; pass --model DIR|NAME and --data DIR\n")  # fmt: skip
+    assert cli.checkout_defaults("resnet18", "imgs") == ("resnet18", "imgs")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_extra_is_one_line_a_missing_module_of_ours_a_traceback(monkeypatch, capsys):
+    from protonmf import cli
+
+    def missing(name):
+        def command(args):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        return command
+
+    monkeypatch.setattr(cli, "_cmd_inspect", missing("onnxruntime"))
+    code, _ = run_cli("inspect", "x")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "No module named 'onnxruntime'" in err
+    assert "pip install 'protonmf[convert]' or 'protonmf[serve]'" in err
+    monkeypatch.setattr(cli, "_cmd_inspect", missing("protonmf.gone"))
+    with pytest.raises(ModuleNotFoundError):
+        run_cli("inspect", "x")
+
+
 def test_wrong_folders_refused(tmp_path):
     (tmp_path / "cats").mkdir()
     with pytest.raises(ValueError, match="match neither the model's class names"):
@@ -194,22 +235,23 @@ def outside_topk_terms_match_torch(artifact, image: bytes):
     """The service's terms of a class outside the graph's top-k (computed from the pooled
     features, LayerNorm heads included) == the all-scores prototype model in torch."""
     from protonmf.artifact import normalize
-    from protonmf.service.engine.core import Core
+    from protonmf.service.engine.explanations import Explanations
+    from protonmf.service.engine.model import Model
 
-    core = Core.load(artifact)
-    crop = core.prepare(image)
-    (out,) = run_images(core, [image])
+    model = Model.load(artifact)
+    crop = model.prepare(image)
+    (out,) = run_images(model, [image])
     _, proto, _, _ = proto_model_from_artifact(artifact, scores="all")
     with torch.no_grad():
-        outputs = proto(torch.from_numpy(normalize(crop[None], core.spec)))
+        outputs = proto(torch.from_numpy(normalize(crop[None], model.spec)))
     want = {n: t[0].double().numpy() for n, t in zip(proto.output_names, outputs, strict=True)}
     logits, scores, contributions = want["logits"], want["scores"], want["contributions"]
-    bias = want.get("bias", core.explainer.tensors["bias"])  # constant: not a graph output
-    outside = [c for c in range(len(core.classes)) if c not in out["topk_classes"]]
-    assert outside and out["topk_classes"].shape == (core.graph_k,)
+    bias = want.get("bias", model.tensors["bias"])  # constant: not a graph output
+    outside = [c for c in range(len(model.classes)) if c not in out["topk_classes"]]
+    assert outside and out["topk_classes"].shape == (model.graph_k,)
     scale = np.abs(logits).max()
     for c in (outside[0], outside[-1]):
-        s, contrib, b = core.terms(out, c)
+        s, contrib, b = Explanations(model).terms(out, c)
         np.testing.assert_allclose(s, scores[c], rtol=1e-4, atol=1e-5 * scale)
         np.testing.assert_allclose(contrib, contributions[c], rtol=1e-4, atol=1e-5 * scale)
         assert abs(b - bias[c]) <= 1e-5 * scale
