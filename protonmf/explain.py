@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from protonmf.artifact.manifest import Manifest
+
 __all__ = [
     "ALL_RESIDUAL_FOLDS",
     "explained_share",
@@ -38,16 +40,14 @@ ALL_RESIDUAL_FOLDS = ("class_vector", "no_images")
 EPS = 1e-12  # a denominator at or below this makes a share undefined (None / NaN)
 
 
-def folds(manifest: dict) -> list[str]:
+def folds(manifest: dict | Manifest) -> list[str]:
     """Each class's fold (manifest diagnostics; "sum", Eq. 8, where older ones say nothing)."""
-    per_class = (manifest.get("diagnostics") or {}).get("per_class") or []
-    return [d.get("fold", "sum") for d in per_class] or ["sum"] * len(manifest["classes"])
+    return Manifest.of(manifest).folds
 
 
-def layer_norm_eps(manifest: dict) -> float | None:
+def layer_norm_eps(manifest: dict | Manifest) -> float | None:
     """The LayerNorm head's epsilon, or None for a plain linear head."""
-    head = manifest.get("head") or {}
-    return head.get("norm_eps", 0.0) if head.get("kind") == "avg_norm_linear" else None
+    return Manifest.of(manifest).layer_norm_eps
 
 
 def _whole(fold_list: Sequence[str]) -> np.ndarray:

@@ -35,8 +35,9 @@ def _corrupt_header(art):
 
 
 EDITS = {
-    "9 classes": (lambda a: _edit_manifest(a, _classes(9)), "manifest implies"),
-    "11 classes": (lambda a: _edit_manifest(a, _classes(11)), "manifest implies"),
+    # the typed manifest refuses a class list that its per-class diagnostics contradict
+    "9 classes": (lambda a: _edit_manifest(a, _classes(9)), "per_class has 10 entries for 9"),
+    "11 classes": (lambda a: _edit_manifest(a, _classes(11)), "per_class has 10 entries for 11"),
     "p = 4": (lambda a: _edit_manifest(a, lambda m: m.update(p=4)), "manifest implies"),
     "input size": (lambda a: _edit_manifest(a, lambda m: m["preprocessing"].update(height=64)),
                    "the graph's input is"),  # fmt: skip

@@ -183,6 +183,12 @@ def load_manifest(artifact_dir: str | os.PathLike, verify_checksums: bool = True
         )
     if isinstance(manifest.get("graph"), dict):  # version 1 graphs: all-class scores
         manifest["graph"].setdefault("scores", "all")
+    from protonmf.artifact.manifest import Manifest, ValidationError, problem
+
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as e:
+        raise ArtifactError(f"{path}: {problem(e)}") from None
     files = manifest.get("files", {})
     if TENSORS_FILE not in files:
         raise ArtifactError(f"{path} lists no {TENSORS_FILE}")

@@ -25,6 +25,7 @@ class Listings:
         self.model = model
         self.explanations = explanations or Explanations(model)
         self.classes, self.p, self.manifest = model.classes, model.p, model.manifest
+        self.info = model.info  # the typed manifest
         self.tensors, self.coefficients = model.tensors, model.coefficients
         self.folds, self.exemplars = model.folds, model.exemplars
         self.descriptions, self.limits = model.descriptions, model.limits
@@ -90,7 +91,7 @@ class Listings:
         indices = range(len(self.classes)) if not classes else [self.model.class_index(x) for x in classes]
         kinds = list(self.exemplars.kinds) if self.exemplars else []
         weights = self.tensors.get("fold_weights")
-        per_class = self.manifest["diagnostics"]["per_class"]
+        per_class = self.info.diagnostics.per_class
         result = []
         for c in indices:
             energy, ratio = (None if np.isnan(x) else float(x) for x in self.explained_shares[c])
@@ -99,7 +100,7 @@ class Listings:
                        "exemplars": {k: self.explanations._exemplar_entries(c, i, k) for k in kinds}}
                       for i in range(self.p)]  # fmt: skip
             result.append({"class": self.classes[c], "index": c,
-                           "explained": per_class[c]["explained"], "fold": self.folds[c],
+                           "explained": per_class[c].explained, "fold": self.folds[c],
                            "explained_share": {"energy": energy, "norm_ratio": ratio},
                            "prototypes": protos})  # fmt: skip
         return {"p": self.p, "exemplar_kinds": kinds, "classes": result}
@@ -129,32 +130,32 @@ class Listings:
             return render_exemplar_strip(thumbnails, maps, captions, title)
 
     def model_info(self) -> dict:
-        m = self.manifest
+        m = self.info
         return {
             "classes": self.classes,
             "class_descriptions": self.descriptions,
             "p": self.p,
             "coefficients": self.coefficients.round(6).tolist(),
             "prototypes": [
-                {"class": self.classes[c], "explained": d["explained"], "fold": d["fold"],
-                 "n_images": d["n_images"]}
-                for c, d in enumerate(m["diagnostics"]["per_class"])
+                {"class": self.classes[c], "explained": d.explained, "fold": d.fold,
+                 "n_images": d.n_images}
+                for c, d in enumerate(m.diagnostics.per_class)
             ],  # fmt: skip
             "feature_grid": list(self.grid),
             "heatmap_classes": self.map_classes,
             "map_kinds": [k for k in MAP_KINDS if k != "presence" or self.has_presence],
             "residual_split": self.has_pooled,
-            "exemplars": self.manifest.get("exemplars"),
+            "exemplars": m.exemplars,
             "scores": self.scores_mode,
             "maps": self.maps_mode,
-            "preprocessing": m["preprocessing"],
-            "backbone": m["backbone"].get("architecture"),
+            "preprocessing": self.manifest["preprocessing"],  # as written (defaults left out)
+            "backbone": m.backbone.get("architecture"),
             "artifact": {
-                "format_version": m["format_version"],
-                "protonmf_version": m["protonmf_version"],
-                "created": m["created"],
-                "model_sha256": m["files"].get("model.onnx"),
-                "prototypes_sha256": m["files"].get("prototypes.safetensors"),
+                "format_version": m.format_version,
+                "protonmf_version": m.protonmf_version,
+                "created": m.created,
+                "model_sha256": m.files.get("model.onnx"),
+                "prototypes_sha256": m.files.get("prototypes.safetensors"),
             },
             "provider": self.model.graph.provider,
             "variant": self.model.graph.variant,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from protonmf import explain
 from protonmf.artifact import normalize
 from protonmf.artifact.exemplars import Exemplars, load_exemplars
+from protonmf.artifact.manifest import Manifest
 from protonmf.graph import GraphSession
 from protonmf.service.decode.images import Limits
 from protonmf.service.decode.pool import decode_crop
@@ -39,25 +39,25 @@ class Model:
         # PROTONMF_JPEG_DECODER=nvimgcodec: JPEG pixels from the GPU (decode/gpu.py)
         self.jpeg_decoder = None
         self.limits = limits or Limits()
-        m = graph.manifest
-        self.manifest = m
-        self.classes: list[str] = m["classes"]
-        self.descriptions: list[str] | None = m.get("class_descriptions")
+        self.manifest = graph.manifest  # the dict, as written (model_info shows parts of it)
+        m = self.info = Manifest.of(graph.manifest)  # typed
+        self.classes: list[str] = m.classes
+        self.descriptions: list[str] | None = m.class_descriptions
         self.spec = graph.preprocessing
-        self.p: int = m["p"]
-        self.grid = tuple(m["feature_grid"])
-        self.graph_k: int = m["graph"].get("k") or 0
-        self.scores_mode: str = m["graph"].get("scores", "all")
-        self.maps_mode: str = m["graph"].get("maps", "topk")
+        self.p: int = m.p
+        self.grid = tuple(m.feature_grid)
+        self.graph_k: int = m.graph.k or 0
+        self.scores_mode: str = m.graph.scores
+        self.maps_mode: str = m.graph.maps
         # how many of the top classes have similarity maps in the graph's outputs
         self.map_classes = {"all": len(self.classes), "topk": self.graph_k}.get(self.maps_mode, 0)
         self.tensors = graph.tensors
         self.coefficients = graph.tensors["coefficients"]
         self.has_pooled = "pooled" in graph.output_shapes
-        self.has_presence = bool(m["graph"].get("presence")) and bool(
+        self.has_presence = m.graph.presence and bool(
             {"presence", "topk_presence"} & set(graph.output_shapes))
-        self.folds: list[str] = explain.folds(m)
-        self.norm_eps = explain.layer_norm_eps(m)
+        self.folds: list[str] = m.folds
+        self.norm_eps = m.layer_norm_eps
         self._index = {name: i for i, name in enumerate(self.classes)}
         self._shapes = {name: shape[1:] for name, shape in graph.output_shapes.items()}
         self.crop_shape = (self.spec.height, self.spec.width) + (
