@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from protonmf.artifact import (
     load_tensors,
     preprocess,
 )
+from protonmf.artifact.manifest import Manifest
 
 __all__ = [
     "BucketGraphs",
@@ -105,7 +107,7 @@ def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: 
     return session, in_use
 
 
-def check_graph(artifact_dir, manifest: dict, session) -> None:
+def check_graph(artifact_dir, manifest: dict | Manifest, session) -> None:
     """The graph's input and outputs are the manifest's: names, and every fixed dimension
     (classes, p, k, grid, image size and channels). An edited manifest would otherwise
     load and answer with the wrong shapes or crash on the first request."""
@@ -113,23 +115,23 @@ def check_graph(artifact_dir, manifest: dict, session) -> None:
     def fixed(shape) -> list:  # "N" / "batch" / None: symbolic
         return [d if isinstance(d, int) else None for d in shape]
 
-    graph = manifest.get("graph") or {}
+    m = Manifest.of(manifest)
     inp = session.get_inputs()[0]
-    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    prep = m.preprocessing
     want_in = [None, prep.channels, prep.height, prep.width]
     if fixed(inp.shape) != want_in:
         raise ArtifactError(f"{artifact_dir}: the graph's input is {inp.shape}, the manifest's "
                             f"preprocessing implies [N, {prep.channels}, {prep.height}, "
                             f"{prep.width}]")  # fmt: skip
     got = {o.name: fixed(o.shape) for o in session.get_outputs()}
-    want = {name: fixed(shape) for name, shape in graph.get("outputs", {}).items()}
+    want = {name: fixed(shape) for name, shape in (m.graph.outputs if m.graph else {}).items()}
     if list(got) != list(want):
         raise ArtifactError(f"{artifact_dir}: graph outputs {list(got)} != manifest {list(want)}")
     for name, shape in want.items():
         if got[name] != shape:
             raise ArtifactError(f"{artifact_dir}: graph output {name!r} has shape {got[name]}, "
                                 f"the manifest says {shape}")  # fmt: skip
-    C, p = len(manifest["classes"]), manifest["p"]
+    C, p = len(m.classes), m.p
     if "logits" in want and want["logits"][1:] != [C]:
         raise ArtifactError(f"{artifact_dir}: {C} classes in the manifest, the graph has "
                             f"{want['logits'][1:]} logits")  # fmt: skip
@@ -262,6 +264,11 @@ class GraphSession:
     graphs: BucketGraphs | None = None  # CUDA graphs per batch bucket
     device_id: int = 0
 
+    @cached_property
+    def info(self) -> Manifest:
+        """The manifest, typed."""
+        return Manifest.of(self.manifest)
+
     @classmethod
     def load(cls, artifact_dir: str | os.PathLike, device: str = "cpu", threads=None,
              variant: str = "fp32", spinning: bool = True, cuda: dict | None = None, *,
@@ -283,17 +290,18 @@ class GraphSession:
                 raise ValueError(f"{GRAPHS_SETTING} {problem}")
         artifact_dir = Path(artifact_dir)
         manifest = load_manifest(artifact_dir)
-        if MODEL_FILE not in manifest["files"]:
+        info = Manifest.of(manifest)
+        if MODEL_FILE not in info.files:
             raise ArtifactError(f"{artifact_dir} has no {MODEL_FILE}: re-run `protonmf convert`")
         graph = MODEL_FILE
         if variant != "fp32":
-            known = manifest.get("variants", {})
+            known = info.variants
             if variant not in known:
                 raise ArtifactError(
                     f"{artifact_dir} has no {variant!r} graph (has: fp32"
                     f"{''.join(', ' + k for k in known)}); see `protonmf variants`"
                 )
-            graph = known[variant]["file"]
+            graph = known[variant].file
         tensors = load_tensors(artifact_dir, manifest)
         if cuda_graphs:
             cuda = {**(cuda or {}), "graphs": True}
@@ -320,11 +328,11 @@ class GraphSession:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing.from_dict(self.manifest["preprocessing"])
+        return self.info.preprocessing
 
     @property
     def classes(self) -> list[str]:
-        return self.manifest["classes"]
+        return self.info.classes
 
     def preprocess(self, images) -> np.ndarray:
         """PIL images → (N, c, h, w) float32 batch, as the manifest says."""
@@ -336,7 +344,7 @@ class GraphSession:
         """The outputs ``run`` returns, with their shapes ("N" first): the graph's, and
         ``bias`` (N, C) for an all-scores graph whose bias does not depend on the image
         (format 3 leaves that constant out of the graph: protomodel._image_bias)."""
-        shapes = dict(self.manifest["graph"]["outputs"])
+        shapes = dict(self.info.graph.outputs)
         if "scores" in shapes and "bias" not in shapes:
             shapes["bias"] = ["N", len(self.classes)]
         return shapes
@@ -347,7 +355,7 @@ class GraphSession:
         ``outputs``: the names wanted (default: all). onnxruntime copies only those out of
         the device; the heavy ones (per-prototype maps) stay there when not asked for.
         The same outputs whichever way the graph runs (session.run, IOBinding, CUDA graphs)."""
-        graph_outputs = self.manifest["graph"]["outputs"]
+        graph_outputs = self.info.graph.outputs
         names = list(graph_outputs) if outputs is None else [n for n in graph_outputs
                                                              if n in outputs]  # fmt: skip
         batch = np.ascontiguousarray(batch, np.float32)
@@ -356,7 +364,7 @@ class GraphSession:
         elif self.io_binding:
             out = self._run_bound(batch, names)
         else:
-            feed = {self.manifest["graph"]["input"]["name"]: batch}
+            feed = {self.info.graph.input.name: batch}
             out = dict(zip(names, self.session.run(names, feed), strict=True))
         if "scores" in out and "bias" not in out and "bias" not in graph_outputs:
             out["bias"] = np.broadcast_to(self.tensors["bias"], (len(batch), len(self.classes)))
@@ -366,7 +374,7 @@ class GraphSession:
         """IOBinding: the batch bound as it is (onnxruntime copies it to the device once),
         only ``names`` bound as outputs, on the session's device, then copied to the host."""
         binding = self.session.io_binding()
-        binding.bind_cpu_input(self.manifest["graph"]["input"]["name"], batch)
+        binding.bind_cpu_input(self.info.graph.input.name, batch)
         device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         for name in names:
             binding.bind_output(name, device, self.device_id)
