@@ -36,7 +36,10 @@ def gpu_name() -> str | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, check=True, timeout=30,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -143,6 +146,8 @@ def session(model_path, device: str = "cpu", threads: int | None = None):
 
         return create_session(model_path, device, threads=threads)
     if threads not in (None, _shared_pool_threads):
-        raise ValueError(f"this process runs its sessions on a shared pool of "
-                         f"{_shared_pool_threads} threads; got threads={threads}")  # fmt: skip
+        raise ValueError(
+            f"this process runs its sessions on a shared pool of "
+            f"{_shared_pool_threads} threads; got threads={threads}"
+        )
     return shared_session(model_path, device)

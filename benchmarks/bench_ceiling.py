@@ -94,8 +94,9 @@ def trivial_graph(manifest: dict) -> onnx.ModelProto:
         nodes.append(helper.make_node("Reshape", ["zeros", f"{name}_col"], [f"{name}_z"]))
         if name in INT_OUTPUTS:  # valid class indices 0..k-1
             const = np.arange(int(np.prod(rest)), dtype=np.int64).reshape([1, *rest])
-            nodes.append(helper.make_node("Cast", [f"{name}_z"], [f"{name}_zi"],
-                                          to=TensorProto.INT64))  # fmt: skip
+            nodes.append(
+                helper.make_node("Cast", [f"{name}_z"], [f"{name}_zi"], to=TensorProto.INT64)
+            )
             source, kind = f"{name}_zi", TensorProto.INT64
         else:
             const = rng.standard_normal([1, *rest]).astype(np.float32)
@@ -104,8 +105,10 @@ def trivial_graph(manifest: dict) -> onnx.ModelProto:
         nodes.append(helper.make_node("Add", [source, f"{name}_const"], [name]))
         outputs.append(helper.make_tensor_value_info(name, kind, dims(shape)))
     x = helper.make_tensor_value_info(inp["name"], TensorProto.FLOAT, dims(inp["shape"]))
-    model = helper.make_model(helper.make_graph(nodes, "trivial", [x], outputs, inits),
-                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    model = helper.make_model(
+        helper.make_graph(nodes, "trivial", [x], outputs, inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -133,9 +136,12 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--quick", action="store_true", help="5 s runs")
-    ap.add_argument("--payload", choices=("progressive", "baseline"), default="progressive",
-                    help="the foolbox photos as shipped (progressive JPEGs) or re-encoded "
-                    "as baseline JPEGs")  # fmt: skip
+    ap.add_argument(
+        "--payload",
+        choices=("progressive", "baseline"),
+        default="progressive",
+        help="the foolbox photos as shipped (progressive JPEGs) or re-encoded as baseline JPEGs",
+    )
     ap.add_argument("--graphs", default="trivial,real")
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_ceiling.json")
     args = ap.parse_args(argv)
@@ -160,8 +166,12 @@ def main(argv=None) -> int:
         f"decoding floor ({args.payload} JPEGs, in-process, 1 thread): "
         f"{floor['decode_ms']:.2f} decode + {floor['resize_crop_ms']:.2f} resize/crop CPU-ms"
     )
-    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_WORKERS=str(args.workers),
-               BENTOML_HOME=str(args.workdir / "bentoml_home_ceiling"))  # fmt: skip
+    env = dict(
+        os.environ,
+        BENTOML_DO_NOT_TRACK="true",
+        PROTONMF_WORKERS=str(args.workers),
+        BENTOML_HOME=str(args.workdir / "bentoml_home_ceiling"),
+    )
     clients = [int(c) for c in args.clients.split(",")]
     endpoints = [e for e in args.endpoints.split(",") if e]
     runs = []
@@ -172,14 +182,26 @@ def main(argv=None) -> int:
             asyncio.run(bs.check_answers(url, endpoints[0], payloads))
             for n in clients:
                 for key in endpoints:
-                    r = bs.run_load(url, key, pid, payloads, n, args.warmup, args.duration,
-                                    bs.default_client(), args.workdir)  # fmt: skip
+                    r = bs.run_load(
+                        url,
+                        key,
+                        pid,
+                        payloads,
+                        n,
+                        args.warmup,
+                        args.duration,
+                        bs.default_client(),
+                        args.workdir,
+                    )
                     r["graph"] = graph
                     runs.append(r)
-    report = {"settings": vars(args) | {"artifact": str(real), "workdir": str(args.workdir),
-                                        "out": str(args.out)},
-              "machine": {"start": start, "end": _machine.machine_info()},
-              "decode_floor_cpu_ms": floor, "runs": runs}  # fmt: skip
+    report = {
+        "settings": vars(args)
+        | {"artifact": str(real), "workdir": str(args.workdir), "out": str(args.out)},
+        "machine": {"start": start, "end": _machine.machine_info()},
+        "decode_floor_cpu_ms": floor,
+        "runs": runs,
+    }
     print(
         "\n| graph | endpoint | clients | img/s | server CPU ms/img | decode ms | queue ms "
         "| infer ms/img | explain ms | img/s per core | busiest process CPU ms/img |"

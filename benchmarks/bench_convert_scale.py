@@ -83,8 +83,18 @@ def main() -> None:
     }
     for k, v in projection.items():
         print(f"{k}: {v:.2f}")
-    args.out.write_text(json.dumps({"machine": machine_info(), "images": args.images,
-                                    "workers": rows, "projection": projection}, indent=2) + "\n")  # fmt: skip
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": machine_info(),
+                "images": args.images,
+                "workers": rows,
+                "projection": projection,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

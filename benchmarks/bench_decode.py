@@ -168,24 +168,40 @@ async def bench(blobs: list[bytes], spec, processes: int, rounds: int, repeat: i
         if r["variant"].startswith("hop"):
             base = by["in-process" + (TINY if r["variant"].endswith(TINY) else "")]
             base_cpu = base["worker_cpu_ms_per_image"]
-            r["hop_cpu_ms_per_image"] = (r["worker_cpu_ms_per_image"]
-                                         + r["child_cpu_ms_per_image"] - base_cpu)  # fmt: skip
-            r["cpu_vs_in_process"] = (r["worker_cpu_ms_per_image"]
-                                      + r["child_cpu_ms_per_image"]) / base_cpu  # fmt: skip
+            r["hop_cpu_ms_per_image"] = (
+                r["worker_cpu_ms_per_image"] + r["child_cpu_ms_per_image"] - base_cpu
+            )
+            r["cpu_vs_in_process"] = (
+                r["worker_cpu_ms_per_image"] + r["child_cpu_ms_per_image"]
+            ) / base_cpu
             r["latency_vs_in_process"] = r["ms_per_image"] / base["ms_per_image"]
         if "images_per_s" in r:
             r["throughput_vs_1_thread"] = r["images_per_s"] / base_ips
-    return {"rows": rows, "images": len(blobs), "sequential_images": len(seq),
-            "in_flight_images": len(many)}  # fmt: skip
+    return {
+        "rows": rows,
+        "images": len(blobs),
+        "sequential_images": len(seq),
+        "in_flight_images": len(many),
+    }
 
 
 def report(result: dict) -> None:
-    print("| variant | ms/image | images/s | worker CPU-ms/image | child CPU-ms/image | "
-          "hop CPU-ms/image | vs baseline |\n|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    print(
+        "| variant | ms/image | images/s | worker CPU-ms/image | child CPU-ms/image | "
+        "hop CPU-ms/image | vs baseline |\n|---|---:|---:|---:|---:|---:|---:|"
+    )
     for r in result["rows"]:
         ratio = r.get("cpu_vs_in_process") or r.get("throughput_vs_1_thread")
-        cells = [r.get(k) for k in ("ms_per_image", "images_per_s", "worker_cpu_ms_per_image",
-                                    "child_cpu_ms_per_image", "hop_cpu_ms_per_image")]  # fmt: skip
+        cells = [
+            r.get(k)
+            for k in (
+                "ms_per_image",
+                "images_per_s",
+                "worker_cpu_ms_per_image",
+                "child_cpu_ms_per_image",
+                "hop_cpu_ms_per_image",
+            )
+        ]
         text = " | ".join("" if c is None else f"{c:.3f}" for c in cells)
         print(f"| {r['variant']} | {text} | {'' if ratio is None else f'{ratio:.2f}x'} |")
 
@@ -196,10 +212,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=4, help="passes over the photos per round")
     ap.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: photos)")
-    ap.add_argument("--artifact", type=Path, default=None, help="its preprocessing (default: "
-                    "224 × 224 RGB, bicubic from 256)")  # fmt: skip
-    ap.add_argument("--out", type=Path,
-                    default=RESULTS / "bench_decode.json")  # fmt: skip
+    ap.add_argument(
+        "--artifact",
+        type=Path,
+        default=None,
+        help="its preprocessing (default: 224 × 224 RGB, bicubic from 256)",
+    )
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_decode.json")
     args = ap.parse_args(argv)
 
     from protonmf.artifact import Preprocessing
@@ -214,12 +233,15 @@ def main(argv=None) -> int:
         spec = Preprocessing(height=224, width=224, resize=256, interpolation="bicubic")
     blobs = photos(args.images)
     info = _machine.machine_info(processes=args.processes)
-    print(f"machine: {info['cpu_model']} × {info['cpu_count']}, load {info['load_avg']}",
-          flush=True)  # fmt: skip
+    print(
+        f"machine: {info['cpu_model']} × {info['cpu_count']}, load {info['load_avg']}", flush=True
+    )
     result = asyncio.run(bench(blobs, spec, args.processes, args.rounds, args.repeat))
     report(result)
-    _machine.write_result(args.out, {"machine": info, "preprocessing": spec.to_dict(),
-                                     "rounds": args.rounds, **result})  # fmt: skip
+    _machine.write_result(
+        args.out,
+        {"machine": info, "preprocessing": spec.to_dict(), "rounds": args.rounds, **result},
+    )
     return 0
 
 

@@ -20,8 +20,17 @@ from _machine import machine_info
 
 
 def convert_seconds(exemplars: int, out: Path) -> float:
-    cmd = [sys.executable, "-m", "protonmf.cli", "convert", "--quiet", "--exemplars",
-           str(exemplars), "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "protonmf.cli",
+        "convert",
+        "--quiet",
+        "--exemplars",
+        str(exemplars),
+        "--out",
+        str(out),
+    ]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -30,7 +39,9 @@ def convert_seconds(exemplars: int, out: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_exemplars.json"))
+    ap.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "bench_exemplars.json")
+    )
     args = ap.parse_args()
     runs = {0: [], 8: []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -39,8 +50,11 @@ def main() -> None:
                 runs[m].append(convert_seconds(m, Path(tmp) / f"art{m}"))
                 print(f"--exemplars {m}: {runs[m][-1]:.1f} s", flush=True)
     ratio = statistics.median(runs[8]) / statistics.median(runs[0])
-    result = {"machine": machine_info(), "seconds": {str(k): v for k, v in runs.items()},
-              "ratio_median_with_over_without": ratio}  # fmt: skip
+    result = {
+        "machine": machine_info(),
+        "seconds": {str(k): v for k, v in runs.items()},
+        "ratio_median_with_over_without": ratio,
+    }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"conversion time with exemplars / without: {ratio:.3f} (medians of {args.reps})")
 

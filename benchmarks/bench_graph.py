@@ -84,16 +84,20 @@ TOP_K = 5
 BASELINE = "black-box"
 VARIANTS = ("fused-topk", "fused-allscores", "fused-all", "black-box", "eager")
 FUSED = ("fused-topk", "fused-allscores", "fused-all")
-MODES = {"fused-topk": ("topk", "topk"), "fused-allscores": ("all", "topk"),
-         "fused-all": ("all", "all")}  # variant → (scores, maps)  # fmt: skip
+MODES = {
+    "fused-topk": ("topk", "topk"),
+    "fused-allscores": ("all", "topk"),
+    "fused-all": ("all", "all"),
+}  # variant → (scores, maps)
 log = logging.getLogger("bench_graph")
 
 
 # ----------------------------------------------------------------------------- timing
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, seconds: float = 0.0,
-                max_rounds: int = 2000) -> dict[str, list[float]]:  # fmt: skip
+def interleaved(
+    fns: dict[str, Callable[[], object]], rounds: int, seconds: float = 0.0, max_rounds: int = 2000
+) -> dict[str, list[float]]:
     """Per variant, timings in ms; every variant once per round, warm-up before each.
 
     The order is shuffled every round (seeded): a variant that always ran right after
@@ -224,8 +228,9 @@ def export_blackbox(model: torch.nn.Module, input_shape: tuple[int, int, int], p
     return export_module(model, input_shape, path, ["logits"])
 
 
-def export_variant(model, manifest: dict, tensors: dict, path: Path, scores: str,
-                   maps: str) -> Path:  # fmt: skip
+def export_variant(
+    model, manifest: dict, tensors: dict, path: Path, scores: str, maps: str
+) -> Path:
     """The artifact's prototypes on the same backbone, exported in these modes."""
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     input_shape = (prep.channels, prep.height, prep.width)
@@ -261,8 +266,14 @@ def _exported(path: Path, export: Callable[[Path], Path]) -> Path:
     return path if path.is_file() else export(path)
 
 
-def build_subject(name: str, artifact: Path, images: Path, work: Path,
-                  prepare_only: bool = False, sessions: bool = True) -> Subject | None:  # fmt: skip
+def build_subject(
+    name: str,
+    artifact: Path,
+    images: Path,
+    work: Path,
+    prepare_only: bool = False,
+    sessions: bool = True,
+) -> Subject | None:
     """Export what is missing; ``sessions=False``: no onnxruntime sessions (the caller makes
     its own, e.g. with other thread settings)."""
     manifest = load_manifest(artifact)
@@ -275,13 +286,17 @@ def build_subject(name: str, artifact: Path, images: Path, work: Path,
     graph = manifest["graph"]
     default = next(v for v, m in MODES.items() if m == (graph["scores"], graph["maps"]))
     paths = {
-        v: artifact / MODEL_FILE if v == default else _exported(
+        v: artifact / MODEL_FILE
+        if v == default
+        else _exported(
             work / f"{name}-{tag}-{v}.onnx",
-            lambda p, m=MODES[v]: export_variant(model, manifest, tensors, p, *m))
+            lambda p, m=MODES[v]: export_variant(model, manifest, tensors, p, *m),
+        )
         for v in FUSED
-    }  # fmt: skip
-    paths["black-box"] = _exported(work / f"{name}-{tag}-blackbox.onnx",
-                                   lambda p: export_blackbox(model, input_shape, p))  # fmt: skip
+    }
+    paths["black-box"] = _exported(
+        work / f"{name}-{tag}-blackbox.onnx", lambda p: export_blackbox(model, input_shape, p)
+    )
     if prepare_only:
         return None
     made = (
@@ -289,8 +304,9 @@ def build_subject(name: str, artifact: Path, images: Path, work: Path,
         if sessions
         else {}
     )
-    return Subject(name, manifest, tensors, model, made, image_pool(images, manifest), paths,
-                   default)  # fmt: skip
+    return Subject(
+        name, manifest, tensors, model, made, image_pool(images, manifest), paths, default
+    )
 
 
 def ort_fn(session, x: np.ndarray) -> Callable[[], list]:
@@ -378,15 +394,17 @@ def bench_subject(subject: Subject, repeats: dict[int, int], seconds: float) -> 
         "timings": [],
     }
     for batch in BATCHES:
-        print(f"[{subject.name}] batch {batch}: ≥ {repeats[batch]} interleaved rounds, "
-              f"≥ {seconds:g} s …", flush=True)  # fmt: skip
+        print(
+            f"[{subject.name}] batch {batch}: ≥ {repeats[batch]} interleaved rounds, "
+            f"≥ {seconds:g} s …",
+            flush=True,
+        )
         x = batch_of(subject.pool, batch)
         fns = variant_fns(subject, x)
         # eager torch in its own pass against the black box: torch's worker threads keep
         # spinning after a call and slow whatever onnxruntime graph runs next on 2 cores
         # (in a one-off check the black box at batch 1 on Fashion: 0.8 → 1.3 ms with eager)
-        times = interleaved({v: f for v, f in fns.items() if v != "eager"}, repeats[batch],
-                            seconds)  # fmt: skip
+        times = interleaved({v: f for v, f in fns.items() if v != "eager"}, repeats[batch], seconds)
         eager = interleaved({v: fns[v] for v in (BASELINE, "eager")}, repeats[batch], seconds / 2)
         result["timings"] += summarise(times, BASELINE, batch)
         eager_rows = [r for r in summarise(eager, BASELINE, batch) if r["variant"] == "eager"]
@@ -399,16 +417,22 @@ def bench_subject(subject: Subject, repeats: dict[int, int], seconds: float) -> 
     return result
 
 
-def kernel_profile_in_child(paths: dict, x: np.ndarray, rounds: int, seconds: float,
-                            fused: tuple[str, ...]) -> dict:  # fmt: skip
+def kernel_profile_in_child(
+    paths: dict, x: np.ndarray, rounds: int, seconds: float, fused: tuple[str, ...]
+) -> dict:
     """``kernel_profile`` in a fresh process: its sessions need one thread each, which
     onnxruntime refuses in a process whose sessions share a pool (and on a shared pool of 2
     threads the profiler's per-node times are not the nodes' work: a trial run, not kept,
     put 16 µs on a Reshape of 30 floats)."""
     with tempfile.TemporaryDirectory(prefix="bench_graph_profile.") as tmp:
         np.save(Path(tmp) / "x.npy", x)
-        spec = {"paths": {v: str(p) for v, p in paths.items()}, "x": str(Path(tmp) / "x.npy"),
-                "rounds": rounds, "seconds": seconds, "fused": list(fused)}  # fmt: skip
+        spec = {
+            "paths": {v: str(p) for v, p in paths.items()},
+            "x": str(Path(tmp) / "x.npy"),
+            "rounds": rounds,
+            "seconds": seconds,
+            "fused": list(fused),
+        }
         return in_child(Path(__file__), "--kernel-profile-spec", spec, Path(tmp))
 
 
@@ -452,8 +476,9 @@ def _kernel_us(session) -> tuple[dict[str, float], dict[str, str], int]:
     return per_node, ops, len(runs) - 1
 
 
-def kernel_profile(paths: dict, x: np.ndarray, rounds: int, seconds: float = 0.0,
-                   fused: tuple[str, ...] = FUSED) -> dict:  # fmt: skip
+def kernel_profile(
+    paths: dict, x: np.ndarray, rounds: int, seconds: float = 0.0, fused: tuple[str, ...] = FUSED
+) -> dict:
     """Each fused graph's structural cost over the black box, free of wall-clock noise.
 
     The graphs run interleaved with onnxruntime's profiler on one thread. Nodes a fused
@@ -479,8 +504,10 @@ def kernel_profile(paths: dict, x: np.ndarray, rounds: int, seconds: float = 0.0
     for v in fused:
         fu, fu_ops, _ = profiles[v]
         shared = bb.keys() & fu.keys()
-        heads = {"black-box": sum(t for k, t in bb.items() if k not in shared) / rounds,
-                 v: sum(t for k, t in fu.items() if k not in shared) / rounds}  # fmt: skip
+        heads = {
+            "black-box": sum(t for k, t in bb.items() if k not in shared) / rounds,
+            v: sum(t for k, t in fu.items() if k not in shared) / rounds,
+        }
         by_op: dict[str, float] = {}
         for k, t in fu.items():
             if k not in shared:
@@ -600,9 +627,13 @@ def bench_gradcam(subject: Subject, rounds: int) -> dict:
 
 
 def machine_info() -> dict:
-    return _machine.machine_info(torch=torch.__version__, torch_threads=THREADS,
-                                 ort_intra_op_threads=THREADS, device=DEVICE,
-                                 ort_shared_pool=_machine.shared_pool_threads() is not None)  # fmt: skip
+    return _machine.machine_info(
+        torch=torch.__version__,
+        torch_threads=THREADS,
+        ort_intra_op_threads=THREADS,
+        device=DEVICE,
+        ort_shared_pool=_machine.shared_pool_threads() is not None,
+    )
 
 
 def machine_line(info: dict, when: str) -> str:
@@ -758,9 +789,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="keep conversions and exported graphs here (reused on the next run); "
         "default: a temporary directory, removed at the end",
     )
-    ap.add_argument(
-        "--out", type=Path, default=RESULTS / "bench_graph.json"
-    )
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_graph.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats, args.repeats_large, args.gradcam_repeats, args.seconds = 3, 2, 1, 0.0
@@ -846,8 +875,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.kernel_profile_spec:  # the child of kernel_profile_in_child
         spec = json.loads(args.kernel_profile_spec.read_text())
-        profile = kernel_profile(spec["paths"], np.load(spec["x"]), spec["rounds"],
-                                 spec["seconds"], tuple(spec["fused"]))  # fmt: skip
+        profile = kernel_profile(
+            spec["paths"], np.load(spec["x"]), spec["rounds"], spec["seconds"], tuple(spec["fused"])
+        )
         Path(spec["out"]).write_text(json.dumps(profile))
         return 0
     report = run_in_workdir(args.workdir, "bench_graph.", lambda work: run(args, work))

@@ -140,11 +140,18 @@ def main(argv=None) -> int:
     ap.add_argument("--artifact", type=Path, help="default: Lite0 artifact as in bench_service")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_service_work"))
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=1,
-                    help="server workers (onnxruntime threads: the service's default split)")
-    ap.add_argument("--grpc-channels", default="1",
-                    help="gRPC connections the load is spread over (several reach several "
-                         "workers); a comma list adds one gRPC window per value, e.g. 1,2")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server workers (onnxruntime threads: the service's default split)",
+    )
+    ap.add_argument(
+        "--grpc-channels",
+        default="1",
+        help="gRPC connections the load is spread over (several reach several "
+        "workers); a comma list adds one gRPC window per value, e.g. 1,2",
+    )
     ap.add_argument("--windows", type=int, default=4, help="windows per transport")
     ap.add_argument("--duration", type=float, default=10.0, help="counted seconds per window")
     ap.add_argument("--warmup", type=float, default=2.0)
@@ -161,9 +168,22 @@ def main(argv=None) -> int:
     blackbox = ensure_blackbox(args, artifact, manifest)
     payloads = [f.read_bytes() for f in imagenet_photo_files()]
     grpc_port = free_port()
-    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PROTONMF_MAX_BATCH_SIZE="32",
-               PROTONMF_WORKERS=str(args.workers), BENTOML_HOME=str(args.workdir / "bentoml_home_grpc"))  # fmt: skip
-    cmd = [sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--grpc-port", str(grpc_port)]
+    env = dict(
+        os.environ,
+        BENTOML_DO_NOT_TRACK="true",
+        PROTONMF_MAX_BATCH_SIZE="32",
+        PROTONMF_WORKERS=str(args.workers),
+        BENTOML_HOME=str(args.workdir / "bentoml_home_grpc"),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "protonmf.cli",
+        "serve",
+        str(artifact),
+        "--grpc-port",
+        str(grpc_port),
+    ]
     start = machine_info()
     channels = [int(n) for n in str(args.grpc_channels).split(",")]
     grpc_names = {n: "grpc" if i == 0 else f"grpc-{n}ch" for i, n in enumerate(channels)}
@@ -177,10 +197,13 @@ def main(argv=None) -> int:
                 break
             except grpc.RpcError:
                 time.sleep(0.2)
-        windows = {"rest": lambda: rest_window(url, payloads, args.clients, args.warmup, args.duration)}
+        windows = {
+            "rest": lambda: rest_window(url, payloads, args.clients, args.warmup, args.duration)
+        }
         for n, name in grpc_names.items():
-            windows[name] = lambda n=n: grpc_window(target, payloads, args.clients, args.warmup,
-                                                    args.duration, n)  # fmt: skip
+            windows[name] = lambda n=n: grpc_window(
+                target, payloads, args.clients, args.warmup, args.duration, n
+            )
         for i in range(args.windows):
             for name, window in windows.items():
                 before = parse_metrics(httpx.get(f"{url}/metrics").text)
@@ -188,36 +211,56 @@ def main(argv=None) -> int:
                 after = parse_metrics(httpx.get(f"{url}/metrics").text)
                 results[name]["w"].append(w)
                 results[name]["b"].append(hist_delta(before, after, BATCH_METRIC))
-                print(f"  window {i + 1} {name:<9}: {len(w['latencies_ms']) / w['seconds']:6.1f} img/s, "
-                      f"errors {w['errors'] or 0}", flush=True)  # fmt: skip
+                print(
+                    f"  window {i + 1} {name:<9}: {len(w['latencies_ms']) / w['seconds']:6.1f} img/s, "
+                    f"errors {w['errors'] or 0}",
+                    flush=True,
+                )
     summary = {k: summarise(v["w"], v["b"]) for k, v in results.items()}
-    raw = raw_ort(artifact, blackbox, Preprocessing.from_dict(manifest["preprocessing"]), None,
-                  repeats=10)  # fmt: skip
+    raw = raw_ort(
+        artifact, blackbox, Preprocessing.from_dict(manifest["preprocessing"]), None, repeats=10
+    )
     raw32 = raw["black-box"]["32"]["images_per_s"]
     report = {
-        "settings": {"artifact": str(artifact), "clients": args.clients, "windows": args.windows,
-                     "duration_s": args.duration, "warmup_s": args.warmup, "workers": args.workers,
-                     "grpc_channels": grpc_names,
-                     "max_batch_size": 32, "payloads": "20 foolbox ImageNet JPEGs, one per request",
-                     "request": "explain, top_k 3, heatmaps on"},  # fmt: skip
+        "settings": {
+            "artifact": str(artifact),
+            "clients": args.clients,
+            "windows": args.windows,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "workers": args.workers,
+            "grpc_channels": grpc_names,
+            "max_batch_size": 32,
+            "payloads": "20 foolbox ImageNet JPEGs, one per request",
+            "request": "explain, top_k 3, heatmaps on",
+        },
         "machine": {"start": start, "end": machine_info()},
         **summary,
-        "grpc_over_rest_images_per_s": summary["grpc"]["images_per_s"] / summary["rest"]["images_per_s"],
+        "grpc_over_rest_images_per_s": summary["grpc"]["images_per_s"]
+        / summary["rest"]["images_per_s"],
         "grpc_over_rest_p99": summary["grpc"]["p99_ms"] / summary["rest"]["p99_ms"],
         "raw_onnxruntime": raw,
         "over_raw_blackbox_batch32": {k: summary[k]["images_per_s"] / raw32 for k in summary},
     }
-    print("\n| transport | img/s | p50 ms | p99 ms | mean batch | errors |\n|---|---:|---:|---:|---:|---:|")
+    print(
+        "\n| transport | img/s | p50 ms | p99 ms | mean batch | errors |\n|---|---:|---:|---:|---:|---:|"
+    )
     for k in summary:
         s = summary[k]
-        print(f"| {k} | {s['images_per_s']:.1f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | "
-              f"{s['mean_batch'] or 0:.1f} | {sum(s['errors'].values())} |")  # fmt: skip
-    print(f"\ngRPC / REST throughput = {report['grpc_over_rest_images_per_s']:.2f} (target ≥ 0.9), "
-          f"p99 ratio = {report['grpc_over_rest_p99']:.2f}")  # fmt: skip
-    print(f"raw onnxruntime black-box at batch 32: {raw32:.1f} img/s (fused graph "
-          f"{raw['fused']['32']['images_per_s']:.1f}); over raw: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in report["over_raw_blackbox_batch32"].items())
-          + " (target ≥ 0.6)")  # fmt: skip
+        print(
+            f"| {k} | {s['images_per_s']:.1f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | "
+            f"{s['mean_batch'] or 0:.1f} | {sum(s['errors'].values())} |"
+        )
+    print(
+        f"\ngRPC / REST throughput = {report['grpc_over_rest_images_per_s']:.2f} (target ≥ 0.9), "
+        f"p99 ratio = {report['grpc_over_rest_p99']:.2f}"
+    )
+    print(
+        f"raw onnxruntime black-box at batch 32: {raw32:.1f} img/s (fused graph "
+        f"{raw['fused']['32']['images_per_s']:.1f}); over raw: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in report["over_raw_blackbox_batch32"].items())
+        + " (target ≥ 0.6)"
+    )
     _machine.write_result(args.out, report)
     return 0
 

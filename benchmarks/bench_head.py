@@ -62,7 +62,7 @@ CUTS = {
         "topk_scores",
         "topk_contributions",
         "topk_bias",
-    ],  # fmt: skip
+    ],
 }
 
 
@@ -88,8 +88,9 @@ def run(args, work: Path) -> dict:
     if artifact == bench_graph.REPO / "artifacts" / "fashion-default":
         bench_graph.ensure_fashion(artifact)
     images = find_split(REPO / "data" / "fashion-mnist")
-    subject = bench_graph.build_subject("fashion-resnet18", artifact, images[1] or images[0],
-                                        work, sessions=False)  # fmt: skip
+    subject = bench_graph.build_subject(
+        "fashion-resnet18", artifact, images[1] or images[0], work, sessions=False
+    )
     paths = {
         "black-box": subject.paths["black-box"],
         **cut_graphs(subject.paths["fused-topk"], work),
@@ -104,12 +105,19 @@ def run(args, work: Path) -> dict:
         if unknown:
             raise SystemExit(f"unknown --graphs {sorted(unknown)}; known: {list(paths)}")
         paths = {v: p for v, p in paths.items() if v == "black-box" or v in args.graphs}
-    result = {"artifact": str(artifact), "default": subject.default.removeprefix("fused-"),
-              "nodes": node_counts(paths), "threads": {}}  # fmt: skip
+    result = {
+        "artifact": str(artifact),
+        "default": subject.default.removeprefix("fused-"),
+        "nodes": node_counts(paths),
+        "threads": {},
+    }
     np.save(work / "input.npy", bench_graph.batch_of(subject.pool, 1))
     for threads in args.threads:
-        print(f"{threads} thread(s), {args.ort_pool} pool: {args.reps} processes × "
-              f"(≥ {args.repeats} rounds, ≥ {args.seconds:g} s) …", flush=True)  # fmt: skip
+        print(
+            f"{threads} thread(s), {args.ort_pool} pool: {args.reps} processes × "
+            f"(≥ {args.repeats} rounds, ≥ {args.seconds:g} s) …",
+            flush=True,
+        )
         reps = [rep_in_process(paths, work, threads, args, rep) for rep in range(args.reps)]
         result["threads"][str(threads)] = summarise_reps(reps)
     return result
@@ -118,9 +126,15 @@ def run(args, work: Path) -> dict:
 def rep_in_process(paths: dict[str, Path], work: Path, threads: int, args, rep: int) -> dict:
     """One repetition in a fresh process (a ratio moved by ~3% between processes: where the
     sessions' memory lands is fixed for a process's life, so its repetitions share it)."""
-    spec = {"paths": {v: str(p) for v, p in paths.items()}, "input": str(work / "input.npy"),
-            "threads": threads, "ort_pool": args.ort_pool, "repeats": args.repeats,
-            "seconds": args.seconds, "rep": rep}  # fmt: skip
+    spec = {
+        "paths": {v: str(p) for v, p in paths.items()},
+        "input": str(work / "input.npy"),
+        "threads": threads,
+        "ort_pool": args.ort_pool,
+        "repeats": args.repeats,
+        "seconds": args.seconds,
+        "rep": rep,
+    }
     return bench_graph.in_child(Path(__file__), "--rep-spec", spec, work)
 
 
@@ -159,9 +173,13 @@ def summarise_reps(reps: list[dict[str, list[float]]]) -> dict:
 
 
 def report(result: dict) -> None:
-    print("\n| graph | nodes | " + " | ".join(
-        f"{t} thread(s): µs, ratio (paired; per rep min–max)" for t in result["threads"]
-    ) + " |")  # fmt: skip
+    print(
+        "\n| graph | nodes | "
+        + " | ".join(
+            f"{t} thread(s): µs, ratio (paired; per rep min–max)" for t in result["threads"]
+        )
+        + " |"
+    )
     print("|---|---:|" + "---:|" * len(result["threads"]))
     for v, n in result["nodes"].items():
         cells = [
@@ -190,10 +208,16 @@ def main(argv=None) -> int:
         "workers take the cores another's run needs (the service: one session per process); "
         "own: a pool per session",
     )
-    ap.add_argument("--reps", type=int, default=3,
-                    help="repetitions per thread count, each in a fresh process")  # fmt: skip
-    ap.add_argument("--graphs", nargs="+", default=None, metavar="NAME",
-                    help="time only these beside the black box (e.g. all, topk)")  # fmt: skip
+    ap.add_argument(
+        "--reps", type=int, default=3, help="repetitions per thread count, each in a fresh process"
+    )
+    ap.add_argument(
+        "--graphs",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="time only these beside the black box (e.g. all, topk)",
+    )
     ap.add_argument("--rep-spec", type=Path, help=argparse.SUPPRESS)  # a repetition's child
     ap.add_argument("--repeats", type=int, default=200, help="minimum rounds per repetition")
     ap.add_argument("--seconds", type=float, default=20.0, help="time per repetition")
@@ -210,8 +234,7 @@ def main(argv=None) -> int:
         default=None,
         help="keep the black-box export and the cut graphs here",
     )
-    ap.add_argument("--out", type=Path,
-                    default=RESULTS / "bench_head.json")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_head.json")
     args = ap.parse_args(argv)
     if args.rep_spec:
         spec = json.loads(args.rep_spec.read_text())
@@ -220,9 +243,14 @@ def main(argv=None) -> int:
     info = bench_graph.machine_info()
     result = bench_graph.run_in_workdir(args.workdir, "bench_head.", lambda work: run(args, work))
     result["machine"] = {"start": info, "end": bench_graph.machine_info()}
-    result["settings"] = {"batch": 1, "repeats": args.repeats, "seconds": args.seconds,
-                          "reps": args.reps, "ort_pool": args.ort_pool,
-                          "order": "shuffled per round (seed 0), one untimed call before each"}  # fmt: skip
+    result["settings"] = {
+        "batch": 1,
+        "repeats": args.repeats,
+        "seconds": args.seconds,
+        "reps": args.reps,
+        "ort_pool": args.ort_pool,
+        "order": "shuffled per round (seed 0), one untimed call before each",
+    }
     report(result)
     _machine.write_result(args.out, result)
     return 0

@@ -71,11 +71,13 @@ def head_graphs(D: int, C: int, work: Path) -> dict[str, Path]:
     head = HeadSpec(kind="avg_linear", layout="nchw", weight=weight, bias=bias)
     torch.manual_seed(D)
     backbone, shape = StandInBackbone(D).eval(), (IN_CHANNELS, *GRID)
-    paths = {"black-box": export_module(BlackBox(backbone, weight, bias), shape,
-                                        work / f"bb_{D}_{C}.onnx", ["logits"])}  # fmt: skip
+    paths = {
+        "black-box": export_module(
+            BlackBox(backbone, weight, bias), shape, work / f"bb_{D}_{C}.onnx", ["logits"]
+        )
+    }
     for mode in ("topk", "all"):
-        model = ProtoModel(backbone, head, prototypes, coefficients, maps=mode, k=K,
-                           scores=mode)  # fmt: skip
+        model = ProtoModel(backbone, head, prototypes, coefficients, maps=mode, k=K, scores=mode)
         paths[mode] = export_onnx(model, shape, work / f"{mode}_{D}_{C}.onnx")
     return paths
 
@@ -103,9 +105,11 @@ def run(args, work: Path) -> dict:
                 r = time_heads(paths, batch, args.seconds)
                 rows.append({"D": D, "C": C, "p": P, "k": K, "batch": batch, **r})
                 m = r["median_us"]
-                print(f"D={D:5d} C={C:5d} b={batch:3d}: black-box {m['black-box']:8.1f} µs, "
-                      f"topk {m['topk']:8.1f}, all {m['all']:8.1f} → {r['cheaper']}",
-                      flush=True)  # fmt: skip
+                print(
+                    f"D={D:5d} C={C:5d} b={batch:3d}: black-box {m['black-box']:8.1f} µs, "
+                    f"topk {m['topk']:8.1f}, all {m['all']:8.1f} → {r['cheaper']}",
+                    flush=True,
+                )
     return {"settings": {"p": P, "k": K, "grid": GRID, "threads": 1}, "rows": rows}
 
 
@@ -115,8 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--classes", type=int, nargs="+", default=[10, 20, 50, 100, 1000])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--seconds", type=float, default=3.0, help="time per (D, C, batch)")
-    ap.add_argument("--out", type=Path,
-                    default=RESULTS / "bench_head_modes.json")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_head_modes.json")
     args = ap.parse_args(argv)
     info = bench_graph.machine_info()
     with tempfile.TemporaryDirectory(prefix="bench_head_modes.") as work:

@@ -42,8 +42,12 @@ def cpu_ms(blob: bytes, spec: Preprocessing, limits: Limits, repeats: int = 3) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--artifact", type=Path, default=Path("/tmp/bench_service_work/lite0"),
-                    help="its preprocessing is used (default: bench_service's Lite0)")  # fmt: skip
+    ap.add_argument(
+        "--artifact",
+        type=Path,
+        default=Path("/tmp/bench_service_work/lite0"),
+        help="its preprocessing is used (default: bench_service's Lite0)",
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_large_jpeg.json")
     args = ap.parse_args(argv)
@@ -58,12 +62,21 @@ def main(argv=None) -> int:
             times[mode].append(cpu_ms(blob, spec, limits))
     medians = {m: statistics.median(t) for m, t in times.items()}
     ratio = medians["full (default)"] / medians["draft"]
-    print(f"12 MP JPEG ({len(blob)} bytes) to {spec.height}x{spec.width}: full "
-          f"{medians['full (default)']:.1f} CPU-ms, draft {medians['draft']:.1f} CPU-ms "
-          f"(full / draft {ratio:.1f}x)")  # fmt: skip
-    _machine.write_result(args.out, {"machine": _machine.machine_info(), "bytes": len(blob),
-                                     "cpu_ms": times, "median_cpu_ms": medians,
-                                     "full_over_draft": ratio})  # fmt: skip
+    print(
+        f"12 MP JPEG ({len(blob)} bytes) to {spec.height}x{spec.width}: full "
+        f"{medians['full (default)']:.1f} CPU-ms, draft {medians['draft']:.1f} CPU-ms "
+        f"(full / draft {ratio:.1f}x)"
+    )
+    _machine.write_result(
+        args.out,
+        {
+            "machine": _machine.machine_info(),
+            "bytes": len(blob),
+            "cpu_ms": times,
+            "median_cpu_ms": medians,
+            "full_over_draft": ratio,
+        },
+    )
     return 0
 
 

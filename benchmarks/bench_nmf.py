@@ -388,8 +388,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="data generator seed")
     ap.add_argument("--quick", action="store_true", help="smoke test: 5,000 × 128, 1 repeat")
     ap.add_argument("--skip-batched", action="store_true", help="skip the batched case")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="cuda: also time ours on the GPU (same data, copy not timed)")
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: also time ours on the GPU (same data, copy not timed)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_nmf.json")
     args = ap.parse_args(argv)
 

@@ -28,8 +28,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path, default=REPO / "artifacts" / "fashion-default")
     ap.add_argument("--seconds", type=float, default=20.0, help="time per batch size")
-    ap.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
-                    help="another ONNX graph to time beside them (e.g. an older format's)")
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another ONNX graph to time beside them (e.g. an older format's)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_presence.json")
     args = ap.parse_args()
     set_shared_thread_pool(bg.THREADS)
@@ -39,11 +44,13 @@ def main() -> None:
     shape = (prep.channels, prep.height, prep.width)
     graph = manifest["graph"]
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {"default": args.artifact / MODEL_FILE,
-                 "black-box": bg.export_blackbox(prototype_model(manifest, tensors).backbone,
-                                                 shape, Path(tmp) / "bb.onnx")}  # fmt: skip
-        presence = prototype_model(manifest, tensors, graph["maps"], graph["scores"],
-                                   presence=True)  # fmt: skip
+        paths = {
+            "default": args.artifact / MODEL_FILE,
+            "black-box": bg.export_blackbox(
+                prototype_model(manifest, tensors).backbone, shape, Path(tmp) / "bb.onnx"
+            ),
+        }
+        presence = prototype_model(manifest, tensors, graph["maps"], graph["scores"], presence=True)
         paths["presence"] = export_onnx(presence, shape, Path(tmp) / "presence.onnx")
         paths.update(dict(e.split("=", 1) for e in args.extra))
         sessions = {k: shared_session(p)[0] for k, p in paths.items()}
@@ -56,11 +63,17 @@ def main() -> None:
             for row in bg.summarise(times, "black-box", batch):
                 row.pop("samples_ms")
                 rows.append(row)
-                print(f"batch {batch:>2}  {row['variant']:>9}  {row['median_ms']:.3f} ms  "
-                      f"{row['ratio_vs_baseline']:.3f}x black box "
-                      f"(paired {row['paired_ratio_vs_baseline']:.3f})")  # fmt: skip
-    args.out.write_text(json.dumps({"machine": machine_info(threads=bg.THREADS),
-                                    "graph": graph, "rows": rows}, indent=2) + "\n")  # fmt: skip
+                print(
+                    f"batch {batch:>2}  {row['variant']:>9}  {row['median_ms']:.3f} ms  "
+                    f"{row['ratio_vs_baseline']:.3f}x black box "
+                    f"(paired {row['paired_ratio_vs_baseline']:.3f})"
+                )
+    args.out.write_text(
+        json.dumps(
+            {"machine": machine_info(threads=bg.THREADS), "graph": graph, "rows": rows}, indent=2
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

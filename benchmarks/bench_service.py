@@ -107,15 +107,18 @@ STAGE_METRIC = "protonmf_stage_duration_seconds"
 TARGETS = {
     "explain": ("protonmf /explain", "protonmf", "/explain", PROTONMF_BATCHES),
     "classify": ("protonmf /classify", "protonmf", "/classify", PROTONMF_BATCHES),
-    "logits": ("logits-only /classify", "logits", "/classify",
-               (BENTOML_BATCHES, {"method_name": "classify"})),
+    "logits": (
+        "logits-only /classify",
+        "logits",
+        "/classify",
+        (BENTOML_BATCHES, {"method_name": "classify"}),
+    ),
     # --baseline-ref: the service at another commit (its data plane's batches)
     "explain_baseline": ("baseline /explain", "protonmf_baseline", "/explain", PROTONMF_BATCHES),
 }
 
 
 # ----------------------------------------------------------------------------- inputs
-
 
 
 _PS_ERRORS: tuple[type[BaseException], ...] = (ImportError, OSError)
@@ -125,6 +128,7 @@ try:
     _PS_ERRORS += (psutil.Error,)
 except ImportError:
     pass
+
 
 def ensure_artifact(args) -> Path:
     if args.artifact:
@@ -193,12 +197,15 @@ def ensure_blackbox(args, artifact: Path, manifest: dict) -> Path:
 # ----------------------------------------------------------------------------- in-process
 
 
-def raw_ort(artifact: Path, blackbox: Path, spec: Preprocessing, threads, repeats: int,
-            device: str = "cpu") -> dict:  # fmt: skip
+def raw_ort(
+    artifact: Path, blackbox: Path, spec: Preprocessing, threads, repeats: int, device: str = "cpu"
+) -> dict:
     """images/s of each graph on preprocessed tensors, batch 1 and 32, interleaved, medians."""
     from PIL import Image
 
-    pool = np.stack([preprocess(Image.open(f), spec) for f in imagenet_photo_files()])  # (20, c, h, w)
+    pool = np.stack(
+        [preprocess(Image.open(f), spec) for f in imagenet_photo_files()]
+    )  # (20, c, h, w)
     sessions = {
         "black-box": create_session(blackbox, device, threads)[0],
         "fused": create_session(artifact / MODEL_FILE, device, threads)[0],
@@ -385,8 +392,13 @@ def tree_stats(pid: int) -> dict:
             n += 1
         except _PS_ERRORS:  # exited meanwhile
             continue
-    return {"rss_mb": sum(each), "cpu_s": cpu, "processes": n, "rss_mb_per_process": each,
-            "cpu_s_per_process": by_pid}  # fmt: skip
+    return {
+        "rss_mb": sum(each),
+        "cpu_s": cpu,
+        "processes": n,
+        "rss_mb_per_process": each,
+        "cpu_s_per_process": by_pid,
+    }
 
 
 def _tree_stats_proc(pid: int) -> dict:
@@ -461,8 +473,17 @@ def server_commands(args, artifact: Path, blackbox: Path) -> dict:
         LOGITS_WORKERS=str(args.workers),
         LOGITS_MAX_LATENCY_MS=str(args.max_latency_ms),
     )
-    serve = [sys.executable, "-m", "protonmf.cli", "serve", str(artifact), "--grpc-port", "0",
-             "--device", args.device]  # fmt: skip
+    serve = [
+        sys.executable,
+        "-m",
+        "protonmf.cli",
+        "serve",
+        str(artifact),
+        "--grpc-port",
+        "0",
+        "--device",
+        args.device,
+    ]
     commands = {
         # `protonmf serve` execs `bentoml serve`: the PID we hold is the server's
         "protonmf": (serve, protonmf_env),
@@ -490,12 +511,21 @@ def server_commands(args, artifact: Path, blackbox: Path) -> dict:
 def baseline_tree(ref: str, workdir: Path) -> Path:
     """A detached git worktree of ``ref`` under ``workdir`` (made once, reused), ready to
     run its own code (``own_imports``)."""
-    sha = subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    sha = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{ref}^{{commit}}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     tree = workdir / f"baseline-{sha[:12]}"
     if not (tree / ".git").exists():
-        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(tree), sha],
-                       cwd=REPO, check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "--force", str(tree), sha],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
     own_imports(tree)
     return tree
 
@@ -552,8 +582,12 @@ async def check_answers(url: str, key: str, payloads: list[tuple[str, bytes]]) -
 
 
 def batch_summary(batches: dict) -> dict:
-    return {"batches": int(batches["count"]), "requests": int(batches["sum"]),
-            "mean": batches["mean"], "buckets": batches["buckets"]}  # fmt: skip
+    return {
+        "batches": int(batches["count"]),
+        "requests": int(batches["sum"]),
+        "mean": batches["mean"],
+        "buckets": batches["buckets"],
+    }
 
 
 def server_usage(before: dict, after: dict, elapsed: float, ok: int, client_cpu: float) -> dict:
@@ -698,30 +732,44 @@ def wrk_bodies(workdir: Path, payloads) -> list[Path]:
     """One multipart/form-data body file per photo (field ``images``)."""
     paths = []
     for i, (name, blob) in enumerate(payloads):
-        head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; '
-                f'filename="{name}"\r\nContent-Type: image/jpeg\r\n\r\n').encode()  # fmt: skip
+        head = (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; '
+            f'filename="{name}"\r\nContent-Type: image/jpeg\r\n\r\n'
+        ).encode()
         path = workdir / f"wrk_body_{i:02d}.bin"
         path.write_bytes(head + blob + f"\r\n--{BOUNDARY}--\r\n".encode())
         paths.append(path)
     return paths
 
 
-def wrk_run(url: str, path: str, clients: int, seconds: float, bodies: list[Path],
-            script: Path) -> tuple[dict, float]:  # fmt: skip
+def wrk_run(
+    url: str, path: str, clients: int, seconds: float, bodies: list[Path], script: Path
+) -> tuple[dict, float]:
     """One wrk run: its done() summary and the CPU seconds wrk used."""
     import resource
 
-    cmd = ["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s",
-           f"--timeout={REQUEST_TIMEOUT_S}s", "-s", str(script), url + path, "--",
-           *map(str, bodies)]  # fmt: skip
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{clients}",
+        f"-d{max(1, round(seconds))}s",
+        f"--timeout={REQUEST_TIMEOUT_S}s",
+        "-s",
+        str(script),
+        url + path,
+        "--",
+        *map(str, bodies),
+    ]
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
     if done.returncode or line is None:
-        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-800:]} {done.stderr[-800:]}")
-    return json.loads(line[len("WRK_JSON "):]), cpu
+        raise RuntimeError(
+            f"wrk failed ({done.returncode}): {done.stdout[-800:]} {done.stderr[-800:]}"
+        )
+    return json.loads(line[len("WRK_JSON ") :]), cpu
 
 
 def wrk_loop(url, key, pid, payloads, clients, warmup, duration, workdir: Path) -> dict:
@@ -767,8 +815,9 @@ def wrk_loop(url, key, pid, payloads, clients, warmup, duration, workdir: Path) 
     return result
 
 
-def run_load(url, key, pid, payloads, clients, warmup, duration, client="httpx",
-             workdir: Path | None = None) -> dict:  # fmt: skip
+def run_load(
+    url, key, pid, payloads, clients, warmup, duration, client="httpx", workdir: Path | None = None
+) -> dict:
     if client == "wrk":
         r = wrk_loop(url, key, pid, payloads, clients, warmup, duration, workdir or REPO)
     else:
@@ -814,8 +863,11 @@ def markdown(runs: list[dict]) -> str:
         mean = f"{b['mean']:.1f}" if b["mean"] else "-"
         each = " + ".join(f"{m:.0f}" for m in r.get("rss_mb_per_process_end") or []) or "-"
         raw = r.get("raw_blackbox_b32_images_per_s")
-        over = (f"{r['over_raw_blackbox_b32']:.2f} ({raw['before']:.0f}/{raw['after']:.0f})"
-                if raw else "-")  # fmt: skip
+        over = (
+            f"{r['over_raw_blackbox_b32']:.2f} ({raw['before']:.0f}/{raw['after']:.0f})"
+            if raw
+            else "-"
+        )
         lines.append(
             f"| {r['service']} | {r['clients']} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} | "
             f"{r['p99_ms']:.1f} | {mean} | {r['errors']} | {hist} | "
@@ -853,15 +905,19 @@ def find_run(runs, key, clients):
 
 
 def mean_rate(runs, key, clients) -> float:
-    return statistics.mean(r["images_per_s"] for r in runs
-                           if r["endpoint"] == key and r["clients"] == clients)  # fmt: skip
+    return statistics.mean(
+        r["images_per_s"] for r in runs if r["endpoint"] == key and r["clients"] == clients
+    )
 
 
 def pooled_over_raw(runs, key, clients) -> dict | None:
     """Every run of ``key`` at ``clients``: img/s summed over raw img/s summed (the mean of
     the windows around each run), and the per-run ratios."""
-    mine = [r for r in runs if r["endpoint"] == key and r["clients"] == clients
-            and "over_raw_blackbox_b32" in r]  # fmt: skip
+    mine = [
+        r
+        for r in runs
+        if r["endpoint"] == key and r["clients"] == clients and "over_raw_blackbox_b32" in r
+    ]
     if not mine:
         return None
     raw = [sum(r["raw_blackbox_b32_images_per_s"].values()) / 2 for r in mine]
@@ -885,11 +941,11 @@ def ratios(runs: list[dict], raw: dict) -> dict:
             out[f"{key}_over_raw_windows_per_run"] = pooled["per_run"]
     if "explain_over_raw_windows" in out and "logits_over_raw_windows" in out:
         # the servers run one after the other: each normalised by its own raw windows
-        out["explain_over_logits_raw_normalised"] = (out["explain_over_raw_windows"]
-                                                     / out["logits_over_raw_windows"])  # fmt: skip
+        out["explain_over_logits_raw_normalised"] = (
+            out["explain_over_raw_windows"] / out["logits_over_raw_windows"]
+        )
     if explain and logits and logits["images_per_s"]:  # mean img/s over the rounds
-        out["explain_over_logits"] = (mean_rate(runs, "explain", c)
-                                      / mean_rate(runs, "logits", c))  # fmt: skip
+        out["explain_over_logits"] = mean_rate(runs, "explain", c) / mean_rate(runs, "logits", c)
     if explain:
         out["explain_over_raw_blackbox_b32"] = explain["images_per_s"] / raw_bb
     for n in sorted({r["clients"] for r in runs}):  # A/B against --baseline-ref
@@ -897,12 +953,15 @@ def ratios(runs: list[dict], raw: dict) -> dict:
             mine = [r for r in runs if r["endpoint"] == "explain" and r["clients"] == n]
             base = [r for r in runs if r["endpoint"] == "explain_baseline" and r["clients"] == n]
             out[f"explain_over_baseline_{n}_clients"] = {
-                "images_per_s": mean_rate(runs, "explain", n) / mean_rate(runs, "explain_baseline", n),
+                "images_per_s": mean_rate(runs, "explain", n)
+                / mean_rate(runs, "explain_baseline", n),
                 "p50_ms": statistics.mean(r["p50_ms"] for r in mine)
                 / statistics.mean(r["p50_ms"] for r in base),
-                "per_run_p50_ms": {"new": [r["p50_ms"] for r in mine],
-                                   "baseline": [r["p50_ms"] for r in base]},
-            }  # fmt: skip
+                "per_run_p50_ms": {
+                    "new": [r["p50_ms"] for r in mine],
+                    "baseline": [r["p50_ms"] for r in base],
+                },
+            }
     out["fused_over_blackbox_raw_b32"] = raw["fused"][str(MAX_BATCH_SIZE)]["images_per_s"] / raw_bb
     return out
 
@@ -910,8 +969,10 @@ def ratios(runs: list[dict], raw: dict) -> dict:
 def print_report(report: dict) -> None:
     runs, raw, dec = report["runs"], report["raw_ort"], report["decode_ms_per_image"]
     s = report["settings"]
-    print(f"\n## HTTP closed loop ({s['workers']} worker(s), max_batch_size "
-          f"{s['max_batch_size']}, one JPEG per request, client {s['client']})\n")
+    print(
+        f"\n## HTTP closed loop ({s['workers']} worker(s), max_batch_size "
+        f"{s['max_batch_size']}, one JPEG per request, client {s['client']})\n"
+    )
     print(markdown(runs))
     print("\n## protonmf stage timings over each run (protonmf_stage_duration_seconds)\n")
     print(stage_table(runs))
@@ -942,12 +1003,18 @@ def print_report(report: dict) -> None:
     for key in ("explain", "classify", "logits"):
         if f"{key}_over_raw_windows" in rt:
             v, each = rt[f"{key}_over_raw_windows"], rt[f"{key}_over_raw_windows_per_run"]
-            target = f" (target ≥ 0.6: {'met' if v >= 0.6 else 'NOT met'})" if key == "explain" else ""
-            print(f"{key} img/s / raw black-box ORT batch-32 img/s in the windows around the "
-                  f"runs = {v:.2f}{target}; per run {' '.join(f'{x:.2f}' for x in each)}")  # fmt: skip
+            target = (
+                f" (target ≥ 0.6: {'met' if v >= 0.6 else 'NOT met'})" if key == "explain" else ""
+            )
+            print(
+                f"{key} img/s / raw black-box ORT batch-32 img/s in the windows around the "
+                f"runs = {v:.2f}{target}; per run {' '.join(f'{x:.2f}' for x in each)}"
+            )
     if "explain_over_logits_raw_normalised" in rt:
-        print(f"explain / logits-only, each over its raw windows = "
-              f"{rt['explain_over_logits_raw_normalised']:.2f}")
+        print(
+            f"explain / logits-only, each over its raw windows = "
+            f"{rt['explain_over_logits_raw_normalised']:.2f}"
+        )
     if "explain_over_raw_blackbox_b32" in rt:
         v = rt["explain_over_raw_blackbox_b32"]
         print(
@@ -963,18 +1030,24 @@ def print_report(report: dict) -> None:
             n = key.split("_")[3]
             verdict = ""
             if n == "1":
-                verdict = (f" (target: p50 not worse than 1.05×: "
-                           f"{'met' if v['p50_ms'] <= 1.05 else 'NOT met'})")  # fmt: skip
-            print(f"explain vs baseline {s.get('baseline_ref')} at {n} client(s): img/s "
-                  f"{v['images_per_s']:.3f}×, p50 latency {v['p50_ms']:.3f}×{verdict}")
+                verdict = (
+                    f" (target: p50 not worse than 1.05×: "
+                    f"{'met' if v['p50_ms'] <= 1.05 else 'NOT met'})"
+                )
+            print(
+                f"explain vs baseline {s.get('baseline_ref')} at {n} client(s): img/s "
+                f"{v['images_per_s']:.3f}×, p50 latency {v['p50_ms']:.3f}×{verdict}"
+            )
     if s.get("gpu_targets"):
         n = rt["clients"]
         run = find_run(runs, "explain", n)
         ratio = rt.get("explain_over_raw_windows")
         if run and ratio is not None:
-            print(f"GPU target: /explain at {n} clients = {ratio:.2f}x raw ORT batch 32 "
-                  f"(>= 0.3: {'PASS' if ratio >= 0.3 else 'FAIL'}); p99 {run['p99_ms']:.0f} ms "
-                  f"(<= 150: {'PASS' if run['p99_ms'] <= 150 else 'FAIL'})")
+            print(
+                f"GPU target: /explain at {n} clients = {ratio:.2f}x raw ORT batch 32 "
+                f"(>= 0.3: {'PASS' if ratio >= 0.3 else 'FAIL'}); p99 {run['p99_ms']:.0f} ms "
+                f"(<= 150: {'PASS' if run['p99_ms'] <= 150 else 'FAIL'})"
+            )
     agree = report.get("top1_agreement")
     if agree is not None:
         print(f"top-1 class, protonmf /explain vs logits-only, on the 20 photos: {agree:.0%} agree")
@@ -1023,33 +1096,56 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         help="onnxruntime intra-op threads (servers and raw); default: ORT's own",
     )
-    ap.add_argument("--baseline-ref",
-                    help="also serve this commit's service (a git worktree) and load its "
-                         "/explain, alternating with this tree's in every round (A/B)")
+    ap.add_argument(
+        "--baseline-ref",
+        help="also serve this commit's service (a git worktree) and load its "
+        "/explain, alternating with this tree's in every round (A/B)",
+    )
     ap.add_argument("--repeats", type=int, default=10, help="raw ORT rounds at batch 32")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="load each (clients, endpoint) this many times, raw windows between")
-    ap.add_argument("--raw-seconds", type=float, default=8.0,
-                    help="raw ORT window (black box, batch 32) before and after each load run")
-    ap.add_argument("--client", choices=sorted(CLIENTS), default=default_client(),
-                    help="load generator (default: wrk if installed — apt-get install wrk)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="load each (clients, endpoint) this many times, raw windows between",
+    )
+    ap.add_argument(
+        "--raw-seconds",
+        type=float,
+        default=8.0,
+        help="raw ORT window (black box, batch 32) before and after each load run",
+    )
+    ap.add_argument(
+        "--client",
+        choices=sorted(CLIENTS),
+        default=default_client(),
+        help="load generator (default: wrk if installed — apt-get install wrk)",
+    )
     ap.add_argument("--workers", type=int, default=WORKERS, help="workers of both servers")
-    ap.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
-                    help="batch limit of both servers (raw onnxruntime stays at 32)")
-    ap.add_argument("--gpu-targets", action="store_true",
-                    help="print issue #18's pass/fail lines: /explain at the most clients "
-                         ">= 0.3x raw ORT batch 32, p99 <= 150 ms, and each batch's time "
-                         "within 3x its bucket's warm time (stage metrics)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="onnxruntime provider of both servers and of the raw reference")
+    ap.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=MAX_BATCH_SIZE,
+        help="batch limit of both servers (raw onnxruntime stays at 32)",
+    )
+    ap.add_argument(
+        "--gpu-targets",
+        action="store_true",
+        help="print issue #18's pass/fail lines: /explain at the most clients "
+        ">= 0.3x raw ORT batch 32, p99 <= 150 ms, and each batch's time "
+        "within 3x its bucket's warm time (stage metrics)",
+    )
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="onnxruntime provider of both servers and of the raw reference",
+    )
     ap.add_argument(
         "--quick",
         action="store_true",
         help="smoke test: 5 s per run, 1 and 8 clients, fewer raw rounds",
     )
-    ap.add_argument(
-        "--out", type=Path, default=RESULTS / "bench_service.json"
-    )
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench_service.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.duration, args.clients, args.repeats, args.raw_seconds = 5.0, "1,8", 3, 2.0
@@ -1084,7 +1180,9 @@ def main(argv=None) -> int:
     dec = decode_costs(spec, rounds=3 if args.quick else 5)
 
     raw_window = RawWindow(blackbox, spec, args.ort_threads, args.device)
-    print(f"raw onnxruntime windows ({args.raw_seconds:g} s each) between the load runs", flush=True)
+    print(
+        f"raw onnxruntime windows ({args.raw_seconds:g} s each) between the load runs", flush=True
+    )
     runs, tops, idle = [], {}, {}
     commands = server_commands(args, artifact, blackbox)
     plan = [("protonmf", args.endpoints), ("logits", ["logits"])]
@@ -1101,13 +1199,25 @@ def main(argv=None) -> int:
             for clients in [c for _ in range(rounds) for c in args.clients]:
                 for key in keys:
                     before = after
-                    r = run_load(url, key, pid, payloads, clients, args.warmup, args.duration,
-                                 args.client, args.workdir)  # fmt: skip
+                    r = run_load(
+                        url,
+                        key,
+                        pid,
+                        payloads,
+                        clients,
+                        args.warmup,
+                        args.duration,
+                        args.client,
+                        args.workdir,
+                    )
                     after = raw_window(args.raw_seconds)
                     r["raw_blackbox_b32_images_per_s"] = {"before": before, "after": after}
                     r["over_raw_blackbox_b32"] = r["images_per_s"] / ((before + after) / 2)
-                    print(f"    raw ORT batch 32 before/after: {before:.1f} / {after:.1f} img/s "
-                          f"→ {r['over_raw_blackbox_b32']:.2f}× raw", flush=True)  # fmt: skip
+                    print(
+                        f"    raw ORT batch 32 before/after: {before:.1f} / {after:.1f} img/s "
+                        f"→ {r['over_raw_blackbox_b32']:.2f}× raw",
+                        flush=True,
+                    )
                     runs.append(r)
             idle[srv]["uss_mb_after_load"] = tree_uss_mb(pid)
             idle[srv]["rss_mb_after_load"] = tree_stats(pid)["rss_mb"]

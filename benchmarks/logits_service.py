@@ -44,7 +44,8 @@ class LogitsService:
         self.spec = Preprocessing.from_dict(manifest["preprocessing"])
         threads = os.environ.get("LOGITS_ORT_THREADS")
         self.session, self.provider = create_session(
-            os.environ["LOGITS_ONNX"], os.environ.get("LOGITS_DEVICE", "cpu"),
+            os.environ["LOGITS_ONNX"],
+            os.environ.get("LOGITS_DEVICE", "cpu"),
             int(threads) if threads else None,
         )
         self.input = self.session.get_inputs()[0].name

@@ -1,9 +1,9 @@
 """The conversion pipeline: timm model + labelled images → ProtoNMF artifact directory.
 
-    load model → analyse head → extract features per class → NMF (batched over classes)
-    → head fit (Eq. 4–5) → fold residual (Eq. 8, guarded) → exemplars (Eq. 2's E, Eq. 9's E')
-    → torch exactness check → ONNX export → ONNX exactness check (onnxruntime, the graph
-    the service runs) → artifact (written atomically)
+load model → analyse head → extract features per class → NMF (batched over classes)
+→ head fit (Eq. 4–5) → fold residual (Eq. 8, guarded) → exemplars (Eq. 2's E, Eq. 9's E')
+→ torch exactness check → ONNX export → ONNX exactness check (onnxruntime, the graph
+the service runs) → artifact (written atomically)
 """
 
 from __future__ import annotations
@@ -39,8 +39,15 @@ from protonmf.converter.nmf import nmf
 from protonmf.converter.protomodel import ProtoModel
 from protonmf.data import Sample, find_split, load_samples
 
-__all__ = ["ConvertConfig", "NotExactError", "class_names_of", "convert", "extract_features",
-           "logits_of", "onnx_exactness"]  # fmt: skip
+__all__ = [
+    "ConvertConfig",
+    "NotExactError",
+    "class_names_of",
+    "convert",
+    "extract_features",
+    "logits_of",
+    "onnx_exactness",
+]
 
 log = logging.getLogger(__name__)
 
@@ -132,19 +139,22 @@ def default_workers() -> int:
     return max(0, min(8, len(os.sched_getaffinity(0)) - 1))
 
 
-def _batches(samples: list[Sample], prep: Preprocessing, batch_size: int, workers: int = 0,
-             pin: bool = False):  # fmt: skip
+def _batches(
+    samples: list[Sample], prep: Preprocessing, batch_size: int, workers: int = 0, pin: bool = False
+):
     """(images (n, c, h, w), labels) in sample order; decoding in ``workers`` processes
     (torch's DataLoader), so the model rather than PIL sets the pace."""
-    loader = torch.utils.data.DataLoader(_Images(samples, prep), batch_size=batch_size,
-                                         num_workers=workers, pin_memory=pin)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        _Images(samples, prep), batch_size=batch_size, num_workers=workers, pin_memory=pin
+    )
     for x, labels in loader:
         yield x, labels.tolist()
 
 
 @torch.no_grad()
-def extract_features(model, head: HeadSpec, samples, prep, batch_size, device, progress=True,
-                     workers: int = 0):  # fmt: skip
+def extract_features(
+    model, head: HeadSpec, samples, prep, batch_size, device, progress=True, workers: int = 0
+):
     """Raw feature grids per class: {class: tensor (n_images, H, W, D)} (float32, CPU).
     Each class's tensor is allocated once and filled in place (a list of grids stacked at
     the end held them twice)."""
@@ -193,8 +203,17 @@ def _run_nmf(features, classes, p, cfg, device, progress, keep_E=False):
         n_rows = torch.tensor([rows[c] for c in chunk], device=device)
         # one seed per class (seed + class index): a class factorises alike whichever
         # classes share its batch, so streamed (chunked) conversions match in-memory ones
-        res = nmf(A, p, n_rows=n_rows, solver=cfg.solver, init=cfg.init, tol=cfg.tol,
-                  max_iter=cfg.max_iter, seeds=[cfg.seed + c for c in chunk], progress=iters)  # fmt: skip
+        res = nmf(
+            A,
+            p,
+            n_rows=n_rows,
+            solver=cfg.solver,
+            init=cfg.init,
+            tol=cfg.tol,
+            max_iter=cfg.max_iter,
+            seeds=[cfg.seed + c for c in chunk],
+            progress=iters,
+        )
         for j, c in enumerate(chunk):
             results[c] = dict(
                 B=res.B[j].double().cpu().numpy(),
@@ -208,8 +227,9 @@ def _run_nmf(features, classes, p, cfg, device, progress, keep_E=False):
     return results
 
 
-def nmf_groups(rows: dict[int, int], D: int, device, budget: float | None = None
-               ) -> list[list[int]]:  # fmt: skip
+def nmf_groups(
+    rows: dict[int, int], D: int, device, budget: float | None = None
+) -> list[list[int]]:
     """Classes (index order) in the batches NMF factorises together: consecutive classes
     while the zero-padded batch stays under a float budget. Decided by the row counts
     alone, so a streamed conversion, whose chunks are whole groups, runs the same batches
@@ -244,8 +264,9 @@ def memory_budget(text: str | None = None) -> int:
     return max(256 << 20, min(512 << 20, available // 4))
 
 
-def class_chunks(groups: list[list[int]], counts: dict[int, int], bytes_per_image: int,
-                 budget: int) -> list[list[int]]:  # fmt: skip
+def class_chunks(
+    groups: list[list[int]], counts: dict[int, int], bytes_per_image: int, budget: int
+) -> list[list[int]]:
     """Whole NMF groups (``nmf_groups``) packed in order into chunks whose feature grids
     fit ``budget`` (a group larger than the budget is a chunk of its own)."""
     chunks, current, used = [], [], 0
@@ -277,7 +298,10 @@ class Parts:
     def _path(self, group: list[int], by_class: dict) -> Path:
         names = {c: [_sample_name(x) for x in by_class[c]] for c in group}
         text = json.dumps({**self.fingerprint, "classes": names}, sort_keys=True, default=str)
-        return self.dir / f"{group[0]}-{group[-1]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.safetensors"
+        return (
+            self.dir
+            / f"{group[0]}-{group[-1]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.safetensors"
+        )
 
     def load(self, group, by_class) -> tuple[dict, dict] | None:
         path = self._path(group, by_class)
@@ -289,9 +313,14 @@ class Parts:
             meta = json.loads(f.metadata()["classes"])
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
         nmf_out = {int(c): {**meta[c], "B": t[f"{c}.B"]} for c in meta}
-        ranked = {int(c): {kind: (t[f"{c}.{kind}.index"], t[f"{c}.{kind}.score"],
-                                  t[f"{c}.{kind}.maps"]) for kind in ("augmented", "nmf")}
-                  for c in meta if f"{c}.nmf.index" in t}  # fmt: skip
+        ranked = {
+            int(c): {
+                kind: (t[f"{c}.{kind}.index"], t[f"{c}.{kind}.score"], t[f"{c}.{kind}.maps"])
+                for kind in ("augmented", "nmf")
+            }
+            for c in meta
+            if f"{c}.nmf.index" in t
+        }
         self.reused += 1
         return nmf_out, ranked
 
@@ -303,8 +332,9 @@ class Parts:
             tensors[f"{c}.B"] = nmf_out[c]["B"]
             meta[str(c)] = {k: v for k, v in nmf_out[c].items() if k != "B"}
             for kind, (idx, score, maps) in ranked.get(c, {}).items():
-                tensors.update({f"{c}.{kind}.index": idx, f"{c}.{kind}.score": score,
-                                f"{c}.{kind}.maps": maps})  # fmt: skip
+                tensors.update(
+                    {f"{c}.{kind}.index": idx, f"{c}.{kind}.score": score, f"{c}.{kind}.maps": maps}
+                )
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self._path(group, by_class)
         tmp = path.with_suffix(".tmp")
@@ -329,11 +359,16 @@ def _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device, worker
     per_image = 3 * H * W * V.shape[1] * 4
     budget = cfg.memory_budget or memory_budget()
     counts = {c: len(v) for c, v in by_class.items()}
-    groups = nmf_groups({c: n * H * W for c, n in counts.items()}, V.shape[1], device,
-                        cfg.nmf_batch_floats)  # fmt: skip
+    groups = nmf_groups(
+        {c: n * H * W for c, n in counts.items()}, V.shape[1], device, cfg.nmf_batch_floats
+    )
     chunks = class_chunks(groups, counts, per_image, budget)
-    log.info("%d images in %d chunk(s) of classes (budget %.0f MB)", sum(counts.values()),
-             len(chunks), budget / 2**20)  # fmt: skip
+    log.info(
+        "%d images in %d chunk(s) of classes (budget %.0f MB)",
+        sum(counts.values()),
+        len(chunks),
+        budget / 2**20,
+    )
     mine = set(range(len(groups)))
     if cfg.shard is not None:  # a shard's batches: every N-th, so each shard gets big and small
         i, n = cfg.shard
@@ -343,8 +378,9 @@ def _stream_classes(model, head, by_class, prep, V, grid_hw, cfg, device, worker
         todo = _reuse_parts(chunk, groups, mine, parts, by_class, cfg.merge, nmf_out, ranked)
         if not todo:
             continue
-        nmf_out.update(_factorise(model, head, todo, by_class, prep, V, cfg, device, workers,
-                                  ranked))  # fmt: skip
+        nmf_out.update(
+            _factorise(model, head, todo, by_class, prep, V, cfg, device, workers, ranked)
+        )
         for group in (g for g in groups if g[0] in todo):
             parts.save(group, by_class, nmf_out, ranked)
     if parts.reused:
@@ -362,8 +398,10 @@ def _reuse_parts(chunk, groups, mine, parts, by_class, merge, nmf_out, ranked) -
             continue
         done = parts.load(group, by_class)
         if done is None and merge:
-            raise ValueError(f"--merge: NMF batch {j} (classes {group[0]}–{group[-1]}) has "
-                             f"no finished part in {parts.dir}; run its shard first")  # fmt: skip
+            raise ValueError(
+                f"--merge: NMF batch {j} (classes {group[0]}–{group[-1]}) has "
+                f"no finished part in {parts.dir}; run its shard first"
+            )
         if done is None:
             todo += group
         else:
@@ -376,10 +414,17 @@ def _factorise(model, head, chunk, by_class, prep, V, cfg, device, workers, rank
     """Features and NMF for the classes of ``chunk`` (their grids are freed on return):
     the NMF results per class; with exemplars, each class's ranked candidates into
     ``ranked``."""
-    features = extract_features(model, head, [s for c in chunk for s in by_class[c]], prep,
-                                cfg.batch_size, device, cfg.progress, workers)  # fmt: skip
-    out = _run_nmf(features, None, cfg.p, cfg, device, cfg.progress,
-                   keep_E=cfg.exemplars > 0)  # fmt: skip
+    features = extract_features(
+        model,
+        head,
+        [s for c in chunk for s in by_class[c]],
+        prep,
+        cfg.batch_size,
+        device,
+        cfg.progress,
+        workers,
+    )
+    out = _run_nmf(features, None, cfg.p, cfg, device, cfg.progress, keep_E=cfg.exemplars > 0)
     if cfg.exemplars > 0:
         # the served prototypes b' of these classes: the fit and fold are per class, so
         # the same as the whole-model fit in _fit_head
@@ -394,11 +439,26 @@ def _factorise(model, head, chunk, by_class, prep, V, cfg, device, workers, rank
 
 def _fingerprint(cfg: ConvertConfig, source: ModelSource, device) -> dict:
     """What a finished NMF batch's numbers depend on besides its classes' images."""
-    keep = ("p", "solver", "init", "tol", "max_iter", "seed", "nonneg", "min_sum_ratio",
-            "exemplars", "nmf_batch_floats", "model_kwargs")  # fmt: skip
-    return {**{k: getattr(cfg, k) for k in keep}, "model": source.to_dict(),
-            "device": torch.device(device).type, "torch": torch.__version__,
-            "protonmf": protonmf.__version__}  # fmt: skip
+    keep = (
+        "p",
+        "solver",
+        "init",
+        "tol",
+        "max_iter",
+        "seed",
+        "nonneg",
+        "min_sum_ratio",
+        "exemplars",
+        "nmf_batch_floats",
+        "model_kwargs",
+    )
+    return {
+        **{k: getattr(cfg, k) for k in keep},
+        "model": source.to_dict(),
+        "device": torch.device(device).type,
+        "torch": torch.__version__,
+        "protonmf": protonmf.__version__,
+    }
 
 
 @dataclass
@@ -454,21 +514,36 @@ def convert(cfg: ConvertConfig) -> Path:
     workers = default_workers() if cfg.workers is None else cfg.workers
     keep = cfg.resume or cfg.merge or cfg.shard is not None  # shards share one parts folder
     parts = Parts(cfg.out, _fingerprint(cfg, loaded.source, device), keep)
-    nmf_out, ranked = _stream_classes(loaded.model, loaded.head, images.by_class, loaded.prep,
-                                      loaded.V, loaded.grid_hw, cfg, device, workers, parts)  # fmt: skip
+    nmf_out, ranked = _stream_classes(
+        loaded.model,
+        loaded.head,
+        images.by_class,
+        loaded.prep,
+        loaded.V,
+        loaded.grid_hw,
+        cfg,
+        device,
+        workers,
+        parts,
+    )
     if cfg.shard is not None:
         log.info("shard %d/%d: its NMF batches are saved in %s", *cfg.shard, parts.dir)
         return parts.dir
     fit = _fit_head(cfg, loaded, images, nmf_out)
     exemplars = None
     if cfg.exemplars > 0:
-        exemplars = assemble(ranked, images.by_class, loaded.prep,
-                             (len(loaded.classes), cfg.p, cfg.exemplars, *loaded.grid_hw),
-                             Path(images.train_dir))  # fmt: skip
+        exemplars = assemble(
+            ranked,
+            images.by_class,
+            loaded.prep,
+            (len(loaded.classes), cfg.p, cfg.exemplars, *loaded.grid_hw),
+            Path(images.train_dir),
+        )
     proto, check_samples, want, exact = _check_torch(cfg, loaded, images, fit, device, workers)
     manifest = _build_manifest(cfg, loaded, images, fit, exact, device, exemplars)
-    out, onnx_exact = _export_artifact(cfg, loaded, fit, proto.cpu(), manifest, exemplars,
-                                      want, check_samples)  # fmt: skip
+    out, onnx_exact = _export_artifact(
+        cfg, loaded, fit, proto.cpu(), manifest, exemplars, want, check_samples
+    )
     parts.remove()
     _refuse_inexact(out, onnx_exact, cfg.rtol)
     return out
@@ -504,9 +579,16 @@ def _load_and_analyse(cfg: ConvertConfig, device: torch.device) -> _Loaded:
         )
     with torch.no_grad():
         grid_hw = tuple(features_nhwc(model, model.forward_features(probe), head.layout).shape[1:3])
-    return _Loaded(source=source, model=model, prep=prep, head=head, classes=classes,
-                   descriptions=descriptions, V=head.class_vectors.cpu().numpy(),
-                   grid_hw=grid_hw)  # fmt: skip
+    return _Loaded(
+        source=source,
+        model=model,
+        prep=prep,
+        head=head,
+        classes=classes,
+        descriptions=descriptions,
+        V=head.class_vectors.cpu().numpy(),
+        grid_hw=grid_hw,
+    )
 
 
 def _load_images(cfg: ConvertConfig, classes: list[str]) -> _Split:
@@ -518,8 +600,7 @@ def _load_images(cfg: ConvertConfig, classes: list[str]) -> _Split:
     by_class: dict[int, list[Sample]] = {}
     for s in samples:
         by_class.setdefault(s.label, []).append(s)
-    return _Split(train_dir=train_dir, heldout_dir=heldout_dir, samples=samples,
-                   by_class=by_class)  # fmt: skip
+    return _Split(train_dir=train_dir, heldout_dir=heldout_dir, samples=samples, by_class=by_class)
 
 
 def _fit_head(cfg: ConvertConfig, loaded: _Loaded, images: _Split, nmf_out: dict) -> _HeadFit:
@@ -535,21 +616,38 @@ def _fit_head(cfg: ConvertConfig, loaded: _Loaded, images: _Split, nmf_out: dict
     a, R = fit_coefficients(V, B, nonneg=cfg.nonneg)
     fold = fold_residual(a, B, R, min_sum_ratio=cfg.min_sum_ratio)
     rebuilt = np.einsum("cp,cpd->cd", fold.coefficients, fold.prototypes)
-    rebuild_err = np.linalg.norm(rebuilt - V, axis=1) / np.maximum(np.linalg.norm(V, axis=1), 1e-300)
-    per_class = [_class_diagnostics(c, loaded, images, nmf_out.get(c), R, fold, rebuild_err)
-                 for c in range(C)]  # fmt: skip
+    rebuild_err = np.linalg.norm(rebuilt - V, axis=1) / np.maximum(
+        np.linalg.norm(V, axis=1), 1e-300
+    )
+    per_class = [
+        _class_diagnostics(c, loaded, images, nmf_out.get(c), R, fold, rebuild_err)
+        for c in range(C)
+    ]
     for c in range(C):
         if c not in nmf_out:
             fold.prototypes[c] = 0.0
             fold.prototypes[c, 0] = V[c]
             fold.coefficients[c] = 0.0
             fold.coefficients[c, 0] = 1.0
-    return _HeadFit(B=B, R=R, fold=fold, rebuild_err=rebuild_err, per_class=per_class,
-                    filters=presence_filters(fold.prototypes))
+    return _HeadFit(
+        B=B,
+        R=R,
+        fold=fold,
+        rebuild_err=rebuild_err,
+        per_class=per_class,
+        filters=presence_filters(fold.prototypes),
+    )
 
 
-def _class_diagnostics(c: int, loaded: _Loaded, images: _Split, r: dict | None,
-                       R: np.ndarray, fold: Fold, rebuild_err: np.ndarray) -> dict:  # fmt: skip
+def _class_diagnostics(
+    c: int,
+    loaded: _Loaded,
+    images: _Split,
+    r: dict | None,
+    R: np.ndarray,
+    fold: Fold,
+    rebuild_err: np.ndarray,
+) -> dict:
     """One entry of the manifest's diagnostics.per_class (``r``: the class's NMF result,
     None when it had no images)."""
     V = loaded.V
@@ -566,16 +664,27 @@ def _class_diagnostics(c: int, loaded: _Loaded, images: _Split, r: dict | None,
     }
 
 
-def _check_torch(cfg: ConvertConfig, loaded: _Loaded, images: _Split, fit: _HeadFit, device,
-                workers: int) -> tuple[ProtoModel, list[Sample], np.ndarray, dict]:  # fmt: skip
+def _check_torch(
+    cfg: ConvertConfig, loaded: _Loaded, images: _Split, fit: _HeadFit, device, workers: int
+) -> tuple[ProtoModel, list[Sample], np.ndarray, dict]:
     """The prototype model (torch) vs the black box on the held-out images (else the first
     256 conversion images): (the model, those images, the black box's logits, exactness)."""
-    proto = ProtoModel(loaded.model, loaded.head, fit.fold.prototypes, fit.fold.coefficients,
-                       maps=cfg.maps, k=cfg.k, scores=cfg.scores,
-                       presence_filters=fit.filters if cfg.presence else None)  # fmt: skip
+    proto = ProtoModel(
+        loaded.model,
+        loaded.head,
+        fit.fold.prototypes,
+        fit.fold.coefficients,
+        maps=cfg.maps,
+        k=cfg.k,
+        scores=cfg.scores,
+        presence_filters=fit.filters if cfg.presence else None,
+    )
     proto = proto.eval().to(device)
-    check_samples = (load_samples(images.heldout_dir, loaded.classes, cfg.max_per_class)
-                     if images.heldout_dir else images.samples[:256])  # fmt: skip
+    check_samples = (
+        load_samples(images.heldout_dir, loaded.classes, cfg.max_per_class)
+        if images.heldout_dir
+        else images.samples[:256]
+    )
     prep, model = loaded.prep, loaded.model
     want = logits_of(model, check_samples, prep, cfg.batch_size, device, workers=workers)
     got = logits_of(proto, check_samples, prep, cfg.batch_size, device, workers=workers)
@@ -585,8 +694,15 @@ def _check_torch(cfg: ConvertConfig, loaded: _Loaded, images: _Split, fit: _Head
     return proto, check_samples, want, exact
 
 
-def _build_manifest(cfg: ConvertConfig, loaded: _Loaded, images: _Split, fit: _HeadFit,
-                   exact: dict, device, exemplars) -> dict:  # fmt: skip
+def _build_manifest(
+    cfg: ConvertConfig,
+    loaded: _Loaded,
+    images: _Split,
+    fit: _HeadFit,
+    exact: dict,
+    device,
+    exemplars,
+) -> dict:
     """The manifest, less what the export adds (graph, diagnostics.onnx_exactness)."""
     head, per_class = loaded.head, fit.per_class
     manifest = {
@@ -598,8 +714,10 @@ def _build_manifest(cfg: ConvertConfig, loaded: _Loaded, images: _Split, fit: _H
         "feature_dim": loaded.V.shape[1],
         "feature_grid": list(loaded.grid_hw),
         "head": {"kind": head.kind, "layout": head.layout, "norm_eps": head.norm_eps},
-        "backbone": {"architecture": loaded.model.pretrained_cfg.get("architecture"),
-                     **loaded.source.to_dict()},  # fmt: skip
+        "backbone": {
+            "architecture": loaded.model.pretrained_cfg.get("architecture"),
+            **loaded.source.to_dict(),
+        },
         "preprocessing": loaded.prep.to_dict(),
         "conversion": _conversion_record(cfg, images, device),
         "diagnostics": {
@@ -612,8 +730,13 @@ def _build_manifest(cfg: ConvertConfig, loaded: _Loaded, images: _Split, fit: _H
         },
     }
     if exemplars is not None:
-        manifest["exemplars"] = {"file": EXEMPLARS_FILE, "m": cfg.exemplars, "kinds": list(KINDS),
-                                 "ranking": "peak", "images": len(exemplars.thumbnails)}  # fmt: skip
+        manifest["exemplars"] = {
+            "file": EXEMPLARS_FILE,
+            "m": cfg.exemplars,
+            "kinds": list(KINDS),
+            "ranking": "peak",
+            "images": len(exemplars.thumbnails),
+        }
     return manifest
 
 
@@ -621,9 +744,11 @@ def _conversion_record(cfg: ConvertConfig, images: _Split, device) -> dict:
     """The manifest's "conversion": the settings (not memory_budget/workers/resume/shard/
     merge: how the work was done, not what it computed) and the data used."""
     return {
-        **{k: v for k, v in asdict(cfg).items()
-           if k not in ("out", "progress", "memory_budget", "workers", "resume", "shard",
-                        "merge")},  # fmt: skip
+        **{
+            k: v
+            for k, v in asdict(cfg).items()
+            if k not in ("out", "progress", "memory_budget", "workers", "resume", "shard", "merge")
+        },
         "data": str(Path(images.train_dir).resolve()),
         "heldout": str(images.heldout_dir.resolve()) if images.heldout_dir else None,
         "device": device.type,
@@ -631,9 +756,16 @@ def _conversion_record(cfg: ConvertConfig, images: _Split, device) -> dict:
     }
 
 
-def _export_artifact(cfg: ConvertConfig, loaded: _Loaded, fit: _HeadFit, proto: ProtoModel,
-                    manifest: dict, exemplars, want: np.ndarray, check_samples
-                    ) -> tuple[Path, dict]:  # fmt: skip
+def _export_artifact(
+    cfg: ConvertConfig,
+    loaded: _Loaded,
+    fit: _HeadFit,
+    proto: ProtoModel,
+    manifest: dict,
+    exemplars,
+    want: np.ndarray,
+    check_samples,
+) -> tuple[Path, dict]:
     """ONNX export, the graph's exactness on ``check_samples`` (onnxruntime) and the
     artifact written atomically: (its directory, the ONNX exactness). ``manifest`` gets
     the graph spec and diagnostics.onnx_exactness."""
@@ -649,8 +781,7 @@ def _export_artifact(cfg: ConvertConfig, loaded: _Loaded, fit: _HeadFit, proto: 
         if exemplars is not None:
             save_exemplars(Path(tmp) / EXEMPLARS_FILE, exemplars)
             extra[EXEMPLARS_FILE] = Path(tmp) / EXEMPLARS_FILE
-        out = write_artifact(cfg.out, manifest, _tensors(loaded, fit), onnx_path,
-                             extra_files=extra)  # fmt: skip
+        out = write_artifact(cfg.out, manifest, _tensors(loaded, fit), onnx_path, extra_files=extra)
     return out, onnx_exact
 
 
@@ -687,8 +818,12 @@ def onnx_exactness(onnx_path, want: np.ndarray, samples, prep, batch_size) -> di
     from protonmf.graph import create_session
 
     session, provider = create_session(onnx_path, "cpu")
-    got = np.concatenate([session.run(["logits"], {"image": x.numpy()})[0]
-                          for x, _ in _batches(samples, prep, batch_size)])  # fmt: skip
+    got = np.concatenate(
+        [
+            session.run(["logits"], {"image": x.numpy()})[0]
+            for x, _ in _batches(samples, prep, batch_size)
+        ]
+    )
     return {**exactness(want, got.astype(np.float64)), "provider": provider}
 
 

@@ -72,8 +72,9 @@ def rank_class(features: torch.Tensor, nmf_E: np.ndarray, filters: np.ndarray, m
     return ranked
 
 
-def assemble(ranked: dict, class_samples: dict, prep: Preprocessing, shape: tuple[int, ...],
-             root: Path) -> Exemplars:  # fmt: skip
+def assemble(
+    ranked: dict, class_samples: dict, prep: Preprocessing, shape: tuple[int, ...], root: Path
+) -> Exemplars:
     """{class: rank_class(...)} → Exemplars for all C classes (shape = (C, p, m, H, W));
     thumbnails re-decoded for the chosen images only, each image stored once."""
     C, p, m, H, W = shape
@@ -83,8 +84,9 @@ def assemble(ranked: dict, class_samples: dict, prep: Preprocessing, shape: tupl
     for c, kinds in ranked.items():
         for kind, (idx, peak, class_maps) in kinds.items():
             index[kind][c], score[kind][c], maps[kind][c] = idx, peak, class_maps
-    chosen = sorted({(c, int(j)) for kind in index for c in ranked
-                     for j in index[kind][c].ravel() if j >= 0})  # fmt: skip
+    chosen = sorted(
+        {(c, int(j)) for kind in index for c in ranked for j in index[kind][c].ravel() if j >= 0}
+    )
     slot = {key: u for u, key in enumerate(chosen)}
     for kind in index:
         for c in ranked:

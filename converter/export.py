@@ -10,16 +10,23 @@ import torch
 
 from protonmf.converter.protomodel import ProtoModel
 
-__all__ = ["OPSET", "export_module", "export_onnx", "gathernd_to_gather", "graph_spec",
-           "pooled_as_global_pool"]
+__all__ = [
+    "OPSET",
+    "export_module",
+    "export_onnx",
+    "gathernd_to_gather",
+    "graph_spec",
+    "pooled_as_global_pool",
+]
 
 OPSET = 18
 INPUT_NAME = "image"
 log = logging.getLogger(__name__)
 
 
-def export_module(module, input_shape: tuple[int, int, int], path: str | Path,
-                  output_names: list[str]) -> Path:  # fmt: skip
+def export_module(
+    module, input_shape: tuple[int, int, int], path: str | Path, output_names: list[str]
+) -> Path:
     """Any image model → one ONNX file with a symbolic batch dimension, fully checked.
 
     input_shape : (channels, height, width) of one preprocessed image.
@@ -82,8 +89,11 @@ def gathernd_to_gather(model) -> int:
         if batch_dims != 0 or axes is None or numpy_helper.to_array(axes).tolist() != [-1]:
             continue
         axes_names.add(unsq.input[1])
-        graph.node[i].CopyFrom(helper.make_node(
-            "Gather", [node.input[0], unsq.input[0]], list(node.output), name=node.name, axis=0))  # fmt: skip
+        graph.node[i].CopyFrom(
+            helper.make_node(
+                "Gather", [node.input[0], unsq.input[0]], list(node.output), name=node.name, axis=0
+            )
+        )
         consumers[unsq.output[0]] -= 1
         if consumers[unsq.output[0]] == 0:
             dead.add(unsq.output[0])
@@ -121,10 +131,13 @@ def pooled_as_global_pool(model) -> int:
             return 0
         axes = node.input[1]
         pooled_4d = f"{node.name or 'pooled'}_global_pool"
-        graph.node[i].CopyFrom(helper.make_node("GlobalAveragePool", [node.input[0]], [pooled_4d],
-                                                name=pooled_4d))  # fmt: skip
-        graph.node.insert(i + 1, helper.make_node("Flatten", [pooled_4d], ["pooled"], axis=1,
-                                                  name="pooled_flatten"))  # fmt: skip
+        graph.node[i].CopyFrom(
+            helper.make_node("GlobalAveragePool", [node.input[0]], [pooled_4d], name=pooled_4d)
+        )
+        graph.node.insert(
+            i + 1,
+            helper.make_node("Flatten", [pooled_4d], ["pooled"], axis=1, name="pooled_flatten"),
+        )
         if not any(axes in n.input for n in graph.node):  # its axes constant, now unused
             graph.initializer.remove(next(t for t in graph.initializer if t.name == axes))
         return 1

@@ -117,5 +117,6 @@ def fold_residual(
             w[c] = a[c] / a_norm**2
             method.append("min_norm")
     prototypes = B + w[:, :, None] * R[:, None, :]
-    return Fold(prototypes=prototypes, coefficients=a, weights=w, method=method, sum_ratio=sum_ratio)
-
+    return Fold(
+        prototypes=prototypes, coefficients=a, weights=w, method=method, sum_ratio=sum_ratio
+    )

@@ -26,8 +26,16 @@ from torch import nn
 
 from protonmf.artifact import ArtifactError, Preprocessing, sha256_file
 
-__all__ = ["HeadSpec", "ModelSource", "UnsupportedModelError", "analyse_head", "features_nhwc",
-           "load_model", "preprocessing_from_timm", "recorded_model"]  # fmt: skip
+__all__ = [
+    "HeadSpec",
+    "ModelSource",
+    "UnsupportedModelError",
+    "analyse_head",
+    "features_nhwc",
+    "load_model",
+    "preprocessing_from_timm",
+    "recorded_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +82,10 @@ def load_model(source: ModelSource) -> nn.Module:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json (a timm local-dir model folder)")
-        weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin")
-                        if (path / n).is_file()), None)  # fmt: skip
+        weights = next(
+            (path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()),
+            None,
+        )
         if weights is None:
             raise FileNotFoundError(f"{path} has no model.safetensors or pytorch_model.bin")
         model = _create(f"local-dir:{path.resolve()}", kwargs, pretrained=True)
@@ -119,11 +129,23 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError, EOFError, OSError,
-            TypeError, AttributeError, IndexError, SafetensorError) as e:  # fmt: skip
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        ValueError,
+        KeyError,
+        EOFError,
+        OSError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        SafetensorError,
+    ) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise ValueError(f"{path}: not a readable {'safetensors' if str(path).endswith('.safetensors') else 'PyTorch'} "
-                         f"checkpoint ({type(e).__name__}: {first})") from e  # fmt: skip
+        raise ValueError(
+            f"{path}: not a readable {'safetensors' if str(path).endswith('.safetensors') else 'PyTorch'} "
+            f"checkpoint ({type(e).__name__}: {first})"
+        ) from e
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -135,8 +157,11 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def _align_state_dict(state: dict, target: dict, path: str) -> dict:
     if state.keys() == target.keys():
-        wrong = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in state.items()
-                 if v.shape != target[k].shape]  # fmt: skip
+        wrong = [
+            (k, tuple(v.shape), tuple(target[k].shape))
+            for k, v in state.items()
+            if v.shape != target[k].shape
+        ]
         if wrong:
             k, got, want = wrong[0]
             raise ValueError(
@@ -152,8 +177,9 @@ def _align_state_dict(state: dict, target: dict, path: str) -> dict:
             f"{path}: keys differ from the model's (e.g. missing {missing}) and do not align "
             "by order and shape either; is it the right architecture?"
         )
-    log.warning("%s: keys differ from timm's; loading by order (all %d shapes match)", path,
-                len(state))  # fmt: skip
+    log.warning(
+        "%s: keys differ from timm's; loading by order (all %d shapes match)", path, len(state)
+    )
     return {tk: v for (_, v), (tk, _) in pairs}
 
 
@@ -184,8 +210,12 @@ def preprocessing_from_timm(model: nn.Module) -> Preprocessing:
     in_chans = _input_channels(model)
     if c == 3 and in_chans == 1:
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-        log.warning("the model takes 1 channel, its pretrained_cfg describes 3: greyscale "
-                    "input normalised with mean %.4f, std %.4f", mean[0], std[0])  # fmt: skip
+        log.warning(
+            "the model takes 1 channel, its pretrained_cfg describes 3: greyscale "
+            "input normalised with mean %.4f, std %.4f",
+            mean[0],
+            std[0],
+        )
         c = 1
     crop_pct = cfg.get("crop_pct") or 0.875  # timm.data.transforms_factory's default
     crop_mode = cfg.get("crop_mode") or "center"
@@ -193,14 +223,16 @@ def preprocessing_from_timm(model: nn.Module) -> Preprocessing:
     if crop_mode not in ("center", "squash", "border"):
         raise ValueError(f"timm crop_mode {crop_mode!r} is not supported (center, squash, border)")
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"timm interpolation {interpolation!r} is not supported "
-                         f"({', '.join(INTERPOLATIONS)})")  # fmt: skip
+        raise ValueError(
+            f"timm interpolation {interpolation!r} is not supported ({', '.join(INTERPOLATIONS)})"
+        )
     if c not in (1, 3):
         raise ValueError(f"{c}-channel input is not supported (1 or 3 channels)")
     scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))  # as timm: floor, not round
     if crop_mode == "center" and h != w and scale[0] == scale[1]:  # timm pads, old specs clamp
-        raise ValueError(f"crop_pct {crop_pct} > 1 with the non-square input {h}x{w} is not "
-                         "supported")  # fmt: skip
+        raise ValueError(
+            f"crop_pct {crop_pct} > 1 with the non-square input {h}x{w} is not supported"
+        )
     return Preprocessing(
         height=h,
         width=w,
@@ -306,8 +338,16 @@ def _probe(model: nn.Module, probe: torch.Tensor, name: str):
         raise
     # what a model raises on an input it was not built for (shape asserts, size and channel
     # mismatches in its layers, missing attributes of an exotic forward): not convertible
-    except (RuntimeError, AssertionError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, NotImplementedError) as e:  # fmt: skip
+    except (
+        RuntimeError,
+        AssertionError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        NotImplementedError,
+    ) as e:
         first = str(e).strip().splitlines()[0][:200].rstrip(".") if str(e).strip() else ""
         raise UnsupportedModelError(
             f"{name} fails on a {tuple(probe.shape[1:])} input (its pretrained_cfg's size and "
@@ -315,8 +355,9 @@ def _probe(model: nn.Module, probe: torch.Tensor, name: str):
             "size, pass pretrained_cfg_overlay={'input_size': [C, H, W]} in --model-kwargs"
         ) from e
     if not isinstance(logits, torch.Tensor):
-        raise UnsupportedModelError(f"{name}.forward_head returned a {type(logits).__name__}, "
-                                    "not one logits tensor")  # fmt: skip
+        raise UnsupportedModelError(
+            f"{name}.forward_head returned a {type(logits).__name__}, not one logits tensor"
+        )
     return feats, logits
 
 
@@ -383,9 +424,13 @@ def analyse_head(model: nn.Module, probe: torch.Tensor, rtol: float = 1e-4) -> H
     if norm is not None:
         candidates.insert(0, ("avg_norm_linear", norm))
     for kind, nrm in candidates:
-        x = pooled if nrm is None else torch.nn.functional.layer_norm(
-            pooled, (pooled.shape[-1],), nrm.weight, nrm.bias, nrm.eps
-        )  # fmt: skip
+        x = (
+            pooled
+            if nrm is None
+            else torch.nn.functional.layer_norm(
+                pooled, (pooled.shape[-1],), nrm.weight, nrm.bias, nrm.eps
+            )
+        )
         got = fc(x)
         diff = (got - want).abs().max().item()
         if diff <= rtol * max(want.abs().max().item(), 1e-6):

@@ -53,8 +53,10 @@ def _draw(K, n, p, D, n_rows, generator, seeds):
     conversions then factorise every class alike)."""
     opts = dict(dtype=torch.float64, device="cpu")
     if seeds is None:
-        return (torch.randn(K, n, p, generator=generator, **opts),
-                torch.randn(K, p, D, generator=generator, **opts))  # fmt: skip
+        return (
+            torch.randn(K, n, p, generator=generator, **opts),
+            torch.randn(K, p, D, generator=generator, **opts),
+        )
     E, B = torch.zeros(K, n, p, **opts), torch.empty(K, p, D, **opts)
     for k, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(int(seed))

@@ -55,8 +55,9 @@ def resolve_modes(scores: str, maps: str, n_classes: int, k: int) -> tuple[str, 
     return scores, maps
 
 
-def output_names(scores: str = "topk", maps: str = "topk", image_bias: bool = False,
-                 presence: bool = False) -> list[str]:  # fmt: skip
+def output_names(
+    scores: str = "topk", maps: str = "topk", image_bias: bool = False, presence: bool = False
+) -> list[str]:
     """The graph's outputs, in order, for a (scores, maps) mode (the manifest documents shapes).
 
     image_bias: the head's bias depends on the image (LayerNorm); only then does
@@ -67,8 +68,14 @@ def output_names(scores: str = "topk", maps: str = "topk", image_bias: bool = Fa
         names = ["logits", "scores", "contributions"] + (["bias"] if image_bias else [])
         names.append("pooled")
     else:
-        names = ["logits", "topk_classes", "topk_scores", "topk_contributions", "topk_bias",
-                 "pooled"]  # fmt: skip
+        names = [
+            "logits",
+            "topk_classes",
+            "topk_scores",
+            "topk_contributions",
+            "topk_bias",
+            "pooled",
+        ]
     if maps == "all":
         names.append("maps")
     elif maps == "topk":
@@ -87,8 +94,17 @@ class ProtoModel(nn.Module):
     the (C·p, D) view is derived in ``forward`` so ONNX export keeps a single copy.
     """
 
-    def __init__(self, backbone, head: HeadSpec, prototypes, coefficients, maps="auto", k=5,
-                 scores="auto", presence_filters=None):  # fmt: skip
+    def __init__(
+        self,
+        backbone,
+        head: HeadSpec,
+        prototypes,
+        coefficients,
+        maps="auto",
+        k=5,
+        scores="auto",
+        presence_filters=None,
+    ):
         super().__init__()
         if maps not in MAPS:
             raise ValueError(f"maps must be one of {list(MAPS)}, got {maps!r}")
@@ -109,8 +125,9 @@ class ProtoModel(nn.Module):
         if presence_filters is not None:
             if maps == "none":
                 raise ValueError("presence maps need a graph with maps (--maps all or topk)")
-            self.register_buffer("presence_filters",
-                                 torch.as_tensor(presence_filters, dtype=torch.float32))  # fmt: skip
+            self.register_buffer(
+                "presence_filters", torch.as_tensor(presence_filters, dtype=torch.float32)
+            )
         else:
             self.presence_filters = None
         self.norm_eps = head.norm_eps
@@ -122,8 +139,12 @@ class ProtoModel(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        return output_names(self.scores, self.maps, image_bias=self.center is not None,
-                            presence=self.presence_filters is not None)  # fmt: skip
+        return output_names(
+            self.scores,
+            self.maps,
+            image_bias=self.center is not None,
+            presence=self.presence_filters is not None,
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H_in, W_in) → raw features (N, D, H, W), before any pooling.

@@ -28,22 +28,35 @@ from protonmf.converter.protomodel import ProtoModel
 __all__ = ["prototype_model", "reexport"]
 
 
-def prototype_model(manifest: dict, tensors: dict, maps="auto", scores="auto",
-                    k: int | None = None, presence: bool = False) -> ProtoModel:  # fmt: skip
+def prototype_model(
+    manifest: dict,
+    tensors: dict,
+    maps="auto",
+    scores="auto",
+    k: int | None = None,
+    presence: bool = False,
+) -> ProtoModel:
     """The artifact's prototype model on its original backbone, in the given head modes
     (k: the artifact's when None; presence: with Eq. 9's presence maps)."""
     model = recorded_model(manifest)
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     head = analyse_head(model, torch.randn(2, prep.channels, prep.height, prep.width))
     k = k or manifest["graph"].get("k") or manifest["conversion"].get("k") or 5
-    return ProtoModel(model, head, torch.from_numpy(tensors["prototypes"]),
-                      torch.from_numpy(tensors["coefficients"]), maps=maps, k=k,
-                      scores=scores,
-                      presence_filters=tensors["presence_filters"] if presence else None).eval()  # fmt: skip
+    return ProtoModel(
+        model,
+        head,
+        torch.from_numpy(tensors["prototypes"]),
+        torch.from_numpy(tensors["coefficients"]),
+        maps=maps,
+        k=k,
+        scores=scores,
+        presence_filters=tensors["presence_filters"] if presence else None,
+    ).eval()
 
 
-def reexport(artifact, out=None, maps="auto", scores="auto", k: int | None = None,
-             presence: bool = False) -> Path:  # fmt: skip
+def reexport(
+    artifact, out=None, maps="auto", scores="auto", k: int | None = None, presence: bool = False
+) -> Path:
     """Write ``artifact`` (or a copy at ``out``) with its graph exported in these modes.
     An artifact of an older format is written as the current one (``pooled`` in every graph,
     presence filters computed from its prototypes); its exemplars, if any, are kept."""
@@ -57,8 +70,14 @@ def reexport(artifact, out=None, maps="auto", scores="auto", k: int | None = Non
     input_shape = (prep.channels, prep.height, prep.width)
     manifest = dict(manifest)
     variants = manifest.pop("variants", None) or {}
-    manifest["conversion"] = {**manifest["conversion"], "maps": maps, "scores": scores,
-                              "k": proto.k, "presence": presence, "reexported": _now()}  # fmt: skip
+    manifest["conversion"] = {
+        **manifest["conversion"],
+        "maps": maps,
+        "scores": scores,
+        "k": proto.k,
+        "presence": presence,
+        "reexported": _now(),
+    }
     dropped = {v["file"] for v in variants.values()}
     extra = {n: f for n, f in kept_files(artifact, manifest).items() if n not in dropped}
     with scratch(out or artifact, "export") as tmp:

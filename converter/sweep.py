@@ -36,8 +36,9 @@ def _config(manifest: dict, device: str) -> ConvertConfig:
     conv = manifest["conversion"]
     names = {f.name for f in dataclasses.fields(ConvertConfig)} - {"model", "data", "out", "device"}
     known = {k: v for k, v in conv.items() if k in names}
-    return ConvertConfig(model=manifest["backbone"]["model"], data=conv["data"], out="",
-                         device=device, **known)  # fmt: skip
+    return ConvertConfig(
+        model=manifest["backbone"]["model"], data=conv["data"], out="", device=device, **known
+    )
 
 
 def _pooled(features: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -48,8 +49,16 @@ def _pooled(features: dict) -> tuple[np.ndarray, np.ndarray]:
     return pooled, labels
 
 
-def sweep(artifact, ps, data=None, max_images=None, device="cpu", batch_size=None,
-          progress=True, max_per_class=None) -> list[dict]:  # fmt: skip
+def sweep(
+    artifact,
+    ps,
+    data=None,
+    max_images=None,
+    device="cpu",
+    batch_size=None,
+    progress=True,
+    max_per_class=None,
+) -> list[dict]:
     """One row per p in ``ps`` (see the module docstring). ``data``/``max_images``: the
     held-out images, chosen as ``protonmf evaluate`` chooses them; ``max_per_class``: fewer
     training images per class than the conversion used (default: the same images)."""
@@ -68,7 +77,9 @@ def sweep(artifact, ps, data=None, max_images=None, device="cpu", batch_size=Non
     train = load_samples(cfg.data, classes, cfg.max_per_class)
     heldout, _ = heldout_samples(manifest, data, max_images)
     features = extract_features(model, head, train, prep, batch_size, dev, progress)
-    pooled, labels = _pooled(extract_features(model, head, heldout, prep, batch_size, dev, progress))
+    pooled, labels = _pooled(
+        extract_features(model, head, heldout, prep, batch_size, dev, progress)
+    )
     V = head.class_vectors.cpu().numpy()  # (C, D) float64
     bias = head.effective_bias.cpu().numpy()
     norm_eps = head.norm_eps if head.kind == "avg_norm_linear" else None
@@ -89,8 +100,12 @@ def sweep(artifact, ps, data=None, max_images=None, device="cpu", batch_size=Non
         explained = sorted(nmf_out)  # classes with images: the ones NMF ran on
         row = {
             "p": p,
-            "feature_rel_error": float(np.mean([nmf_out[c]["feature_rel_error"] for c in explained])),
-            "head_rel_error": float(np.mean(np.linalg.norm(R[explained], axis=1) / v_norm[explained])),
+            "feature_rel_error": float(
+                np.mean([nmf_out[c]["feature_rel_error"] for c in explained])
+            ),
+            "head_rel_error": float(
+                np.mean(np.linalg.norm(R[explained], axis=1) / v_norm[explained])
+            ),
         }
         for name, W in heads.items():
             top1 = head_logits(W, pooled, bias, norm_eps).argmax(1) == labels

@@ -49,9 +49,14 @@ def _prototype_convs(fp32: Path, n_rows: int) -> list[str]:
 
     graph = onnx.load(str(fp32)).graph
     shapes = {i.name: tuple(i.dims) for i in graph.initializer}
-    return [n.name for n in graph.node if n.op_type == "Conv" and len(n.input) > 1
-            and shapes.get(n.input[1], ())[:1] == (n_rows,)
-            and shapes[n.input[1]][2:] == (1, 1)]  # fmt: skip
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type == "Conv"
+        and len(n.input) > 1
+        and shapes.get(n.input[1], ())[:1] == (n_rows,)
+        and shapes[n.input[1]][2:] == (1, 1)
+    ]
 
 
 def _quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, keep: list[str]) -> None:
@@ -71,18 +76,25 @@ def _quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, keep: list[st
             return None if batch is None else {"image": batch.astype(np.float32)}
 
     quantize_static(
-        str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["Conv"], nodes_to_exclude=keep, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-    )  # fmt: skip
+        str(fp32),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Conv"],
+        nodes_to_exclude=keep,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
 
 
 def _to_fp16(fp32: Path, out: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True,
-                                     op_block_list=["TopK"])  # fmt: skip
+    model = convert_float_to_float16(
+        onnx.load(str(fp32)), keep_io_types=True, op_block_list=["TopK"]
+    )
     onnx.save(model, str(out))
 
 
@@ -90,8 +102,12 @@ def _agreement(reference: np.ndarray, path: Path, images: np.ndarray, device: st
     from protonmf.graph import create_session
 
     session, provider = create_session(path, device)
-    got = np.concatenate([session.run(["logits"], {"image": b})[0]
-                          for b in np.array_split(images, max(1, len(images) // 32))])  # fmt: skip
+    got = np.concatenate(
+        [
+            session.run(["logits"], {"image": b})[0]
+            for b in np.array_split(images, max(1, len(images) // 32))
+        ]
+    )
     scale = np.maximum(np.abs(reference).max(1), 1e-12)
     return {
         "top1_agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
@@ -101,8 +117,9 @@ def _agreement(reference: np.ndarray, path: Path, images: np.ndarray, device: st
     }
 
 
-def add_variants(artifact: str | Path, kinds=("int8",), calibration_images: int = 128,
-                 eval_images: int = 500) -> dict:  # fmt: skip
+def add_variants(
+    artifact: str | Path, kinds=("int8",), calibration_images: int = 128, eval_images: int = 500
+) -> dict:
     """Write the requested variants into the artifact and record their agreement.
 
     Calibration uses the conversion images; agreement the held-out ones (or the conversion
@@ -118,12 +135,21 @@ def add_variants(artifact: str | Path, kinds=("int8",), calibration_images: int 
     held = _images(manifest, conv.get("heldout") or conv["data"], eval_images)
     fp32 = artifact / MODEL_FILE
     session, _ = create_session(fp32)
-    reference = np.concatenate([session.run(["logits"], {"image": b})[0]
-                                for b in np.array_split(held, max(1, len(held) // 32))])  # fmt: skip
+    reference = np.concatenate(
+        [
+            session.run(["logits"], {"image": b})[0]
+            for b in np.array_split(held, max(1, len(held) // 32))
+        ]
+    )
     variants = {k: v for k, v in manifest.get("variants", {}).items() if k not in kinds}
     extra = {v["file"]: artifact / v["file"] for v in variants.values()}
-    extra.update({n: f for n, f in kept_files(artifact, manifest).items()
-                  if n not in {VARIANT_FILES[k] for k in kinds if k in VARIANT_FILES}})  # fmt: skip
+    extra.update(
+        {
+            n: f
+            for n, f in kept_files(artifact, manifest).items()
+            if n not in {VARIANT_FILES[k] for k in kinds if k in VARIANT_FILES}
+        }
+    )
     with scratch(artifact, "export") as tmp:
         for kind in kinds:
             if kind not in VARIANT_FILES:

@@ -27,8 +27,9 @@ def default_data(manifest: dict) -> str:
     return data
 
 
-def verify(artifact, data=None, device="cpu", batch_size=32, max_images=None,
-           progress=True) -> dict:  # fmt: skip
+def verify(
+    artifact, data=None, device="cpu", batch_size=32, max_images=None, progress=True
+) -> dict:
     """Run ONNX (onnxruntime) and the original model (torch) on the same preprocessed images."""
     explainer = GraphSession.load(artifact, device=device)
     manifest = explainer.manifest

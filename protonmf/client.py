@@ -50,8 +50,14 @@ from protonmf.api.schemas import (
     default_of,
 )
 
-__all__ = ["AsyncGrpcClient", "AsyncRestClient", "GrpcClient", "RequestFailed", "RestClient",
-           "grpc_channel_options"]  # fmt: skip
+__all__ = [
+    "AsyncGrpcClient",
+    "AsyncRestClient",
+    "GrpcClient",
+    "RequestFailed",
+    "RestClient",
+    "grpc_channel_options",
+]
 
 M = TypeVar("M", bound=BaseModel)
 _REASON = re.compile(r"\[([a-z_]+)\]\s*$")
@@ -61,7 +67,10 @@ _NOT_IN_MESSAGE = {"images", "images_base64"}
 # the request defaults, declared once on the schema's models
 CLASSIFY_TOP_K = default_of(ClassifyRequest, "top_k")
 TOP_K, HEATMAPS = default_of(ExplainRequest, "top_k"), default_of(ExplainRequest, "heatmaps")
-PERCENTILE, MAP_KIND = default_of(ExplainRequest, "box_percentile"), default_of(ExplainRequest, "map_kind")
+PERCENTILE, MAP_KIND = (
+    default_of(ExplainRequest, "box_percentile"),
+    default_of(ExplainRequest, "map_kind"),
+)
 OVERLAY_MAP_KIND = default_of(OverlayRequest, "map_kind")
 EXEMPLAR_KIND = default_of(PrototypeImageRequest, "kind")
 
@@ -72,8 +81,13 @@ class RequestFailed(Exception):
     the REST error body, or the ``[reason]`` a message ends with), None if it gave none;
     ``retry_after`` seconds, where the service said (503 overloaded)."""
 
-    def __init__(self, code: int | str, message: str, reason: str | None = None,
-                 retry_after: float | None = None):  # fmt: skip
+    def __init__(
+        self,
+        code: int | str,
+        message: str,
+        reason: str | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -124,8 +138,7 @@ def _b64(images: Sequence[bytes]) -> list[str]:
 
 
 def _interventions(items: Sequence[Mapping | InterventionIn]) -> list[InterventionIn]:
-    return [i if isinstance(i, InterventionIn) else InterventionIn.model_validate(i)
-            for i in items]  # fmt: skip
+    return [i if isinstance(i, InterventionIn) else InterventionIn.model_validate(i) for i in items]
 
 
 # --- requests, once for all four clients ------------------------------------------------
@@ -136,8 +149,13 @@ def _classify(top_k) -> ClassifyRequest:
 
 
 def _explain(top_k, heatmaps, box_percentile, interventions, map_kind) -> ExplainRequest:
-    return ExplainRequest(top_k=top_k, heatmaps=heatmaps, box_percentile=box_percentile,
-                          interventions=_interventions(interventions), map_kind=map_kind)  # fmt: skip
+    return ExplainRequest(
+        top_k=top_k,
+        heatmaps=heatmaps,
+        box_percentile=box_percentile,
+        interventions=_interventions(interventions),
+        map_kind=map_kind,
+    )
 
 
 def _prototypes(classes) -> PrototypesRequest:
@@ -206,9 +224,15 @@ class RestClient(_RestBase):
         r = self._post("/classify", _rest_body(_classify(top_k), images))
         return ClassifyResponse.model_validate_json(r.content)
 
-    def explain(self, images: Sequence[bytes], top_k: int = TOP_K, heatmaps: bool = HEATMAPS,
-                box_percentile: float = PERCENTILE, interventions: Sequence[Mapping] = (),
-                map_kind: str = MAP_KIND) -> ExplainResponse:  # fmt: skip
+    def explain(
+        self,
+        images: Sequence[bytes],
+        top_k: int = TOP_K,
+        heatmaps: bool = HEATMAPS,
+        box_percentile: float = PERCENTILE,
+        interventions: Sequence[Mapping] = (),
+        map_kind: str = MAP_KIND,
+    ) -> ExplainResponse:
         request = _explain(top_k, heatmaps, box_percentile, interventions, map_kind)
         r = self._post("/explain", _rest_body(request, images))
         return ExplainResponse.model_validate_json(r.content)
@@ -225,8 +249,9 @@ class RestClient(_RestBase):
         r = self._post("/prototypes", _rest_body(_prototypes(classes)))
         return PrototypesResponse.model_validate_json(r.content)
 
-    def prototype_image(self, class_name: str | int, prototype: int,
-                        kind: str = EXEMPLAR_KIND) -> bytes:  # fmt: skip
+    def prototype_image(
+        self, class_name: str | int, prototype: int, kind: str = EXEMPLAR_KIND
+    ) -> bytes:
         """PNG bytes of the prototype's exemplar strip."""
         request = _prototype_image(class_name, prototype, kind)
         return self._post("/prototype_image", _rest_body(request)).content
@@ -254,13 +279,21 @@ class AsyncRestClient(_RestBase):
         self._check(r)
         return r
 
-    async def classify(self, images: Sequence[bytes], top_k: int = CLASSIFY_TOP_K) -> ClassifyResponse:
+    async def classify(
+        self, images: Sequence[bytes], top_k: int = CLASSIFY_TOP_K
+    ) -> ClassifyResponse:
         r = await self._post("/classify", _rest_body(_classify(top_k), images))
         return ClassifyResponse.model_validate_json(r.content)
 
-    async def explain(self, images: Sequence[bytes], top_k: int = TOP_K, heatmaps: bool = HEATMAPS,
-                      box_percentile: float = PERCENTILE, interventions: Sequence[Mapping] = (),
-                      map_kind: str = MAP_KIND) -> ExplainResponse:  # fmt: skip
+    async def explain(
+        self,
+        images: Sequence[bytes],
+        top_k: int = TOP_K,
+        heatmaps: bool = HEATMAPS,
+        box_percentile: float = PERCENTILE,
+        interventions: Sequence[Mapping] = (),
+        map_kind: str = MAP_KIND,
+    ) -> ExplainResponse:
         request = _explain(top_k, heatmaps, box_percentile, interventions, map_kind)
         r = await self._post("/explain", _rest_body(request, images))
         return ExplainResponse.model_validate_json(r.content)
@@ -276,8 +309,9 @@ class AsyncRestClient(_RestBase):
         r = await self._post("/prototypes", _rest_body(_prototypes(classes)))
         return PrototypesResponse.model_validate_json(r.content)
 
-    async def prototype_image(self, class_name: str | int, prototype: int,
-                              kind: str = EXEMPLAR_KIND) -> bytes:  # fmt: skip
+    async def prototype_image(
+        self, class_name: str | int, prototype: int, kind: str = EXEMPLAR_KIND
+    ) -> bytes:
         request = _prototype_image(class_name, prototype, kind)
         return (await self._post("/prototype_image", _rest_body(request))).content
 
@@ -298,8 +332,10 @@ def grpc_channel_options(max_message_bytes: int = 256 << 20, own_connection: boo
     """Channel options; ``own_connection``: a TCP connection of the channel's own. gRPC
     otherwise shares one connection between channels to the same target, and the server's
     workers share their port with SO_REUSEPORT, which balances connections, not calls."""
-    options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes)]  # fmt: skip
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
     if own_connection:
         options.append(("grpc.use_local_subchannel_pool", 1))
     return options
@@ -315,8 +351,9 @@ class _GrpcBase:
     """``channels`` > 1: that many connections, calls spread round-robin over them — how
     one client reaches several server workers (one connection stays on one worker)."""
 
-    def _open(self, channel_factory, target: str, timeout: float, max_message_bytes: int,
-              channels: int) -> None:  # fmt: skip
+    def _open(
+        self, channel_factory, target: str, timeout: float, max_message_bytes: int, channels: int
+    ) -> None:
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         self._pb, pb_grpc = _pb()
@@ -341,8 +378,9 @@ class _GrpcBase:
         return _grpc_request(_prototypes(classes), self._pb.PrototypesRequest)
 
     def _prototype_image_message(self, class_name, prototype, kind):
-        return _grpc_request(_prototype_image(class_name, prototype, kind),
-                             self._pb.PrototypeImageRequest)  # fmt: skip
+        return _grpc_request(
+            _prototype_image(class_name, prototype, kind), self._pb.PrototypeImageRequest
+        )
 
     @staticmethod
     def _no_overlay():
@@ -352,8 +390,13 @@ class _GrpcBase:
 class GrpcClient(_GrpcBase):
     """Calls a ProtoNMF service's gRPC API (protonmf.v1, grpcio)."""
 
-    def __init__(self, target: str, timeout: float = 60.0, max_message_bytes: int = 256 << 20,
-                 channels: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 60.0,
+        max_message_bytes: int = 256 << 20,
+        channels: int = 1,
+    ):
         import grpc
 
         self._grpc = grpc
@@ -369,11 +412,18 @@ class GrpcClient(_GrpcBase):
         r = self._call(self.stub.Classify, self._classify_message(images, top_k))
         return _parse(ClassifyResponse, r)
 
-    def explain(self, images: Sequence[bytes], top_k: int = TOP_K, heatmaps: bool = HEATMAPS,
-                box_percentile: float = PERCENTILE, interventions: Sequence[Mapping] = (),
-                map_kind: str = MAP_KIND) -> ExplainResponse:  # fmt: skip
-        request = self._explain_message(images, top_k, heatmaps, box_percentile, interventions,
-                                        map_kind)  # fmt: skip
+    def explain(
+        self,
+        images: Sequence[bytes],
+        top_k: int = TOP_K,
+        heatmaps: bool = HEATMAPS,
+        box_percentile: float = PERCENTILE,
+        interventions: Sequence[Mapping] = (),
+        map_kind: str = MAP_KIND,
+    ) -> ExplainResponse:
+        request = self._explain_message(
+            images, top_k, heatmaps, box_percentile, interventions, map_kind
+        )
         return _parse(ExplainResponse, self._call(self.stub.Explain, request))
 
     def overlay(self, image: bytes, rank: int = 0, map_kind: str = OVERLAY_MAP_KIND) -> bytes:
@@ -387,8 +437,9 @@ class GrpcClient(_GrpcBase):
         r = self._call(self.stub.Prototypes, self._prototypes_message(classes))
         return _parse(PrototypesResponse, r)
 
-    def prototype_image(self, class_name: str | int, prototype: int,
-                        kind: str = EXEMPLAR_KIND) -> bytes:  # fmt: skip
+    def prototype_image(
+        self, class_name: str | int, prototype: int, kind: str = EXEMPLAR_KIND
+    ) -> bytes:
         """PNG bytes of the prototype's exemplar strip."""
         request = self._prototype_image_message(class_name, prototype, kind)
         return self._call(self.stub.PrototypeImage, request).png
@@ -408,8 +459,13 @@ class AsyncGrpcClient(_GrpcBase):
     """GrpcClient's methods as coroutines (grpc.aio); create it inside the event loop it
     is used in."""
 
-    def __init__(self, target: str, timeout: float = 60.0, max_message_bytes: int = 256 << 20,
-                 channels: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 60.0,
+        max_message_bytes: int = 256 << 20,
+        channels: int = 1,
+    ):
         import grpc
         import grpc.aio
 
@@ -422,15 +478,24 @@ class AsyncGrpcClient(_GrpcBase):
         except self._grpc.RpcError as e:  # grpc.aio.AioRpcError is one
             raise RequestFailed.from_grpc(e) from e
 
-    async def classify(self, images: Sequence[bytes], top_k: int = CLASSIFY_TOP_K) -> ClassifyResponse:
+    async def classify(
+        self, images: Sequence[bytes], top_k: int = CLASSIFY_TOP_K
+    ) -> ClassifyResponse:
         r = await self._call(self.stub.Classify, self._classify_message(images, top_k))
         return _parse(ClassifyResponse, r)
 
-    async def explain(self, images: Sequence[bytes], top_k: int = TOP_K, heatmaps: bool = HEATMAPS,
-                      box_percentile: float = PERCENTILE, interventions: Sequence[Mapping] = (),
-                      map_kind: str = MAP_KIND) -> ExplainResponse:  # fmt: skip
-        request = self._explain_message(images, top_k, heatmaps, box_percentile, interventions,
-                                        map_kind)  # fmt: skip
+    async def explain(
+        self,
+        images: Sequence[bytes],
+        top_k: int = TOP_K,
+        heatmaps: bool = HEATMAPS,
+        box_percentile: float = PERCENTILE,
+        interventions: Sequence[Mapping] = (),
+        map_kind: str = MAP_KIND,
+    ) -> ExplainResponse:
+        request = self._explain_message(
+            images, top_k, heatmaps, box_percentile, interventions, map_kind
+        )
         return _parse(ExplainResponse, await self._call(self.stub.Explain, request))
 
     async def overlay(self, image: bytes, rank: int = 0, map_kind: str = OVERLAY_MAP_KIND) -> bytes:
@@ -444,8 +509,9 @@ class AsyncGrpcClient(_GrpcBase):
         r = await self._call(self.stub.Prototypes, self._prototypes_message(classes))
         return _parse(PrototypesResponse, r)
 
-    async def prototype_image(self, class_name: str | int, prototype: int,
-                              kind: str = EXEMPLAR_KIND) -> bytes:  # fmt: skip
+    async def prototype_image(
+        self, class_name: str | int, prototype: int, kind: str = EXEMPLAR_KIND
+    ) -> bytes:
         request = self._prototype_image_message(class_name, prototype, kind)
         return (await self._call(self.stub.PrototypeImage, request)).png
 

@@ -75,9 +75,7 @@ def load_image_folder(
     index = _class_index(folders, class_names)
     samples = []
     for folder in sorted(folders, key=lambda f: index[f]):
-        files = sorted(
-            p for p in (root / folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = sorted(p for p in (root / folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         samples += [Sample(p, index[folder]) for p in files[:max_per_class]]
     if not samples:
         raise ValueError(f"no images with extensions {sorted(IMAGE_EXTENSIONS)} under {root}")

@@ -70,8 +70,12 @@ def heads(tensors: dict, fold_list: Sequence[str]) -> dict[str, np.ndarray]:
     aug = np.einsum("cp,cpd->cd", a, tensors["prototypes"].astype(np.float64))
     nmf = np.einsum("cp,cpd->cd", a, tensors["nmf_prototypes"].astype(np.float64))
     nmf[_whole(fold_list)] = 0.0
-    return {"black_box": tensors["class_vectors"].astype(np.float64), "augmented": aug,
-            "nmf_only": nmf, "residual_only": aug - nmf}  # fmt: skip
+    return {
+        "black_box": tensors["class_vectors"].astype(np.float64),
+        "augmented": aug,
+        "nmf_only": nmf,
+        "residual_only": aug - nmf,
+    }
 
 
 def explained_share(tensors: dict, fold_list: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -88,8 +92,13 @@ def explained_share(tensors: dict, fold_list: Sequence[str]) -> tuple[np.ndarray
     return energy, norm_ratio
 
 
-def residual_terms(tensors: dict, fold_list: Sequence[str], pooled: np.ndarray,
-                   classes: Sequence[int], eps: float | None) -> np.ndarray:  # fmt: skip
+def residual_terms(
+    tensors: dict,
+    fold_list: Sequence[str],
+    pooled: np.ndarray,
+    classes: Sequence[int],
+    eps: float | None,
+) -> np.ndarray:
     """residual_ci (len(classes), p) for one image's pooled features (D,), float64. Only the
     classes asked for, in one gather: a 1,000-class model pays for a few (p, D)."""
     cs = [int(c) for c in classes]
@@ -100,8 +109,9 @@ def residual_terms(tensors: dict, fold_list: Sequence[str], pooled: np.ndarray,
     return tensors["coefficients"][cs] * (delta @ f) * float(inv_sigma(f, eps))
 
 
-def residual_logits(tensors: dict, fold_list: Sequence[str], pooled: np.ndarray,
-                    eps: float | None) -> np.ndarray:  # fmt: skip
+def residual_logits(
+    tensors: dict, fold_list: Sequence[str], pooled: np.ndarray, eps: float | None
+) -> np.ndarray:
     """Σ_i residual_ci for every image and class (N, C): the residual's part of each logit."""
     f = np.asarray(pooled, np.float64)
     return (f @ heads(tensors, fold_list)["residual_only"].T) * inv_sigma(f, eps)[:, None]

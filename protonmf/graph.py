@@ -70,8 +70,13 @@ def cuda_options(
     return options
 
 
-def create_session(model_path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                   spinning: bool = True, cuda: dict | None = None):  # fmt: skip
+def create_session(
+    model_path: str | os.PathLike,
+    device: str = "cpu",
+    threads: int | None = None,
+    spinning: bool = True,
+    cuda: dict | None = None,
+):
     """An InferenceSession on ``device`` ("cpu", "cuda" or "auto"), full graph optimisation.
 
     ``spinning=False``: idle intra-op threads sleep instead of busy-waiting for the next
@@ -120,32 +125,45 @@ def check_graph(artifact_dir, manifest: dict | Manifest, session) -> None:
     prep = m.preprocessing
     want_in = [None, prep.channels, prep.height, prep.width]
     if fixed(inp.shape) != want_in:
-        raise ArtifactError(f"{artifact_dir}: the graph's input is {inp.shape}, the manifest's "
-                            f"preprocessing implies [N, {prep.channels}, {prep.height}, "
-                            f"{prep.width}]")  # fmt: skip
+        raise ArtifactError(
+            f"{artifact_dir}: the graph's input is {inp.shape}, the manifest's "
+            f"preprocessing implies [N, {prep.channels}, {prep.height}, "
+            f"{prep.width}]"
+        )
     got = {o.name: fixed(o.shape) for o in session.get_outputs()}
     want = {name: fixed(shape) for name, shape in (m.graph.outputs if m.graph else {}).items()}
     if list(got) != list(want):
         raise ArtifactError(f"{artifact_dir}: graph outputs {list(got)} != manifest {list(want)}")
     for name, shape in want.items():
         if got[name] != shape:
-            raise ArtifactError(f"{artifact_dir}: graph output {name!r} has shape {got[name]}, "
-                                f"the manifest says {shape}")  # fmt: skip
+            raise ArtifactError(
+                f"{artifact_dir}: graph output {name!r} has shape {got[name]}, "
+                f"the manifest says {shape}"
+            )
     C, p = len(m.classes), m.p
     if "logits" in want and want["logits"][1:] != [C]:
-        raise ArtifactError(f"{artifact_dir}: {C} classes in the manifest, the graph has "
-                            f"{want['logits'][1:]} logits")  # fmt: skip
+        raise ArtifactError(
+            f"{artifact_dir}: {C} classes in the manifest, the graph has "
+            f"{want['logits'][1:]} logits"
+        )
     per_proto = [s for n, s in want.items() if n in ("scores", "topk_scores")]
     if per_proto and per_proto[0][-1] != p:
-        raise ArtifactError(f"{artifact_dir}: p = {p} in the manifest, the graph has "
-                            f"{per_proto[0][-1]} prototypes per class")  # fmt: skip
+        raise ArtifactError(
+            f"{artifact_dir}: p = {p} in the manifest, the graph has "
+            f"{per_proto[0][-1]} prototypes per class"
+        )
 
 
 GRAPHS_SETTING = "PROTONMF_CUDA_GRAPHS"
 # onnxruntime's tensor types → numpy: BucketGraphs allocates every input and output itself
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-                "tensor(double)": np.float64, "tensor(int64)": np.int64,
-                "tensor(int32)": np.int32, "tensor(bool)": np.bool_}  # fmt: skip
+_NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
 
 
 @dataclass
@@ -192,18 +210,23 @@ class BucketGraphs:
 
         sizes = sorted(set(sizes or ()))
         if not sizes or sizes[0] < 1:
-            raise ValueError(f"{GRAPHS_SETTING} needs batch buckets (PROTONMF_BATCH_BUCKETS "
-                             f"`auto` or a list of sizes, not `off`): one graph per bucket")  # fmt: skip
+            raise ValueError(
+                f"{GRAPHS_SETTING} needs batch buckets (PROTONMF_BATCH_BUCKETS "
+                f"`auto` or a list of sizes, not `off`): one graph per bucket"
+            )
         self.session, self.device = session, device
         inp, outputs = session.get_inputs()[0], session.get_outputs()
         for meta in (inp, *outputs):
             if meta.type not in _NUMPY_TYPES or not all(isinstance(d, int) for d in meta.shape[1:]):
-                raise ValueError(f"{GRAPHS_SETTING}: {meta.name!r} is {meta.type} {meta.shape}; "
-                                 "a graph's buffers need fixed dimensions besides the batch")  # fmt: skip
+                raise ValueError(
+                    f"{GRAPHS_SETTING}: {meta.name!r} is {meta.type} {meta.shape}; "
+                    "a graph's buffers need fixed dimensions besides the batch"
+                )
 
         def buffer(meta, n: int):
             return ort.OrtValue.ortvalue_from_shape_and_type(
-                [n, *meta.shape[1:]], _NUMPY_TYPES[meta.type], device, device_id)  # fmt: skip
+                [n, *meta.shape[1:]], _NUMPY_TYPES[meta.type], device, device_id
+            )
 
         self.buckets: dict[int, _Bucket] = {}
         for graph_id, n in enumerate(sizes, start=1):
@@ -234,8 +257,10 @@ class BucketGraphs:
     def _run(self, batch: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         bucket = self.buckets.get(len(batch))
         if bucket is None:
-            raise ValueError(f"{GRAPHS_SETTING}: a batch of {len(batch)} is not one of the "
-                             f"batch buckets {self.sizes} (the batcher pads to them)")  # fmt: skip
+            raise ValueError(
+                f"{GRAPHS_SETTING}: a batch of {len(batch)} is not one of the "
+                f"batch buckets {self.sizes} (the batcher pads to them)"
+            )
         if tuple(batch.shape) != tuple(bucket.input.shape()):
             raise ValueError(f"batch shape {batch.shape}, the graph takes {bucket.input.shape()}")
         bucket.input.update_inplace(batch)
@@ -270,9 +295,19 @@ class GraphSession:
         return Manifest.of(self.manifest)
 
     @classmethod
-    def load(cls, artifact_dir: str | os.PathLike, device: str = "cpu", threads=None,
-             variant: str = "fp32", spinning: bool = True, cuda: dict | None = None, *,
-             io_binding: str = "off", cuda_graphs: bool = False, buckets=None):  # fmt: skip
+    def load(
+        cls,
+        artifact_dir: str | os.PathLike,
+        device: str = "cpu",
+        threads=None,
+        variant: str = "fp32",
+        spinning: bool = True,
+        cuda: dict | None = None,
+        *,
+        io_binding: str = "off",
+        cuda_graphs: bool = False,
+        buckets=None,
+    ):
         """``variant``: "fp32" (model.onnx, exact) or one listed in the manifest's variants.
 
         ``io_binding`` (PROTONMF_IO_BINDING): "on", "off" or "auto" (on when the session runs
@@ -283,9 +318,13 @@ class GraphSession:
             raise ValueError(f"io_binding must be 'auto', 'on' or 'off', got {io_binding!r}")
         if cuda_graphs:
             # (CUDA graphs bind their own buffers: IOBinding whatever ``io_binding`` says)
-            problem = ("needs batch buckets, and PROTONMF_BATCH_BUCKETS is off" if not buckets
-                       else "runs on CUDA only, and the device is cpu" if device == "cpu"
-                       else None)  # fmt: skip
+            problem = (
+                "needs batch buckets, and PROTONMF_BATCH_BUCKETS is off"
+                if not buckets
+                else "runs on CUDA only, and the device is cpu"
+                if device == "cpu"
+                else None
+            )
             if problem:
                 raise ValueError(f"{GRAPHS_SETTING} {problem}")
         artifact_dir = Path(artifact_dir)
@@ -306,21 +345,25 @@ class GraphSession:
         if cuda_graphs:
             cuda = {**(cuda or {}), "graphs": True}
         try:
-            session, provider = create_session(artifact_dir / graph, device, threads,
-                                               spinning, cuda)  # fmt: skip
+            session, provider = create_session(
+                artifact_dir / graph, device, threads, spinning, cuda
+            )
         except Exception as e:  # noqa: BLE001
             # onnxruntime refuses enable_cuda_graph at session creation with exception
             # classes of its private module (pybind11's, deriving from Exception only)
             if not cuda_graphs or isinstance(e, ProviderError):
                 raise
-            raise ProviderError(f"onnxruntime could not create the session with {GRAPHS_SETTING} "
-                                f"on (a CUDA graph needs every node on the CUDA provider): "
-                                f"{e}") from e  # fmt: skip
+            raise ProviderError(
+                f"onnxruntime could not create the session with {GRAPHS_SETTING} "
+                f"on (a CUDA graph needs every node on the CUDA provider): "
+                f"{e}"
+            ) from e
         check_graph(artifact_dir, manifest, session)
         on_cuda = provider == "CUDAExecutionProvider"
         if cuda_graphs and not on_cuda:
-            raise ProviderError(f"{GRAPHS_SETTING} runs on CUDA only; onnxruntime runs this "
-                                f"graph on {provider}")  # fmt: skip
+            raise ProviderError(
+                f"{GRAPHS_SETTING} runs on CUDA only; onnxruntime runs this graph on {provider}"
+            )
         device_id = int(session.get_provider_options().get(provider, {}).get("device_id", 0))
         graphs = BucketGraphs(session, buckets, "cuda", device_id) if cuda_graphs else None
         bound = cuda_graphs or io_binding == "on" or (io_binding == "auto" and on_cuda)
@@ -356,8 +399,9 @@ class GraphSession:
         the device; the heavy ones (per-prototype maps) stay there when not asked for.
         The same outputs whichever way the graph runs (session.run, IOBinding, CUDA graphs)."""
         graph_outputs = self.info.graph.outputs
-        names = list(graph_outputs) if outputs is None else [n for n in graph_outputs
-                                                             if n in outputs]  # fmt: skip
+        names = (
+            list(graph_outputs) if outputs is None else [n for n in graph_outputs if n in outputs]
+        )
         batch = np.ascontiguousarray(batch, np.float32)
         if self.graphs is not None:
             out = self.graphs.run(batch, names)

@@ -56,14 +56,24 @@ def environment(env: Mapping[str, str] | None = None, **extra: str) -> dict[str,
     return {**(os.environ if env is None else env), **extra, "BENTOML_DO_NOT_TRACK": "true"}
 
 
-def start(cmd: Sequence[str], log: Path, env: Mapping[str, str] | None = None,
-          cwd: Path | str | None = None) -> subprocess.Popen:  # fmt: skip
+def start(
+    cmd: Sequence[str],
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+) -> subprocess.Popen:
     """Start ``cmd`` in its own session, stdout and stderr to ``log`` (truncated).
 
     ``env`` is the whole environment (default: this process's), telemetry turned off."""
     with open(log, "wb") as out:
-        return subprocess.Popen([str(c) for c in cmd], env=environment(env), cwd=cwd,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            [str(c) for c in cmd],
+            env=environment(env),
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def log_tail(log: Path, chars: int = 3000) -> str:
@@ -83,20 +93,29 @@ def answers(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = READY_TIMEOUT_S,
-               interval: float = 0.3) -> float:  # fmt: skip
+def wait_ready(
+    url: str,
+    proc: subprocess.Popen,
+    log: Path,
+    timeout: float = READY_TIMEOUT_S,
+    interval: float = 0.3,
+) -> float:
     """Poll ``url`` until it answers 200; the seconds it took. RuntimeError with the log's
     tail if the process exits first, TimeoutError with it after ``timeout`` seconds."""
     t0 = time.monotonic()
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"{_name(proc)} exited ({proc.returncode}) before {url} answered; "
-                               f"{log}:\n{log_tail(log)}")  # fmt: skip
+            raise RuntimeError(
+                f"{_name(proc)} exited ({proc.returncode}) before {url} answered; "
+                f"{log}:\n{log_tail(log)}"
+            )
         if answers(url):
             return time.monotonic() - t0
         if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"{_name(proc)} (pid {proc.pid}): {url} not ready in {timeout:g} s; "
-                               f"{log}:\n{log_tail(log)}")  # fmt: skip
+            raise TimeoutError(
+                f"{_name(proc)} (pid {proc.pid}): {url} not ready in {timeout:g} s; "
+                f"{log}:\n{log_tail(log)}"
+            )
         time.sleep(interval)
 
 
@@ -116,9 +135,14 @@ def stop(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
 
 
 @contextlib.contextmanager
-def running(cmd: Sequence[str], log: Path, ready_url: str, env: Mapping[str, str] | None = None,
-            cwd: Path | str | None = None,
-            timeout: float = READY_TIMEOUT_S) -> Iterator[subprocess.Popen]:  # fmt: skip
+def running(
+    cmd: Sequence[str],
+    log: Path,
+    ready_url: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+    timeout: float = READY_TIMEOUT_S,
+) -> Iterator[subprocess.Popen]:
     """``start``, ``wait_ready`` on ``ready_url``, yield the process, then ``stop`` it."""
     proc = start(cmd, log, env, cwd)
     try:
@@ -140,13 +164,30 @@ class Server:
         return self.proc.pid
 
 
-def serve_command(artifact: Path | str, port: int, grpc_port: int = 0, host: str = HOST,
-                  workers: int | None = None, device: str | None = None,
-                  python: str = sys.executable) -> list[str]:  # fmt: skip
+def serve_command(
+    artifact: Path | str,
+    port: int,
+    grpc_port: int = 0,
+    host: str = HOST,
+    workers: int | None = None,
+    device: str | None = None,
+    python: str = sys.executable,
+) -> list[str]:
     """``protonmf serve`` (it execs ``bentoml serve``: the PID started is the server's);
     ``grpc_port`` 0: no gRPC."""
-    cmd = [python, "-m", "protonmf.cli", "serve", str(artifact), "--host", host,
-           "--port", str(port), "--grpc-port", str(grpc_port)]  # fmt: skip
+    cmd = [
+        python,
+        "-m",
+        "protonmf.cli",
+        "serve",
+        str(artifact),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--grpc-port",
+        str(grpc_port),
+    ]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     if device is not None:
@@ -155,9 +196,16 @@ def serve_command(artifact: Path | str, port: int, grpc_port: int = 0, host: str
 
 
 @contextlib.contextmanager
-def serve(artifact: Path | str, workdir: Path, workers: int | None = None,
-          env: Mapping[str, str] | None = None, grpc: bool = True, device: str | None = None,
-          cwd: Path | str | None = None, timeout: float = READY_TIMEOUT_S) -> Iterator[Server]:  # fmt: skip
+def serve(
+    artifact: Path | str,
+    workdir: Path,
+    workers: int | None = None,
+    env: Mapping[str, str] | None = None,
+    grpc: bool = True,
+    device: str | None = None,
+    cwd: Path | str | None = None,
+    timeout: float = READY_TIMEOUT_S,
+) -> Iterator[Server]:
     """``protonmf serve ARTIFACT`` on free loopback ports, ready on /readyz: yields a
     ``Server``, then stops it. ``env`` is added to this process's environment; the server
     gets its own BENTOML_HOME (``workdir/bentoml`` unless ``env`` names one: BentoML empties

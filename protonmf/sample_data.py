@@ -22,7 +22,9 @@ def _package_dir(name: str, what: str) -> Path:
 
 
 def imagenet_photo_files() -> list[Path]:
-    files = sorted((_package_dir("foolbox", "bundled ImageNet photos") / "data").glob("imagenet_*.jpg"))
+    files = sorted(
+        (_package_dir("foolbox", "bundled ImageNet photos") / "data").glob("imagenet_*.jpg")
+    )
     if not files:
         raise FileNotFoundError("no imagenet_*.jpg in foolbox's data folder")
     return files

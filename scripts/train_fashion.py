@@ -30,9 +30,17 @@ from protonmf.artifact import Preprocessing, preprocess  # noqa: E402
 from protonmf.data import read_idx  # noqa: E402
 
 CLASS_NAMES = [
-    "tshirt_top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle_boot",
-]  # fmt: skip
+    "tshirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+]
 ARCH = "resnet18"
 MODEL_ARGS = dict(
     layers=[1, 1, 1, 1],
@@ -43,9 +51,14 @@ MODEL_ARGS = dict(
     num_classes=10,
 )
 PREP = Preprocessing(
-    height=56, width=56, resize=56, color_mode="L", interpolation="bilinear",
-    mean=(0.2860,), std=(0.3530,),
-)  # fmt: skip
+    height=56,
+    width=56,
+    resize=56,
+    color_mode="L",
+    interpolation="bilinear",
+    mean=(0.2860,),
+    std=(0.3530,),
+)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -96,7 +109,10 @@ def main():
     xte_raw = read_idx(d / "t10k-images-idx3-ubyte.gz")
     yte_raw = read_idx(d / "t10k-labels-idx1-ubyte.gz")
     xtr, xte = to_tensor(xtr_raw), to_tensor(xte_raw)
-    ytr, yte = torch.from_numpy(ytr_raw.astype(np.int64)), torch.from_numpy(yte_raw.astype(np.int64))
+    ytr, yte = (
+        torch.from_numpy(ytr_raw.astype(np.int64)),
+        torch.from_numpy(yte_raw.astype(np.int64)),
+    )
 
     model = timm.create_model(ARCH, **MODEL_ARGS)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=5e-4)
@@ -130,10 +146,14 @@ def main():
         model_args=MODEL_ARGS,
         safe_serialization=True,
         data_config=dict(
-            input_size=(1, PREP.height, PREP.width), interpolation=PREP.interpolation,
-            mean=PREP.mean, std=PREP.std, crop_pct=1.0, crop_mode="center",
+            input_size=(1, PREP.height, PREP.width),
+            interpolation=PREP.interpolation,
+            mean=PREP.mean,
+            std=PREP.std,
+            crop_pct=1.0,
+            crop_mode="center",
         ),
-    )  # fmt: skip
+    )
     # save_for_hf inherits resnet18's ImageNet provenance (tag, paper, url): not ours.
     _clean_config(Path(args.out) / "config.json")
     (Path(args.out) / "model.safetensors").chmod(0o644)

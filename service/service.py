@@ -31,18 +31,18 @@ from bentoml.exceptions import BentoMLException
 from PIL import Image
 from starlette.responses import Response
 
-from protonmf.service.rest import bentoml_fixes
 from protonmf.api import schemas as S
 from protonmf.service.engine.options import ExplainOptions
 from protonmf.service.engine.pipeline import Engine
-from protonmf.service.ops.errors import InvalidInput, ServiceError
 from protonmf.service.grpc.server import GrpcServer
-from protonmf.service.rest.guard import RequestGuard
-from protonmf.service.ops.metrics import METRICS
-from protonmf.service.ops.observability import ApiKeys, configure_logging, initialize
 from protonmf.service.oip.rest import V2Root
 from protonmf.service.oip.rest import build_app as build_oip_app
+from protonmf.service.ops.errors import InvalidInput, ServiceError
+from protonmf.service.ops.metrics import METRICS
+from protonmf.service.ops.observability import ApiKeys, configure_logging, initialize
 from protonmf.service.ops.settings import Settings
+from protonmf.service.rest import bentoml_fixes
+from protonmf.service.rest.guard import RequestGuard
 from protonmf.service.rest.webui import app as ui_app
 
 SETTINGS = Settings.from_env()  # the decorator below needs the worker count now
@@ -55,8 +55,12 @@ def _json(body: dict, status: int = 200, headers: dict | None = None) -> Respons
     """JSON encoded once by orjson. Returning a dict made BentoML rebuild the output schema,
     run pydantic's model_dump twice and json.dumps per response: ~2 ms of the event loop
     per /explain image (profiled, 2 vCPUs). NaN/Inf become null."""
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json", headers=headers)  # fmt: skip
+    return Response(
+        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def _error(e: ServiceError) -> Response:
@@ -80,8 +84,7 @@ def _read(images: list[Path], images_base64: list[str]) -> list[bytes]:
         try:
             blobs.append(base64.b64decode(text, validate=True))
         except (binascii.Error, ValueError) as e:
-            raise InvalidInput(f"images_base64[{i}] is not valid base64: {e}",
-                               "bad_base64") from e  # fmt: skip
+            raise InvalidInput(f"images_base64[{i}] is not valid base64: {e}", "bad_base64") from e
     return blobs
 
 
@@ -181,9 +184,12 @@ class ProtoNMFService:
         kind); if asked, a test-time intervention."""
         r = S.ExplainRequest.model_construct(**request)
         options = ExplainOptions(
-            top_k=r.top_k, heatmaps=r.heatmaps, box_percentile=r.box_percentile,
-            interventions=tuple(i.to_core() for i in r.interventions), map_kind=r.map_kind,
-        )  # fmt: skip
+            top_k=r.top_k,
+            heatmaps=r.heatmaps,
+            box_percentile=r.box_percentile,
+            interventions=tuple(i.to_core() for i in r.interventions),
+            map_kind=r.map_kind,
+        )
         return await _answer(_read_then(r, lambda blobs: self.engine.explain(blobs, options)))
 
     @bentoml.api(input_spec=S.OverlayRequest)
@@ -218,9 +224,13 @@ class ProtoNMFService:
 
 ProtoNMFService.add_asgi_middleware(V2Root)  # GET /v2 without Starlette's redirect to /v2/
 ProtoNMFService.add_asgi_middleware(
-    RequestGuard, paths=[f"/{name}" for name in ENDPOINTS], file_fields=["images"],
-    keys=ApiKeys.from_settings(SETTINGS), open_paths=SETTINGS.auth_open_paths.split(","),
-    max_body_bytes=SETTINGS.body_bytes(), body_timeout_s=SETTINGS.body_timeout_s,
+    RequestGuard,
+    paths=[f"/{name}" for name in ENDPOINTS],
+    file_fields=["images"],
+    keys=ApiKeys.from_settings(SETTINGS),
+    open_paths=SETTINGS.auth_open_paths.split(","),
+    max_body_bytes=SETTINGS.body_bytes(),
+    body_timeout_s=SETTINGS.body_timeout_s,
     max_concurrency=SETTINGS.max_concurrency,
     max_parts=SETTINGS.max_images + 16,
-)  # fmt: skip
+)

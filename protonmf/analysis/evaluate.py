@@ -23,13 +23,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from protonmf import explain
 from tqdm import tqdm
 
+from protonmf import explain
 from protonmf.artifact import normalize, resize_crop
 from protonmf.data import load_samples
-
 from protonmf.graph import GraphSession
 
 __all__ = [
@@ -92,7 +90,7 @@ def heldout_samples(manifest: dict, data=None, max_images: int | None = None):
 
 
 def parse_p_list(text: str) -> list[int]:
-    """"1,3,5,10" → [1, 3, 5, 10]; ValueError on anything but positive integers."""
+    """ "1,3,5,10" → [1, 3, 5, 10]; ValueError on anything but positive integers."""
     try:
         ps = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -100,7 +98,6 @@ def parse_p_list(text: str) -> list[int]:
     if not ps or min(ps) < 1:
         raise ValueError(f"--sweep-p needs prototype counts >= 1, got {text!r}")
     return ps
-
 
 
 # --- heads from the pooled features (Table 3) ------------------------------------------------
@@ -138,13 +135,20 @@ def explained_share(manifest: dict, tensors: dict) -> dict:
     """Per class: energy 1 − ‖R‖²/‖V‖² and norm ratio ‖aB‖/‖V‖ (``protonmf.explain``; null
     where V = 0), and their means over the classes where they are defined."""
     energy, ratio = explain.explained_share(tensors, explain.folds(manifest))
-    per_class = {name: {"energy": _number(e), "norm_ratio": _number(r)}
-                 for name, e, r in zip(manifest["classes"], energy, ratio, strict=True)}  # fmt: skip
-    return {"per_class": per_class, "mean_energy": _nan_stat(np.nanmean, energy),
-            "mean_norm_ratio": _nan_stat(np.nanmean, ratio)}  # fmt: skip
+    per_class = {
+        name: {"energy": _number(e), "norm_ratio": _number(r)}
+        for name, e, r in zip(manifest["classes"], energy, ratio, strict=True)
+    }
+    return {
+        "per_class": per_class,
+        "mean_energy": _nan_stat(np.nanmean, energy),
+        "mean_norm_ratio": _nan_stat(np.nanmean, ratio),
+    }
 
 
-def residual_shares_per_image(manifest, tensors, logits, pooled, pred) -> tuple[np.ndarray, np.ndarray]:
+def residual_shares_per_image(
+    manifest, tensors, logits, pooled, pred
+) -> tuple[np.ndarray, np.ndarray]:
     """Per image (N,), the predicted class's residual share of its logit without bias and of
     its margin over the runner-up (``protonmf.explain.residual_shares``; NaN where undefined):
     the service's ``residual_share`` for every image at once."""
@@ -156,10 +160,13 @@ def residual_shares_per_image(manifest, tensors, logits, pooled, pred) -> tuple[
     eps = explain.layer_norm_eps(manifest)
     bias = np.broadcast_to(tensors["bias"].astype(np.float64), logits.shape).copy()
     if eps is not None:  # the LayerNorm head's −μ/σ·ΣV term is bias, as in the service's terms
-        bias -= (f.mean(1) * explain.inv_sigma(f, eps))[:, None] * tensors["class_vectors"].astype(np.float64).sum(1)
+        bias -= (f.mean(1) * explain.inv_sigma(f, eps))[:, None] * tensors["class_vectors"].astype(
+            np.float64
+        ).sum(1)
     r = explain.residual_logits(tensors, explain.folds(manifest), f, eps)  # (N, C)
-    return explain.residual_shares(logits[n, pred], bias[n, pred], r[n, pred],
-                                   logits[n, other], r[n, other])  # fmt: skip
+    return explain.residual_shares(
+        logits[n, pred], bias[n, pred], r[n, pred], logits[n, other], r[n, other]
+    )
 
 
 def residual_share(manifest, tensors, logits, pooled, pred) -> dict:
@@ -241,7 +248,9 @@ def intervention(logits, pred, contributions, coefficients, labels) -> dict:
         "errors": int(wrong.sum()),
         "oracle_fixes": oracle_fixes,
         "heaviest_fixes": heaviest_fixes,
-        "true_runner_up_among_heaviest_fixes": int((wrong & heaviest & (runner_up == labels)).sum()),
+        "true_runner_up_among_heaviest_fixes": int(
+            (wrong & heaviest & (runner_up == labels)).sum()
+        ),
         "top1": correct / n,
         "oracle_top1": (correct + oracle_fixes) / n,
         "heaviest_top1": (correct + heaviest_fixes) / n,
@@ -268,8 +277,17 @@ def _pixel_cells(grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
     return rows[:, None] * W + cols[None, :]
 
 
-def deletion_insertion(crops, saliency, baseline, probs_fn, classes, steps: int,
-                       batch_size: int = 256, p_original=None, p_baseline=None):  # fmt: skip
+def deletion_insertion(
+    crops,
+    saliency,
+    baseline,
+    probs_fn,
+    classes,
+    steps: int,
+    batch_size: int = 256,
+    p_original=None,
+    p_baseline=None,
+):
     """Deletion and insertion curves of saliency orders, (N, steps + 1) each.
 
     crops (N, h, w[, 3]) pixel values; saliency (N, H, W) on the feature grid, cell (i, j)
@@ -328,12 +346,25 @@ def _saliencies(maps, contributions, coefficients, rng) -> dict[str, np.ndarray]
     n = np.arange(len(maps))
     top = contributions.argmax(1)
     weighted = coefficients[:, :, None, None] * maps  # (N, p, H, W)
-    return {"prototype": weighted[n, top], "cam": weighted.sum(1),
-            "random": rng.random(maps[:, 0].shape)}  # fmt: skip
+    return {
+        "prototype": weighted[n, top],
+        "cam": weighted.sum(1),
+        "random": rng.random(maps[:, 0].shape),
+    }
 
 
-def faithfulness(explainer, crops, maps, contributions, pred, p_original, mean_image,
-                 steps: int, batch_size: int, progress: bool) -> dict:  # fmt: skip
+def faithfulness(
+    explainer,
+    crops,
+    maps,
+    contributions,
+    pred,
+    p_original,
+    mean_image,
+    steps: int,
+    batch_size: int,
+    progress: bool,
+) -> dict:
     """Deletion/insertion AUC (mean over images) per baseline and saliency, through the graph."""
     if steps < 2:
         raise ValueError(f"--faith-steps must be >= 2, got {steps}")
@@ -343,8 +374,10 @@ def faithfulness(explainer, crops, maps, contributions, pred, p_original, mean_i
     run_batch = max(batch_size, 128)  # thousands of runs: larger batches run faster
 
     def probs_fn(images):
-        out = [explainer.session.run(["logits"], {name: normalize(images[i : i + run_batch], spec)})[0]
-               for i in range(0, len(images), run_batch)]  # fmt: skip
+        out = [
+            explainer.session.run(["logits"], {name: normalize(images[i : i + run_batch], spec)})[0]
+            for i in range(0, len(images), run_batch)
+        ]
         return _softmax(np.concatenate(out))
 
     coefficients = explainer.tensors["coefficients"][pred]
@@ -352,8 +385,12 @@ def faithfulness(explainer, crops, maps, contributions, pred, p_original, mean_i
     baselines = {"mean": mean_image, "zero": np.zeros_like(mean_image)}
     fractions = np.arange(steps + 1) / steps
     result = {"steps": steps, "n_images": int(len(crops)), "baselines": {}}
-    bar = tqdm(total=len(baselines) * len(saliency) * len(crops), desc="faithfulness",
-               unit="img", disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=len(baselines) * len(saliency) * len(crops),
+        desc="faithfulness",
+        unit="img",
+        disable=not progress,
+    )
     for base_name, base in baselines.items():
         p_base = probs_fn(base[None].astype(np.float32))[0, pred]
         result["baselines"][base_name] = {}
@@ -361,8 +398,17 @@ def faithfulness(explainer, crops, maps, contributions, pred, p_original, mean_i
             dele, ins = [], []
             for s in range(0, len(crops), 64):  # chunks: progress, and memory for big crops
                 sl = slice(s, s + 64)
-                d, i = deletion_insertion(crops[sl], sal[sl], base, probs_fn, pred[sl], steps,
-                                          run_batch, p_original[sl], p_base[sl])  # fmt: skip
+                d, i = deletion_insertion(
+                    crops[sl],
+                    sal[sl],
+                    base,
+                    probs_fn,
+                    pred[sl],
+                    steps,
+                    run_batch,
+                    p_original[sl],
+                    p_base[sl],
+                )
                 dele.append(d)
                 ins.append(i)
                 bar.update(len(crops[sl]))
@@ -407,9 +453,17 @@ def _unavailable(reason: str) -> dict:
     return {"unavailable": reason}
 
 
-def evaluate(artifact, data=None, device="cpu", batch_size=32, progress=True,
-             max_images: int | None = None, faith_steps: int = 10,
-             faith_images: int | None = FAITH_IMAGES, faithfulness_on: bool = True) -> dict:  # fmt: skip
+def evaluate(
+    artifact,
+    data=None,
+    device="cpu",
+    batch_size=32,
+    progress=True,
+    max_images: int | None = None,
+    faith_steps: int = 10,
+    faith_images: int | None = FAITH_IMAGES,
+    faithfulness_on: bool = True,
+) -> dict:
     """Top-1/top-5 accuracy, per-class accuracy, the worst exactness residual, and the
     explanation measures in this module's docstring.
 
@@ -461,8 +515,10 @@ def evaluate(artifact, data=None, device="cpu", batch_size=32, progress=True,
         "provider": explainer.provider,
         "data": str(Path(data).resolve()),
     }
-    no_pooled = ("the graph has no 'pooled' output (an all-class graph before format 4): "
-                 "re-export the artifact with `protonmf export`")  # fmt: skip
+    no_pooled = (
+        "the graph has no 'pooled' output (an all-class graph before format 4): "
+        "re-export the artifact with `protonmf export`"
+    )
     if pooled is None:
         report["ablation"] = _unavailable(no_pooled)
         report["residual_share"] = _unavailable(no_pooled)
@@ -470,8 +526,9 @@ def evaluate(artifact, data=None, device="cpu", batch_size=32, progress=True,
         report["ablation"] = ablation(manifest, tensors, logits, pooled, labels)
         report["residual_share"] = residual_share(manifest, tensors, logits, pooled, pred)
     report["explained_share"] = explained_share(manifest, tensors)
-    report["intervention"] = intervention(logits, pred, contributions, tensors["coefficients"],
-                                          labels)  # fmt: skip
+    report["intervention"] = intervention(
+        logits, pred, contributions, tensors["coefficients"], labels
+    )
     t1 = time.perf_counter()
     if not faithfulness_on:
         report["faithfulness"] = _unavailable("skipped (--no-faithfulness)")
@@ -482,11 +539,21 @@ def evaluate(artifact, data=None, device="cpu", batch_size=32, progress=True,
         p_original = _softmax(logits[rows])[np.arange(len(rows)), pred[rows]]
         mean_image = (pixel_sum / len(samples)).astype(np.float32)
         report["faithfulness"] = faithfulness(
-            explainer, np.concatenate(faith["crops"]), np.concatenate(faith["maps"]),
-            contributions[rows], pred[rows], p_original, mean_image, faith_steps, batch_size,
+            explainer,
+            np.concatenate(faith["crops"]),
+            np.concatenate(faith["maps"]),
+            contributions[rows],
+            pred[rows],
+            p_original,
+            mean_image,
+            faith_steps,
+            batch_size,
             progress,
-        )  # fmt: skip
-    report["seconds"] = {"graph": round(t_main, 2), "faithfulness": round(time.perf_counter() - t1, 2)}
+        )
+    report["seconds"] = {
+        "graph": round(t_main, 2),
+        "faithfulness": round(time.perf_counter() - t1, 2),
+    }
     return report
 
 

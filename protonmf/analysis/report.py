@@ -55,8 +55,13 @@ TEMPLATES = Path(__file__).parent / "templates"
 def _env() -> Environment:
     # autoescape for every template (chart.html included); StrictUndefined: a misspelt
     # field fails the build instead of vanishing from the page.
-    return Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True,
-                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    return Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
 
 
 # --------------------------------------------------------------------------- numbers
@@ -121,8 +126,9 @@ def run_evaluation(artifact, data=None, max_images=None, progress=False) -> tupl
         if "max_images" in params:
             kwargs["max_images"] = max_images
         else:
-            notes.append(f"--max-images {max_images} ignored: this evaluate() evaluates every "
-                         "image")  # fmt: skip
+            notes.append(
+                f"--max-images {max_images} ignored: this evaluate() evaluates every image"
+            )
     try:
         return evaluate(artifact, data, **kwargs), notes
     except FileNotFoundError as e:
@@ -176,8 +182,18 @@ def _legend(series: list[str], left: float, width: float) -> tuple[list[dict], f
         item_w = 20 + _text_w(name)
         if x > left and x + item_w > width - 8:
             x, y = left, y + 15
-        out.append(_el("rect", {"x": f"{x:.0f}", "y": f"{y - 9:.0f}", "width": "10",
-                                "height": "10", "fill": PALETTE[k % len(PALETTE)]}))  # fmt: skip
+        out.append(
+            _el(
+                "rect",
+                {
+                    "x": f"{x:.0f}",
+                    "y": f"{y - 9:.0f}",
+                    "width": "10",
+                    "height": "10",
+                    "fill": PALETTE[k % len(PALETTE)],
+                },
+            )
+        )
         out.append(_el("text", {"x": f"{x + 14:.0f}", "y": f"{y:.0f}"}, name))
         x += item_w + 10
     return out, (y - 30 + 15) if series else 0.0
@@ -193,9 +209,18 @@ def _frame(title: str, plot_w: float, series: list[str], left: int = 48):
 
 def _svg(plot_id: str, width: int, height: float, title: str, elements: list[dict]) -> Markup:
     # Safe as Markup: chart.html is autoescaped, so the labels in it are escaped already.
-    return Markup(_env().get_template("chart.html").render(
-        id=plot_id, width=width, height=f"{height:.0f}", centre=f"{width / 2:.0f}", title=title,
-        elements=elements))  # fmt: skip
+    return Markup(
+        _env()
+        .get_template("chart.html")
+        .render(
+            id=plot_id,
+            width=width,
+            height=f"{height:.0f}",
+            centre=f"{width / 2:.0f}",
+            title=title,
+            elements=elements,
+        )
+    )
 
 
 def _y_scale(lo: float, hi: float, top: float, plot_h: float):
@@ -206,13 +231,20 @@ def _y_axis(lo, hi, y_of, left, right, percent) -> list[dict]:
     out = []
     for t in _ticks(lo, hi):
         y = f"{y_of(t):.1f}"
-        out.append(_el("line", {"class": "grid", "x1": f"{left}", "x2": f"{right:.0f}", "y1": y,
-                                "y2": y}))  # fmt: skip
-        out.append(_el("text", {"x": f"{left - 4}", "y": f"{y_of(t) + 3.5:.1f}",
-                                "text-anchor": "end"}, _tick_label(t, percent)))  # fmt: skip
+        out.append(
+            _el("line", {"class": "grid", "x1": f"{left}", "x2": f"{right:.0f}", "y1": y, "y2": y})
+        )
+        out.append(
+            _el(
+                "text",
+                {"x": f"{left - 4}", "y": f"{y_of(t) + 3.5:.1f}", "text-anchor": "end"},
+                _tick_label(t, percent),
+            )
+        )
     y0 = f"{y_of(0.0) if lo <= 0 <= hi else y_of(lo):.1f}"
-    out.append(_el("line", {"class": "axis", "x1": f"{left}", "x2": f"{right:.0f}", "y1": y0,
-                            "y2": y0}))  # fmt: skip
+    out.append(
+        _el("line", {"class": "axis", "x1": f"{left}", "x2": f"{right:.0f}", "y1": y0, "y2": y0})
+    )
     return out
 
 
@@ -236,38 +268,90 @@ def _bar_layout(labels: list[str], n_series: int) -> _BarLayout:
     return _BarLayout(bar, group_w, longest, longest + 4 > group_w, show_values)
 
 
-def _bars(label: str, values: list, series: list[str], gx: float, lay: _BarLayout, y_of,
-          y0: float, percent: bool) -> list[dict]:  # fmt: skip
+def _bars(
+    label: str,
+    values: list,
+    series: list[str],
+    gx: float,
+    lay: _BarLayout,
+    y_of,
+    y0: float,
+    percent: bool,
+) -> list[dict]:
     """One group's bars from x = ``gx``: n/a for a missing value, the value on the bar when
     there are few, its value in the tooltip."""
     out, bar = [], lay.bar
     for k, v in enumerate(values):
         x, v = gx + k * bar, _num(v)
         if v is None:
-            out.append(_el("text", {"class": "na", "x": f"{x + bar / 2:.1f}", "y": f"{y0 - 3:.1f}",
-                                    "text-anchor": "middle"}, "n/a"))  # fmt: skip
+            out.append(
+                _el(
+                    "text",
+                    {
+                        "class": "na",
+                        "x": f"{x + bar / 2:.1f}",
+                        "y": f"{y0 - 3:.1f}",
+                        "text-anchor": "middle",
+                    },
+                    "n/a",
+                )
+            )
             continue
         y1, y2 = sorted((y_of(v), y0))
-        out.append(_el("rect", {"class": "bar", "x": f"{x + 1:.1f}", "y": f"{y1:.1f}",
-                                "width": f"{bar - 2}", "height": f"{max(y2 - y1, 0.5):.1f}",
-                                "fill": PALETTE[k % len(PALETTE)]},
-                       title=f"{label} · {series[k]}: {_fmt(v, percent)}"))  # fmt: skip
+        out.append(
+            _el(
+                "rect",
+                {
+                    "class": "bar",
+                    "x": f"{x + 1:.1f}",
+                    "y": f"{y1:.1f}",
+                    "width": f"{bar - 2}",
+                    "height": f"{max(y2 - y1, 0.5):.1f}",
+                    "fill": PALETTE[k % len(PALETTE)],
+                },
+                title=f"{label} · {series[k]}: {_fmt(v, percent)}",
+            )
+        )
         if lay.show_values:
             ty = y1 - 3 if v >= 0 else y2 + 10
-            out.append(_el("text", {"class": "value", "x": f"{x + bar / 2:.1f}", "y": f"{ty:.1f}",
-                                    "text-anchor": "middle"}, _fmt(v, percent)))  # fmt: skip
+            out.append(
+                _el(
+                    "text",
+                    {
+                        "class": "value",
+                        "x": f"{x + bar / 2:.1f}",
+                        "y": f"{ty:.1f}",
+                        "text-anchor": "middle",
+                    },
+                    _fmt(v, percent),
+                )
+            )
     return out
 
 
 def _group_label(label: str, cx: float, y: float, rotate: bool) -> dict:
     if rotate:
-        return _el("text", {"x": f"{cx + 3:.1f}", "y": f"{y:.1f}", "text-anchor": "end",
-                            "transform": f"rotate(-45 {cx + 3:.1f} {y:.1f})"}, label)  # fmt: skip
+        return _el(
+            "text",
+            {
+                "x": f"{cx + 3:.1f}",
+                "y": f"{y:.1f}",
+                "text-anchor": "end",
+                "transform": f"rotate(-45 {cx + 3:.1f} {y:.1f})",
+            },
+            label,
+        )
     return _el("text", {"x": f"{cx:.1f}", "y": f"{y:.1f}", "text-anchor": "middle"}, label)
 
 
-def bar_chart(plot_id: str, title: str, groups: list[tuple[str, list]], series: list[str],
-              percent: bool = False, ceil: float | None = None) -> Markup:  # fmt: skip
+def bar_chart(
+    plot_id: str,
+    title: str,
+    groups: list[tuple[str, list]],
+    series: list[str],
+    percent: bool = False,
+    ceil: float | None = None,
+) -> Markup:
     """Grouped bars: ``groups`` = [(label, [value per series])]; None values are left out
     (marked n/a). Negative values go below the zero line. Values are printed on the bars
     when there are few; each bar's tooltip has its value."""
@@ -294,12 +378,25 @@ def _lines(series: dict[str, list], xs: list, x_of, y_of, percent: bool) -> list
     out = []
     for k, (name, vs) in enumerate(series.items()):
         colour = PALETTE[k % len(PALETTE)]
-        pts = [(x_of(a), y_of(_num(b)), a, b) for a, b in zip(xs, vs, strict=False)
-               if a is not None and _num(b) is not None]  # fmt: skip
+        pts = [
+            (x_of(a), y_of(_num(b)), a, b)
+            for a, b in zip(xs, vs, strict=False)
+            if a is not None and _num(b) is not None
+        ]
         if len(pts) > 1:
             path = " ".join(f"{px:.1f},{py:.1f}" for px, py, _, _ in pts)
-            out.append(_el("polyline", {"class": "line", "points": path, "fill": "none",
-                                        "stroke": colour, "stroke-width": "2"}))  # fmt: skip
+            out.append(
+                _el(
+                    "polyline",
+                    {
+                        "class": "line",
+                        "points": path,
+                        "fill": "none",
+                        "stroke": colour,
+                        "stroke-width": "2",
+                    },
+                )
+            )
         if len(pts) <= 40:
             out += [
                 _el(
@@ -312,8 +409,15 @@ def _lines(series: dict[str, list], xs: list, x_of, y_of, percent: bool) -> list
     return out
 
 
-def line_chart(plot_id: str, title: str, x: list, series: dict[str, list], xlabel: str = "",
-               percent: bool = False, ceil: float | None = None) -> Markup:  # fmt: skip
+def line_chart(
+    plot_id: str,
+    title: str,
+    x: list,
+    series: dict[str, list],
+    xlabel: str = "",
+    percent: bool = False,
+    ceil: float | None = None,
+) -> Markup:
     """Lines with markers over numeric x; None points are skipped."""
     xs = [_num(v) for v in x]
     lo, hi = _range([_num(v) for vs in series.values() for v in vs], ceil=ceil)
@@ -331,11 +435,25 @@ def line_chart(plot_id: str, title: str, x: list, series: dict[str, list], xlabe
     out = legend + _y_axis(lo, hi, y_of, left, left + plot_w, percent)
     x_ticks = sorted(set(v for v in xs if v is not None)) if len(xs) <= 10 else None
     for t in x_ticks or _ticks(x_lo, x_hi, 6):
-        out.append(_el("text", {"x": f"{x_of(t):.1f}", "y": f"{top + plot_h + 14:.0f}",
-                                "text-anchor": "middle"}, f"{t:.3g}"))  # fmt: skip
+        out.append(
+            _el(
+                "text",
+                {"x": f"{x_of(t):.1f}", "y": f"{top + plot_h + 14:.0f}", "text-anchor": "middle"},
+                f"{t:.3g}",
+            )
+        )
     if xlabel:
-        out.append(_el("text", {"x": f"{left + plot_w / 2:.0f}", "y": f"{top + plot_h + 30:.0f}",
-                                "text-anchor": "middle"}, xlabel))  # fmt: skip
+        out.append(
+            _el(
+                "text",
+                {
+                    "x": f"{left + plot_w / 2:.0f}",
+                    "y": f"{top + plot_h + 30:.0f}",
+                    "text-anchor": "middle",
+                },
+                xlabel,
+            )
+        )
     out += _lines(series, xs, x_of, y_of, percent)
     return _svg(plot_id, width, top + plot_h + 36, title, out)
 
@@ -344,10 +462,16 @@ def line_chart(plot_id: str, title: str, x: list, series: dict[str, list], xlabe
 
 # Heat colours for the presence maps: blue (low) → yellow → red (the strip's peak); low
 # presence is also nearly transparent, so the image shows through where the prototype is not.
-_STOPS = np.array([[49, 54, 149], [116, 173, 209], [254, 224, 144], [244, 109, 67],
-                   [165, 0, 38]], np.float64)  # fmt: skip
-_LUT = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_STOPS)), _STOPS[:, k])
-                 for k in range(3)], 1).astype(np.uint8)  # fmt: skip
+_STOPS = np.array(
+    [[49, 54, 149], [116, 173, 209], [254, 224, 144], [244, 109, 67], [165, 0, 38]], np.float64
+)
+_LUT = np.stack(
+    [
+        np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_STOPS)), _STOPS[:, k])
+        for k in range(3)
+    ],
+    1,
+).astype(np.uint8)
 CSS_GRADIENT = ",".join("#" + "".join(f"{int(x):02x}" for x in c) for c in _STOPS)
 
 
@@ -360,8 +484,9 @@ def overlay_png(thumb: np.ndarray, presence: np.ndarray, vmax: float) -> str:
     img = Image.fromarray(thumb).convert("RGB")
     if max(img.size) > THUMB_MAX:
         scale = THUMB_MAX / max(img.size)
-        img = img.resize((round(img.width * scale), round(img.height * scale)),
-                         Image.Resampling.LANCZOS)  # fmt: skip
+        img = img.resize(
+            (round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS
+        )
     level = np.clip(np.nan_to_num(presence, nan=0.0) / max(vmax, 1e-12), 0.0, 1.0)
     heat = Image.fromarray(level.astype(np.float32), mode="F").resize(
         img.size, Image.Resampling.BILINEAR
@@ -387,9 +512,15 @@ def exemplar_strip(ex, c: int, i: int, kind: str) -> dict:
     for s in used:
         u = int(slots[s])
         source = ex.sources[u] if u < len(ex.sources) else f"#{u}"
-        cells.append({"slot": s, "src": overlay_png(ex.thumbnails[u], maps[s], vmax),
-                      "tip": f"{source} — peak presence {_fmt(scores[s])}",
-                      "score": _fmt(scores[s]), "name": Path(source).name})  # fmt: skip
+        cells.append(
+            {
+                "slot": s,
+                "src": overlay_png(ex.thumbnails[u], maps[s], vmax),
+                "tip": f"{source} — peak presence {_fmt(scores[s])}",
+                "score": _fmt(scores[s]),
+                "name": Path(source).name,
+            }
+        )
     return {"kind": kind, "c": c, "i": i, "scale": f"{vmax:.6g}", "cells": cells}
 
 
@@ -446,25 +577,45 @@ def _render_ablation(v: dict) -> list:
     groups = [(lab, [v.get(k)]) for k, lab in zip(names, labels, strict=True)]
     extra = {k: x for k, x in v.items() if k not in names}
     n = f" on {_fmt(v.get('n_images'))} images" if "n_images" in v else ""
-    plot = bar_chart("plot-ablation", f"Top-1 with part of the head{n}", groups, ["top-1"],
-                     percent=True, ceil=1.0)  # fmt: skip
+    plot = bar_chart(
+        "plot-ablation",
+        f"Top-1 with part of the head{n}",
+        groups,
+        ["top-1"],
+        percent=True,
+        ceil=1.0,
+    )
     return [_plots(plot)] + ([_kv(extra)] if extra else [])
 
 
 def _render_explained_share(v: dict, source: str = "evaluation") -> list:
     per_class = v.get("per_class") or {}
-    groups = [(name, [d.get("energy"), d.get("norm_ratio")]) for name, d in per_class.items()
-              if isinstance(d, dict)]  # fmt: skip
+    groups = [
+        (name, [d.get("energy"), d.get("norm_ratio")])
+        for name, d in per_class.items()
+        if isinstance(d, dict)
+    ]
     chart = None
     if len(groups) > 60:  # one bar per class stops being readable: the sorted distribution
         energy = sorted((_num(e) for _, (e, _n) in groups if _num(e) is not None), reverse=True)
-        chart = line_chart("plot-explained-share", "NMF share of V's energy, classes sorted",
-                           list(range(1, len(energy) + 1)), {"energy": energy},
-                           xlabel="class rank", percent=True, ceil=1.0)  # fmt: skip
+        chart = line_chart(
+            "plot-explained-share",
+            "NMF share of V's energy, classes sorted",
+            list(range(1, len(energy) + 1)),
+            {"energy": energy},
+            xlabel="class rank",
+            percent=True,
+            ceil=1.0,
+        )
     elif groups:
-        chart = bar_chart("plot-explained-share", "NMF share of the class vector, per class",
-                          groups, ["energy 1−‖R‖²/‖V‖²", "norm ‖aB‖/‖V‖"], percent=True,
-                          ceil=1.0)  # fmt: skip
+        chart = bar_chart(
+            "plot-explained-share",
+            "NMF share of the class vector, per class",
+            groups,
+            ["energy 1−‖R‖²/‖V‖²", "norm ‖aB‖/‖V‖"],
+            percent=True,
+            ceil=1.0,
+        )
     table = _kv({k: x for k, x in v.items() if k != "per_class"})
     return [_plots(table, chart, {"kind": "caption", "text": f"from {source}"})]
 
@@ -472,15 +623,23 @@ def _render_explained_share(v: dict, source: str = "evaluation") -> list:
 def _render_residual_share(v: dict) -> list:
     keys = ["logit_mean", "logit_median", "margin_mean", "margin_median"]
     groups = [(k.replace("_", " "), [v.get(k)]) for k in keys]
-    plot = bar_chart("plot-residual-share", "Residual share of the predicted class", groups,
-                     ["share"], percent=True)  # fmt: skip
+    plot = bar_chart(
+        "plot-residual-share",
+        "Residual share of the predicted class",
+        groups,
+        ["share"],
+        percent=True,
+    )
     extra = {k: x for k, x in v.items() if k not in keys}
     return [_plots(plot, _kv(extra) if extra else None)]
 
 
 def _render_intervention(v: dict) -> list:
-    rates = [("top-1", v.get("top1")), ("oracle top-1", v.get("oracle_top1")),
-             ("top-2", v.get("top2_accuracy"))]  # fmt: skip
+    rates = [
+        ("top-1", v.get("top1")),
+        ("oracle top-1", v.get("oracle_top1")),
+        ("top-2", v.get("top2_accuracy")),
+    ]
     counts = ["errors", "oracle_fixes", "heaviest_fixes", "true_runner_up_among_heaviest_fixes"]
     plots = [
         bar_chart(
@@ -493,9 +652,14 @@ def _render_intervention(v: dict) -> list:
         )
     ]
     if any(_num(v.get(k)) is not None for k in counts):
-        plots.append(bar_chart("plot-intervention-counts", "Wrong predictions and fixes",
-                               [(k.replace("_", " "), [v.get(k)]) for k in counts[:3]],
-                               ["images"]))  # fmt: skip
+        plots.append(
+            bar_chart(
+                "plot-intervention-counts",
+                "Wrong predictions and fixes",
+                [(k.replace("_", " "), [v.get(k)]) for k in counts[:3]],
+                ["images"],
+            )
+        )
     return [_plots(*plots, _kv(v))]
 
 
@@ -510,10 +674,15 @@ def _faithfulness_curves(baseline: str, methods: dict) -> list[Markup]:
     plots = []
     for k, lines in kinds.items():
         n = max(len(x) for x in lines.values())
-        plots.append(line_chart(f"plot-faithfulness-{baseline}-{k}",
-                                f"{k.replace('_', ' ')}, {baseline} baseline",
-                                [j / max(n - 1, 1) for j in range(n)], lines,
-                                xlabel="fraction of pixels"))  # fmt: skip
+        plots.append(
+            line_chart(
+                f"plot-faithfulness-{baseline}-{k}",
+                f"{k.replace('_', ' ')}, {baseline} baseline",
+                [j / max(n - 1, 1) for j in range(n)],
+                lines,
+                xlabel="fraction of pixels",
+            )
+        )
     return plots
 
 
@@ -525,11 +694,20 @@ def _render_faithfulness(v: dict) -> list:
         if reason is not None:
             plots.append({"kind": "unavailable", "text": f"baseline {b}: {reason}"})
             continue
-        groups = [(m, [d.get("deletion_auc"), d.get("insertion_auc")]) if isinstance(d, dict)
-                  else (m, [None, None]) for m, d in methods.items()]  # fmt: skip
-        plots.append(bar_chart(f"plot-faithfulness-{b}", f"Deletion / insertion AUC, {b} baseline",
-                               groups, ["deletion AUC (lower better)",
-                                        "insertion AUC (higher better)"]))  # fmt: skip
+        groups = [
+            (m, [d.get("deletion_auc"), d.get("insertion_auc")])
+            if isinstance(d, dict)
+            else (m, [None, None])
+            for m, d in methods.items()
+        ]
+        plots.append(
+            bar_chart(
+                f"plot-faithfulness-{b}",
+                f"Deletion / insertion AUC, {b} baseline",
+                groups,
+                ["deletion AUC (lower better)", "insertion AUC (higher better)"],
+            )
+        )
         curves += _faithfulness_curves(b, methods)
     scalars = {k: x for k, x in v.items() if k != "baselines"}
     return [_plots(*plots, *curves)] + ([_kv(scalars)] if scalars else [])
@@ -539,16 +717,35 @@ def _render_sweep(v: list) -> list:
     rows = [r for r in v if isinstance(r, dict)]
     ps = [r.get("p") for r in rows]
     errors = {k: [r.get(k) for r in rows] for k in ("feature_rel_error", "head_rel_error")}
-    tops = {k.replace("_top1", ""): [r.get(k) for r in rows]
-            for k in ("nmf_only_top1", "residual_only_top1", "augmented_top1")}  # fmt: skip
-    plots = _plots(line_chart("plot-sweep-errors", "Reconstruction error vs p (Fig. 5)", ps,
-                              errors, xlabel="prototypes per class p"),
-                   line_chart("plot-sweep-top1", "Top-1 vs p (Table 3)", ps, tops,
-                              xlabel="prototypes per class p", percent=True, ceil=1.0))  # fmt: skip
+    tops = {
+        k.replace("_top1", ""): [r.get(k) for r in rows]
+        for k in ("nmf_only_top1", "residual_only_top1", "augmented_top1")
+    }
+    plots = _plots(
+        line_chart(
+            "plot-sweep-errors",
+            "Reconstruction error vs p (Fig. 5)",
+            ps,
+            errors,
+            xlabel="prototypes per class p",
+        ),
+        line_chart(
+            "plot-sweep-top1",
+            "Top-1 vs p (Table 3)",
+            ps,
+            tops,
+            xlabel="prototypes per class p",
+            percent=True,
+            ceil=1.0,
+        ),
+    )
     if not rows:
         return [plots]
-    grid = {"kind": "grid", "head": [str(k) for k in rows[0]],
-            "rows": [[_fmt(x, "top1" in k) for k, x in r.items()] for r in rows]}  # fmt: skip
+    grid = {
+        "kind": "grid",
+        "head": [str(k) for k in rows[0]],
+        "rows": [[_fmt(x, "top1" in k) for k, x in r.items()] for r in rows],
+    }
     return [plots, grid]
 
 
@@ -557,9 +754,18 @@ def _render_accuracy(ev: dict) -> list:
     out = [_kv(scalars, "eval-scalars")]
     per_class = ev.get("per_class_top1")
     if isinstance(per_class, dict) and per_class and len(per_class) <= 60:
-        out.append(_plots(bar_chart("plot-per-class-top1", "Top-1 per class",
-                                    [(k, [x]) for k, x in per_class.items()], ["top-1"],
-                                    percent=True, ceil=1.0)))  # fmt: skip
+        out.append(
+            _plots(
+                bar_chart(
+                    "plot-per-class-top1",
+                    "Top-1 per class",
+                    [(k, [x]) for k, x in per_class.items()],
+                    ["top-1"],
+                    percent=True,
+                    ceil=1.0,
+                )
+            )
+        )
     return out
 
 
@@ -605,8 +811,10 @@ def _evaluation(ev: dict, shares: dict, classes: list[str], notes: list[str]) ->
         blocks.append(_block("accuracy", "Accuracy", _render_accuracy(ev)))
     else:
         ev = {}
-    blocks += [_eval_block(key, title, render, ev.get(key), shares, classes)
-               for key, title, render in EVAL_BLOCKS]  # fmt: skip
+    blocks += [
+        _eval_block(key, title, render, ev.get(key), shares, classes)
+        for key, title, render in EVAL_BLOCKS
+    ]
     other = {k: v for k, v in ev.items() if k not in _SHOWN and isinstance(v, (dict, list))}
     if other:
         blocks.append(_block("other", "Other evaluation keys", [_kv(other)]))
@@ -756,8 +964,12 @@ def reading(ev: dict, manifest: dict, shares: dict, folds: list) -> list[tuple[s
 
 # --------------------------------------------------------------------------- atlas
 
-_SUMMARY_KEYS = (("n_images", "images"), ("sum_a_ratio", "|Σa|/‖a‖₁"),
-                 ("feature_rel_error", "feature error"), ("head_rel_error", "‖R‖/‖V‖"))  # fmt: skip
+_SUMMARY_KEYS = (
+    ("n_images", "images"),
+    ("sum_a_ratio", "|Σa|/‖a‖₁"),
+    ("feature_rel_error", "feature error"),
+    ("head_rel_error", "‖R‖/‖V‖"),
+)
 
 
 def _class_summary(d: dict, c: int, shares: dict, bias: float) -> str:
@@ -775,8 +987,9 @@ def _prototype_meta(t: dict, c: int, i: int, fold: str, share: float) -> list[tu
     """The numbers beside one prototype's strips (``t``: the tensors as float64)."""
     a, B, Bp, V, w = t["a"], t["B"], t["Bp"], t["V"], t["w"]
     whole = fold in WHOLE_VECTOR_FOLDS  # b is V itself: no NMF part to compare
-    cos = float(B[c, i] @ Bp[c, i] / max(np.linalg.norm(B[c, i]) * np.linalg.norm(Bp[c, i]),
-                                         1e-300))  # fmt: skip
+    cos = float(
+        B[c, i] @ Bp[c, i] / max(np.linalg.norm(B[c, i]) * np.linalg.norm(Bp[c, i]), 1e-300)
+    )
     carried = abs(a[c, i]) * np.linalg.norm(B[c, i]) / max(np.linalg.norm(V[c]), 1e-300)
     return [
         ("coefficient a", _fmt(a[c, i])),
@@ -790,27 +1003,48 @@ def _prototype_meta(t: dict, c: int, i: int, fold: str, share: float) -> list[tu
 
 def _prototype(t: dict, ex, c: int, i: int, fold: str, share: float) -> dict:
     kinds = ex.kinds if ex is not None else ()
-    return {"i": i, "meta": _prototype_meta(t, c, i, fold, share),
-            "augmented": exemplar_strip(ex, c, i, "augmented") if "augmented" in kinds else None,
-            "nmf": exemplar_strip(ex, c, i, "nmf") if "nmf" in kinds else None}  # fmt: skip
+    return {
+        "i": i,
+        "meta": _prototype_meta(t, c, i, fold, share),
+        "augmented": exemplar_strip(ex, c, i, "augmented") if "augmented" in kinds else None,
+        "nmf": exemplar_strip(ex, c, i, "nmf") if "nmf" in kinds else None,
+    }
 
 
-def _atlas(manifest: dict, tensors: dict, ex, shares: dict, folds: list,
-           classes: list[int]) -> dict:  # fmt: skip
+def _atlas(
+    manifest: dict, tensors: dict, ex, shares: dict, folds: list, classes: list[int]
+) -> dict:
     """The context of templates/atlas.html: per selected class its summary and prototypes."""
     names = manifest["classes"]
     per_class = manifest.get("diagnostics", {}).get("per_class") or [{}] * len(names)
-    t = {k: np.asarray(tensors[name], np.float64) for k, name in
-         (("a", "coefficients"), ("B", "nmf_prototypes"), ("Bp", "prototypes"), ("V", "class_vectors"))}  # fmt: skip
+    t = {
+        k: np.asarray(tensors[name], np.float64)
+        for k, name in (
+            ("a", "coefficients"),
+            ("B", "nmf_prototypes"),
+            ("Bp", "prototypes"),
+            ("V", "class_vectors"),
+        )
+    }
     t["w"] = tensors.get("fold_weights")
     out = []
     for c in classes:
         fold = folds[c] or "?"
-        summary = _class_summary(per_class[c] if c < len(per_class) else {}, c, shares,
-                                 tensors["bias"][c])  # fmt: skip
-        out.append({"c": c, "name": names[c], "fold": fold, "summary": summary,
-                    "prototypes": [_prototype(t, ex, c, i, fold, shares["energy"][c])
-                                   for i in range(t["a"].shape[1])]})  # fmt: skip
+        summary = _class_summary(
+            per_class[c] if c < len(per_class) else {}, c, shares, tensors["bias"][c]
+        )
+        out.append(
+            {
+                "c": c,
+                "name": names[c],
+                "fold": fold,
+                "summary": summary,
+                "prototypes": [
+                    _prototype(t, ex, c, i, fold, shares["energy"][c])
+                    for i in range(t["a"].shape[1])
+                ],
+            }
+        )
     return {"m": ex.m if ex is not None else None, "gradient": CSS_GRADIENT, "classes": out}
 
 
@@ -834,8 +1068,10 @@ def _select_classes(names: list[str], wanted: list[str] | None) -> list[int]:
 def _folds(manifest: dict) -> list[str | None]:
     """Each class's fold from the manifest's diagnostics (None where it says nothing)."""
     per_class = manifest.get("diagnostics", {}).get("per_class") or []
-    return [(per_class[c].get("fold") if c < len(per_class) else None)
-            for c in range(len(manifest["classes"]))]  # fmt: skip
+    return [
+        (per_class[c].get("fold") if c < len(per_class) else None)
+        for c in range(len(manifest["classes"]))
+    ]
 
 
 def _artifact_meta(artifact: Path, manifest: dict, ex) -> list[tuple[str, str]]:
@@ -848,18 +1084,27 @@ def _artifact_meta(artifact: Path, manifest: dict, ex) -> list[tuple[str, str]]:
         "backbone": f"{backbone.get('architecture')} ({backbone.get('model')})",
         "head": manifest.get("head", {}).get("kind"),
         "classes": f"{len(manifest['classes'])} ({diag.get('classes_explained', '?')} explained "
-                   "by prototypes)",
+        "by prototypes)",
         "prototypes": f"p = {manifest.get('p')} per class, features {manifest.get('feature_dim')}"
-                      f" × {'×'.join(map(str, manifest.get('feature_grid', [])))}",
+        f" × {'×'.join(map(str, manifest.get('feature_grid', [])))}",
         "rebuild": f"max ‖Σa b′ − V‖/‖V‖ = {_fmt(diag.get('max_rebuild_rel_error'))}",
-        "exemplars": (f"{ex.m} per prototype, kinds {', '.join(ex.kinds)}, "
-                      f"{len(ex.thumbnails)} images" if ex is not None else "none"),
-    }  # fmt: skip
+        "exemplars": (
+            f"{ex.m} per prototype, kinds {', '.join(ex.kinds)}, {len(ex.thumbnails)} images"
+            if ex is not None
+            else "none"
+        ),
+    }
     return [(k, str(v)) for k, v in meta.items()]
 
 
-def build_report(artifact, data=None, max_images=None, evaluation: dict | None = None,
-                 classes: list[str] | None = None, progress: bool = False) -> str:  # fmt: skip
+def build_report(
+    artifact,
+    data=None,
+    max_images=None,
+    evaluation: dict | None = None,
+    classes: list[str] | None = None,
+    progress: bool = False,
+) -> str:
     """The report page as a string. ``evaluation``: a saved ``evaluate`` dict (e.g. one with
     a p-sweep); None runs ``service.evaluate.evaluate`` on ``data`` (default: the
     artifact's held-out images). ``classes``: names or indices for the atlas (default all)."""

@@ -40,8 +40,15 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-__all__ = ["RENAMES", "RESHAPED", "body_key", "from_message", "model_info_from_message",
-           "model_info_message", "to_message"]  # fmt: skip
+__all__ = [
+    "RENAMES",
+    "RESHAPED",
+    "body_key",
+    "from_message",
+    "model_info_from_message",
+    "model_info_message",
+    "to_message",
+]
 
 # proto field name → JSON key, wherever the field appears (the .proto's json_name; a test
 # checks the two agree)
@@ -168,8 +175,10 @@ def _decoder(descriptor: Descriptor) -> Callable[[Message], dict]:
 
 def _build_decoder(descriptor: Descriptor) -> Callable[[Message], dict]:
     plan: list[tuple[str, str, bool, Callable | None]] = []
-    reshape = [(body_key(descriptor.fields_by_name[f]), body_key(descriptor.fields_by_name[s]))
-               for f, s in RESHAPED.get(descriptor.full_name, {}).items()]  # fmt: skip
+    reshape = [
+        (body_key(descriptor.fields_by_name[f]), body_key(descriptor.fields_by_name[s]))
+        for f, s in RESHAPED.get(descriptor.full_name, {}).items()
+    ]
 
     def decode(message: Message) -> dict:
         body = {}
@@ -247,16 +256,22 @@ def _float32_dict(values: Mapping) -> dict:
 # --- ModelInfoResponse: the /model body as JSON, plus a few of its fields ---------------
 
 
-def model_info_message(info: Mapping[str, Any], message_class: type[Message] | None = None
-                       ) -> Message:  # fmt: skip
+def model_info_message(
+    info: Mapping[str, Any], message_class: type[Message] | None = None
+) -> Message:
     """The /model body → ModelInfoResponse: ``json`` is the body; ``classes``, ``p``,
     ``provider`` are its own; ``model_sha256`` and ``format_version`` its ``artifact``'s."""
     if message_class is None:
         from protonmf.api.proto.protonmf.v1.protonmf_pb2 import ModelInfoResponse as message_class
     artifact = info["artifact"]
-    return message_class(json=json.dumps(info), classes=info["classes"], p=info["p"],
-                         provider=info["provider"], model_sha256=artifact["model_sha256"] or "",
-                         format_version=artifact["format_version"])  # fmt: skip
+    return message_class(
+        json=json.dumps(info),
+        classes=info["classes"],
+        p=info["p"],
+        provider=info["provider"],
+        model_sha256=artifact["model_sha256"] or "",
+        format_version=artifact["format_version"],
+    )
 
 
 def model_info_from_message(message: Message) -> dict[str, Any]:

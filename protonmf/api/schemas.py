@@ -95,61 +95,127 @@ _HEATMAP = {
     "shape": [2, 2],
     "values": [[0.1, 0.7], [0.0, 0.2]],
     "peak": {"row": 0, "col": 1},
-    "box": {"percentile": 90.0, "feature": {"top": 0, "left": 1, "bottom": 1, "right": 2},
-            "input": {"top": 0.0, "left": 28.0, "bottom": 28.0, "right": 56.0}},  # fmt: skip
+    "box": {
+        "percentile": 90.0,
+        "feature": {"top": 0, "left": 1, "bottom": 1, "right": 2},
+        "input": {"top": 0.0, "left": 28.0, "bottom": 28.0, "right": 56.0},
+    },
 }
 _PROTOTYPE_EXPLANATION = {
-    "prototype": 0, "coefficient": 0.11, "score": 41.2, "contribution": 4.53,
-    "nmf_contribution": 4.1, "residual_contribution": 0.43, "share_of_logit": 0.52,
-    "exemplars": [_EXEMPLAR], "heatmap": _HEATMAP,
-}  # fmt: skip
+    "prototype": 0,
+    "coefficient": 0.11,
+    "score": 41.2,
+    "contribution": 4.53,
+    "nmf_contribution": 4.1,
+    "residual_contribution": 0.43,
+    "share_of_logit": 0.52,
+    "exemplars": [_EXEMPLAR],
+    "heatmap": _HEATMAP,
+}
 _CLASS_EXPLANATION = {
-    "class": "bag", "index": 8, "description": None, "logit": 8.71, "probability": 0.97,
-    "bias": 0.12, "exactness_gap": 1.9e-06,
+    "class": "bag",
+    "index": 8,
+    "description": None,
+    "logit": 8.71,
+    "probability": 0.97,
+    "bias": 0.12,
+    "exactness_gap": 1.9e-06,
     "residual_share": {"logit": 0.08, "margin": 0.05, "versus": "sandal"},
     "prototypes": [_PROTOTYPE_EXPLANATION],
-}  # fmt: skip
+}
 _SCORE = {"class": "bag", "index": 8, "logit": 8.71, "probability": 0.97}
 _INTERVENTION_RESULT = {
     "switched_off": [{"class": "bag", "prototype": 0}],
     "logits": {"bag": 4.18},
     "top_k": [{"class": "sandal", "index": 5, "logit": 5.02, "probability": 0.61}],
-    "prediction_before": "bag", "prediction_after": "sandal", "prediction_changed": True,
-}  # fmt: skip
+    "prediction_before": "bag",
+    "prediction_after": "sandal",
+    "prediction_changed": True,
+}
 _EXPLANATION = {"top_k": [_CLASS_EXPLANATION], "exactness": 2.2e-07, "intervention": None}
-_PROTOTYPE_INFO = {"prototype": 0, "coefficient": 0.11, "fold_weight": 0.4,
-                   "exemplars": {"augmented": [_EXEMPLAR], "nmf": [_EXEMPLAR]}}  # fmt: skip
-_CLASS_PROTOTYPES = {"class": "bag", "index": 8, "explained": True, "fold": "sum",
-                     "explained_share": {"energy": 0.93, "norm_ratio": 0.97},
-                     "prototypes": [_PROTOTYPE_INFO]}  # fmt: skip
-_PREPROCESSING = {"height": 56, "width": 56, "resize": 56, "color_mode": "L",
-                  "interpolation": "bilinear", "mean": [0.286], "std": [0.353]}  # fmt: skip
-_LIMITS = {"max_bytes": 8388608, "max_pixels": 24000000, "min_side": 8, "max_side": 16384,
-           "max_aspect": 32, "max_raster_bytes": 67108864, "max_scans": 64,
-           "max_decode_ms": 3000, "max_images": 16, "max_interventions": 64,
-           "jpeg_draft": False}  # fmt: skip
-_ARTIFACT = {"format_version": 4, "protonmf_version": "0.1.0",
-             "created": "2025-01-01T12:00:00+00:00", "model_sha256": "fe56b36f…",
-             "prototypes_sha256": "88531cd0…"}  # fmt: skip
-_EXEMPLARS_INFO = {"file": "exemplars.safetensors", "m": 8, "kinds": ["augmented", "nmf"],
-                   "ranking": "peak", "images": 323}  # fmt: skip
+_PROTOTYPE_INFO = {
+    "prototype": 0,
+    "coefficient": 0.11,
+    "fold_weight": 0.4,
+    "exemplars": {"augmented": [_EXEMPLAR], "nmf": [_EXEMPLAR]},
+}
+_CLASS_PROTOTYPES = {
+    "class": "bag",
+    "index": 8,
+    "explained": True,
+    "fold": "sum",
+    "explained_share": {"energy": 0.93, "norm_ratio": 0.97},
+    "prototypes": [_PROTOTYPE_INFO],
+}
+_PREPROCESSING = {
+    "height": 56,
+    "width": 56,
+    "resize": 56,
+    "color_mode": "L",
+    "interpolation": "bilinear",
+    "mean": [0.286],
+    "std": [0.353],
+}
+_LIMITS = {
+    "max_bytes": 8388608,
+    "max_pixels": 24000000,
+    "min_side": 8,
+    "max_side": 16384,
+    "max_aspect": 32,
+    "max_raster_bytes": 67108864,
+    "max_scans": 64,
+    "max_decode_ms": 3000,
+    "max_images": 16,
+    "max_interventions": 64,
+    "jpeg_draft": False,
+}
+_ARTIFACT = {
+    "format_version": 4,
+    "protonmf_version": "0.1.0",
+    "created": "2025-01-01T12:00:00+00:00",
+    "model_sha256": "fe56b36f…",
+    "prototypes_sha256": "88531cd0…",
+}
+_EXEMPLARS_INFO = {
+    "file": "exemplars.safetensors",
+    "m": 8,
+    "kinds": ["augmented", "nmf"],
+    "ranking": "peak",
+    "images": 323,
+}
 _MODEL_INFO = {
-    "classes": ["sandal", "bag"], "class_descriptions": None, "p": 1,
+    "classes": ["sandal", "bag"],
+    "class_descriptions": None,
+    "p": 1,
     "coefficients": [[0.09], [0.11]],
-    "prototypes": [{"class": "sandal", "explained": True, "fold": "sum", "n_images": 200},
-                   {"class": "bag", "explained": True, "fold": "sum", "n_images": 200}],
-    "feature_grid": [7, 7], "heatmap_classes": 2, "map_kinds": ["similarity", "contribution"],
-    "residual_split": True, "exemplars": _EXEMPLARS_INFO, "scores": "all", "maps": "all",
-    "preprocessing": _PREPROCESSING, "backbone": "resnet18", "artifact": _ARTIFACT,
-    "provider": "CPUExecutionProvider", "variant": "fp32", "limits": _LIMITS,
-}  # fmt: skip
+    "prototypes": [
+        {"class": "sandal", "explained": True, "fold": "sum", "n_images": 200},
+        {"class": "bag", "explained": True, "fold": "sum", "n_images": 200},
+    ],
+    "feature_grid": [7, 7],
+    "heatmap_classes": 2,
+    "map_kinds": ["similarity", "contribution"],
+    "residual_split": True,
+    "exemplars": _EXEMPLARS_INFO,
+    "scores": "all",
+    "maps": "all",
+    "preprocessing": _PREPROCESSING,
+    "backbone": "resnet18",
+    "artifact": _ARTIFACT,
+    "provider": "CPUExecutionProvider",
+    "variant": "fp32",
+    "limits": _LIMITS,
+}
 
 
 # --- requests -------------------------------------------------------------------------
 
 _IMAGES = Field(default_factory=list, description="image files (multipart), JPEG/PNG/WebP")
-_IMAGES_B64 = Field(default_factory=list, description="base64-encoded images (JSON requests)",
-                    examples=[["iVBORw0KGgo..."]])  # fmt: skip
+_IMAGES_B64 = Field(
+    default_factory=list,
+    description="base64-encoded images (JSON requests)",
+    examples=[["iVBORw0KGgo..."]],
+)
 
 
 class InterventionIn(BaseModel):
@@ -180,9 +246,16 @@ class ClassifyRequest(BaseModel):
 class ExplainRequest(BaseModel):
     """Body of POST /explain."""
 
-    model_config = _config({"images_base64": ["iVBORw0KGgo..."], "top_k": 3, "heatmaps": True,
-                            "box_percentile": 90.0, "map_kind": "similarity",
-                            "interventions": [{"class": "bag", "prototype": 1}]})  # fmt: skip
+    model_config = _config(
+        {
+            "images_base64": ["iVBORw0KGgo..."],
+            "top_k": 3,
+            "heatmaps": True,
+            "box_percentile": 90.0,
+            "map_kind": "similarity",
+            "interventions": [{"class": "bag", "prototype": 1}],
+        }
+    )
 
     images: list[Path] = _IMAGES
     images_base64: list[str] = _IMAGES_B64
@@ -206,14 +279,16 @@ class ExplainRequest(BaseModel):
 class OverlayRequest(BaseModel):
     """Body of POST /overlay (exactly one image)."""
 
-    model_config = _config({"images_base64": ["iVBORw0KGgo..."], "rank": 0,
-                            "map_kind": "contribution"})  # fmt: skip
+    model_config = _config(
+        {"images_base64": ["iVBORw0KGgo..."], "rank": 0, "map_kind": "contribution"}
+    )
 
     images: list[Path] = _IMAGES
     images_base64: list[str] = _IMAGES_B64
     rank: int = Field(default=0, ge=0, description="which of the top-k classes (0 = top)")
-    map_kind: str = Field(default="contribution",
-                          description="contribution (default) | similarity | presence")  # fmt: skip
+    map_kind: str = Field(
+        default="contribution", description="contribution (default) | similarity | presence"
+    )
 
 
 class PrototypesRequest(BaseModel):
@@ -221,9 +296,11 @@ class PrototypesRequest(BaseModel):
 
     model_config = _config({"classes": ["bag"]})
 
-    classes: list[str | int] = Field(default_factory=list,
-                                     description="class names or indices (default: all)",
-                                     examples=[["bag"]])  # fmt: skip
+    classes: list[str | int] = Field(
+        default_factory=list,
+        description="class names or indices (default: all)",
+        examples=[["bag"]],
+    )
 
 
 class PrototypeImageRequest(BaseModel):
@@ -233,8 +310,10 @@ class PrototypeImageRequest(BaseModel):
 
     class_name: str | int = Field(alias="class", description="class name or index")
     prototype: int = Field(description="prototype index within the class, 0..p-1")
-    kind: str = Field(default="augmented", description="exemplar kind: augmented (Eq. 9's "
-                      "presence of b') or nmf (NMF presence of b)")  # fmt: skip
+    kind: str = Field(
+        default="augmented",
+        description="exemplar kind: augmented (Eq. 9's presence of b') or nmf (NMF presence of b)",
+    )
 
 
 PrototypeImageIn = PrototypeImageRequest  # the name service.py has used
@@ -346,9 +425,11 @@ class PrototypeExplanation(BaseModel):
     score: float
     contribution: float
     nmf_contribution: float | None = Field(
-        description="a (b·f) [/σ]; null for a graph without pooled features")
+        description="a (b·f) [/σ]; null for a graph without pooled features"
+    )
     residual_contribution: float | None = Field(
-        description="a (Δ·f) [/σ], Δ = b' − b; null for a graph without pooled features")
+        description="a (Δ·f) [/σ], Δ = b' − b; null for a graph without pooled features"
+    )
     share_of_logit: float | None = Field(description="contribution / logit; null for logit 0")
     exemplars: list[Exemplar] = Field(description="augmented-kind exemplars, best first")
     heatmap: Heatmap | None = Field(default=None, description="absent with heatmaps=false")
@@ -361,8 +442,9 @@ class ResidualShare(BaseModel):
 
     logit: float | None = Field(description="r_c / (logit_c − bias_c); null when that is 0")
     margin: float | None = Field(description="(r_c − r_o) / (logit_c − logit_o); null on a tie")
-    versus: str | None = Field(description="o: the runner-up for the top class, the top "
-                               "class for the others")  # fmt: skip
+    versus: str | None = Field(
+        description="o: the runner-up for the top class, the top class for the others"
+    )
 
 
 class ClassExplanation(BaseModel):
@@ -376,7 +458,8 @@ class ClassExplanation(BaseModel):
     bias: float
     exactness_gap: float = Field(description="logit − (Σ contributions + bias)")
     residual_share: ResidualShare | None = Field(
-        description="null for a graph without pooled features")
+        description="null for a graph without pooled features"
+    )
     prototypes: list[PrototypeExplanation]
 
 
@@ -393,8 +476,9 @@ class InterventionResult(BaseModel):
     model_config = _config(_INTERVENTION_RESULT)
 
     switched_off: list[SwitchedOff]
-    logits: dict[str, float] = Field(description="counterfactual logits of the classes "
-                                     "touched, by class name")  # fmt: skip
+    logits: dict[str, float] = Field(
+        description="counterfactual logits of the classes touched, by class name"
+    )
     top_k: list[ClassScore]
     prediction_before: str
     prediction_after: str
@@ -435,10 +519,10 @@ class PrototypeInfo(BaseModel):
 
     prototype: int
     coefficient: float
-    fold_weight: float | None = Field(description="w with b' = b + w R; null for artifacts "
-                                      "without fold weights")  # fmt: skip
-    exemplars: dict[str, list[Exemplar]] = Field(description="by kind (augmented, nmf), "
-                                                 "best first")  # fmt: skip
+    fold_weight: float | None = Field(
+        description="w with b' = b + w R; null for artifacts without fold weights"
+    )
+    exemplars: dict[str, list[Exemplar]] = Field(description="by kind (augmented, nmf), best first")
 
 
 class ClassPrototypes(BaseModel):
@@ -455,8 +539,9 @@ class ClassPrototypes(BaseModel):
 class PrototypesResponse(BaseModel):
     """Body of a POST /prototypes answer."""
 
-    model_config = _config({"p": 1, "exemplar_kinds": ["augmented", "nmf"],
-                            "classes": [_CLASS_PROTOTYPES]})  # fmt: skip
+    model_config = _config(
+        {"p": 1, "exemplar_kinds": ["augmented", "nmf"], "classes": [_CLASS_PROTOTYPES]}
+    )
 
     p: int
     exemplar_kinds: list[str]
@@ -561,31 +646,40 @@ class ModelInfo(BaseModel):
 
 # status → (OpenAPI description, example reason) for every error the REST API answers
 ERROR_STATUSES: dict[int, tuple[str, str]] = {
-    400: ("Invalid input: not base64, a malformed form or body, a field out of bounds",
-          "bad_base64"),
+    400: (
+        "Invalid input: not base64, a malformed form or body, a field out of bounds",
+        "bad_base64",
+    ),
     408: ("The request body did not arrive in time (slow client)", "body_timeout"),
-    413: ("Payload too large: an image's bytes, pixels or decoding time, or too many images",
-          "too_large"),
-    415: ("Unsupported media type: not JPEG, PNG or WebP, or animated",
-          "unsupported_media_type"),
-    422: ("Unprocessable: a valid image but an unusable request (unknown class, top_k out "
-          "of range, no maps of that kind, …)", "unknown_class"),
+    413: (
+        "Payload too large: an image's bytes, pixels or decoding time, or too many images",
+        "too_large",
+    ),
+    415: ("Unsupported media type: not JPEG, PNG or WebP, or animated", "unsupported_media_type"),
+    422: (
+        "Unprocessable: a valid image but an unusable request (unknown class, top_k out "
+        "of range, no maps of that kind, …)",
+        "unknown_class",
+    ),
     429: ("Too many requests in flight on this worker; retry later", "too_many_requests"),
     500: ("Internal error", "internal"),
     503: ("Overloaded (queue full; see Retry-After) or not ready yet", "queue_full"),
     504: ("Not answered within the request timeout", "timeout"),
-}  # fmt: skip
+}
 
 
 class ErrorBody(BaseModel):
     """Body of every REST error answer (ServiceError.to_dict())."""
 
-    model_config = _config({"error": "unknown class 'hat' [unknown_class]",
-                            "reason": "unknown_class", "status": 422})  # fmt: skip
+    model_config = _config(
+        {"error": "unknown class 'hat' [unknown_class]", "reason": "unknown_class", "status": 422}
+    )
 
     error: str = Field(description="what went wrong, for people, ending with [reason]")
-    reason: str = Field(description="a stable machine-readable reason (too_large, "
-                        "unsupported_media_type, unknown_class, …)")  # fmt: skip
+    reason: str = Field(
+        description="a stable machine-readable reason (too_large, "
+        "unsupported_media_type, unknown_class, …)"
+    )
     status: int = Field(description="the HTTP status, repeated")
 
 
@@ -597,8 +691,11 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
 }
 
 
-def with_error_responses(spec: dict, statuses: Mapping[str, Iterable[int]] | None = None,
-                         ref_template: str = "#/components/schemas/{model}") -> dict:  # fmt: skip
+def with_error_responses(
+    spec: dict,
+    statuses: Mapping[str, Iterable[int]] | None = None,
+    ref_template: str = "#/components/schemas/{model}",
+) -> dict:
     """A generated OpenAPI spec (dict) with ``ErrorBody`` as a component and an error
     response of that schema, with an example, for each status of each operation.
 
@@ -623,12 +720,17 @@ def with_error_responses(spec: dict, statuses: Mapping[str, Iterable[int]] | Non
                 responses.pop(str(status), None)
                 responses[str(status)] = {
                     "description": description,
-                    "content": {"application/json": {
-                        "schema": ref,
-                        "example": {"error": f"{description} [{reason}]", "reason": reason,
-                                    "status": status},
-                    }},
-                }  # fmt: skip
+                    "content": {
+                        "application/json": {
+                            "schema": ref,
+                            "example": {
+                                "error": f"{description} [{reason}]",
+                                "reason": reason,
+                                "status": status,
+                            },
+                        }
+                    },
+                }
     return spec
 
 
@@ -639,8 +741,11 @@ def without_io_suffix(spec: dict, suffix: str = "IODescriptor") -> dict:
     Returns a new dict."""
     spec = copy.deepcopy(spec)
     schemas = spec.get("components", {}).get("schemas", {})
-    renames = {name: name[: -len(suffix)] for name in schemas
-               if name.endswith(suffix) and name[: -len(suffix)] not in schemas}  # fmt: skip
+    renames = {
+        name: name[: -len(suffix)]
+        for name in schemas
+        if name.endswith(suffix) and name[: -len(suffix)] not in schemas
+    }
     if not renames:
         return spec
     spec["components"]["schemas"] = {renames.get(k, k): v for k, v in schemas.items()}
@@ -651,8 +756,8 @@ def without_io_suffix(spec: dict, suffix: str = "IODescriptor") -> dict:
             if node.get("title") in renames:
                 node["title"] = renames[node["title"]]
             ref = node.get("$ref")
-            if isinstance(ref, str) and ref[ref.rfind("/"):] in refs:
-                node["$ref"] = ref[: ref.rfind("/")] + refs[ref[ref.rfind("/"):]]
+            if isinstance(ref, str) and ref[ref.rfind("/") :] in refs:
+                node["$ref"] = ref[: ref.rfind("/")] + refs[ref[ref.rfind("/") :]]
             for value in node.values():
                 visit(value)
         elif isinstance(node, list):

@@ -118,7 +118,9 @@ def _check(ex: Exemplars, manifest: dict, path: Path) -> None:
     if not ex.index:
         problems.append("no exemplar kinds")
     if ex.thumbnails.ndim < 1 or ex.thumbnails.shape[1:] != crop or ex.thumbnails.dtype != np.uint8:
-        problems.append(f"thumbnails {ex.thumbnails.shape} {ex.thumbnails.dtype}, expected (U, *{crop}) uint8")
+        problems.append(
+            f"thumbnails {ex.thumbnails.shape} {ex.thumbnails.dtype}, expected (U, *{crop}) uint8"
+        )
     if len(ex.sources) != len(ex.thumbnails):
         problems.append(f"{len(ex.sources)} source names for {len(ex.thumbnails)} thumbnails")
     for kind in ex.index:
@@ -126,8 +128,10 @@ def _check(ex: Exemplars, manifest: dict, path: Path) -> None:
         for name, table in (("index", ex.index), ("score", ex.score), ("maps", ex.maps)):
             got = table.get(kind)
             if got is None or got.shape != want[name]:
-                problems.append(f"{kind}.{name} has shape {None if got is None else got.shape}, "
-                                f"manifest implies {want[name]}")  # fmt: skip
+                problems.append(
+                    f"{kind}.{name} has shape {None if got is None else got.shape}, "
+                    f"manifest implies {want[name]}"
+                )
         idx = ex.index[kind]
         if idx.size and (idx.max() >= len(ex.thumbnails) or idx.min() < -1):
             problems.append(f"{kind}.index points outside the {len(ex.thumbnails)} thumbnails")

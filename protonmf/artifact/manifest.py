@@ -92,11 +92,14 @@ class Manifest(BaseModel):
     def _per_class_lists_match(self) -> Manifest:
         n = len(self.classes)
         if self.class_descriptions is not None and len(self.class_descriptions) != n:
-            raise ValueError(f"class_descriptions has {len(self.class_descriptions)} entries "
-                             f"for {n} classes")  # fmt: skip
+            raise ValueError(
+                f"class_descriptions has {len(self.class_descriptions)} entries for {n} classes"
+            )
         if self.diagnostics.per_class and len(self.diagnostics.per_class) != n:
-            raise ValueError(f"diagnostics.per_class has {len(self.diagnostics.per_class)} "
-                             f"entries for {n} classes")  # fmt: skip
+            raise ValueError(
+                f"diagnostics.per_class has {len(self.diagnostics.per_class)} "
+                f"entries for {n} classes"
+            )
         return self
 
     @classmethod

@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from protonmf.artifact.preprocessing import Preprocessing
-
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_FILE",
@@ -86,7 +84,8 @@ def remove_stale(out_dir: str | os.PathLike) -> list[Path]:
     for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*"):
         match = owned.match(path.name)
         stale = (match is not None and not _alive(int(match.group(1)))) or (
-            path.name == f".{out_dir.name}.old" and out_dir.exists())  # fmt: skip
+            path.name == f".{out_dir.name}.old" and out_dir.exists()
+        )
         if stale and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
@@ -219,11 +218,15 @@ def load_tensors(artifact_dir: str | os.PathLike, manifest: dict | None = None) 
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{artifact_dir}: {TENSORS_FILE} is unreadable: {e}") from e
     try:
-        dims = {"C": len(manifest["classes"]), "p": int(manifest["p"]),
-                "D": int(manifest["feature_dim"])}  # fmt: skip
+        dims = {
+            "C": len(manifest["classes"]),
+            "p": int(manifest["p"]),
+            "D": int(manifest["feature_dim"]),
+        }
     except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{artifact_dir}: manifest lacks a valid classes/p/feature_dim: "
-                            f"{e!r}") from e  # fmt: skip
+        raise ArtifactError(
+            f"{artifact_dir}: manifest lacks a valid classes/p/feature_dim: {e!r}"
+        ) from e
     for name, shape in {**REQUIRED_TENSORS, **OPTIONAL_TENSORS}.items():
         if name not in tensors:
             if name in OPTIONAL_TENSORS:

@@ -33,18 +33,21 @@ class GpuJpegDecoder:
         try:
             from nvidia import nvimgcodec
         except ImportError as e:
-            raise ProviderError(f"PROTONMF_JPEG_DECODER=nvimgcodec needs nvImageCodec: {INSTALL}"
-                                ) from e  # fmt: skip
+            raise ProviderError(
+                f"PROTONMF_JPEG_DECODER=nvimgcodec needs nvImageCodec: {INSTALL}"
+            ) from e
         self._codec = nvimgcodec
         try:
             # fancy upsampling: libjpeg-turbo's default, so the chroma is interpolated as
             # Pillow's decoder (and timm's loader) does it
             self._decoder = nvimgcodec.Decoder(device_id=device_id, options=":fancy_upsampling=1")
         except RuntimeError as e:  # no GPU, no CUDA runtime
-            raise ProviderError(f"PROTONMF_JPEG_DECODER=nvimgcodec: nvImageCodec cannot use GPU "
-                                f"{device_id}: {e}") from e  # fmt: skip
-        self._params = nvimgcodec.DecodeParams(apply_exif_orientation=True,
-                                               color_spec=nvimgcodec.ColorSpec.SRGB)  # fmt: skip
+            raise ProviderError(
+                f"PROTONMF_JPEG_DECODER=nvimgcodec: nvImageCodec cannot use GPU {device_id}: {e}"
+            ) from e
+        self._params = nvimgcodec.DecodeParams(
+            apply_exif_orientation=True, color_spec=nvimgcodec.ColorSpec.SRGB
+        )
         # one decode at a time: the decoder's thread safety is not documented
         self._lock = threading.Lock()
 

@@ -22,11 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageMode, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from protonmf.artifact import Preprocessing
-
-from protonmf.service.ops.errors import InvalidInput, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from protonmf.service.ops.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    Unprocessable,
+    UnsupportedMediaType,
+)
 
 log = logging.getLogger("protonmf.decode")
 
@@ -79,8 +83,7 @@ class _Timed(io.BytesIO):
 
 
 def _too_slow(limits: Limits) -> PayloadTooLarge:
-    return PayloadTooLarge(f"image took over {limits.max_decode_ms} ms to decode",
-                           "decode_timeout")  # fmt: skip
+    return PayloadTooLarge(f"image took over {limits.max_decode_ms} ms to decode", "decode_timeout")
 
 
 def count_jpeg_scans(data: bytes) -> int:
@@ -122,16 +125,20 @@ def _check_geometry(image: Image.Image, limits: Limits) -> None:
             "too_many_pixels",
         )
     if max(w, h) > limits.max_side:
-        raise PayloadTooLarge(f"image is {w}×{h}; the longer side may be at most "
-                              f"{limits.max_side} pixels", "side_too_long")  # fmt: skip
+        raise PayloadTooLarge(
+            f"image is {w}×{h}; the longer side may be at most {limits.max_side} pixels",
+            "side_too_long",
+        )
     if min(w, h) < limits.min_side:
         raise Unprocessable(
             f"image is {w}×{h}; both sides must be at least {limits.min_side} pixels",
             "too_small",
         )
     if max(w, h) > limits.max_aspect * min(w, h):
-        raise Unprocessable(f"image is {w}×{h}; the longer side may be at most "
-                            f"{limits.max_aspect}× the shorter", "aspect_ratio")  # fmt: skip
+        raise Unprocessable(
+            f"image is {w}×{h}; the longer side may be at most {limits.max_aspect}× the shorter",
+            "aspect_ratio",
+        )
     if getattr(image, "n_frames", 1) > 1:
         raise UnsupportedMediaType(
             f"animated image with {image.n_frames} frames; send a single frame", "animated"
@@ -151,11 +158,13 @@ def _check_cost(image: Image.Image, data: bytes, limits: Limits) -> None:
     if raster_bytes(image) > limits.max_raster_bytes:
         raise PayloadTooLarge(
             f"image is {image.size[0]}×{image.size[1]} {image.mode}: {raster_bytes(image)} "
-            f"bytes decoded; the limit is {limits.max_raster_bytes}", "raster_too_large",
-        )  # fmt: skip
+            f"bytes decoded; the limit is {limits.max_raster_bytes}",
+            "raster_too_large",
+        )
     if image.format == "JPEG" and (scans := count_jpeg_scans(data)) > limits.max_scans:
-        raise PayloadTooLarge(f"JPEG with {scans} scans; the limit is {limits.max_scans}",
-                              "too_many_scans")  # fmt: skip
+        raise PayloadTooLarge(
+            f"JPEG with {scans} scans; the limit is {limits.max_scans}", "too_many_scans"
+        )
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -200,8 +209,12 @@ def _large_buffers_from_mmap() -> bool:
         return False
 
 
-def decode_image(data: bytes, limits: Limits, spec: Preprocessing | None = None,
-                 jpeg: Callable[[bytes], Image.Image | None] | None = None) -> Image.Image:  # fmt: skip
+def decode_image(
+    data: bytes,
+    limits: Limits,
+    spec: Preprocessing | None = None,
+    jpeg: Callable[[bytes], Image.Image | None] | None = None,
+) -> Image.Image:
     """Checked, decoded, upright image. Raises the ``InvalidInput`` family with a reason.
 
     ``jpeg``: another JPEG decoder (gpu_decode.GpuJpegDecoder.decode): bytes → upright RGB
@@ -225,8 +238,12 @@ def decode_image(data: bytes, limits: Limits, spec: Preprocessing | None = None,
     if drafted:
         w, h = image.size
         if too_big and not limits.jpeg_draft:  # the operator did not choose it: say so
-            log.warning("JPEG of %d×%d decoded at reduced scale (its raster is over "
-                        "PROTONMF_MAX_RASTER_BYTES): not timm's exact pixels", w, h)  # fmt: skip
+            log.warning(
+                "JPEG of %d×%d decoded at reduced scale (its raster is over "
+                "PROTONMF_MAX_RASTER_BYTES): not timm's exact pixels",
+                w,
+                h,
+            )
         scale = spec.resize / min(w, h)  # rotation (EXIF) keeps the shorter side's length
         image.draft(spec.color_mode, (math.ceil(w * scale), math.ceil(h * scale)))
     _check_cost(image, data, limits)
@@ -243,4 +260,3 @@ def decode_image(data: bytes, limits: Limits, spec: Preprocessing | None = None,
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
         raise InvalidInput(f"cannot decode image: {e}", "corrupt") from e
     return _to_8bit(image)
-

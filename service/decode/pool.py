@@ -54,10 +54,9 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from protonmf.artifact import Preprocessing, resize_crop
-
+from protonmf.service.decode.images import Limits, _too_slow, decode_image
 from protonmf.service.ops import errors
 from protonmf.service.ops.errors import NotReady, ServiceError
-from protonmf.service.decode.images import Limits, _too_slow, decode_image
 
 __all__ = ["DecodePool", "DecoderCrashed", "decode_crop"]
 
@@ -98,20 +97,26 @@ def _warm(limits: Limits, spec: Preprocessing) -> None:
         decode_crop(out.getvalue(), limits, spec)
 
 
-def _reply(seconds: float, crop: np.ndarray | None = None, error: BaseException | None = None
-           ) -> bytes:  # fmt: skip
+def _reply(
+    seconds: float, crop: np.ndarray | None = None, error: BaseException | None = None
+) -> bytes:
     if error is None:
         head = {"ok": list(crop.shape), "s": seconds}
     elif isinstance(error, ServiceError) and _ERRORS.get(type(error).__name__) is type(error):
-        head = {"error": type(error).__name__, "message": error.message, "reason": error.reason,
-                "s": seconds}  # fmt: skip
+        head = {
+            "error": type(error).__name__,
+            "message": error.message,
+            "reason": error.reason,
+            "s": seconds,
+        }
     else:
         head = {"raise": type(error).__name__, "message": str(error), "s": seconds}
     return json.dumps(head).encode()
 
 
-def _child_main(conn, limits: Limits, spec: Preprocessing, slot: tuple[str, int] | None = None
-                ) -> None:  # fmt: skip
+def _child_main(
+    conn, limits: Limits, spec: Preprocessing, slot: tuple[str, int] | None = None
+) -> None:
     """One decode process: images in, crops (or errors) out, until the pipe closes.
     ``slot``: (shared memory segment, offset) to write crops into instead of the pipe."""
     # Ctrl-C reaches the whole process group: the worker stops its children itself
@@ -185,8 +190,14 @@ class DecodePool:
     have stopped it long before). ``transport``: crops back through shared memory
     (``"shm"``) or the pipe (``"pipe"``: only to measure the difference)."""
 
-    def __init__(self, processes: int, limits: Limits, spec: Preprocessing,
-                 timeout_s: float | None = None, transport: str = "shm"):  # fmt: skip
+    def __init__(
+        self,
+        processes: int,
+        limits: Limits,
+        spec: Preprocessing,
+        timeout_s: float | None = None,
+        transport: str = "shm",
+    ):
         if processes < 1:
             raise ValueError(f"processes must be ≥ 1, got {processes}")
         if transport not in ("pipe", "shm"):
@@ -211,7 +222,9 @@ class DecodePool:
 
     async def start(self, timeout_s: float = 60.0) -> None:
         """Start the children; returns once each has imported the decoders and said ready."""
-        from protonmf.service.ops.metrics import METRICS  # the worker's metrics (never imported in a child)
+        from protonmf.service.ops.metrics import (
+            METRICS,
+        )  # the worker's metrics (never imported in a child)
 
         self._observe = METRICS.stage_seconds.labels(stage="decode").observe
         self._loop = loop = asyncio.get_running_loop()
@@ -222,11 +235,14 @@ class DecodePool:
             if self.transport == "shm":
                 n = _crop_bytes(self.spec)
                 self._shm = shared_memory.SharedMemory(
-                    name=f"protonmf-decode-{os.getpid()}-{secrets.token_hex(4)}", create=True,
-                    size=self.processes * n)  # fmt: skip
+                    name=f"protonmf-decode-{os.getpid()}-{secrets.token_hex(4)}",
+                    create=True,
+                    size=self.processes * n,
+                )
                 self._slots = np.ndarray((self.processes, n), np.uint8, self._shm.buf)
-            spawned = await asyncio.gather(*(loop.run_in_executor(None, self._spawn, i)
-                                             for i in range(self.processes)))  # fmt: skip
+            spawned = await asyncio.gather(
+                *(loop.run_in_executor(None, self._spawn, i) for i in range(self.processes))
+            )
             for child in spawned:
                 self._adopt(child)
             await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
@@ -322,8 +338,12 @@ class DecodePool:
         """Start child ``index`` (any thread: with forkserver, a few ms)."""
         ours, theirs = self._ctx.Pipe(duplex=True)
         slot = None if self._shm is None else (self._shm.name, index * _crop_bytes(self.spec))
-        process = self._ctx.Process(target=_child_main, args=(theirs, self.limits, self.spec, slot),
-                                    name=f"protonmf-decode-{index}", daemon=True)  # fmt: skip
+        process = self._ctx.Process(
+            target=_child_main,
+            args=(theirs, self.limits, self.spec, slot),
+            name=f"protonmf-decode-{index}",
+            daemon=True,
+        )
         process.start()
         theirs.close()
         return _Child(index, process, ours)
@@ -360,9 +380,15 @@ class DecodePool:
         if child.state == "dying":  # killed by the watchdog: a late reply changes nothing
             return
         if child.state == "starting":
-            if self._ready is not None and not self._ready.done() and \
-                    all(c is not None and c.state != "starting" for c in self._children
-                        if c is not child):  # fmt: skip
+            if (
+                self._ready is not None
+                and not self._ready.done()
+                and all(
+                    c is not None and c.state != "starting"
+                    for c in self._children
+                    if c is not child
+                )
+            ):
                 self._ready.set_result(None)
             self._release(child)
             return
@@ -388,8 +414,12 @@ class DecodePool:
         child.state, child.future, child.timer = "dying", None, None
         if not future.done():
             future.set_exception(_too_slow(self.limits))
-        log.warning("decode process %d (pid %s) still decoding after %.1f s: killed",
-                    child.index, child.process.pid, self.timeout_s)  # fmt: skip
+        log.warning(
+            "decode process %d (pid %s) still decoding after %.1f s: killed",
+            child.index,
+            child.process.pid,
+            self.timeout_s,
+        )
         child.process.kill()
 
     def _lost(self, child: _Child) -> None:
@@ -411,17 +441,26 @@ class DecodePool:
         future, child.future = child.future, None
         if future is not None and not future.done():
             self.crashes += 1
-            future.set_exception(DecoderCrashed(
-                f"the decode process died while decoding this image ({how}); it has been "
-                "replaced", "decoder_crashed"))  # fmt: skip
+            future.set_exception(
+                DecoderCrashed(
+                    f"the decode process died while decoding this image ({how}); it has been "
+                    "replaced",
+                    "decoder_crashed",
+                )
+            )
         if self._closed:
             return
         if was == "starting" and self._ready is not None and not self._ready.done():
-            self._ready.set_exception(RuntimeError(
-                f"decode process {child.index} ended ({how}) before it was ready"))  # fmt: skip
+            self._ready.set_exception(
+                RuntimeError(f"decode process {child.index} ended ({how}) before it was ready")
+            )
             return
-        log.warning("decode process %d (pid %s) ended (%s); starting another", child.index,
-                    child.process.pid, how)  # fmt: skip
+        log.warning(
+            "decode process %d (pid %s) ended (%s); starting another",
+            child.index,
+            child.process.pid,
+            how,
+        )
         self._respawn(child.index, delay=1.0 if was == "starting" else 0.0)
 
     def _respawn(self, index: int, delay: float = 0.0) -> None:

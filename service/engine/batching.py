@@ -45,9 +45,17 @@ class MicroBatcher:
     """``submit(items, outputs)`` → each item's outputs, computed by ``run(np.stack(batch),
     outputs)`` and cut per item by ``split``. ``run`` executes on one dedicated thread."""
 
-    def __init__(self, run: Callable[..., dict], split: Callable[[dict], list],
-                 *, max_batch: int = 32, wait_s: float = 0.0, max_queue: int = 512,
-                 max_latency_s: float = 10.0, buckets: tuple[int, ...] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        run: Callable[..., dict],
+        split: Callable[[dict], list],
+        *,
+        max_batch: int = 32,
+        wait_s: float = 0.0,
+        max_queue: int = 512,
+        max_latency_s: float = 10.0,
+        buckets: tuple[int, ...] | None = None,
+    ):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         if buckets and (max(buckets) < max_batch or min(buckets) < 1):
@@ -80,8 +88,9 @@ class MicroBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         for pending in self._queue:
             if not pending.future.done():
-                pending.future.set_exception(NotReady("the worker is shutting down",
-                                                      "shutting_down"))  # fmt: skip
+                pending.future.set_exception(
+                    NotReady("the worker is shutting down", "shutting_down")
+                )
         self._queue.clear()
         self._thread.shutdown(wait=False)
 
@@ -91,15 +100,19 @@ class MicroBatcher:
 
     # --- producers ---------------------------------------------------------------------
 
-    async def submit(self, items: list[np.ndarray], outputs: frozenset[str] | None = None
-                     ) -> list[dict]:  # fmt: skip
+    async def submit(
+        self, items: list[np.ndarray], outputs: frozenset[str] | None = None
+    ) -> list[dict]:
         """Queue ``items`` (one request's images) and wait for their ``outputs`` (names;
         None: all)."""
         if not self._accepting:
             raise NotReady("the worker is not serving (starting or shutting down)", "not_ready")
         if len(self._queue) + len(items) > self.max_queue:
-            raise Overloaded(f"{len(self._queue)} images are waiting for the model (limit "
-                             f"{self.max_queue}); retry shortly", "queue_full")  # fmt: skip
+            raise Overloaded(
+                f"{len(self._queue)} images are waiting for the model (limit "
+                f"{self.max_queue}); retry shortly",
+                "queue_full",
+            )
         loop = asyncio.get_running_loop()
         pending = [_Pending(item, loop.create_future(), outputs) for item in items]
         self._queue.extend(pending)
@@ -161,9 +174,13 @@ class MicroBatcher:
                 continue
             waited = now - p.queued_at
             if waited > self.max_latency_s:
-                p.future.set_exception(Overloaded(
-                    f"the image waited {waited:.1f} s for the model (limit "
-                    f"{self.max_latency_s:g} s); retry shortly", "queue_timeout"))  # fmt: skip
+                p.future.set_exception(
+                    Overloaded(
+                        f"the image waited {waited:.1f} s for the model (limit "
+                        f"{self.max_latency_s:g} s); retry shortly",
+                        "queue_timeout",
+                    )
+                )
                 continue
             METRICS.stage_seconds.labels(stage="queue").observe(waited)
             batch.append(p)

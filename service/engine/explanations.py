@@ -72,7 +72,9 @@ class Explanations:
         if self.norm_eps is not None:  # LayerNorm head: contributions / σ, bias − μ/σ · Σ_d V_cd
             inv_sigma = float(explain.inv_sigma(pooled, self.norm_eps))
             contributions = contributions * inv_sigma
-            bias -= pooled.mean() * inv_sigma * float(tensors["class_vectors"][c].sum(dtype=np.float64))
+            bias -= (
+                pooled.mean() * inv_sigma * float(tensors["class_vectors"][c].sum(dtype=np.float64))
+            )
         return scores, contributions, bias
 
     def _map_inv_sigma(self, out: dict) -> float:
@@ -110,8 +112,10 @@ class Explanations:
         if self.folds[c] in explain.ALL_RESIDUAL_FOLDS:
             return np.zeros_like(contributions), contributions
         return contributions - residuals[c], residuals[c]
-    def residual_share(self, out: dict, c: int, residual: float, bias: float,
-                       residuals: dict | None = None) -> dict:  # fmt: skip
+
+    def residual_share(
+        self, out: dict, c: int, residual: float, bias: float, residuals: dict | None = None
+    ) -> dict:
         """How much of class ``c``'s logit (without bias) and of its margin over its rival
         o the residual r carries (``protonmf.explain.residual_shares``); null where a
         denominator is 0."""
@@ -121,10 +125,14 @@ class Explanations:
             logit_share = explain.ratio(residual, logits[c] - bias)
             return {"logit": _finite(logit_share), "margin": None, "versus": None}
         r_o = self.split(out, o, self.terms(out, o)[1], residuals)[1].sum()
-        logit_share, margin_share = explain.residual_shares(logits[c], bias, residual,
-                                                            logits[o], r_o)  # fmt: skip
-        return {"logit": _finite(logit_share), "margin": _finite(margin_share),
-                "versus": self.classes[o]}  # fmt: skip
+        logit_share, margin_share = explain.residual_shares(
+            logits[c], bias, residual, logits[o], r_o
+        )
+        return {
+            "logit": _finite(logit_share),
+            "margin": _finite(margin_share),
+            "versus": self.classes[o],
+        }
 
     def _exemplar_entries(self, c: int, i: int, kind: str = "augmented") -> list[dict]:
         """``Exemplars.entries(c, i, kind)``, built from plain lists: iterating numpy
@@ -133,8 +141,11 @@ class Explanations:
         if ex is None or kind not in ex.index:
             return []
         index, score = ex.index[kind][c, i].tolist(), ex.score[kind][c, i].tolist()
-        return [{"image": u, "source": ex.sources[u], "presence": s}
-                for u, s in zip(index, score, strict=True) if u >= 0]  # fmt: skip
+        return [
+            {"image": u, "source": ex.sources[u], "presence": s}
+            for u, s in zip(index, score, strict=True)
+            if u >= 0
+        ]
 
     def _class_entry(self, out, c, probs, rank, options, residuals=None):
         logit = float(out["logits"][c])
@@ -174,8 +185,9 @@ class Explanations:
             entry["prototypes"].append(proto)
         return entry
 
-    def _heatmaps(self, maps: np.ndarray, percentile: float, kind: str = "similarity"
-                  ) -> list[dict]:  # fmt: skip
+    def _heatmaps(
+        self, maps: np.ndarray, percentile: float, kind: str = "similarity"
+    ) -> list[dict]:
         """One class's p maps (p, H, W) → per map: values, peak, and the box around the cells
         at or above the map's ``percentile``. All maps at once: per-map numpy calls were
         most of /explain's CPU time (9 maps per image at top-3)."""
@@ -196,11 +208,19 @@ class Explanations:
                 "peak": {"row": int(peak_row[i]), "col": int(peak_col[i])},
                 "box": {
                     "percentile": percentile,
-                    "feature": {"top": int(top[i]), "left": int(left[i]),
-                                "bottom": int(bottom[i]), "right": int(right[i])},  # fmt: skip
+                    "feature": {
+                        "top": int(top[i]),
+                        "left": int(left[i]),
+                        "bottom": int(bottom[i]),
+                        "right": int(right[i]),
+                    },
                     # in the model's input crop (preprocessing.height × width pixels)
-                    "input": {"top": int(top[i]) * sy, "left": int(left[i]) * sx,
-                              "bottom": int(bottom[i]) * sy, "right": int(right[i]) * sx},  # fmt: skip
+                    "input": {
+                        "top": int(top[i]) * sy,
+                        "left": int(left[i]) * sx,
+                        "bottom": int(bottom[i]) * sy,
+                        "right": int(right[i]) * sx,
+                    },
                 },
             }
             for i in range(n)
@@ -213,8 +233,17 @@ class Explanations:
         probs = _softmax(out["logits"].astype(np.float64))
         top = self.top_classes(out["logits"], top_k)
         self._record(out, top[0])
-        return {"top_k": [{"class": self.classes[c], "index": c, "logit": float(out["logits"][c]),
-                           "probability": float(probs[c])} for c in top]}  # fmt: skip
+        return {
+            "top_k": [
+                {
+                    "class": self.classes[c],
+                    "index": c,
+                    "logit": float(out["logits"][c]),
+                    "probability": float(probs[c]),
+                }
+                for c in top
+            ]
+        }
 
     def explanation(self, out: dict, options: ExplainOptions) -> dict:
         with stage("explain"):
@@ -227,8 +256,9 @@ class Explanations:
             # the explained classes and their rivals, in one go (residual_share needs both)
             rivals = [explain.rival(logits, c) for c in top]
             residuals = self.residuals(out, top + [o for o in rivals if o is not None])
-            entries = [self._class_entry(out, c, probs, r, options, residuals)
-                       for r, c in enumerate(top)]  # fmt: skip
+            entries = [
+                self._class_entry(out, c, probs, r, options, residuals) for r, c in enumerate(top)
+            ]
             gap = max(abs(e["exactness_gap"]) for e in entries) / max(np.abs(logits).max(), 1e-12)
             # the largest so far: a breach must survive later good requests until scraped
             self._gap_max = max(self._gap_max, gap)
@@ -249,10 +279,19 @@ class Explanations:
         top = self.top_classes(logits, options.top_k)
         before = int(np.argmax(out["logits"]))
         return {
-            "switched_off": [{"class": self.classes[c], "prototype": i} for c, i in sorted(set(pairs))],
+            "switched_off": [
+                {"class": self.classes[c], "prototype": i} for c, i in sorted(set(pairs))
+            ],
             "logits": {self.classes[c]: float(logits[c]) for c in sorted({c for c, _ in pairs})},
-            "top_k": [{"class": self.classes[c], "index": c, "logit": float(logits[c]),
-                       "probability": float(probs[c])} for c in top],  # fmt: skip
+            "top_k": [
+                {
+                    "class": self.classes[c],
+                    "index": c,
+                    "logit": float(logits[c]),
+                    "probability": float(probs[c]),
+                }
+                for c in top
+            ],
             "prediction_before": self.classes[before],
             "prediction_after": self.classes[top[0]],
             "prediction_changed": top[0] != before,

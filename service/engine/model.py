@@ -32,8 +32,9 @@ MAP_OUTPUTS = frozenset({"maps", "topk_maps", "presence", "topk_presence"})
 class Model:
     """An artifact ready to serve: graph session, limits, preprocessing, request checks."""
 
-    def __init__(self, graph: GraphSession, limits: Limits | None = None,
-                 exemplars: Exemplars | None = None):  # fmt: skip
+    def __init__(
+        self, graph: GraphSession, limits: Limits | None = None, exemplars: Exemplars | None = None
+    ):
         self.graph = graph
         self.exemplars = exemplars
         # PROTONMF_JPEG_DECODER=nvimgcodec: JPEG pixels from the GPU (decode/gpu.py)
@@ -55,7 +56,8 @@ class Model:
         self.coefficients = graph.tensors["coefficients"]
         self.has_pooled = "pooled" in graph.output_shapes
         self.has_presence = m.graph.presence and bool(
-            {"presence", "topk_presence"} & set(graph.output_shapes))
+            {"presence", "topk_presence"} & set(graph.output_shapes)
+        )
         self.folds: list[str] = m.folds
         self.norm_eps = m.layer_norm_eps
         self._index = {name: i for i, name in enumerate(self.classes)}
@@ -65,14 +67,31 @@ class Model:
         )
 
     @classmethod
-    def load(cls, artifact: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-             limits: Limits | None = None, variant: str = "fp32", spinning: bool = True,
-             cuda: dict | None = None, io_binding: str = "off", cuda_graphs: bool = False,
-             buckets=None) -> Model:  # fmt: skip
+    def load(
+        cls,
+        artifact: str | os.PathLike,
+        device: str = "cpu",
+        threads: int | None = None,
+        limits: Limits | None = None,
+        variant: str = "fp32",
+        spinning: bool = True,
+        cuda: dict | None = None,
+        io_binding: str = "off",
+        cuda_graphs: bool = False,
+        buckets=None,
+    ) -> Model:
         """``io_binding``, ``cuda_graphs``, ``buckets``: see ``GraphSession.load``."""
-        graph = GraphSession.load(Path(artifact), device, threads, variant, spinning, cuda,
-                                  io_binding=io_binding, cuda_graphs=cuda_graphs,
-                                  buckets=buckets)  # fmt: skip
+        graph = GraphSession.load(
+            Path(artifact),
+            device,
+            threads,
+            variant,
+            spinning,
+            cuda,
+            io_binding=io_binding,
+            cuda_graphs=cuda_graphs,
+            buckets=buckets,
+        )
         # exemplars are read once here (thumbnails and maps: ~1 MB for Fashion's 10 classes)
         return cls(graph, limits, load_exemplars(artifact, graph.manifest))
 
@@ -145,11 +164,15 @@ class Model:
         if options is None:
             return
         if not 1 <= options.top_k <= len(self.classes):
-            raise Unprocessable(f"top_k must be in 1..{len(self.classes)}, got {options.top_k}",
-                                "top_k_out_of_range")  # fmt: skip
+            raise Unprocessable(
+                f"top_k must be in 1..{len(self.classes)}, got {options.top_k}",
+                "top_k_out_of_range",
+            )
         if options.map_kind not in MAP_KINDS:
-            raise Unprocessable(f"map_kind must be one of {list(MAP_KINDS)}, got "
-                                f"{options.map_kind!r}", "unknown_map_kind")  # fmt: skip
+            raise Unprocessable(
+                f"map_kind must be one of {list(MAP_KINDS)}, got {options.map_kind!r}",
+                "unknown_map_kind",
+            )
         if options.heatmaps:
             self.check_maps(options.top_k, options.map_kind)
         if not 0 <= options.box_percentile <= 100:
@@ -157,23 +180,30 @@ class Model:
         if len(options.interventions) > self.limits.max_interventions:
             raise Unprocessable(
                 f"{len(options.interventions)} interventions; the limit is "
-                f"{self.limits.max_interventions}", "too_many_interventions"
-            )  # fmt: skip
+                f"{self.limits.max_interventions}",
+                "too_many_interventions",
+            )
         self.resolve(options.interventions)
 
     def check_maps(self, top_k: int, kind: str = "similarity") -> None:
         """Unprocessable unless the graph has maps (of ``kind``) for the ``top_k`` best classes."""
         if self.map_classes == 0:
-            raise Unprocessable("this artifact's graph has no similarity maps (converted with "
-                                "--maps none); ask with heatmaps=false", "no_maps")  # fmt: skip
+            raise Unprocessable(
+                "this artifact's graph has no similarity maps (converted with "
+                "--maps none); ask with heatmaps=false",
+                "no_maps",
+            )
         if top_k > self.map_classes:
             raise Unprocessable(
                 f"heatmaps are computed for the top {self.map_classes} classes; ask for "
-                f"top_k <= {self.map_classes} or heatmaps=false", "top_k_exceeds_graph"
-            )  # fmt: skip
+                f"top_k <= {self.map_classes} or heatmaps=false",
+                "top_k_exceeds_graph",
+            )
         if kind == "presence" and not self.has_presence:
-            raise Unprocessable("this artifact's graph has no presence maps (export it with "
-                                "--presence)", "no_presence_maps")  # fmt: skip
+            raise Unprocessable(
+                "this artifact's graph has no presence maps (export it with --presence)",
+                "no_presence_maps",
+            )
 
     def class_index(self, name: str | int, context: str = "") -> int:
         """A class name, index or decimal index string → index; Unprocessable if unknown."""
@@ -191,8 +221,10 @@ class Model:
 
     def check_prototype(self, c: int, prototype: int) -> None:
         if not 0 <= prototype < self.p:
-            raise Unprocessable(f"class {self.classes[c]!r} has prototypes 0..{self.p - 1}, "
-                                f"got {prototype}", "unknown_prototype")  # fmt: skip
+            raise Unprocessable(
+                f"class {self.classes[c]!r} has prototypes 0..{self.p - 1}, got {prototype}",
+                "unknown_prototype",
+            )
 
     def resolve(self, interventions) -> list[tuple[int, int]]:
         """(class name or index, prototype) pairs → index pairs; Unprocessable if unknown."""

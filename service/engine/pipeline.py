@@ -41,18 +41,25 @@ class Engine:
         self.explanations = Explanations(model)
         self.listings = Listings(model, self.explanations)
         self.settings = settings
-        self.pool = ThreadPoolExecutor(settings.decode_thread_count(),
-                                       thread_name_prefix="protonmf-decode")  # fmt: skip
+        self.pool = ThreadPoolExecutor(
+            settings.decode_thread_count(), thread_name_prefix="protonmf-decode"
+        )
         # PROTONMF_DECODE_PROCESSES > 0: images decode in processes of this worker's own
         # (started by start()); rendering and listings stay on the threads
-        self.decoder = (DecodePool(settings.decode_processes, model.limits, model.spec)
-                        if settings.decode_processes > 0 else None)  # fmt: skip
+        self.decoder = (
+            DecodePool(settings.decode_processes, model.limits, model.spec)
+            if settings.decode_processes > 0
+            else None
+        )
         self.batcher = MicroBatcher(
-            model.infer, model.per_image, max_batch=settings.max_batch_size,
-            wait_s=settings.batch_wait_ms / 1000, max_queue=settings.max_queue,
+            model.infer,
+            model.per_image,
+            max_batch=settings.max_batch_size,
+            wait_s=settings.batch_wait_ms / 1000,
+            max_queue=settings.max_queue,
             max_latency_s=settings.max_latency_ms / 1000,
             buckets=settings.buckets(model.graph.provider),
-        )  # fmt: skip
+        )
         self.ready = False
 
     @classmethod
@@ -70,12 +77,18 @@ class Engine:
         # CUDA graphs run on CUDA only (GraphSession.load refuses any other provider), so
         # their buckets are CUDA's: the sizes the batcher pads to once the provider is known
         graph_buckets = settings.buckets("CUDAExecutionProvider") if settings.cuda_graphs else None
-        model = Model.load(settings.artifact, device=settings.device,
-                           threads=settings.ort_threads_per_worker(), limits=settings.limits(),
-                           variant=settings.variant, spinning=settings.ort_spinning,
-                           cuda={"tf32": settings.cuda_tf32, "search": settings.cudnn_search},
-                           io_binding=settings.io_binding, cuda_graphs=settings.cuda_graphs,
-                           buckets=graph_buckets)  # fmt: skip
+        model = Model.load(
+            settings.artifact,
+            device=settings.device,
+            threads=settings.ort_threads_per_worker(),
+            limits=settings.limits(),
+            variant=settings.variant,
+            spinning=settings.ort_spinning,
+            cuda={"tf32": settings.cuda_tf32, "search": settings.cudnn_search},
+            io_binding=settings.io_binding,
+            cuda_graphs=settings.cuda_graphs,
+            buckets=graph_buckets,
+        )
         if settings.jpeg_decoder == "nvimgcodec":
             from protonmf.service.decode.gpu import GpuJpegDecoder  # ProviderError without it
 
@@ -123,8 +136,9 @@ class Engine:
         with span("infer", images=len(crops)):  # queue + the batch's run
             return await self.batcher.submit(list(crops), outputs)
 
-    async def run(self, blobs: list[bytes], maps: str | None = None
-                  ) -> tuple[list[np.ndarray], list[dict]]:  # fmt: skip
+    async def run(
+        self, blobs: list[bytes], maps: str | None = None
+    ) -> tuple[list[np.ndarray], list[dict]]:
         """Encoded images → their crops and graph outputs; the maps of kind ``maps`` only if
         asked (they are most of the graph's output)."""
         crops = await self.decode(blobs)
@@ -146,26 +160,31 @@ class Engine:
     async def explain(self, blobs: list[bytes], options: ExplainOptions) -> dict:
         self.model.check_request(len(blobs), options)
         _, outs = await self.run(blobs, options.map_kind if options.heatmaps else None)
-        return {"explanations": self.explain_outputs(outs, options),
-                "provider": self.model.graph.provider}  # fmt: skip
+        return {
+            "explanations": self.explain_outputs(outs, options),
+            "provider": self.model.graph.provider,
+        }
 
-    async def overlay(self, blobs: list[bytes], rank: int = 0,
-                      map_kind: str = OVERLAY_MAP_KIND) -> bytes:  # fmt: skip
+    async def overlay(
+        self, blobs: list[bytes], rank: int = 0, map_kind: str = OVERLAY_MAP_KIND
+    ) -> bytes:
         """PNG of the rank-th class's contribution (or similarity/presence) maps."""
         if len(blobs) != 1:
             raise InvalidInput(f"overlay takes exactly one image, got {len(blobs)}", "one_image")
         self.model.check_maps(1, map_kind)  # a graph without maps (of that kind): 422
         if rank >= self.model.map_classes:
-            raise InvalidInput(f"rank must be < {self.model.map_classes} (the classes with "
-                               "maps)", "rank")  # fmt: skip
+            raise InvalidInput(
+                f"rank must be < {self.model.map_classes} (the classes with maps)", "rank"
+            )
         crops, outs = await self.run(blobs, map_kind)
         return await self.in_pool(self.listings.overlay, crops[0], outs[0], rank, map_kind)
 
     async def prototypes(self, classes: list[str | int] | None = None) -> dict:
         return await self.in_pool(self.listings.prototypes, classes)
 
-    async def prototype_image(self, class_name: str | int, prototype: int,
-                              kind: str = "augmented") -> bytes:  # fmt: skip
+    async def prototype_image(
+        self, class_name: str | int, prototype: int, kind: str = "augmented"
+    ) -> bytes:
         return await self.in_pool(self.listings.prototype_image, class_name, prototype, kind)
 
     def model_info(self) -> dict:

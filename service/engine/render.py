@@ -34,8 +34,9 @@ def _upscaled(crop: np.ndarray, min_side: int) -> Image.Image:
 def _diverging(base: Image.Image, m: np.ndarray, vmax: float) -> Image.Image:
     """``m`` (H, W) upsampled (bilinear, signed) over ``base``: red where > 0, blue where
     < 0, opacity |m| / vmax — the same vmax for every map that is to be compared."""
-    up = np.asarray(Image.fromarray(np.asarray(m, np.float32), "F").resize(
-        base.size, Image.Resampling.BILINEAR))  # fmt: skip
+    up = np.asarray(
+        Image.fromarray(np.asarray(m, np.float32), "F").resize(base.size, Image.Resampling.BILINEAR)
+    )
     strength = np.clip(np.abs(up) / vmax, 0.0, 1.0) if vmax > 0 else np.zeros_like(up)
     layer = np.empty(up.shape + (4,), np.uint8)
     layer[...] = (*FOR, 0)
@@ -44,21 +45,28 @@ def _diverging(base: Image.Image, m: np.ndarray, vmax: float) -> Image.Image:
     return Image.alpha_composite(base.convert("RGBA"), Image.fromarray(layer, "RGBA"))
 
 
-def _colour_bar(draw: ImageDraw.ImageDraw, x: int, y: int, vmax: float, low: str, high: str,
-                font) -> int:  # fmt: skip
+def _colour_bar(
+    draw: ImageDraw.ImageDraw, x: int, y: int, vmax: float, low: str, high: str, font
+) -> int:
     """A −vmax … +vmax bar (blue → white → red) with its ends named; returns its height."""
     width, height = 240, 12
     for j in range(width):
         t = 2.0 * j / (width - 1) - 1.0  # −1 … +1
         colour = AGAINST if t < 0 else FOR
         a = abs(t) * MAX_ALPHA
-        draw.line((x + j, y, x + j, y + height),
-                  fill=tuple(round(255 * (1 - a) + ch * a) for ch in colour))  # fmt: skip
+        draw.line(
+            (x + j, y, x + j, y + height),
+            fill=tuple(round(255 * (1 - a) + ch * a) for ch in colour),
+        )
     draw.rectangle((x, y, x + width, y + height), outline=(120, 120, 120))
     draw.text((x, y + height + 2), f"{-vmax:+.3g}  {low}", fill=(0, 0, 0), font=font)
     right = f"{high}  {vmax:+.3g}"
-    draw.text((x + width - draw.textlength(right, font=font), y + height + 2), right,
-              fill=(0, 0, 0), font=font)  # fmt: skip
+    draw.text(
+        (x + width - draw.textlength(right, font=font), y + height + 2),
+        right,
+        fill=(0, 0, 0),
+        font=font,
+    )
     draw.text((x + width / 2 - 3, y + height + 2), "0", fill=(0, 0, 0), font=font)
     return height + 20
 
@@ -73,8 +81,16 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
     return "…" + text
 
 
-def _grid(panels: list[Image.Image], captions: list[list[str]], title: list[str], footer: list[str],
-          vmax: float, low: str, high: str, columns: int) -> bytes:  # fmt: skip
+def _grid(
+    panels: list[Image.Image],
+    captions: list[list[str]],
+    title: list[str],
+    footer: list[str],
+    vmax: float,
+    low: str,
+    high: str,
+    columns: int,
+) -> bytes:
     """Panels with captions under them, a title above, a colour bar and notes below → PNG."""
     title_font, font = _font(15), _font(12)
     line = 15
@@ -94,8 +110,9 @@ def _grid(panels: list[Image.Image], captions: list[list[str]], title: list[str]
         y = top + (n // columns) * (h + cap_h + PAD)
         canvas.paste(panel.convert("RGB"), (x, y))
         for k, text in enumerate(caption):
-            draw.text((x, y + h + 2 + line * k), _fit(draw, text, cell_w, font), fill=(0, 0, 0),
-                      font=font)  # fmt: skip
+            draw.text(
+                (x, y + h + 2 + line * k), _fit(draw, text, cell_w, font), fill=(0, 0, 0), font=font
+            )
     y = top + rows * (h + cap_h + PAD)
     y += _colour_bar(draw, PAD, y, vmax, low, high, font)
     for k, text in enumerate(footer):
@@ -105,9 +122,16 @@ def _grid(panels: list[Image.Image], captions: list[list[str]], title: list[str]
     return out.getvalue()
 
 
-def render_overlay(crop: np.ndarray, maps: np.ndarray, captions: list[list[str]], title: list[str],
-                   for_label: str = "the class", min_side: int = 224, columns: int = 4,
-                   kind: str = "contribution") -> bytes:  # fmt: skip
+def render_overlay(
+    crop: np.ndarray,
+    maps: np.ndarray,
+    captions: list[list[str]],
+    title: list[str],
+    for_label: str = "the class",
+    min_side: int = 224,
+    columns: int = 4,
+    kind: str = "contribution",
+) -> bytes:
     """PNG of signed contribution maps over the model's input crop, one panel per map.
 
     crop : uint8 (h, w) or (h, w, 3), the image as the model saw it
@@ -121,24 +145,34 @@ def render_overlay(crop: np.ndarray, maps: np.ndarray, captions: list[list[str]]
     base = _upscaled(crop, min_side)
     panels = [_diverging(base, m, vmax) for m in maps]
     if kind == "contribution":
-        footer = [f"red: for {for_label}, blue: against; opacity ~ |contribution per position|, "
-                  "one scale for every panel", "each map's mean over the positions is the "
-                  "contribution written under it"]  # fmt: skip
+        footer = [
+            f"red: for {for_label}, blue: against; opacity ~ |contribution per position|, "
+            "one scale for every panel",
+            "each map's mean over the positions is the contribution written under it",
+        ]
         ends = ("against", "for")
     else:  # similarity F·b' or presence E' (Eq. 9): where the prototype is, not how it votes
-        footer = [f"{kind} maps: red > 0, blue < 0; opacity ~ |value|, one scale for every "
-                  "panel", "contributions and the residual share: as written"]  # fmt: skip
+        footer = [
+            f"{kind} maps: red > 0, blue < 0; opacity ~ |value|, one scale for every panel",
+            "contributions and the residual share: as written",
+        ]
         ends = ("< 0", "> 0")
     return _grid(panels, captions, title, footer, vmax, *ends, min(columns, len(panels)))
 
 
-def render_exemplar_strip(thumbnails: np.ndarray, maps: np.ndarray, captions: list[list[str]],
-                          title: list[str], min_side: int = 112) -> bytes:  # fmt: skip
+def render_exemplar_strip(
+    thumbnails: np.ndarray,
+    maps: np.ndarray,
+    captions: list[list[str]],
+    title: list[str],
+    min_side: int = 112,
+) -> bytes:
     """PNG: a row of exemplar thumbnails (n, h, w[, 3]) uint8, each with its presence map
     (n, H, W) over it on one scale for the strip (red > 0, blue < 0), captions under."""
     maps = np.asarray(maps, np.float64)
     vmax = float(np.abs(maps).max()) if maps.size else 0.0
-    panels = [_diverging(_upscaled(t, min_side), m, vmax) for t, m in zip(thumbnails, maps,
-                                                                         strict=True)]  # fmt: skip
+    panels = [
+        _diverging(_upscaled(t, min_side), m, vmax) for t, m in zip(thumbnails, maps, strict=True)
+    ]
     footer = ["opacity ~ |presence| on one scale for the strip; presence = the map's peak"]
     return _grid(panels, captions, title, footer, vmax, "absent", "present", len(panels))

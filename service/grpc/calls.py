@@ -38,8 +38,10 @@ async def guarded(context: grpc.aio.ServicerContext, work):
         await context.abort(status_of(e), f"{e.message} [{e.reason}]")
     except asyncio.TimeoutError:
         METRICS.rejected.labels(reason="deadline_exceeded").inc()
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                            "deadline exceeded before the answer was ready [deadline]")  # fmt: skip
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "deadline exceeded before the answer was ready [deadline]",
+        )
 
 
 @dataclass(frozen=True)
@@ -77,17 +79,20 @@ def checked(method, name: str):
             with server_span(f"grpc {name}", metadata):
                 if isinstance(request, Malformed):
                     METRICS.rejected.labels(reason="malformed_message").inc()
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        f"not a valid {request.message} message: {request.error} "
-                                        "[malformed_message]")  # fmt: skip
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"not a valid {request.message} message: {request.error} "
+                        "[malformed_message]",
+                    )
                 return await method(request, context)
         finally:
             REQUEST.reset(token)
             code = context.code() or grpc.StatusCode.OK
-            finish(info, "grpc", name, getattr(code, "name", str(code)), time.perf_counter() - start)
+            finish(
+                info, "grpc", name, getattr(code, "name", str(code)), time.perf_counter() - start
+            )
 
     return handler
-
 
 
 def register_unary(server, service, servicer, pb_module) -> None:

@@ -21,6 +21,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from protonmf.api.proto.protonmf.v1 import protonmf_pb2 as pb
+from protonmf.api.proto.protonmf.v1 import protonmf_pb2_grpc as pb_grpc
+from protonmf.api.protomap import model_info_message, to_message
+from protonmf.api.schemas import PrototypeImageRequest, default_of
 from protonmf.service.engine.options import CLASSIFY_TOP_K, ExplainOptions, Intervention
 from protonmf.service.grpc.calls import Malformed, guarded, register_unary
 from protonmf.service.oip.grpc import SERVICE_NAME as OIP_SERVICE_NAME
@@ -28,18 +32,10 @@ from protonmf.service.oip.grpc import add_oip_servicer
 from protonmf.service.ops.errors import NotReady, ServiceError
 from protonmf.service.ops.metrics import METRICS
 from protonmf.service.ops.observability import (
-    REQUEST,
     ApiKeys,
-    finish,
     initialize,
     presented_key,
-    request_id,
-    server_span,
 )
-from protonmf.api.proto.protonmf.v1 import protonmf_pb2 as pb
-from protonmf.api.proto.protonmf.v1 import protonmf_pb2_grpc as pb_grpc
-from protonmf.api.protomap import model_info_message, to_message
-from protonmf.api.schemas import PrototypeImageRequest, default_of
 
 __all__ = ["GrpcConfig", "GrpcServer", "Malformed", "add_servicer", "pb", "pb_grpc"]
 
@@ -67,13 +63,18 @@ class GrpcConfig:
 
     @classmethod
     def from_settings(cls, s) -> GrpcConfig:
-        return cls(port=s.grpc_port, host=s.grpc_host, max_concurrency=s.grpc_max_concurrency,
-                   max_message_bytes=s.grpc_message_bytes(), grace_s=s.grpc_grace_s,
-                   drain_delay_s=s.grpc_drain_delay_s,
-                   keys=ApiKeys.from_settings(s),
-                   open_services=tuple(x for x in s.auth_open_grpc.split(",") if x),
-                   tls_cert=s.grpc_tls_cert and str(s.grpc_tls_cert),
-                   tls_key=s.grpc_tls_key and str(s.grpc_tls_key))  # fmt: skip
+        return cls(
+            port=s.grpc_port,
+            host=s.grpc_host,
+            max_concurrency=s.grpc_max_concurrency,
+            max_message_bytes=s.grpc_message_bytes(),
+            grace_s=s.grpc_grace_s,
+            drain_delay_s=s.grpc_drain_delay_s,
+            keys=ApiKeys.from_settings(s),
+            open_services=tuple(x for x in s.auth_open_grpc.split(",") if x),
+            tls_cert=s.grpc_tls_cert and str(s.grpc_tls_cert),
+            tls_key=s.grpc_tls_key and str(s.grpc_tls_key),
+        )
 
 
 async def _refuse(error: ServiceError):
@@ -91,8 +92,9 @@ class ProtoNMFServicer(pb_grpc.ProtoNMFServicer):
         """``guarded``, once the engine has started."""
         if not self.ready:
             work.close()  # never started: no "never awaited" warning
-            return await guarded(context, _refuse(NotReady("the model is warming up; "
-                                                           "retry shortly", "not_ready")))  # fmt: skip
+            return await guarded(
+                context, _refuse(NotReady("the model is warming up; retry shortly", "not_ready"))
+            )
         return await guarded(context, work)
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
@@ -102,7 +104,9 @@ class ProtoNMFServicer(pb_grpc.ProtoNMFServicer):
 
     async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
         given = {name: getattr(request, name) for name in EXPLAIN_FIELDS if request.HasField(name)}
-        interventions = tuple(Intervention(i.class_name, i.prototype) for i in request.interventions)
+        interventions = tuple(
+            Intervention(i.class_name, i.prototype) for i in request.interventions
+        )
         options = ExplainOptions(**given, interventions=interventions)  # unset: the defaults
         body = await self._guarded(context, self.engine.explain(list(request.images), options))
         return to_message(body, pb.ExplainResponse)
@@ -114,8 +118,9 @@ class ProtoNMFServicer(pb_grpc.ProtoNMFServicer):
         body = await self._guarded(context, self.engine.prototypes(list(request.classes)))
         return to_message(body, pb.PrototypesResponse)
 
-    async def PrototypeImage(self, request: pb.PrototypeImageRequest, context
-                             ) -> pb.PrototypeImageResponse:  # fmt: skip
+    async def PrototypeImage(
+        self, request: pb.PrototypeImageRequest, context
+    ) -> pb.PrototypeImageResponse:
         kind = request.kind if request.HasField("kind") else EXEMPLAR_KIND
         work = self.engine.prototype_image(request.class_name, request.prototype, kind)
         return pb.PrototypeImageResponse(png=await self._guarded(context, work))
@@ -134,8 +139,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(self.open):
             return handler
         metadata = dict(details.invocation_metadata or ())
-        if self.keys.allows(presented_key(metadata.get("authorization"),
-                                          metadata.get("x-api-key"))):  # fmt: skip
+        if self.keys.allows(
+            presented_key(metadata.get("authorization"), metadata.get("x-api-key"))
+        ):
             return handler
         METRICS.rejected.labels(reason="unauthenticated").inc()
         return _denied_like(handler)
@@ -145,18 +151,25 @@ def _denied_like(handler):
     """A handler of ``handler``'s kind that answers UNAUTHENTICATED."""
 
     async def deny(request_or_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                            "a valid API key is required (authorization: Bearer KEY or "
-                            "x-api-key metadata) [unauthenticated]")  # fmt: skip
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "a valid API key is required (authorization: Bearer KEY or "
+            "x-api-key metadata) [unauthenticated]",
+        )
 
-    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
-             ("unary_stream", grpc.unary_stream_rpc_method_handler),
-             ("stream_unary", grpc.stream_unary_rpc_method_handler),
-             ("stream_stream", grpc.stream_stream_rpc_method_handler))  # fmt: skip
+    kinds = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    )
     for kind, make in kinds:
         if getattr(handler, kind) is not None:
-            return make(deny, request_deserializer=handler.request_deserializer,
-                        response_serializer=handler.response_serializer)  # fmt: skip
+            return make(
+                deny,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
     return handler
 
 
@@ -195,13 +208,18 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # the Open Inference Protocol v2 (docs/oip.md) on the same port and engine
         add_oip_servicer(self.server, lambda: engine, "protonmf")
-        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 OIP_SERVICE_NAME, reflection.SERVICE_NAME)  # fmt: skip
+        names = (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            OIP_SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(names, self.server)
         self.address = f"{config.host}:{config.port}"
         if config.tls_cert:
-            credentials = grpc.ssl_server_credentials([(
-                Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])  # fmt: skip
+            credentials = grpc.ssl_server_credentials(
+                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+            )
             bound = self.server.add_secure_port(self.address, credentials)
         else:
             bound = self.server.add_insecure_port(self.address)
@@ -210,7 +228,9 @@ class GrpcServer:
 
     async def start(self, ready: bool = True) -> None:
         """Listen; SERVING at once unless ``ready`` is False (then call ``ready()``)."""
-        initialize("grpc", [m.name for m in pb.DESCRIPTOR.services_by_name["ProtoNMF"].methods], "OK")
+        initialize(
+            "grpc", [m.name for m in pb.DESCRIPTOR.services_by_name["ProtoNMF"].methods], "OK"
+        )
         await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("gRPC listening on %s", self.address)

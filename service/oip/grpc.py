@@ -16,12 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import grpc
 import numpy as np
 
 from protonmf import __version__ as PROTONMF_VERSION
-
-from protonmf.service.ops.errors import InvalidInput, NotReady
+from protonmf.api.proto.inference import grpc_predict_v2_pb2 as pb
 from protonmf.service.grpc.calls import guarded, register_unary
 from protonmf.service.oip.rest import (
     EXTENSIONS,
@@ -36,17 +34,27 @@ from protonmf.service.oip.rest import (
     from_raw,
     to_raw,
 )
-from protonmf.api.proto.inference import grpc_predict_v2_pb2 as pb
+from protonmf.service.ops.errors import InvalidInput, NotReady
 
 __all__ = ["SERVICE_NAME", "OipServicer", "add_oip_servicer", "pb"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 # datatype → the InferTensorContents field that carries it
-CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
-            "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
-            "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
-            "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}  # fmt: skip
+CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
 
 
 def _params(mapping) -> dict:
@@ -66,12 +74,15 @@ def _input(t, raw: bytes | None) -> InputTensor:
         return from_raw(t.name, datatype, shape, raw)
     field = CONTENTS.get(datatype)
     if field is None:
-        raise InvalidInput(f"input {t.name!r}: {datatype} has no typed contents; send "
-                           "raw_input_contents", "bad_tensor")  # fmt: skip
+        raise InvalidInput(
+            f"input {t.name!r}: {datatype} has no typed contents; send raw_input_contents",
+            "bad_tensor",
+        )
     values = getattr(t.contents, field)
     if len(values) != element_count(shape):
-        raise InvalidInput(f"input {t.name!r}: {len(values)} elements for shape {shape}",
-                           "bad_tensor")  # fmt: skip
+        raise InvalidInput(
+            f"input {t.name!r}: {len(values)} elements for shape {shape}", "bad_tensor"
+        )
     if datatype == "BYTES":
         return InputTensor(t.name, datatype, shape, list(values))
     dtype = NP_OF[datatype]
@@ -79,8 +90,9 @@ def _input(t, raw: bytes | None) -> InputTensor:
     if np.issubdtype(dtype, np.integer) and arr.size:
         info = np.iinfo(dtype)
         if arr.min() < info.min or arr.max() > info.max:
-            raise InvalidInput(f"input {t.name!r}: values out of range for {datatype}",
-                               "bad_tensor")  # fmt: skip
+            raise InvalidInput(
+                f"input {t.name!r}: values out of range for {datatype}", "bad_tensor"
+            )
     return InputTensor(t.name, datatype, shape, arr.astype(dtype).reshape(shape))
 
 
@@ -132,8 +144,9 @@ class OipServicer:
         return await self._guarded(context, work())
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=self.model_name, version=PROTONMF_VERSION,
-                                         extensions=EXTENSIONS)  # fmt: skip
+        return pb.ServerMetadataResponse(
+            name=self.model_name, version=PROTONMF_VERSION, extensions=EXTENSIONS
+        )
 
     async def ModelMetadata(self, request, context):
         async def work():
@@ -142,10 +155,12 @@ class OipServicer:
             meta = m.metadata()
             tensor = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
-                name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                name=meta["name"],
+                versions=meta["versions"],
+                platform=meta["platform"],
                 inputs=[tensor(**t) for t in meta["inputs"]],
                 outputs=[tensor(**t) for t in meta["outputs"]],
-            )  # fmt: skip
+            )
 
         return await self._guarded(context, work())
 
@@ -155,18 +170,25 @@ class OipServicer:
             m.check_name(request.model_name, request.model_version)
             raw = bool(request.raw_input_contents)
             if raw and len(request.raw_input_contents) != len(request.inputs):
-                raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for "
-                                   f"{len(request.inputs)} inputs", "bad_tensor")  # fmt: skip
-            inputs = [_input(t, request.raw_input_contents[i] if raw else None)
-                      for i, t in enumerate(request.inputs)]  # fmt: skip
+                raise InvalidInput(
+                    f"{len(request.raw_input_contents)} raw_input_contents for "
+                    f"{len(request.inputs)} inputs",
+                    "bad_tensor",
+                )
+            inputs = [
+                _input(t, request.raw_input_contents[i] if raw else None)
+                for i, t in enumerate(request.inputs)
+            ]
             outputs = [(o.name, _params(o.parameters)) for o in request.outputs] or None
             tensors = await m.infer(inputs, outputs, _params(request.parameters))
             # raw in, raw out; FP16 has no typed field, and raw is for all outputs or none
             raw_out = raw or any(t.datatype not in CONTENTS for t in tensors)
             response = pb.ModelInferResponse(
-                model_name=m.name, model_version=MODEL_VERSION, id=request.id,
+                model_name=m.name,
+                model_version=MODEL_VERSION,
+                id=request.id,
                 outputs=[_output(t, raw_out) for t in tensors],
-            )  # fmt: skip
+            )
             if raw_out:
                 response.raw_output_contents.extend(to_raw(t) for t in tensors)
             return response
@@ -174,8 +196,9 @@ class OipServicer:
         return await self._guarded(context, work())
 
 
-def add_oip_servicer(server, get_engine: Callable[[], object | None],
-                     model_name: str = "protonmf") -> OipServicer:  # fmt: skip
+def add_oip_servicer(
+    server, get_engine: Callable[[], object | None], model_name: str = "protonmf"
+) -> OipServicer:
     """Register ``inference.GRPCInferenceService`` on the grpc.aio ``server`` (before it
     starts), with lenient deserializers: malformed request bytes are INVALID_ARGUMENT."""
     servicer = OipServicer(get_engine, model_name)

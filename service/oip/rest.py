@@ -24,7 +24,6 @@ protocol's ``{"error": "..."}`` body. docs/oip.md has the details and examples.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -42,7 +41,6 @@ from starlette.routing import Route
 
 from protonmf import __version__ as PROTONMF_VERSION
 from protonmf.artifact import normalize
-
 from protonmf.service.engine.options import ExplainOptions, Intervention
 from protonmf.service.ops.errors import InvalidInput, NotReady, PayloadTooLarge, ServiceError
 from protonmf.service.ops.metrics import METRICS
@@ -56,13 +54,30 @@ EXTENSIONS = ["binary_tensor_data"]
 HEADER_LENGTH = "inference-header-content-length"
 
 # OIP datatype ↔ numpy
-NP_OF = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-         "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
-         "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}  # fmt: skip
+NP_OF = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
 DATATYPE_OF = {np.dtype(t): name for name, t in NP_OF.items()}
-ORT_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
-             "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(uint8)": "UINT8",
-             "tensor(bool)": "BOOL"}  # fmt: skip
+ORT_TYPES = {
+    "tensor(float)": "FP32",
+    "tensor(float16)": "FP16",
+    "tensor(double)": "FP64",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(uint8)": "UINT8",
+    "tensor(bool)": "BOOL",
+}
 
 
 class ModelNotFound(ServiceError):
@@ -101,8 +116,10 @@ def check_shape(name: str, shape) -> list[int]:
     if not isinstance(shape, list | tuple) or not all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape
     ):
-        raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers, "
-                           f"got {shape!r}", "bad_shape")  # fmt: skip
+        raise InvalidInput(
+            f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}",
+            "bad_shape",
+        )
     return list(shape)
 
 
@@ -131,13 +148,17 @@ def from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> InputTen
     if datatype == "BYTES":
         items = decode_bytes_elements(name, raw)
         if len(items) != count:
-            raise InvalidInput(f"input {name!r}: {len(items)} BYTES elements for shape "
-                               f"{shape}", "bad_tensor")  # fmt: skip
+            raise InvalidInput(
+                f"input {name!r}: {len(items)} BYTES elements for shape {shape}", "bad_tensor"
+            )
         return InputTensor(name, datatype, shape, items)
     dtype = np.dtype(NP_OF[datatype]).newbyteorder("<")
     if len(raw) != count * dtype.itemsize:
-        raise InvalidInput(f"input {name!r}: {len(raw)} bytes for {datatype} {shape} (expected "
-                           f"{count * dtype.itemsize})", "bad_tensor")  # fmt: skip
+        raise InvalidInput(
+            f"input {name!r}: {len(raw)} bytes for {datatype} {shape} (expected "
+            f"{count * dtype.itemsize})",
+            "bad_tensor",
+        )
     return InputTensor(name, datatype, shape, np.frombuffer(raw, dtype).reshape(shape))
 
 
@@ -169,19 +190,20 @@ def from_json(name: str, datatype: str, shape: list[int], data) -> InputTensor:
     base64 strings (images are binary; JSON strings cannot carry them as they are)."""
     flat = _flatten(data)
     if len(flat) != element_count(shape):
-        raise InvalidInput(f"input {name!r}: {len(flat)} elements for shape {shape}",
-                           "bad_tensor")  # fmt: skip
+        raise InvalidInput(f"input {name!r}: {len(flat)} elements for shape {shape}", "bad_tensor")
     if datatype == "BYTES":
         items = []
         for i, text in enumerate(flat):
             if not isinstance(text, str):
-                raise InvalidInput(f"input {name!r}[{i}]: BYTES elements in JSON are base64 "
-                                   "strings", "bad_base64")  # fmt: skip
+                raise InvalidInput(
+                    f"input {name!r}[{i}]: BYTES elements in JSON are base64 strings", "bad_base64"
+                )
             try:
                 items.append(base64.b64decode(text, validate=True))
             except (binascii.Error, ValueError) as e:
-                raise InvalidInput(f"input {name!r}[{i}] is not valid base64: {e}",
-                                   "bad_base64") from e  # fmt: skip
+                raise InvalidInput(
+                    f"input {name!r}[{i}] is not valid base64: {e}", "bad_base64"
+                ) from e
         return InputTensor(name, datatype, shape, items)
     if not all(isinstance(x, int | float) for x in flat):  # bool is an int: BOOL data
         raise InvalidInput(f"input {name!r}: {datatype} data must be numbers", "bad_tensor")
@@ -189,8 +211,7 @@ def from_json(name: str, datatype: str, shape: list[int], data) -> InputTensor:
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         if not all(float(x).is_integer() and info.min <= x <= info.max for x in flat):
-            raise InvalidInput(f"input {name!r}: values out of range for {datatype}",
-                               "bad_tensor")  # fmt: skip
+            raise InvalidInput(f"input {name!r}: values out of range for {datatype}", "bad_tensor")
     return InputTensor(name, datatype, shape, np.asarray(flat, dtype).reshape(shape))
 
 
@@ -241,16 +262,23 @@ def _interventions(params: dict) -> tuple[Intervention, ...]:
         try:
             v = json.loads(v)
         except ValueError as e:
-            raise InvalidInput(f"parameter 'interventions' is not JSON: {e}",
-                               "bad_parameter") from e  # fmt: skip
+            raise InvalidInput(
+                f"parameter 'interventions' is not JSON: {e}", "bad_parameter"
+            ) from e
     if not isinstance(v, list) or not all(
-        isinstance(x, dict) and set(x) == {"class", "prototype"}
-        and isinstance(x["class"], str | int) and not isinstance(x["class"], bool)
-        and isinstance(x["prototype"], int) and not isinstance(x["prototype"], bool)
+        isinstance(x, dict)
+        and set(x) == {"class", "prototype"}
+        and isinstance(x["class"], str | int)
+        and not isinstance(x["class"], bool)
+        and isinstance(x["prototype"], int)
+        and not isinstance(x["prototype"], bool)
         for x in v
-    ):  # fmt: skip
-        raise InvalidInput('parameter \'interventions\' must be a JSON list of {"class": name '
-                           'or index, "prototype": index}', "bad_parameter")  # fmt: skip
+    ):
+        raise InvalidInput(
+            "parameter 'interventions' must be a JSON list of {\"class\": name "
+            'or index, "prototype": index}',
+            "bad_parameter",
+        )
     return tuple(Intervention(x["class"], x["prototype"]) for x in v)
 
 
@@ -258,7 +286,8 @@ def explain_options(params: dict) -> ExplainOptions:
     """The ``explanation`` output's options, as REST /explain's (the schema's defaults)."""
     d = ExplainOptions()
     return ExplainOptions(
-        top_k=_int(params, "top_k", d.top_k), heatmaps=_bool(params, "heatmaps", d.heatmaps),
+        top_k=_int(params, "top_k", d.top_k),
+        heatmaps=_bool(params, "heatmaps", d.heatmaps),
         box_percentile=_float(params, "box_percentile", d.box_percentile),
         map_kind=str(params.get("map_kind", d.map_kind)),
         interventions=_interventions(params),
@@ -286,8 +315,10 @@ class OipModel:
                 datatype = ORT_TYPES.get(ort_types[out_name], "FP32")
             else:  # bias of an all-scores graph, from the tensors (protonmf.graph.GraphSession.run)
                 datatype = DATATYPE_OF.get(core.tensors["bias"].dtype, "FP32")
-            self.outputs[out_name] = (datatype, [-1 if isinstance(d, str) else int(d)
-                                                 for d in shape])  # fmt: skip
+            self.outputs[out_name] = (
+                datatype,
+                [-1 if isinstance(d, str) else int(d) for d in shape],
+            )
         self.outputs[EXPLANATION] = ("BYTES", [-1])
         c = core.spec.channels
         self.inputs = {
@@ -300,15 +331,21 @@ class OipModel:
         if name != self.name:
             raise ModelNotFound(f"unknown model {name!r}; this server serves {self.name!r}")
         if version not in (None, "", MODEL_VERSION):
-            raise ModelNotFound(f"model {name!r} has no version {version!r} (versions: "
-                                f"[{MODEL_VERSION!r}])")  # fmt: skip
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r} (versions: [{MODEL_VERSION!r}])"
+            )
 
     def metadata(self) -> dict:
         def tensors(d):
             return [{"name": n, "datatype": dt, "shape": shape} for n, (dt, shape) in d.items()]
 
-        return {"name": self.name, "versions": [MODEL_VERSION], "platform": "onnxruntime",
-                "inputs": tensors(self.inputs), "outputs": tensors(self.outputs)}  # fmt: skip
+        return {
+            "name": self.name,
+            "versions": [MODEL_VERSION],
+            "platform": "onnxruntime",
+            "inputs": tensors(self.inputs),
+            "outputs": tensors(self.outputs),
+        }
 
     # -- inference --
 
@@ -316,15 +353,18 @@ class OipModel:
         core = self.core
         expected = self.inputs.get(t.name)
         if expected is None:
-            raise InvalidInput(f"unknown input {t.name!r}; inputs: {list(self.inputs)}",
-                               "unknown_input")  # fmt: skip
+            raise InvalidInput(
+                f"unknown input {t.name!r}; inputs: {list(self.inputs)}", "unknown_input"
+            )
         if t.datatype != expected[0]:
-            raise InvalidInput(f"input {t.name!r} is {expected[0]}, got {t.datatype}",
-                               "bad_datatype")  # fmt: skip
+            raise InvalidInput(
+                f"input {t.name!r} is {expected[0]}, got {t.datatype}", "bad_datatype"
+            )
         if t.name == IMAGES:
             if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.shape[1] != 1):
-                raise InvalidInput(f"input 'images' has shape [N] (or [N, 1]), got {t.shape}",
-                                   "bad_shape")  # fmt: skip
+                raise InvalidInput(
+                    f"input 'images' has shape [N] (or [N, 1]), got {t.shape}", "bad_shape"
+                )
             return await self.engine.decode(list(t.data))
         n = t.shape[0] if t.shape else 0
         want = expected[1][1:]
@@ -332,8 +372,10 @@ class OipModel:
         if t.name == CROPS and len(want) == 2 and shape == [*want, 1]:
             shape = want  # a grey crop with its channel axis
         if len(t.shape) < 1 or shape != want:
-            raise InvalidInput(f"input {t.name!r} has shape [N, {', '.join(map(str, want))}], "
-                               f"got {t.shape}", "bad_shape")  # fmt: skip
+            raise InvalidInput(
+                f"input {t.name!r} has shape [N, {', '.join(map(str, want))}], got {t.shape}",
+                "bad_shape",
+            )
         core.check_request(n)
         data = np.asarray(t.data).reshape(n, *want)
         if t.name == CROPS:
@@ -349,30 +391,38 @@ class OipModel:
         levels = (x.astype(np.float64) * std + mean) * 255.0
         u = np.clip(np.rint(levels), 0, 255)
         if not np.all(np.isfinite(levels)) or np.abs(levels - u).max(initial=0) > 0.01:
-            raise InvalidInput(f"input {self.graph_input!r} must be a normalised uint8 crop "
-                               "((x / 255 - mean) / std, the manifest's preprocessing); send "
-                               "'crops' or 'images' otherwise", "not_a_crop")  # fmt: skip
+            raise InvalidInput(
+                f"input {self.graph_input!r} must be a normalised uint8 crop "
+                "((x / 255 - mean) / std, the manifest's preprocessing); send "
+                "'crops' or 'images' otherwise",
+                "not_a_crop",
+            )
         u = u.astype(np.uint8)
         crops = u[:, 0] if spec.channels == 1 else u.transpose(0, 2, 3, 1)
         if not np.allclose(normalize(crops, spec), x, rtol=0, atol=1e-4):
-            raise InvalidInput(f"input {self.graph_input!r} is not a normalised uint8 crop",
-                               "not_a_crop")  # fmt: skip
+            raise InvalidInput(
+                f"input {self.graph_input!r} is not a normalised uint8 crop", "not_a_crop"
+            )
         return np.ascontiguousarray(crops)
 
-    async def infer(self, inputs: list[InputTensor], outputs: list[tuple[str, dict]] | None,
-                    parameters: dict) -> list[OutputTensor]:  # fmt: skip
+    async def infer(
+        self, inputs: list[InputTensor], outputs: list[tuple[str, dict]] | None, parameters: dict
+    ) -> list[OutputTensor]:
         """``outputs``: (name, parameters) of those asked for (None: ``logits``)."""
         if not self.engine.ready:
             raise NotReady("the model is warming up; retry shortly", "not_ready")
         if len(inputs) != 1:
-            raise InvalidInput(f"send exactly one input (one of {list(self.inputs)}), got "
-                               f"{len(inputs)}", "one_input")  # fmt: skip
+            raise InvalidInput(
+                f"send exactly one input (one of {list(self.inputs)}), got {len(inputs)}",
+                "one_input",
+            )
         requested = outputs if outputs else [("logits", {})]
         names = [n for n, _ in requested]
         for n in names:
             if n not in self.outputs:
-                raise InvalidInput(f"unknown output {n!r}; outputs: {list(self.outputs)}",
-                                   "unknown_output")  # fmt: skip
+                raise InvalidInput(
+                    f"unknown output {n!r}; outputs: {list(self.outputs)}", "unknown_output"
+                )
         if len(set(names)) != len(names):
             raise InvalidInput("an output is asked for twice", "duplicate_output")
         core = self.core
@@ -394,8 +444,10 @@ class OipModel:
         result = []
         for n, _ in requested:
             if n == EXPLANATION:
-                docs = [orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY)
-                        for e in self.engine.explain_outputs(outs, options)]  # fmt: skip
+                docs = [
+                    orjson.dumps(e, option=orjson.OPT_SERIALIZE_NUMPY)
+                    for e in self.engine.explain_outputs(outs, options)
+                ]
                 result.append(OutputTensor(n, "BYTES", [len(docs)], docs))
             else:
                 arr = np.stack([o[n] for o in outs])
@@ -408,8 +460,12 @@ class OipModel:
 
 
 def _json(body: dict, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json", headers=headers)  # fmt: skip
+    return Response(
+        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def _error(e: ServiceError) -> Response:
@@ -423,8 +479,9 @@ def _error(e: ServiceError) -> Response:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes; the limit is {limit}",
-                              "body_too_large")  # fmt: skip
+        raise PayloadTooLarge(
+            f"request body of {declared} bytes; the limit is {limit}", "body_too_large"
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -434,15 +491,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_infer_request(body: bytes, header_length: str | None
-                        ) -> tuple[list[InputTensor], list[tuple[str, dict]] | None, dict, dict, object]:  # fmt: skip
+def parse_infer_request(
+    body: bytes, header_length: str | None
+) -> tuple[list[InputTensor], list[tuple[str, dict]] | None, dict, dict, object]:
     """HTTP/JSON (and binary tensor extension) request → inputs, outputs (name, parameters;
     None if not given), request parameters, per-output "binary_data" wishes, and its id."""
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
-            raise InvalidInput("Inference-Header-Content-Length must be the JSON header's size "
-                               "in bytes", "bad_header_length")  # fmt: skip
-        head, binary = body[: int(header_length)], memoryview(body)[int(header_length):]
+            raise InvalidInput(
+                "Inference-Header-Content-Length must be the JSON header's size in bytes",
+                "bad_header_length",
+            )
+        head, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
     else:
         head, binary = body, memoryview(b"")
     try:
@@ -450,8 +510,7 @@ def parse_infer_request(body: bytes, header_length: str | None
     except orjson.JSONDecodeError as e:
         raise InvalidInput(f"the request is not JSON: {e}", "bad_json") from e
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
-        raise InvalidInput("the request must be a JSON object with an 'inputs' list",
-                           "bad_request")  # fmt: skip
+        raise InvalidInput("the request must be a JSON object with an 'inputs' list", "bad_request")
     params = request.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object", "bad_request")
@@ -465,20 +524,29 @@ def parse_infer_request(body: bytes, header_length: str | None
         tparams = t.get("parameters") or {}
         size = tparams.get("binary_data_size") if isinstance(tparams, dict) else None
         if size is not None:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0 \
-                    or offset + size > len(binary):  # fmt: skip
-                raise InvalidInput(f"input {name!r}: binary_data_size {size!r} does not fit the "
-                                   "binary data after the JSON header", "bad_tensor")  # fmt: skip
+            if (
+                isinstance(size, bool)
+                or not isinstance(size, int)
+                or size < 0
+                or offset + size > len(binary)
+            ):
+                raise InvalidInput(
+                    f"input {name!r}: binary_data_size {size!r} does not fit the "
+                    "binary data after the JSON header",
+                    "bad_tensor",
+                )
             inputs.append(from_raw(name, datatype, shape, bytes(binary[offset : offset + size])))
             offset += size
         elif "data" in t:
             inputs.append(from_json(name, datatype, shape, t["data"]))
         else:
-            raise InvalidInput(f"input {name!r} has neither data nor binary_data_size",
-                               "bad_tensor")  # fmt: skip
+            raise InvalidInput(
+                f"input {name!r} has neither data nor binary_data_size", "bad_tensor"
+            )
     if offset != len(binary):
-        raise InvalidInput(f"{len(binary) - offset} bytes of binary data belong to no input",
-                           "bad_tensor")  # fmt: skip
+        raise InvalidInput(
+            f"{len(binary) - offset} bytes of binary data belong to no input", "bad_tensor"
+        )
     outputs, binary_wish = None, {}
     if request.get("outputs") is not None:
         if not isinstance(request["outputs"], list):
@@ -496,8 +564,9 @@ def parse_infer_request(body: bytes, header_length: str | None
     return inputs, outputs, params, binary_wish, request.get("id")
 
 
-def infer_response(model: OipModel, tensors: list[OutputTensor], request_id, binary: dict,
-                   default_binary: bool) -> Response:  # fmt: skip
+def infer_response(
+    model: OipModel, tensors: list[OutputTensor], request_id, binary: dict, default_binary: bool
+) -> Response:
     outputs, chunks = [], []
     for t in tensors:
         entry = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
@@ -514,8 +583,11 @@ def infer_response(model: OipModel, tensors: list[OutputTensor], request_id, bin
     head = orjson.dumps(body)
     if not chunks:
         return Response(head, media_type="application/json")
-    return Response(b"".join([head, *chunks]), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(head))})  # fmt: skip
+    return Response(
+        b"".join([head, *chunks]),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
 
 
 class V2Root:
@@ -529,13 +601,15 @@ class V2Root:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] == self.path:
-            scope = {**scope, "path": self.path + "/",
-                     "raw_path": (self.path + "/").encode()}  # fmt: skip
+            scope = {**scope, "path": self.path + "/", "raw_path": (self.path + "/").encode()}
         await self.app(scope, receive, send)
 
 
-def build_app(get_engine: Callable[[], object | None], model_name: str = "protonmf",
-              max_body_bytes: int | None = None) -> Starlette:  # fmt: skip
+def build_app(
+    get_engine: Callable[[], object | None],
+    model_name: str = "protonmf",
+    max_body_bytes: int | None = None,
+) -> Starlette:
     """The OIP v2 REST app, routes relative to its mount (``/v2``). ``get_engine``: the
     worker's Engine, or None while there is none (everything but liveness answers 503).
     ``max_body_bytes``: default the engine's ``settings.body_bytes()`` (the RequestGuard's
@@ -591,12 +665,14 @@ def build_app(get_engine: Callable[[], object | None], model_name: str = "proton
         m = model()
         m.check_name(request.path_params["name"], request.path_params.get("version"))
         if request.headers.get("content-encoding", "identity") != "identity":
-            raise InvalidInput("compressed request bodies are not supported",
-                               "unsupported_encoding")  # fmt: skip
+            raise InvalidInput(
+                "compressed request bodies are not supported", "unsupported_encoding"
+            )
         limit = max_body_bytes or m.engine.settings.body_bytes()
         body = await _read_body(request, limit)
         inputs, outputs, params, binary, request_id = parse_infer_request(
-            body, request.headers.get(HEADER_LENGTH))  # fmt: skip
+            body, request.headers.get(HEADER_LENGTH)
+        )
         default_binary = _bool(params, "binary_data_output", False)
         tensors = await m.infer(inputs, outputs, params)
         return infer_response(m, tensors, request_id, binary, default_binary)

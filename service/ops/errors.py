@@ -45,8 +45,11 @@ class ServiceError(Exception):
     def to_dict(self) -> dict:
         """The REST error body. ``error`` ends with `` [reason]`` as it always has (clients
         parse it); ``reason`` and ``status`` say the same as fields."""
-        return {"error": f"{self.message} [{self.reason}]", "reason": self.reason,
-                "status": self.status}  # fmt: skip
+        return {
+            "error": f"{self.message} [{self.reason}]",
+            "reason": self.reason,
+            "status": self.status,
+        }
 
 
 class InvalidInput(ServiceError):

@@ -53,12 +53,16 @@ class _Metrics:
             multiprocess_mode="livesum",
         )
         self.requests = Counter(
-            "protonmf_requests_total", "Requests answered, by transport (rest, grpc), endpoint "
-            "and status (HTTP status or gRPC code)", ["transport", "endpoint", "status"],
+            "protonmf_requests_total",
+            "Requests answered, by transport (rest, grpc), endpoint "
+            "and status (HTTP status or gRPC code)",
+            ["transport", "endpoint", "status"],
         )
         self.request_seconds = Histogram(
-            "protonmf_request_duration_seconds", "Request latency by transport and endpoint",
-            ["transport", "endpoint"], buckets=_LATENCY_BUCKETS,
+            "protonmf_request_duration_seconds",
+            "Request latency by transport and endpoint",
+            ["transport", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
         )
         self.rejected = Counter(
             "protonmf_rejected_requests_total", "Requests refused, by reason", ["reason"]

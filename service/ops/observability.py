@@ -24,13 +24,23 @@ from opentelemetry import trace
 
 from protonmf.service.ops.metrics import METRICS
 
-__all__ = ["REQUEST", "ApiKeys", "configure_logging", "finish", "initialize", "note",
-           "request_id", "server_span", "span"]
+__all__ = [
+    "REQUEST",
+    "ApiKeys",
+    "configure_logging",
+    "finish",
+    "initialize",
+    "note",
+    "request_id",
+    "server_span",
+    "span",
+]
 
 ACCESS = logging.getLogger("protonmf.access")
 # the request being served (a dict: id, images, ...): set by the transport, read by all
-REQUEST: contextvars.ContextVar[dict | None] = contextvars.ContextVar("protonmf_request",
-                                                                    default=None)  # fmt: skip
+REQUEST: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "protonmf_request", default=None
+)
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -51,10 +61,17 @@ def finish(info: dict, transport: str, endpoint: str, status: str | int, seconds
     METRICS.requests.labels(transport=transport, endpoint=endpoint, status=str(status)).inc()
     METRICS.request_seconds.labels(transport=transport, endpoint=endpoint).observe(seconds)
     if ACCESS.isEnabledFor(logging.INFO):
-        ACCESS.info("request", extra={"request_id": info.get("id"), "transport": transport,
-                                      "endpoint": endpoint, "status": status,
-                                      "images": info.get("images"),
-                                      "latency_ms": round(seconds * 1e3, 2)})  # fmt: skip
+        ACCESS.info(
+            "request",
+            extra={
+                "request_id": info.get("id"),
+                "transport": transport,
+                "endpoint": endpoint,
+                "status": status,
+                "images": info.get("images"),
+                "latency_ms": round(seconds * 1e3, 2),
+            },
+        )
 
 
 @contextmanager
@@ -74,8 +91,9 @@ def server_span(name: str, metadata: dict):
     from opentelemetry import propagate
 
     tracer = trace.get_tracer("protonmf.service")
-    with tracer.start_as_current_span(name, context=propagate.extract(metadata),
-                                      kind=trace.SpanKind.SERVER) as current:  # fmt: skip
+    with tracer.start_as_current_span(
+        name, context=propagate.extract(metadata), kind=trace.SpanKind.SERVER
+    ) as current:
         yield current
 
 
@@ -95,12 +113,18 @@ def configure_logging(fmt: str = "json", enabled: bool = True) -> None:
     if fmt == "json":
         from pythonjsonlogger.json import JsonFormatter
 
-        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
-                                           rename_fields={"asctime": "time"}))  # fmt: skip
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s", rename_fields={"asctime": "time"}
+            )
+        )
     else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(name)s %(request_id)s %(transport)s %(endpoint)s %(status)s "
-            "%(latency_ms)sms"))  # fmt: skip
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(name)s %(request_id)s %(transport)s %(endpoint)s %(status)s "
+                "%(latency_ms)sms"
+            )
+        )
     ACCESS.addHandler(handler)
 
 

@@ -44,7 +44,9 @@ async def _timeout_call(self, scope, receive, send) -> None:
     waiter = loop.create_future()
     # An empty context: a cancelled handle can sit in the loop's timer heap until its time
     # comes, and a copy of the request's context (asyncio's default) would sit with it.
-    timer = loop.call_later(self.timeout, self._set_timer_out, waiter, context=contextvars.Context())
+    timer = loop.call_later(
+        self.timeout, self._set_timer_out, waiter, context=contextvars.Context()
+    )
 
     async def _send(message) -> None:
         if not waiter.done():
@@ -72,9 +74,7 @@ def apply() -> bool:
     if not bentoml.__version__.startswith(PATCHED_VERSIONS):
         log.info("bentoml %s: TimeoutMiddleware left as it is", bentoml.__version__)
         return False
-    for key, owner, name, fix in (
-        ("call", traffic.TimeoutMiddleware, "__call__", _timeout_call),
-    ):
+    for key, owner, name, fix in (("call", traffic.TimeoutMiddleware, "__call__", _timeout_call),):
         if owner.__dict__.get(name) is not fix:
             ORIGINAL.setdefault(key, owner.__dict__[name])
             setattr(owner, name, fix)

@@ -61,9 +61,19 @@ async def _answer(send, e: ServiceError) -> None:
 class RequestGuard:
     """ASGI middleware; ``paths``: the service's endpoints ("/classify", …)."""
 
-    def __init__(self, app, *, paths: list[str], file_fields: list[str], max_body_bytes: int,
-                 body_timeout_s: float, max_concurrency: int, max_parts: int,
-                 keys: ApiKeys | None = None, open_paths: list[str] = ()):  # fmt: skip
+    def __init__(
+        self,
+        app,
+        *,
+        paths: list[str],
+        file_fields: list[str],
+        max_body_bytes: int,
+        body_timeout_s: float,
+        max_concurrency: int,
+        max_parts: int,
+        keys: ApiKeys | None = None,
+        open_paths: list[str] = (),
+    ):
         self.app = app
         self.keys = keys or ApiKeys([])
         self.open_paths = tuple(p.rstrip("/") for p in open_paths if p)
@@ -83,8 +93,12 @@ class RequestGuard:
         send = _tagged(send, info)
         path = scope["path"]
         if not self._authorized(path, headers):
-            await _answer(send, Unauthenticated(
-                "a valid API key is required (Authorization: Bearer KEY or X-API-Key)"))
+            await _answer(
+                send,
+                Unauthenticated(
+                    "a valid API key is required (Authorization: Bearer KEY or X-API-Key)"
+                ),
+            )
             return finish(info, "rest", path if path in self.paths else "other", 401, 0.0)
         if path not in self.paths:
             return await self.app(scope, receive, send)
@@ -96,19 +110,24 @@ class RequestGuard:
             finish(info, "rest", path, info["status"], time.perf_counter() - start)
 
     def _authorized(self, path: str, headers: dict) -> bool:
-        if not self.keys.enabled or any(path == p or path.startswith(p + "/")
-                                        for p in self.open_paths):  # fmt: skip
+        if not self.keys.enabled or any(
+            path == p or path.startswith(p + "/") for p in self.open_paths
+        ):
             return True
-        return self.keys.allows(presented_key(headers.get("authorization"),
-                                              headers.get("x-api-key")))  # fmt: skip
+        return self.keys.allows(
+            presented_key(headers.get("authorization"), headers.get("x-api-key"))
+        )
 
     async def _serve(self, scope, receive, send) -> None:
         try:
             body = await self._read_body(scope, receive)
             if self.in_flight >= self.max_concurrency:
-                raise _Refused(429, f"{self.in_flight} requests in flight in this worker "
-                               f"(limit {self.max_concurrency}); retry shortly",
-                               "too_many_requests")  # fmt: skip
+                raise _Refused(
+                    429,
+                    f"{self.in_flight} requests in flight in this worker "
+                    f"(limit {self.max_concurrency}); retry shortly",
+                    "too_many_requests",
+                )
             await self._check_form(scope, body)
         except ServiceError as e:
             return await _answer(send, e)
@@ -122,23 +141,29 @@ class RequestGuard:
         """The whole body within the deadline and the byte limit."""
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
-                raise PayloadTooLarge(f"the body has {int(value)} bytes; the limit is "
-                                      f"{self.max_body_bytes}", "body_too_large")  # fmt: skip
+                raise PayloadTooLarge(
+                    f"the body has {int(value)} bytes; the limit is {self.max_body_bytes}",
+                    "body_too_large",
+                )
         chunks, size = [], 0
         deadline = time.monotonic() + self.body_timeout_s
         while True:
             try:
                 message = await asyncio.wait_for(receive(), deadline - time.monotonic())
             except asyncio.TimeoutError:
-                raise _Refused(408, f"the request body did not arrive within "
-                               f"{self.body_timeout_s:g} s", "body_timeout") from None  # fmt: skip
+                raise _Refused(
+                    408,
+                    f"the request body did not arrive within {self.body_timeout_s:g} s",
+                    "body_timeout",
+                ) from None
             if message["type"] == "http.disconnect":
                 raise _Refused(400, "the client went away", "disconnected")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise PayloadTooLarge(f"the body is over {self.max_body_bytes} bytes",
-                                      "body_too_large")  # fmt: skip
+                raise PayloadTooLarge(
+                    f"the body is over {self.max_body_bytes} bytes", "body_too_large"
+                )
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -158,13 +183,18 @@ class RequestGuard:
         try:
             for key, value in form.multi_items():
                 if key in self.file_fields and not isinstance(value, UploadFile):
-                    raise InvalidInput(f"{key!r} takes files; got a text value (URLs and paths "
-                                       "are not fetched: upload the file itself)", "not_a_file")  # fmt: skip
+                    raise InvalidInput(
+                        f"{key!r} takes files; got a text value (URLs and paths "
+                        "are not fetched: upload the file itself)",
+                        "not_a_file",
+                    )
                 if key not in self.file_fields and isinstance(value, UploadFile):
                     try:
                         (await value.read()).decode("utf-8")
                     except UnicodeDecodeError as e:
-                        raise InvalidInput(f"field {key!r} is not text", "malformed_multipart") from e
+                        raise InvalidInput(
+                            f"field {key!r} is not text", "malformed_multipart"
+                        ) from e
         finally:
             await form.close()
 

@@ -14,9 +14,11 @@ from starlette.staticfiles import StaticFiles
 UI_DIR = Path(__file__).parent / "ui"
 
 # Only the service's own origin; images also as data:/blob: (the uploaded image, PNG strips).
-CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'self'; "
-       "form-action 'none'")  # fmt: skip
+CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'self'; "
+    "form-action 'none'"
+)
 HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),
