@@ -18,8 +18,10 @@ import aiohttp
 import pytest
 from served import start_process, stop_process
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(n)), None)  # fmt: skip
+CHROMIUM = next(
+    (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+    None,
+)
 
 
 def chromium() -> str:
@@ -33,9 +35,16 @@ def chromium() -> str:
 
 # Both ways of running it: headless, no first-run work, and every request that is not to
 # loopback sent to a dead proxy (port 9; loopback bypasses it, Chromium's implicit rule).
-OFFLINE_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--proxy-server=127.0.0.1:9", "--disable-background-networking",
-                 "--disable-component-update", "--hide-scrollbars")  # fmt: skip
+OFFLINE_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--proxy-server=127.0.0.1:9",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--hide-scrollbars",
+)
 
 
 def browse(url: str, *args: str) -> subprocess.CompletedProcess:
@@ -87,8 +96,9 @@ class Page:
         return fut
 
     async def js(self, expression: str):
-        r = await self.send("Runtime.evaluate", expression=expression, returnByValue=True,
-                            awaitPromise=True)  # fmt: skip
+        r = await self.send(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         if "exceptionDetails" in r:
             raise RuntimeError(f"JS error in {expression!r}: {r['exceptionDetails']}")
         return r["result"].get("value")
@@ -105,35 +115,54 @@ class Page:
 
     async def key(self, key: str, code: str | None = None, text: str = "") -> None:
         """A real key press (keydown + keyup) to the focused element."""
-        codes = {" ": ("Space", 32), "Enter": ("Enter", 13), "ArrowRight": ("ArrowRight", 39),
-                 "ArrowDown": ("ArrowDown", 40), "Tab": ("Tab", 9)}  # fmt: skip
+        codes = {
+            " ": ("Space", 32),
+            "Enter": ("Enter", 13),
+            "ArrowRight": ("ArrowRight", 39),
+            "ArrowDown": ("ArrowDown", 40),
+            "Tab": ("Tab", 9),
+        }
         code, vk = codes.get(key, (code or key, 0))
         down = {"type": "keyDown", "key": key, "code": code, "windowsVirtualKeyCode": vk}
         if text:
             down["text"] = text
         await self.send("Input.dispatchKeyEvent", **down)
-        await self.send("Input.dispatchKeyEvent", type="keyUp", key=key, code=code,
-                        windowsVirtualKeyCode=vk)  # fmt: skip
+        await self.send(
+            "Input.dispatchKeyEvent", type="keyUp", key=key, code=code, windowsVirtualKeyCode=vk
+        )
 
     async def screenshot(self, path: Path) -> Path:
         """The whole page: the viewport made as tall as the document for the shot
         (captureBeyondViewport left some off-screen images undrawn)."""
         width, height = self.size
         full = await self.js("Math.ceil(document.documentElement.scrollHeight)")
-        await self.send("Emulation.setDeviceMetricsOverride", width=width, height=max(height, full),
-                        deviceScaleFactor=1, mobile=False)  # fmt: skip
+        await self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=max(height, full),
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         try:
             await self.js("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
             r = await self.send("Page.captureScreenshot", format="png")
         finally:
-            await self.send("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                            deviceScaleFactor=1, mobile=False)  # fmt: skip
+            await self.send(
+                "Emulation.setDeviceMetricsOverride",
+                width=width,
+                height=height,
+                deviceScaleFactor=1,
+                mobile=False,
+            )
         path.write_bytes(base64.b64decode(r["data"]))
         return path
 
     def request_urls(self) -> list[str]:
-        return [e["params"]["request"]["url"] for e in self.events
-                if e["method"] == "Network.requestWillBeSent"]  # fmt: skip
+        return [
+            e["params"]["request"]["url"]
+            for e in self.events
+            if e["method"] == "Network.requestWillBeSent"
+        ]
 
     async def close(self) -> None:
         self.reader.cancel()
@@ -150,10 +179,18 @@ class Browser:
     async def __aenter__(self):
         self.log = self.workdir / "chromium.log"
         self.proc = start_process(
-            [chromium(), *OFFLINE_FLAGS, "--remote-debugging-port=0",
-             f"--user-data-dir={self.workdir / 'profile'}", "--disable-sync",
-             "--disable-extensions", f"--window-size={self.size[0]},{self.size[1]}",
-             "about:blank"], self.log)  # fmt: skip
+            [
+                chromium(),
+                *OFFLINE_FLAGS,
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self.workdir / 'profile'}",
+                "--disable-sync",
+                "--disable-extensions",
+                f"--window-size={self.size[0]},{self.size[1]}",
+                "about:blank",
+            ],
+            self.log,
+        )
         deadline = time.monotonic() + 30
         port = None
         while port is None:
@@ -175,8 +212,13 @@ class Browser:
         page = Page(ws, self.size)
         for domain in ("Page", "Runtime", "Network", "DOM"):
             await page.send(f"{domain}.enable")
-        await page.send("Emulation.setDeviceMetricsOverride", width=self.size[0],
-                        height=self.size[1], deviceScaleFactor=1, mobile=False)  # fmt: skip
+        await page.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=self.size[0],
+            height=self.size[1],
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         return page
 
     async def __aexit__(self, *exc):

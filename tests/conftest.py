@@ -4,15 +4,19 @@ browser.py); the names below imported from helpers stay importable from here.
 Tiers (docs/testing.md): every collected test gets exactly one of TIERS, assigned here:
 a tier mark on the test itself (``@pytest.mark.e2e``) wins; otherwise its module's entry
 in MODULE_TIERS, else "unit"; a test whose fixtures (directly or through other fixtures)
-include a converted artifact is never "unit" (it becomes "service")."""
+include a converted artifact is never "unit" (it becomes "service").
+
+Nothing here imports torch, timm or the converter at import time: the unit tier collects
+and runs where only the serving extra is installed (``pip install .[serve]`` + pytest;
+tests/test_tiers.py keeps it so). The conversion fixtures import the converter when they
+run; unit tests that need torch, timm, scikit-learn or cvxpy skip themselves without them
+(``pytest.importorskip``)."""
 
 import os
 from pathlib import Path
 
 import pytest
 from helpers import FASHION_DATA, FASHION_MODEL, REPO, manifest_of, run_cli, run_images  # noqa: F401
-
-from protonmf.sample_data import imagenet_photo_folder, lite0_checkpoint
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
@@ -49,24 +53,41 @@ def tier_of(item) -> str:
     return tier
 
 
+def cuda_available() -> bool:
+    """torch's answer where torch is installed; without torch (the serving extra only),
+    whether onnxruntime has its CUDA provider and the machine an NVIDIA device."""
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        return torch.cuda.is_available()
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return (
+        "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        and Path("/dev/nvidia0").exists()
+    )
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     for item in items:
         tier = tier_of(item)
         if not item.get_closest_marker(tier):
             item.add_marker(getattr(pytest.mark, tier))
-    wrong = [i.nodeid for i in items
-             if sum(1 for t in TIERS if i.get_closest_marker(t)) != 1]  # fmt: skip
+    wrong = [i.nodeid for i in items if sum(1 for t in TIERS if i.get_closest_marker(t)) != 1]
     if wrong:
         raise pytest.UsageError(f"tests without exactly one tier of {TIERS}: {wrong[:10]}")
     config.stash[TIER_COUNTS] = {t: sum(1 for i in items if i.get_closest_marker(t)) for t in TIERS}
-    if not torch.cuda.is_available():
+    # not item.keywords: a param id "gpu" matches too
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu and not cuda_available():  # torch is imported only when a gpu test is collected
         skip = pytest.mark.skip(reason="no CUDA device on this machine")
-        for item in items:
-            if item.get_closest_marker("gpu"):  # not item.keywords: a param id "gpu" matches too
-                item.add_marker(skip)
+        for item in gpu:
+            item.add_marker(skip)
 
 
 def pytest_report_collectionfinish(config, start_path, items):
@@ -78,12 +99,26 @@ def pytest_report_collectionfinish(config, start_path, items):
 @pytest.fixture(scope="session")
 def imagenet_photos(tmp_path_factory) -> Path:
     """foolbox's 20 bundled ImageNet photos as an ImageFolder (folders = class indices)."""
+    from helpers import imagenet_photo_files  # skips without foolbox (outside CI)
+
+    from protonmf.sample_data import imagenet_photo_folder
+
+    imagenet_photo_files()
     root = imagenet_photo_folder(tmp_path_factory.mktemp("imagenet_photos"))
     assert len(list(root.glob("*/*.jpg"))) == 20
     return root
 
 
+def needs_converter() -> None:
+    """Skip where torch (the convert extra) is missing: a serving-only install. In CI it
+    must be there (scripts/bootstrap.sh installs it), so there the import error fails."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("torch", reason="converting a model needs the convert extra")
+
+
 def _convert(out, *args):
+    """`protonmf convert` in-process (the converter, and torch, are imported here)."""
+    needs_converter()
     from protonmf.cli import main
 
     assert main(["convert", "--quiet", "--out", str(out), *map(str, args)]) == 0
@@ -110,6 +145,68 @@ def fashion_topk_artifact(fashion_artifact, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lite0_artifact(tmp_path_factory, imagenet_photos) -> Path:
+    from protonmf.sample_data import lite0_checkpoint
+
     out = tmp_path_factory.mktemp("lite0") / "artifact"
-    return _convert(out, "--model", "tf_efficientnet_lite0", "--checkpoint", lite0_checkpoint(),
-                    "--data", imagenet_photos, "-p", 3)  # fmt: skip
+    return _convert(
+        out,
+        "--model",
+        "tf_efficientnet_lite0",
+        "--checkpoint",
+        lite0_checkpoint(),
+        "--data",
+        imagenet_photos,
+        "-p",
+        3,
+    )
+
+
+# --- the service engine over the Fashion artifacts (module scoped: tests may change them) --
+
+
+@pytest.fixture(scope="module")
+def core_all(fashion_artifact):
+    """An engine (not started) over Fashion's default graph: every class's scores,
+    contributions and maps (C ≤ 2k)."""
+    from protonmf.service.engine.pipeline import Engine
+
+    return Engine.from_artifact(fashion_artifact)
+
+
+@pytest.fixture(scope="module")
+def core_topk(fashion_topk_artifact):
+    """An engine (not started) over the top-k graph: maps and terms of the k best classes,
+    the rest from the pooled features."""
+    from protonmf.service.engine.pipeline import Engine
+
+    return Engine.from_artifact(fashion_topk_artifact)
+
+
+@pytest.fixture
+def make_engine(fashion_artifact):
+    """``make_engine(env=None)``: a new engine (not started) over a new model of Fashion's
+    default graph, its settings ``Settings.from_env(env or {})``."""
+    from protonmf.service.engine.pipeline import Engine
+    from protonmf.service.ops.settings import Settings
+
+    def make(env: dict | None = None):
+        return Engine.from_artifact(fashion_artifact, Settings.from_env(env or {}))
+
+    return make
+
+
+# --- deploy tier --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crd_validators() -> dict:
+    """kind → a JSON-schema validator of the Prometheus Operator's CRD (unknown fields
+    forbidden); ``helpers.crd_errors`` applies one."""
+    import jsonschema
+    from cloudcoil.models.prometheus_operator import v1
+    from helpers import CRD_KINDS, strict_schema
+
+    return {
+        kind: jsonschema.Draft202012Validator(strict_schema(getattr(v1, kind)))
+        for kind in CRD_KINDS
+    }

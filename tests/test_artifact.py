@@ -108,8 +108,14 @@ def test_preprocess_resize_crop_normalise():
 @pytest.mark.parametrize("shape", [(5, 6, 7), (5, 6, 7, 3)])
 def test_normalize_bit_identical_to_plain_expression(shape):
     c = 3 if len(shape) == 4 else 1
-    spec = Preprocessing(height=6, width=7, resize=7, color_mode="RGB" if c == 3 else "L",
-                         mean=(0.485, 0.456, 0.406)[:c], std=(0.229, 0.224, 0.225)[:c])  # fmt: skip
+    spec = Preprocessing(
+        height=6,
+        width=7,
+        resize=7,
+        color_mode="RGB" if c == 3 else "L",
+        mean=(0.485, 0.456, 0.406)[:c],
+        std=(0.229, 0.224, 0.225)[:c],
+    )
     crops = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     x = crops.astype(np.float32) / 255.0
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
@@ -180,6 +186,9 @@ def test_serve_defaults_come_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("PROTONMF_GRPC_PORT", "0")
     _, env = serve_command(build_parser().parse_args(["serve", str(tmp_path)]), {})
     assert (env["PROTONMF_DEVICE"], env["PROTONMF_VARIANT"], env["PROTONMF_GRPC_PORT"]) == (
-        "cuda", "int8", "0")  # fmt: skip
+        "cuda",
+        "int8",
+        "0",
+    )
     args = build_parser().parse_args(["serve", str(tmp_path), "--device", "cpu"])
     assert serve_command(args, {})[1]["PROTONMF_DEVICE"] == "cpu"

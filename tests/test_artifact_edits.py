@@ -39,8 +39,10 @@ EDITS = {
     "9 classes": (lambda a: _edit_manifest(a, _classes(9)), "per_class has 10 entries for 9"),
     "11 classes": (lambda a: _edit_manifest(a, _classes(11)), "per_class has 10 entries for 11"),
     "p = 4": (lambda a: _edit_manifest(a, lambda m: m.update(p=4)), "manifest implies"),
-    "input size": (lambda a: _edit_manifest(a, lambda m: m["preprocessing"].update(height=64)),
-                   "the graph's input is"),  # fmt: skip
+    "input size": (
+        lambda a: _edit_manifest(a, lambda m: m["preprocessing"].update(height=64)),
+        "the graph's input is",
+    ),
     "safetensors header": (_corrupt_header, "prototypes.safetensors is unreadable"),
 }
 
@@ -56,8 +58,9 @@ def test_edited_artifact_refused_in_one_line(edit, fashion_artifact, tmp_path):
     if edit == "9 classes":  # each command's own start-up (torch for verify) is slow
         commands += [["inspect", art, "--json"], ["verify", art], ["evaluate", art]]
     for args in commands:
-        r = subprocess.run([*cli, *map(str, args)], capture_output=True, text=True, cwd=REPO,
-                           timeout=60)  # fmt: skip
+        r = subprocess.run(
+            [*cli, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=60
+        )
         assert r.returncode == 2, (args, r.stdout[-500:], r.stderr[-2000:])
         assert "Traceback" not in r.stderr and reason in r.stderr, (args, r.stderr[-2000:])
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -75,8 +78,21 @@ def test_killed_conversion_leaves_nothing_loadable_and_rerun_cleans(tmp_path):
     from protonmf.artifact import load_manifest
 
     out = tmp_path / "art"
-    cmd = [sys.executable, "-m", "protonmf.cli", "convert", "--quiet", "--model", str(FASHION_MODEL),
-           "--data", str(FASHION_DATA), "--max-per-class", "20", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "protonmf.cli",
+        "convert",
+        "--quiet",
+        "--model",
+        str(FASHION_MODEL),
+        "--data",
+        str(FASHION_DATA),
+        "--max-per-class",
+        "20",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

@@ -128,9 +128,16 @@ def fetches(monkeypatch) -> list[str]:
 
 
 def scope_for(content_type: str, body: bytes, in_app: bool = True) -> dict:
-    scope = {"type": "http", "method": "POST", "path": "/explain", "query_string": b"",
-             "headers": [(b"content-type", content_type.encode()),
-                         (b"content-length", str(len(body)).encode())]}  # fmt: skip
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/explain",
+        "query_string": b"",
+        "headers": [
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
     if in_app:
         scope["app"] = object()  # as in a running server: starlette answers its own 400s
     return scope
@@ -141,7 +148,7 @@ async def silent():
 
 
 def receiver(body: bytes, chunks: int = 1, delay: float = 0.0):
-    parts = [body[i * len(body) // chunks:(i + 1) * len(body) // chunks] for i in range(chunks)]
+    parts = [body[i * len(body) // chunks : (i + 1) * len(body) // chunks] for i in range(chunks)]
 
     async def receive():
         if not parts:
@@ -158,8 +165,11 @@ def form(parts: list[tuple[str, bytes, str | None]]) -> bytes:
     out = b""
     for name, value, filename in parts:
         file = f'; filename="{filename}"' if filename else ""
-        out += (f'--b\r\nContent-Disposition: form-data; name="{name}"{file}\r\n\r\n'.encode()
-                + value + b"\r\n")  # fmt: skip
+        out += (
+            f'--b\r\nContent-Disposition: form-data; name="{name}"{file}\r\n\r\n'.encode()
+            + value
+            + b"\r\n"
+        )
     return out + b"--b--\r\n"
 
 
@@ -206,8 +216,14 @@ def guarded(body: bytes, content_type: str = FORM, in_app: bool = True, **limits
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    options = dict(paths=["/explain"], file_fields=["images"], max_body_bytes=1 << 24,
-                   body_timeout_s=5.0, max_concurrency=4, max_parts=32)  # fmt: skip
+    options = dict(
+        paths=["/explain"],
+        file_fields=["images"],
+        max_body_bytes=1 << 24,
+        body_timeout_s=5.0,
+        max_concurrency=4,
+        max_parts=32,
+    )
     guard = RequestGuard(app, **{**options, **limits})
     sent = []
 
@@ -252,8 +268,7 @@ def test_malformed_form_is_a_400(explain_input, name, in_app):
     assert (status, answer["reason"], reached) == (400, "malformed_multipart", [])
     assert answer["error"].startswith("malformed form: ")
     # the bug: starlette's exception is not BentoML's, so BentoML's app answers 500
-    assert status_of(lambda: bentoml_parse(body, content_type, explain_input,
-                                           in_app=in_app)) == 500  # fmt: skip
+    assert status_of(lambda: bentoml_parse(body, content_type, explain_input, in_app=in_app)) == 500
 
 
 def test_plain_field_sent_as_a_file_of_bytes_that_are_not_text(explain_input):
@@ -283,8 +298,14 @@ def run_guard(scope, receive, **limits):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    options = dict(paths=["/explain"], file_fields=["images"], max_body_bytes=1 << 20,
-                   body_timeout_s=5.0, max_concurrency=4, max_parts=32)  # fmt: skip
+    options = dict(
+        paths=["/explain"],
+        file_fields=["images"],
+        max_body_bytes=1 << 20,
+        body_timeout_s=5.0,
+        max_concurrency=4,
+        max_parts=32,
+    )
     guard = RequestGuard(app, **{**options, **limits})
     sent = []
 
@@ -315,8 +336,15 @@ def test_clients_that_send_only_headers_do_not_take_slots():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    guard = RequestGuard(app, paths=["/explain"], file_fields=["images"], max_body_bytes=1 << 20,
-                         body_timeout_s=0.5, max_concurrency=1, max_parts=32)  # fmt: skip
+    guard = RequestGuard(
+        app,
+        paths=["/explain"],
+        file_fields=["images"],
+        max_body_bytes=1 << 20,
+        body_timeout_s=0.5,
+        max_concurrency=1,
+        max_parts=32,
+    )
     body = b"{}"
 
     async def main():
@@ -326,10 +354,13 @@ def test_clients_that_send_only_headers_do_not_take_slots():
             async def send(message):
                 if message["type"] == "http.response.start":
                     statuses.append(message["status"])
+
             return send
 
-        stuck = [asyncio.create_task(guard(scope_for("application/json", body), silent,
-                                           sender())) for _ in range(4)]  # fmt: skip
+        stuck = [
+            asyncio.create_task(guard(scope_for("application/json", body), silent, sender()))
+            for _ in range(4)
+        ]
         await asyncio.sleep(0.05)
         await guard(scope_for("application/json", body), receiver(body), sender())
         first = statuses[0]

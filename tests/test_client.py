@@ -18,6 +18,10 @@ import pydantic
 import pytest
 from helpers import assert_same_body
 
+from protonmf.api import protomap
+from protonmf.api import schemas as S
+from protonmf.api.proto.protonmf.v1 import protonmf_pb2 as pb
+from protonmf.api.proto.protonmf.v1 import protonmf_pb2_grpc as pb_grpc
 from protonmf.client import (
     AsyncGrpcClient,
     AsyncRestClient,
@@ -26,10 +30,6 @@ from protonmf.client import (
     RestClient,
     grpc_channel_options,
 )
-from protonmf.api import protomap
-from protonmf.api import schemas as S
-from protonmf.api.proto.protonmf.v1 import protonmf_pb2 as pb
-from protonmf.api.proto.protonmf.v1 import protonmf_pb2_grpc as pb_grpc
 
 PNG = b"\x89PNG\r\n\x1a\n fake"
 IMAGES = [b"\xff\xd8 first image", b"\x89PNG second image"]
@@ -48,9 +48,11 @@ BODIES = {
 
 
 def test_import_pulls_in_neither_bentoml_nor_onnxruntime():
-    code = ("import sys, protonmf.client; "
-            "bad = {'bentoml', 'onnxruntime', 'torch', 'numpy', 'protonmf.service.engine.core'} "
-            "& set(sys.modules); sys.exit(str(bad) if bad else 0)")  # fmt: skip
+    code = (
+        "import sys, protonmf.client; "
+        "bad = {'bentoml', 'onnxruntime', 'torch', 'numpy', 'protonmf.service.engine'} "
+        "& set(sys.modules); sys.exit(str(bad) if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr + r.stdout
 
@@ -76,8 +78,11 @@ class FakeRest:
             return httpx.Response(status, content=content, headers=headers)
         if path in ("/overlay", "/prototype_image"):
             return httpx.Response(200, content=PNG, headers={"content-type": "image/png"})
-        return httpx.Response(200, content=json.dumps(self.bodies[path]).encode(),
-                              headers={"content-type": "application/json"})  # fmt: skip
+        return httpx.Response(
+            200,
+            content=json.dumps(self.bodies[path]).encode(),
+            headers={"content-type": "application/json"},
+        )
 
     def sent(self) -> tuple[str, dict]:
         r = self.requests[-1]
@@ -88,29 +93,75 @@ class FakeRest:
 B64 = [base64.b64encode(b).decode() for b in IMAGES]
 # (call, the JSON body it must send, the model or bytes it returns)
 REST_CALLS = [
-    (lambda c: c.classify(IMAGES), "/classify", {"images_base64": B64, "top_k": 5},
-     S.ClassifyResponse),
-    (lambda c: c.classify(IMAGES, top_k=2), "/classify", {"images_base64": B64, "top_k": 2},
-     S.ClassifyResponse),
-    (lambda c: c.explain(IMAGES), "/explain",
-     {"images_base64": B64, "top_k": 3, "heatmaps": True, "box_percentile": 90.0,
-      "interventions": [], "map_kind": "similarity"}, S.ExplainResponse),
-    (lambda c: c.explain(IMAGES[:1], top_k=1, heatmaps=False, box_percentile=75,
-                         interventions=[{"class": "bag", "prototype": 1},
-                                        S.InterventionIn(class_name=3, prototype=0)],
-                         map_kind="contribution"), "/explain",
-     {"images_base64": B64[:1], "top_k": 1, "heatmaps": False, "box_percentile": 75.0,
-      "interventions": [{"class": "bag", "prototype": 1}, {"class": 3, "prototype": 0}],
-      "map_kind": "contribution"}, S.ExplainResponse),
-    (lambda c: c.overlay(IMAGES[0], rank=1), "/overlay",
-     {"images_base64": B64[:1], "rank": 1, "map_kind": "contribution"}, bytes),
+    (
+        lambda c: c.classify(IMAGES),
+        "/classify",
+        {"images_base64": B64, "top_k": 5},
+        S.ClassifyResponse,
+    ),
+    (
+        lambda c: c.classify(IMAGES, top_k=2),
+        "/classify",
+        {"images_base64": B64, "top_k": 2},
+        S.ClassifyResponse,
+    ),
+    (
+        lambda c: c.explain(IMAGES),
+        "/explain",
+        {
+            "images_base64": B64,
+            "top_k": 3,
+            "heatmaps": True,
+            "box_percentile": 90.0,
+            "interventions": [],
+            "map_kind": "similarity",
+        },
+        S.ExplainResponse,
+    ),
+    (
+        lambda c: c.explain(
+            IMAGES[:1],
+            top_k=1,
+            heatmaps=False,
+            box_percentile=75,
+            interventions=[
+                {"class": "bag", "prototype": 1},
+                S.InterventionIn(class_name=3, prototype=0),
+            ],
+            map_kind="contribution",
+        ),
+        "/explain",
+        {
+            "images_base64": B64[:1],
+            "top_k": 1,
+            "heatmaps": False,
+            "box_percentile": 75.0,
+            "interventions": [{"class": "bag", "prototype": 1}, {"class": 3, "prototype": 0}],
+            "map_kind": "contribution",
+        },
+        S.ExplainResponse,
+    ),
+    (
+        lambda c: c.overlay(IMAGES[0], rank=1),
+        "/overlay",
+        {"images_base64": B64[:1], "rank": 1, "map_kind": "contribution"},
+        bytes,
+    ),
     (lambda c: c.model(), "/model", {}, S.ModelInfo),
     (lambda c: c.prototypes(), "/prototypes", {"classes": []}, S.PrototypesResponse),
-    (lambda c: c.prototypes(["bag", 3]), "/prototypes", {"classes": ["bag", 3]},
-     S.PrototypesResponse),
-    (lambda c: c.prototype_image("bag", 2, kind="nmf"), "/prototype_image",
-     {"class": "bag", "prototype": 2, "kind": "nmf"}, bytes),
-]  # fmt: skip
+    (
+        lambda c: c.prototypes(["bag", 3]),
+        "/prototypes",
+        {"classes": ["bag", 3]},
+        S.PrototypesResponse,
+    ),
+    (
+        lambda c: c.prototype_image("bag", 2, kind="nmf"),
+        "/prototype_image",
+        {"class": "bag", "prototype": 2, "kind": "nmf"},
+        bytes,
+    ),
+]
 
 
 def _check_rest_answer(result, path, returns, fake):
@@ -159,18 +210,35 @@ def test_rest_client_checks_arguments_before_sending():
 
 ERRORS = [
     # the service's ErrorBody
-    ((422, json.dumps({"error": "unknown class 'hat'", "reason": "unknown_class",
-                       "status": 422}).encode(), {}),
-     (422, "unknown class 'hat'", "unknown_class", None)),
-    ((503, json.dumps({"error": "queue full", "reason": "overloaded", "status": 503}).encode(),
-      {"Retry-After": "1"}), (503, "queue full", "overloaded", 1.0)),
+    (
+        (
+            422,
+            json.dumps(
+                {"error": "unknown class 'hat'", "reason": "unknown_class", "status": 422}
+            ).encode(),
+            {},
+        ),
+        (422, "unknown class 'hat'", "unknown_class", None),
+    ),
+    (
+        (
+            503,
+            json.dumps({"error": "queue full", "reason": "overloaded", "status": 503}).encode(),
+            {"Retry-After": "1"},
+        ),
+        (503, "queue full", "overloaded", 1.0),
+    ),
     # BentoML's own error body, reason in the message
-    ((400, json.dumps({"error": "bad [malformed_multipart]"}).encode(), {}),
-     (400, "bad [malformed_multipart]", "malformed_multipart", None)),
+    (
+        (400, json.dumps({"error": "bad [malformed_multipart]"}).encode(), {}),
+        (400, "bad [malformed_multipart]", "malformed_multipart", None),
+    ),
     # not JSON at all
-    ((504, b"Not able to process the request in 60 seconds", {}),
-     (504, "Not able to process the request in 60 seconds", None, None)),
-]  # fmt: skip
+    (
+        (504, b"Not able to process the request in 60 seconds", {}),
+        (504, "Not able to process the request in 60 seconds", None, None),
+    ),
+]
 
 
 @pytest.mark.parametrize("answer, expected", ERRORS)
@@ -192,8 +260,11 @@ def test_rest_errors_raise_request_failed(answer, expected):
 
 def test_request_failed_reads_the_reason_off_a_message():
     e = RequestFailed("INVALID_ARGUMENT", "each image is over 8 MiB [too_large]")
-    assert (e.code, e.reason, str(e)) == ("INVALID_ARGUMENT", "too_large",
-                                          "INVALID_ARGUMENT: each image is over 8 MiB [too_large]")  # fmt: skip
+    assert (e.code, e.reason, str(e)) == (
+        "INVALID_ARGUMENT",
+        "too_large",
+        "INVALID_ARGUMENT: each image is over 8 MiB [too_large]",
+    )
     assert RequestFailed(500, "no reason here").reason is None
 
 
@@ -212,8 +283,9 @@ class FakeServicer(pb_grpc.ProtoNMFServicer):
         self.requests.append(request)
         names = [getattr(request, "class_name", "")] + list(getattr(request, "classes", []))
         if "missing" in names:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "unknown class 'missing' "
-                          "[unknown_class]")  # fmt: skip
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "unknown class 'missing' [unknown_class]"
+            )
         if "busy" in names:
             context.set_trailing_metadata((("retry-after", "1"),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full [overloaded]")
@@ -262,26 +334,58 @@ def fake_grpc():
 
 # (call, the request message it must send, the model or bytes it returns)
 GRPC_CALLS = [
-    (lambda c: c.classify(IMAGES), pb.ClassifyRequest(images=IMAGES, top_k=5),
-     S.ClassifyResponse, "/classify"),
-    (lambda c: c.explain(IMAGES), pb.ExplainRequest(images=IMAGES, top_k=3, heatmaps=True,
-                                                    box_percentile=90.0, map_kind="similarity"),
-     S.ExplainResponse, "/explain"),
-    (lambda c: c.explain(IMAGES[:1], top_k=1, heatmaps=False, box_percentile=75,
-                         interventions=[{"class": "bag", "prototype": 1},
-                                        {"class": 3, "prototype": 0}], map_kind="contribution"),
-     pb.ExplainRequest(images=IMAGES[:1], top_k=1, heatmaps=False, box_percentile=75.0,
-                       map_kind="contribution",
-                       interventions=[pb.Intervention(class_name="bag", prototype=1),
-                                      pb.Intervention(class_name="3", prototype=0)]),
-     S.ExplainResponse, "/explain"),
+    (
+        lambda c: c.classify(IMAGES),
+        pb.ClassifyRequest(images=IMAGES, top_k=5),
+        S.ClassifyResponse,
+        "/classify",
+    ),
+    (
+        lambda c: c.explain(IMAGES),
+        pb.ExplainRequest(
+            images=IMAGES, top_k=3, heatmaps=True, box_percentile=90.0, map_kind="similarity"
+        ),
+        S.ExplainResponse,
+        "/explain",
+    ),
+    (
+        lambda c: c.explain(
+            IMAGES[:1],
+            top_k=1,
+            heatmaps=False,
+            box_percentile=75,
+            interventions=[{"class": "bag", "prototype": 1}, {"class": 3, "prototype": 0}],
+            map_kind="contribution",
+        ),
+        pb.ExplainRequest(
+            images=IMAGES[:1],
+            top_k=1,
+            heatmaps=False,
+            box_percentile=75.0,
+            map_kind="contribution",
+            interventions=[
+                pb.Intervention(class_name="bag", prototype=1),
+                pb.Intervention(class_name="3", prototype=0),
+            ],
+        ),
+        S.ExplainResponse,
+        "/explain",
+    ),
     (lambda c: c.model(), pb.ModelInfoRequest(), S.ModelInfo, "/model"),
     (lambda c: c.prototypes(), pb.PrototypesRequest(), S.PrototypesResponse, "/prototypes"),
-    (lambda c: c.prototypes(["bag", 3]), pb.PrototypesRequest(classes=["bag", "3"]),
-     S.PrototypesResponse, "/prototypes"),
-    (lambda c: c.prototype_image(4, 2, kind="nmf"),
-     pb.PrototypeImageRequest(class_name="4", prototype=2, kind="nmf"), bytes, None),
-]  # fmt: skip
+    (
+        lambda c: c.prototypes(["bag", 3]),
+        pb.PrototypesRequest(classes=["bag", "3"]),
+        S.PrototypesResponse,
+        "/prototypes",
+    ),
+    (
+        lambda c: c.prototype_image(4, 2, kind="nmf"),
+        pb.PrototypeImageRequest(class_name="4", prototype=2, kind="nmf"),
+        bytes,
+        None,
+    ),
+]
 
 
 def _check_grpc_answer(result, returns, path, bodies):
@@ -323,8 +427,11 @@ def test_grpc_errors_raise_request_failed(fake_grpc):
             await c.prototype_image(name, 0)
 
     with GrpcClient(fake_grpc.target, timeout=10) as c:
-        for call in (lambda: c.prototype_image("missing", 0), lambda: c.prototypes(["missing"]),
-                     lambda: asyncio.run(main("missing"))):  # fmt: skip
+        for call in (
+            lambda: c.prototype_image("missing", 0),
+            lambda: c.prototypes(["missing"]),
+            lambda: asyncio.run(main("missing")),
+        ):
             with pytest.raises(RequestFailed) as e:
                 call()
             assert (e.value.code, e.value.reason) == ("INVALID_ARGUMENT", "unknown_class")
@@ -332,8 +439,11 @@ def test_grpc_errors_raise_request_failed(fake_grpc):
         for call in (lambda: c.prototypes(["busy"]), lambda: asyncio.run(main("busy"))):
             with pytest.raises(RequestFailed) as e:
                 call()
-            assert (e.value.code, e.value.reason, e.value.retry_after) == ("RESOURCE_EXHAUSTED",
-                                                                           "overloaded", 1.0)  # fmt: skip
+            assert (e.value.code, e.value.reason, e.value.retry_after) == (
+                "RESOURCE_EXHAUSTED",
+                "overloaded",
+                1.0,
+            )
 
 
 def test_grpc_client_channels_and_overlay(fake_grpc):
@@ -341,8 +451,10 @@ def test_grpc_client_channels_and_overlay(fake_grpc):
         GrpcClient(fake_grpc.target, channels=0)
     with GrpcClient(fake_grpc.target, timeout=10, channels=3) as c:
         assert len({id(c.stub) for _ in range(6)}) == 3  # round-robin over 3 stubs
-        assert c.classify(IMAGES).predictions == S.ClassifyResponse.model_validate(
-            BODIES["/classify"]).predictions
+        assert (
+            c.classify(IMAGES).predictions
+            == S.ClassifyResponse.model_validate(BODIES["/classify"]).predictions
+        )
         with pytest.raises(NotImplementedError, match="Overlay"):
             c.overlay(IMAGES[0])
     assert ("grpc.use_local_subchannel_pool", 1) in grpc_channel_options(own_connection=True)
@@ -363,24 +475,26 @@ def test_grpc_client_checks_arguments_before_sending(fake_grpc):
 
 
 @pytest.fixture(scope="module")
-def real_bodies(fashion_artifact) -> dict:
+def real_bodies(core_all) -> dict:
     """The core's bodies for two Fashion images: top-3 explanations with heatmaps and an
     intervention, top-5 classes, every prototype, the model."""
     from helpers import FASHION_DATA, run_images
 
-    from protonmf.service.engine.core import Core, ExplainOptions, Intervention
+    from protonmf.service.engine.options import ExplainOptions, Intervention
 
-    core = Core.load(fashion_artifact)
+    engine = core_all
     blobs = [next((FASHION_DATA / "test" / c).glob("*.png")).read_bytes() for c in ("bag", "coat")]
-    outs = run_images(core, blobs)
+    outs = run_images(engine, blobs)
     options = ExplainOptions(top_k=3, interventions=(Intervention("bag", 0),))
     return {
-        "/classify": {"predictions": [core.classification(o, 5) for o in outs]},
-        "/explain": {"explanations": [core.explanation(o, options) for o in outs],
-                     "provider": core.explainer.provider},
-        "/model": core.model_info(),
-        "/prototypes": core.prototypes(),
-    }  # fmt: skip
+        "/classify": {"predictions": [engine.explanations.classification(o, 5) for o in outs]},
+        "/explain": {
+            "explanations": [engine.explanations.explanation(o, options) for o in outs],
+            "provider": engine.model.graph.provider,
+        },
+        "/model": engine.model_info(),
+        "/prototypes": engine.listings.prototypes(),
+    }
 
 
 def test_both_transports_answer_the_same_models(real_bodies):
@@ -388,16 +502,22 @@ def test_both_transports_answer_the_same_models(real_bodies):
     servicer builds with protomap) give the client the same typed answers."""
     import orjson
 
-    encoded = {k: orjson.loads(orjson.dumps(v, option=orjson.OPT_SERIALIZE_NUMPY))
-               for k, v in real_bodies.items()}  # fmt: skip
+    encoded = {
+        k: orjson.loads(orjson.dumps(v, option=orjson.OPT_SERIALIZE_NUMPY))
+        for k, v in real_bodies.items()
+    }
     fake = FakeRest(bodies=encoded)
-    with FakeGrpc(real_bodies) as server, \
-            RestClient("http://protonmf.test", transport=fake.transport) as rest, \
-            GrpcClient(server.target, timeout=30) as rpc:  # fmt: skip
-        pairs = [(rest.classify(IMAGES), rpc.classify(IMAGES)),
-                 (rest.explain(IMAGES), rpc.explain(IMAGES)),
-                 (rest.model(), rpc.model()),
-                 (rest.prototypes(), rpc.prototypes())]  # fmt: skip
+    with (
+        FakeGrpc(real_bodies) as server,
+        RestClient("http://protonmf.test", transport=fake.transport) as rest,
+        GrpcClient(server.target, timeout=30) as rpc,
+    ):
+        pairs = [
+            (rest.classify(IMAGES), rpc.classify(IMAGES)),
+            (rest.explain(IMAGES), rpc.explain(IMAGES)),
+            (rest.model(), rpc.model()),
+            (rest.prototypes(), rpc.prototypes()),
+        ]
     for a, b in pairs:
         assert type(a) is type(b)
         assert_same_body(a.model_dump(mode="json"), b.model_dump(mode="json"))

@@ -4,26 +4,27 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from helpers import FASHION_DATA, FASHION_MODEL, manifest_of, run_cli, run_images
+from helpers import (
+    FASHION_DATA,
+    FASHION_MODEL,
+    manifest_of,
+    proto_model_from_artifact,
+    run_cli,
+    run_images,
+)
 from PIL import Image
 
 from protonmf.analysis.evaluate import explanation_residual
-from protonmf.artifact import Preprocessing, load_tensors
+from protonmf.artifact import load_tensors
 from protonmf.converter.convert import ConvertConfig, convert, exactness, logits_of
 from protonmf.converter.models import ModelSource, UnsupportedModelError, analyse_head, load_model
-from protonmf.converter.reexport import prototype_model, reexport
+from protonmf.converter.reexport import reexport
 from protonmf.converter.verify import verify
 from protonmf.data import load_image_folder
 from protonmf.graph import GraphSession
 from protonmf.sample_data import lite0_checkpoint
 
-
-def proto_model_from_artifact(artifact, maps="none", scores="topk"):
-    """Rebuild the prototype model from the artifact's saved tensors + the original model."""
-    m = manifest_of(artifact)
-    proto = prototype_model(m, load_tensors(artifact, m), maps, scores)
-    return proto.backbone, proto, Preprocessing.from_dict(m["preprocessing"]), m
+torch = pytest.importorskip("torch")  # the converter's tests; the unit tier runs without it
 
 
 def torch_parity(artifact, data):
@@ -66,8 +67,9 @@ def test_fashion_manifest_diagnostics(fashion_artifact):
 def test_prototypes_rebuild_class_vectors(fashion_artifact, lite0_artifact):
     for artifact in (fashion_artifact, lite0_artifact):
         t = load_tensors(artifact)
-        rebuilt = np.einsum("cp,cpd->cd", t["coefficients"].astype(np.float64),
-                            t["prototypes"].astype(np.float64))  # fmt: skip
+        rebuilt = np.einsum(
+            "cp,cpd->cd", t["coefficients"].astype(np.float64), t["prototypes"].astype(np.float64)
+        )
         V = t["class_vectors"].astype(np.float64)
         rel = np.linalg.norm(rebuilt - V, axis=1) / np.linalg.norm(V, axis=1)
         assert rel.max() < 1e-5
@@ -88,8 +90,17 @@ def test_classes_without_images_are_flagged(lite0_artifact):
 
 @pytest.mark.e2e
 def test_guard_can_be_switched_off(tmp_path):
-    out = convert(ConvertConfig(model=str(FASHION_MODEL), data=str(FASHION_DATA), out=str(tmp_path / "a"),
-                                max_per_class=20, min_sum_ratio=0.0, maps="none", progress=False))  # fmt: skip
+    out = convert(
+        ConvertConfig(
+            model=str(FASHION_MODEL),
+            data=str(FASHION_DATA),
+            out=str(tmp_path / "a"),
+            max_per_class=20,
+            min_sum_ratio=0.0,
+            maps="none",
+            progress=False,
+        )
+    )
     d = manifest_of(out)["diagnostics"]
     assert d["guarded_classes"] == []
     assert all(c["fold"] == "sum" for c in d["per_class"])
@@ -98,9 +109,18 @@ def test_guard_can_be_switched_off(tmp_path):
 
 @pytest.mark.e2e
 def test_nonneg_hals_variant(tmp_path):
-    out = convert(ConvertConfig(model=str(FASHION_MODEL), data=str(FASHION_DATA), out=str(tmp_path / "a"),
-                                max_per_class=20, nonneg=True, solver="hals", maps="none",
-                                progress=False))  # fmt: skip
+    out = convert(
+        ConvertConfig(
+            model=str(FASHION_MODEL),
+            data=str(FASHION_DATA),
+            out=str(tmp_path / "a"),
+            max_per_class=20,
+            nonneg=True,
+            solver="hals",
+            maps="none",
+            progress=False,
+        )
+    )
     t = load_tensors(out)
     m = manifest_of(out)
     assert (t["coefficients"] >= 0).all()
@@ -134,15 +154,18 @@ def test_convert_defaults_exist_only_in_a_source_checkout(tmp_path, monkeypatch,
     assert cli.checkout_defaults(None, None) == (str(FASHION_MODEL), str(FASHION_DATA))
     monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "models" / "fashion-resnet")
     monkeypatch.setattr(cli, "DEFAULT_DATA", tmp_path / "data" / "fashion-mnist")
-    for args, flags, where in (((), "--model and --data", "defaults (models/fashion-resnet, "
-                                "data/fashion-mnist) exist"),
-                               (("--data", tmp_path), "--model", "default (models/fashion-resnet) exists"),
-                               (("--model", "resnet18"), "--data", "default (data/fashion-mnist) exists")):  # fmt: skip
+    for args, flags, where in (
+        ((), "--model and --data", "defaults (models/fashion-resnet, data/fashion-mnist) exist"),
+        (("--data", tmp_path), "--model", "default (models/fashion-resnet) exists"),
+        (("--model", "resnet18"), "--data", "default (data/fashion-mnist) exists"),
+    ):
         code, _ = run_cli("convert", "--quiet", "--out", tmp_path / "o", *args)
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1, err
-        assert err == (f"protonmf convert: error: no {flags} given and the embedded {where} "
-                       "only in a source checkout; pass --model DIR|NAME and --data DIR\n")  # fmt: skip
+        assert err == (
+            f"protonmf convert: error: no {flags} given and the embedded {where} "
+            "only in a source checkout; pass --model DIR|NAME and --data DIR\n"
+        )
     assert cli.checkout_defaults("resnet18", "imgs") == ("resnet18", "imgs")
     assert not (tmp_path / "o").exists()
 
@@ -212,9 +235,18 @@ def test_supported_heads_convert_exactly(name, kwargs, kind, tmp_path, imagenet_
     model = random_model(name, **kwargs)
     ckpt = tmp_path / "w.safetensors"
     save_file(model.state_dict(), ckpt)
-    out = convert(ConvertConfig(model=name, checkpoint=str(ckpt), model_kwargs=kwargs,
-                                data=str(imagenet_photos), out=str(tmp_path / "a"), p=2,
-                                k=3, progress=False))  # fmt: skip
+    out = convert(
+        ConvertConfig(
+            model=name,
+            checkpoint=str(ckpt),
+            model_kwargs=kwargs,
+            data=str(imagenet_photos),
+            out=str(tmp_path / "a"),
+            p=2,
+            k=3,
+            progress=False,
+        )
+    )
     m = manifest_of(out)
     assert m["head"]["kind"] == kind
     report = torch_parity(out, imagenet_photos)
@@ -300,8 +332,15 @@ def test_convert_from_idx_files(tmp_path, capsys):
                 images.append(np.asarray(Image.open(f)))
                 labels.append(c)
         write_idx(tmp_path, prefix, images, labels)
-    out = convert(ConvertConfig(model=str(FASHION_MODEL), data=str(tmp_path), out=str(tmp_path / "a"),
-                                maps="none", progress=False))  # fmt: skip
+    out = convert(
+        ConvertConfig(
+            model=str(FASHION_MODEL),
+            data=str(tmp_path),
+            out=str(tmp_path / "a"),
+            maps="none",
+            progress=False,
+        )
+    )
     man = manifest_of(out)
     assert man["conversion"]["n_images"] == 200
     assert man["conversion"]["heldout"].endswith("t10k-images-idx3-ubyte.gz")

@@ -1,5 +1,5 @@
 """Decoding in processes (service/decode_pool.py, PROTONMF_DECODE_PROCESSES): the same crops
-and the same errors as ``Core.prepare`` in the worker, a dead or stuck child replaced
+and the same errors as ``Model.prepare`` in the worker, a dead or stuck child replaced
 without breaking the pool, nothing left in /dev/shm after ``close``."""
 
 import asyncio
@@ -12,15 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hostile_corpus as H
 import numpy as np
 import pytest
-from helpers import FASHION_DATA, hostile_corpus, stub_core
+from helpers import FASHION_DATA, imagenet_photo_files, run_images, stub_core
 from PIL import Image
 
 from protonmf.artifact import Preprocessing
-from protonmf.sample_data import imagenet_photo_files
-from protonmf.service.engine.core import Core, ExplainOptions
+from protonmf.service.decode.images import Limits
 from protonmf.service.decode.pool import DecodePool, DecoderCrashed, _rebuild, _reply
+from protonmf.service.engine.options import ExplainOptions
 from protonmf.service.ops.errors import (
     InvalidInput,
     PayloadTooLarge,
@@ -28,13 +29,9 @@ from protonmf.service.ops.errors import (
     Unprocessable,
     UnsupportedMediaType,
 )
-from protonmf.service.decode.images import Limits
 
 RGB = Preprocessing(height=224, width=224, resize=256, interpolation="bicubic")
 GREY = Preprocessing(height=56, width=56, resize=56, color_mode="L", mean=(0.3,), std=(0.35,))
-
-
-H = hostile_corpus()
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -63,13 +60,13 @@ def users_images() -> dict[str, bytes]:
         "png palette transparency": encode(noise.convert("P"), "PNG", transparency=0),
         "png grey16": encode(
             Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)), "PNG"
-        ),  # fmt: skip
+        ),
         "webp": encode(noise, "WEBP", quality=80),
     }
 
 
 def hostile_images() -> dict[str, bytes]:
-    """A representative subset of scripts/hostile_corpus.py's refusals (each reason once)."""
+    """A representative subset of tests/hostile_corpus.py's refusals (each reason once)."""
     jpeg = encode(Image.new("RGB", (64, 64), "grey"), "JPEG")
     return {
         "empty": b"",
@@ -94,8 +91,9 @@ def slow_png() -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def started(processes: int = 2, spec: Preprocessing = RGB, limits: Limits | None = None,
-                  **kw):  # fmt: skip
+async def started(
+    processes: int = 2, spec: Preprocessing = RGB, limits: Limits | None = None, **kw
+):
     pool = DecodePool(processes, limits or Limits(), spec, **kw)
     await pool.start()
     try:
@@ -168,9 +166,19 @@ def test_refusals_are_the_same_as_in_process():
         assert crop is None and error is not None, name
         assert error == outcome(lambda b=blob: core.prepare(b))[1], name
         reasons.add(error[2])
-    assert {"empty", "unsupported_format", "corrupt", "too_small", "too_many_pixels",
-            "side_too_long", "aspect_ratio", "raster_too_large", "too_many_scans", "animated",
-            "too_large"} <= reasons  # fmt: skip
+    assert {
+        "empty",
+        "unsupported_format",
+        "corrupt",
+        "too_small",
+        "too_many_pixels",
+        "side_too_long",
+        "aspect_ratio",
+        "raster_too_large",
+        "too_many_scans",
+        "animated",
+        "too_large",
+    } <= reasons
     classes = {e[0] for _, e in got.values()}
     assert {InvalidInput, PayloadTooLarge, Unprocessable, UnsupportedMediaType} <= classes
 
@@ -196,14 +204,20 @@ def test_replies_name_errors_without_pickles():
     class Odd(Exception):
         pass
 
-    for error, cls in [(Unprocessable("image is 1×1", "too_small"), Unprocessable),
-                       (PayloadTooLarge("too big"), PayloadTooLarge),
-                       (MemoryError("no room"), MemoryError), (Odd("odd"), RuntimeError)]:  # fmt: skip
+    for error, cls in [
+        (Unprocessable("image is 1×1", "too_small"), Unprocessable),
+        (PayloadTooLarge("too big"), PayloadTooLarge),
+        (MemoryError("no room"), MemoryError),
+        (Odd("odd"), RuntimeError),
+    ]:
         rebuilt = _rebuild(json.loads(_reply(0.01, error=error)))
         assert type(rebuilt) is cls
         if isinstance(error, ServiceError):
-            assert (rebuilt.message, rebuilt.reason, rebuilt.status) == \
-                (error.message, error.reason, error.status)  # fmt: skip
+            assert (rebuilt.message, rebuilt.reason, rebuilt.status) == (
+                error.message,
+                error.reason,
+                error.status,
+            )
         else:
             assert str(error) in str(rebuilt)
 
@@ -211,9 +225,11 @@ def test_replies_name_errors_without_pickles():
 def test_decode_processes_import_neither_the_model_nor_metrics():
     """A child imports this module, the limits' and the preprocessing's: not onnxruntime
     (threads, memory), not prometheus_client (its multiprocess files), not torch."""
-    code = ("import sys, protonmf.service.decode.pool, protonmf.service.decode.images, "
-            "protonmf.artifact; bad = {'onnxruntime', 'prometheus_client', 'torch'} & "
-            "set(sys.modules); sys.exit(str(sorted(bad)) if bad else 0)")  # fmt: skip
+    code = (
+        "import sys, protonmf.service.decode.pool, protonmf.service.decode.images, "
+        "protonmf.artifact; bad = {'onnxruntime', 'prometheus_client', 'torch'} & "
+        "set(sys.modules); sys.exit(str(sorted(bad)) if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
@@ -349,29 +365,23 @@ def test_prepare_needs_start_and_its_loop():
 # --- through the data plane (a converted artifact: service tier) ----------------------------
 
 
-def test_dataplane_answers_the_same_with_decode_processes(fashion_artifact):
+def test_dataplane_answers_the_same_with_decode_processes(make_engine):
     """classify, explain, overlay and a refusal: equal bodies with 2 decode processes and
     with the worker's threads (batches of one image: no float differences between batch
-    compositions); the process path never calls Core.prepare."""
-    from protonmf.service.engine.pipeline import DataPlane
-    from protonmf.service.ops.settings import Settings
-
+    compositions); the process path never calls Model.prepare."""
     blobs = [p.read_bytes() for p in sorted((FASHION_DATA / "test" / "bag").glob("*.png"))[:2]]
     blobs.append(imagenet_photo_files()[0].read_bytes())  # colour JPEG → grey crop
 
     async def answers(processes: int):
-        plane = DataPlane(
-            Core.load(fashion_artifact),
-            Settings.from_env(
-                {"PROTONMF_DECODE_PROCESSES": str(processes), "PROTONMF_MAX_BATCH_SIZE": "1"}
-            ),
+        plane = make_engine(
+            {"PROTONMF_DECODE_PROCESSES": str(processes), "PROTONMF_MAX_BATCH_SIZE": "1"}
         )
         if processes:
 
             def in_worker(blob):
                 raise AssertionError("decoded in the worker")
 
-            plane.core.prepare = in_worker
+            plane.model.prepare = in_worker
         await plane.start()
         try:
             options = ExplainOptions(top_k=3, map_kind="contribution")
@@ -395,7 +405,7 @@ def test_dataplane_answers_the_same_with_decode_processes(fashion_artifact):
 
 
 @pytest.mark.e2e
-def test_served_with_decode_processes_answers_and_cleans_up(fashion_artifact, tmp_path):
+def test_served_with_decode_processes_answers_and_cleans_up(fashion_artifact, core_all, tmp_path):
     """Under BentoML (`protonmf serve`): the worker's decode processes start, answer as the
     in-process core does, refuse like it, and leave no process or /dev/shm segment behind
     once the server stops."""
@@ -405,14 +415,20 @@ def test_served_with_decode_processes_answers_and_cleans_up(fashion_artifact, tm
     from served import serve
 
     blob = next((FASHION_DATA / "test").glob("*/*.png")).read_bytes()
-    core = Core.load(fashion_artifact)
-    (out,) = core.per_image(core.infer(core.prepare(blob)[None]))
-    want = orjson.loads(orjson.dumps({"predictions": [core.classification(out, 3)]}))
+    (out,) = run_images(core_all, [blob])
+    want = orjson.loads(
+        orjson.dumps({"predictions": [core_all.explanations.classification(out, 3)]})
+    )
     with serve(fashion_artifact, tmp_path, env={"PROTONMF_DECODE_PROCESSES": "2"}) as s:
-        r = httpx.post(f"{s.url}/classify", files={"images": ("x.png", blob, "image/png")},
-                       data={"top_k": "3"}, timeout=60)  # fmt: skip
-        bad = httpx.post(f"{s.url}/classify", files={"images": ("x.png", b"nope", "image/png")},
-                         timeout=60)  # fmt: skip
+        r = httpx.post(
+            f"{s.url}/classify",
+            files={"images": ("x.png", blob, "image/png")},
+            data={"top_k": "3"},
+            timeout=60,
+        )
+        bad = httpx.post(
+            f"{s.url}/classify", files={"images": ("x.png", b"nope", "image/png")}, timeout=60
+        )
         tree = psutil.Process(s.proc.pid).children(recursive=True)
         segments = [p for p in os.listdir("/dev/shm") if p.startswith("protonmf-decode")]
     assert r.status_code == 200 and r.json() == want, r.text

@@ -20,18 +20,26 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from helpers import FASHION_DATA, MONITORING, REPO, dashboard, dashboard_exprs, run, tool
+from helpers import (
+    CRD_KINDS,
+    FASHION_DATA,
+    K8S,
+    K8S_VERSIONS,
+    KIND_IDS,
+    MONITORING,
+    OVERLAYS,
+    REPO,
+    crd_errors,
+    dashboard,
+    dashboard_exprs,
+    kubernetes_validate,
+    run,
+    tool,
+)
 from served import free_port, start_process, stop_process, wait_ready
 
 DEPLOY = REPO / "deploy"
 DOCKER = DEPLOY / "docker"
-K8S = DEPLOY / "k8s"
-OVERLAYS = ("cpu", "gpu")
-# Not the bare kind: conftest skips every test with a "gpu" keyword where CUDA is missing.
-KIND_IDS = ["cpu-kind", "gpu-kind"]
-# Oldest and newest minor a cluster is likely to run; both ship in kubernetes-validate.
-K8S_VERSIONS = ("1.30.0", "1.33.0")
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 ORT_GPU = "onnxruntime-gpu==1.26.0"
 
 
@@ -59,10 +67,16 @@ def test_hadolint_flags_a_bad_dockerfile(tmp_path):
 
 def instructions(text: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    joined = re.sub(r"\\\n\s*", " ", "\n".join(
-        line for line in text.splitlines() if not line.lstrip().startswith("#")))  # fmt: skip
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
-            for line in joined.splitlines() if line.strip()]  # fmt: skip
+    joined = re.sub(
+        r"\\\n\s*",
+        " ",
+        "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")),
+    )
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
+        for line in joined.splitlines()
+        if line.strip()
+    ]
 
 
 @pytest.mark.parametrize("kind", OVERLAYS, ids=KIND_IDS)
@@ -72,8 +86,11 @@ def test_dockerfile_shape(kind):
     froms = [a for i, a in ins if i == "FROM"]
     assert len(froms) == 2 and froms[0].endswith("AS builder"), froms
     base = re.search(r"ARG (?:PYTHON|CUDA)_IMAGE=(\S+)", text).group(1)
-    expected = ("python:3.11-slim-bookworm" if kind == "cpu"
-                else "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04")  # fmt: skip
+    expected = (
+        "python:3.11-slim-bookworm"
+        if kind == "cpu"
+        else "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04"
+    )
     assert base == expected
     last_from = max(i for i, (k, _) in enumerate(ins) if k == "FROM")
     final = ins[last_from:]
@@ -81,9 +98,13 @@ def test_dockerfile_shape(kind):
     assert args["USER"] == ["10001:10001"]
     assert args["EXPOSE"] == ["3000 50051"]
     env = " ".join(args["ENV"])
-    for setting in ("PROTONMF_ARTIFACT=/opt/protonmf/artifact", "PROTONMF_GRPC_PORT=50051",
-                    "BENTOML_DO_NOT_TRACK=true", "BENTOML_HOME=/home/protonmf/bentoml",
-                    f"PROTONMF_DEVICE={'cpu' if kind == 'cpu' else 'cuda'}"):  # fmt: skip
+    for setting in (
+        "PROTONMF_ARTIFACT=/opt/protonmf/artifact",
+        "PROTONMF_GRPC_PORT=50051",
+        "BENTOML_DO_NOT_TRACK=true",
+        "BENTOML_HOME=/home/protonmf/bentoml",
+        f"PROTONMF_DEVICE={'cpu' if kind == 'cpu' else 'cuda'}",
+    ):
         assert setting in env, setting
     assert "${ARTIFACT}/ /opt/protonmf/artifact/" in args["COPY"]
     assert "--from=builder /opt/venv /opt/venv" in args["COPY"]
@@ -99,8 +120,11 @@ def test_dockerfile_shape(kind):
 
 
 def test_dockerignore_keeps_the_context_small():
-    lines = [line for line in (REPO / ".dockerignore").read_text().splitlines()
-             if line and not line.startswith("#")]  # fmt: skip
+    lines = [
+        line
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert lines[0] == "*", "everything is excluded first, then the few paths let back in"
     for needed in (
         "!service/",
@@ -128,8 +152,9 @@ def test_serving_pins_agree_and_exclude_torch():
     cpu = yaml.safe_load((REPO / "bentofile.yaml").read_text())
     gpu = yaml.safe_load((DEPLOY / "bentofile-gpu.yaml").read_text())
     assert cpu["python"]["packages"] == reqs
-    assert gpu["python"]["packages"] == [ORT_GPU if r.startswith("onnxruntime==") else r
-                                         for r in reqs]  # fmt: skip
+    assert gpu["python"]["packages"] == [
+        ORT_GPU if r.startswith("onnxruntime==") else r for r in reqs
+    ]
     assert f"ARG ORT_GPU_VERSION={ORT_GPU.split('==')[1]}" in dockerfile("gpu")
     for bentofile in (cpu, gpu):
         assert bentofile["python"]["lock_packages"] is False
@@ -157,10 +182,6 @@ def docs(path: Path) -> dict[str, dict]:
     return {d["kind"]: d for d in yaml.safe_load_all(path.read_text()) if d}
 
 
-def kubernetes_validate(path: Path, version: str) -> subprocess.CompletedProcess:
-    return run(tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, path)
-
-
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=KIND_IDS)
 def test_manifests_validate_strictly(rendered, overlay, version):
@@ -170,8 +191,16 @@ def test_manifests_validate_strictly(rendered, overlay, version):
     skipped = set(re.findall(r"Couldn't find schema for kind (\w+)", r.stdout + r.stderr))
     assert skipped == CRD_KINDS
     kinds = set(docs(rendered[overlay]))
-    assert kinds == {"ServiceAccount", "ConfigMap", "Service", "Deployment", "PodDisruptionBudget",
-                     "HorizontalPodAutoscaler", "NetworkPolicy", *CRD_KINDS}  # fmt: skip
+    assert kinds == {
+        "ServiceAccount",
+        "ConfigMap",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        *CRD_KINDS,
+    }
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -229,39 +258,6 @@ def test_kubernetes_validate_rejects_planted_errors(rendered, tmp_path, plant):
         assert r.returncode != 0 and "did not validate" in r.stdout + r.stderr, (plant, r.stdout)
 
 
-def strict_schema(model) -> dict:
-    """JSON schema of a cloudcoil (pydantic) model, with unknown fields forbidden like
-    `kubectl apply --validate=strict` does for CRDs with a structural schema."""
-    schema = model.model_json_schema(by_alias=True)
-
-    def close(node):
-        if isinstance(node, dict):
-            if "properties" in node and "additionalProperties" not in node:
-                node["additionalProperties"] = False
-            for value in node.values():
-                close(value)
-        elif isinstance(node, list):
-            for value in node:
-                close(value)
-
-    close(schema)
-    return schema
-
-
-@pytest.fixture(scope="module")
-def crd_validators() -> dict:
-    import jsonschema
-    from cloudcoil.models.prometheus_operator import v1
-
-    return {kind: jsonschema.Draft202012Validator(strict_schema(getattr(v1, kind)))
-            for kind in CRD_KINDS}  # fmt: skip
-
-
-def crd_errors(validators, obj) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in validators[obj["kind"]].iter_errors(obj)]  # fmt: skip
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=KIND_IDS)
 def test_crds_validate_against_their_schemas(rendered, crd_validators, overlay):
     objects = docs(rendered[overlay])
@@ -271,16 +267,24 @@ def test_crds_validate_against_their_schemas(rendered, crd_validators, overlay):
 
 
 CRD_PLANTED = {
-    "unknown endpoint field": ("ServiceMonitor",
-                               lambda o: o["spec"]["endpoints"][0].update(intervall="15s")),
-    "interval not a string": ("ServiceMonitor",
-                              lambda o: o["spec"]["endpoints"][0].update(interval=15)),
-    "bad duration": ("PrometheusRule",
-                     lambda o: o["spec"]["groups"][1]["rules"][0].update({"for": "5 minutes"})),
-    "unknown rule field": ("PrometheusRule",
-                           lambda o: o["spec"]["groups"][0]["rules"][0].update(exprr="up")),
+    "unknown endpoint field": (
+        "ServiceMonitor",
+        lambda o: o["spec"]["endpoints"][0].update(intervall="15s"),
+    ),
+    "interval not a string": (
+        "ServiceMonitor",
+        lambda o: o["spec"]["endpoints"][0].update(interval=15),
+    ),
+    "bad duration": (
+        "PrometheusRule",
+        lambda o: o["spec"]["groups"][1]["rules"][0].update({"for": "5 minutes"}),
+    ),
+    "unknown rule field": (
+        "PrometheusRule",
+        lambda o: o["spec"]["groups"][0]["rules"][0].update(exprr="up"),
+    ),
     "unknown spec field": ("PrometheusRule", lambda o: o["spec"].update(group=[])),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("plant", CRD_PLANTED, ids=list(CRD_PLANTED))
@@ -299,20 +303,27 @@ def test_rendered_objects_fit_together(rendered):
         labels = pod["metadata"]["labels"]
         c = pod["spec"]["containers"][0]
         # Selectors of every object select the pods.
-        for selector in (dep["spec"]["selector"]["matchLabels"], svc["spec"]["selector"],
-                         o["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
-                         o["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"]):  # fmt: skip
+        for selector in (
+            dep["spec"]["selector"]["matchLabels"],
+            svc["spec"]["selector"],
+            o["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+            o["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"],
+        ):
             assert selector.items() <= labels.items()
-        assert o["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items() <= \
-            svc["metadata"]["labels"].items()  # fmt: skip
+        assert (
+            o["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items()
+            <= svc["metadata"]["labels"].items()
+        )
         target = o["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
         assert target["name"] == dep["metadata"]["name"]
         assert "replicas" not in dep["spec"], "the HPA owns the replica count"
         # Ports: container, Service, ServiceMonitor and NetworkPolicy use the same names.
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports == {"http": 3000, "grpc": 50051}
-        assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == \
-            {"http": (3000, "http"), "grpc": (50051, "grpc")}  # fmt: skip
+        assert {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]} == {
+            "http": (3000, "http"),
+            "grpc": (50051, "grpc"),
+        }
         assert o["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "http"
         assert {p["port"] for p in o["NetworkPolicy"]["spec"]["ingress"][0]["ports"]} == set(ports)
         # Probes.
@@ -345,7 +356,9 @@ def test_rendered_objects_fit_together(rendered):
         assert cm["data"]["PROTONMF_DEVICE"] == ("cuda" if gpu else "cpu")
         # CPU: workers × onnxruntime threads fill the CPU limit without oversubscribing it;
         # GPU: one worker and large batches.
-        workers, threads = (int(cm["data"][k]) for k in ("PROTONMF_WORKERS", "PROTONMF_ORT_THREADS"))
+        workers, threads = (
+            int(cm["data"][k]) for k in ("PROTONMF_WORKERS", "PROTONMF_ORT_THREADS")
+        )
         if gpu:
             assert workers == 1 and int(cm["data"]["PROTONMF_MAX_BATCH_SIZE"]) == 32
         else:
@@ -359,15 +372,12 @@ def test_rendered_objects_fit_together(rendered):
 
 
 def test_prometheusrule_carries_the_rule_file():
-    sys.path.insert(0, str(MONITORING))
-    try:
-        from render_prometheusrule import RULES, TARGET, render
-    finally:
-        sys.path.pop(0)
-    assert TARGET.read_text() == render(RULES.read_text()), \
-        "stale: python deploy/monitoring/render_prometheusrule.py"  # fmt: skip
-    cr = yaml.safe_load(TARGET.read_text())
-    assert cr["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    script = MONITORING / "render_prometheusrule.py"
+    r = run(sys.executable, script, "--check")
+    assert r.returncode == 0, f"stale: python {script.relative_to(REPO)} ({r.stderr})"
+    cr = yaml.safe_load((K8S / "base" / "prometheusrule.yaml").read_text())
+    rules = yaml.safe_load((MONITORING / "prometheus-rules.yaml").read_text())
+    assert cr["spec"]["groups"] == rules["groups"]
 
 
 def test_promtool_checks_the_rules():
@@ -394,8 +404,16 @@ def test_every_alert_is_tested_firing_and_quiet():
 
 def promtool_check_exprs(exprs: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     """promtool parses PromQL only inside rules: one recording rule per expression."""
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:expr_{i}", "expr": e} for i, e in enumerate(exprs)]}]}  # fmt: skip
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:expr_{i}", "expr": e} for i, e in enumerate(exprs)
+                ],
+            }
+        ]
+    }
     path = tmp_path / "exprs.yaml"
     path.write_text(yaml.safe_dump(rules))
     return run(tool("promtool"), "check", "rules", path)
@@ -405,10 +423,17 @@ def test_dashboard_panels_and_queries_parse(tmp_path):
     d = dashboard()
     assert d["uid"] == "protonmf-service"
     exprs = dashboard_exprs()
-    for title in ("Request rate by endpoint", "Error ratio (4xx, 5xx)",
-                  "Latency p50 / p99 by endpoint", "Batch size (micro-batcher)",
-                  "Stage latency p50 / p99", "Predictions by class", "Prototype usage",
-                  "Exactness gap (max)", "Rejections by reason"):  # fmt: skip
+    for title in (
+        "Request rate by endpoint",
+        "Error ratio (4xx, 5xx)",
+        "Latency p50 / p99 by endpoint",
+        "Batch size (micro-batcher)",
+        "Stage latency p50 / p99",
+        "Predictions by class",
+        "Prototype usage",
+        "Exactness gap (max)",
+        "Rejections by reason",
+    ):
         assert title in exprs, title
     flat = [e for es in exprs.values() for e in es]
     assert any("histogram_quantile(0.5," in e for e in flat)
@@ -439,8 +464,19 @@ def build_context(root: Path, artifact: Path) -> Path:
         shutil.copytree(REPO / part, root / part, ignore=ignore)
     for part in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / part, root)
-    r = run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-            "-w", root / "dist", root, cwd=root)  # fmt: skip
+    r = run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        root / "dist",
+        root,
+        cwd=root,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     shutil.copy(REPO / "bentofile.yaml", root)
     (root / "deploy").mkdir()
@@ -450,8 +486,19 @@ def build_context(root: Path, artifact: Path) -> Path:
 
 
 def bentoml_build(ctx: Path, bentofile: str, env: dict) -> Path:
-    r = run(sys.executable, "-m", "bentoml", "build", "-f", bentofile, "-o", "tag", ctx,
-            cwd=ctx, env=env)  # fmt: skip
+    r = run(
+        sys.executable,
+        "-m",
+        "bentoml",
+        "build",
+        "-f",
+        bentofile,
+        "-o",
+        "tag",
+        ctx,
+        cwd=ctx,
+        env=env,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     tag = r.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     name, version = tag.split(":")
@@ -462,23 +509,30 @@ def test_bentos_build_offline_without_torch_and_serve(fashion_artifact, tmp_path
     tool("uv")  # bentoml build would otherwise try to install it
     ctx = build_context(tmp_path / "ctx", fashion_artifact)
     env = dict(os.environ, BENTOML_HOME=str(tmp_path / "bentoml"), BENTOML_DO_NOT_TRACK="true")
-    bentos = {"cpu": bentoml_build(ctx, "bentofile.yaml", env),
-              "gpu": bentoml_build(ctx, "deploy/bentofile-gpu.yaml", env)}  # fmt: skip
+    bentos = {
+        "cpu": bentoml_build(ctx, "bentofile.yaml", env),
+        "gpu": bentoml_build(ctx, "deploy/bentofile-gpu.yaml", env),
+    }
     for kind, bento in bentos.items():
         reqs = (bento / "env" / "python" / "requirements.txt").read_text()
         assert not re.search(r"^(torch|torchvision|timm)\b", reqs, re.M), reqs
         assert ("onnxruntime-gpu==" in reqs) is (kind == "gpu")
         assert bool(re.search(r"^onnxruntime==", reqs, re.M)) is (kind == "cpu")
         src = bento / "src"
-        for path in ("artifacts/fashion-default/manifest.json",
-                     "artifacts/fashion-default/model.onnx"):  # fmt: skip
+        for path in (
+            "artifacts/fashion-default/manifest.json",
+            "artifacts/fashion-default/model.onnx",
+        ):
             assert (src / path).is_file(), path
         assert not {"service", "converter", "protonmf", "tests"} & {p.name for p in src.iterdir()}
         (wheel,) = (bento / "env" / "python" / "wheels").glob("protonmf-*.whl")
         with zipfile.ZipFile(wheel) as z:
             names = set(z.namelist())
-        assert {"protonmf/service/service.py", "protonmf/service/rest/ui/index.html",
-                "protonmf/artifact/store.py"} <= names  # fmt: skip
+        assert {
+            "protonmf/service/service.py",
+            "protonmf/service/rest/ui/index.html",
+            "protonmf/artifact/store.py",
+        } <= names
         assert not any(n.split("/")[0] in ("service", "converter") for n in names)
     dockerfile_gpu = (bentos["gpu"] / "env" / "docker" / "Dockerfile").read_text()
     assert "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04" in dockerfile_gpu
@@ -495,14 +549,19 @@ def test_bentos_build_offline_without_torch_and_serve(fashion_artifact, tmp_path
     with zipfile.ZipFile(next((bentos["cpu"] / "env/python/wheels").glob("*.whl"))) as z:
         z.extractall(site)
     env["PYTHONPATH"] = str(site)
-    proc = start_process([sys.executable, "-m", "bentoml", "serve", str(bentos["cpu"]),
-                          "--port", str(port)], log, env, cwd=tmp_path)  # fmt: skip
+    proc = start_process(
+        [sys.executable, "-m", "bentoml", "serve", str(bentos["cpu"]), "--port", str(port)],
+        log,
+        env,
+        cwd=tmp_path,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(f"{url}/readyz", proc, log)
         image = (FASHION_DATA / "test" / "bag" / "00030.png").read_bytes()
-        r = httpx.post(f"{url}/classify", files={"images": ("bag.png", image, "image/png")},
-                       timeout=30)  # fmt: skip
+        r = httpx.post(
+            f"{url}/classify", files={"images": ("bag.png", image, "image/png")}, timeout=30
+        )
         assert r.status_code == 200, r.text
         assert r.json()["predictions"][0]["top_k"][0]["class"] == "bag"
     finally:

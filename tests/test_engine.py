@@ -33,11 +33,14 @@ IMAGES = [_png(p) for p in sorted((FASHION_DATA / "test").glob("*/*.png"))[::40]
 def _three_shares(artifact, tensors, manifest, engine):
     """(C, 2) energy/norm ratio as the service, evaluate and report compute them."""
     served = engine.listings.prototypes()["classes"]
-    service = np.array([[c["explained_share"]["energy"], c["explained_share"]["norm_ratio"]]
-                        for c in served], float)  # fmt: skip
+    service = np.array(
+        [[c["explained_share"]["energy"], c["explained_share"]["norm_ratio"]] for c in served],
+        float,
+    )
     ev = evaluate.explained_share(manifest, tensors)["per_class"]
-    evaluated = np.array([[ev[n]["energy"], ev[n]["norm_ratio"]] for n in manifest["classes"]],
-                         float)  # fmt: skip
+    evaluated = np.array(
+        [[ev[n]["energy"], ev[n]["norm_ratio"]] for n in manifest["classes"]], float
+    )
     shares = report.class_shares(tensors, explain.folds(manifest))
     reported = np.stack([shares["energy"], shares["norm_ratio"]], 1)
     return service, evaluated, reported
@@ -76,12 +79,14 @@ def test_service_and_evaluate_agree_on_residual_shares_per_image(fashion_artifac
     manifest, tensors = load_manifest(fashion_artifact), load_tensors(fashion_artifact)
     engine = Engine.from_artifact(fashion_artifact)
     outs = run_images(engine, IMAGES)
-    explained = [engine.explanations.explanation(o, ExplainOptions(top_k=1, heatmaps=False))
-                 for o in outs]  # fmt: skip
+    explained = [
+        engine.explanations.explanation(o, ExplainOptions(top_k=1, heatmaps=False)) for o in outs
+    ]
     logits = np.stack([o["logits"] for o in outs])
     pooled = np.stack([o["pooled"] for o in outs])
     logit_share, margin_share = evaluate.residual_shares_per_image(
-        manifest, tensors, logits, pooled, logits.argmax(1))  # fmt: skip
+        manifest, tensors, logits, pooled, logits.argmax(1)
+    )
     for e, lg, mg in zip(explained, logit_share, margin_share, strict=True):
         share = e["top_k"][0]["residual_share"]
         assert share["logit"] == pytest.approx(lg, rel=1e-6, abs=1e-9)
@@ -90,7 +95,8 @@ def test_service_and_evaluate_agree_on_residual_shares_per_image(fashion_artifac
 
 
 def test_oip_images_decode_in_the_decode_processes_with_the_engines_spans(
-        fashion_artifact, exporter, monkeypatch):  # fmt: skip
+    fashion_artifact, exporter, monkeypatch
+):
     """With PROTONMF_DECODE_PROCESSES on, an OIP request's images go to the decode
     processes (counted; the in-process decoder must not run) and its work shows as the
     engine's decode/infer/explain spans."""

@@ -7,11 +7,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from helpers import FASHION_DATA, FASHION_MODEL, run_cli
 
-from protonmf.artifact import Preprocessing, load_manifest, load_tensors, preprocess
-from protonmf.data import load_image_folder
 from protonmf.analysis.evaluate import (
     ablation_logits,
     auc,
@@ -22,6 +19,8 @@ from protonmf.analysis.evaluate import (
     intervention,
     residual_share,
 )
+from protonmf.artifact import Preprocessing, load_manifest, load_tensors, preprocess
+from protonmf.data import load_image_folder
 from protonmf.graph import GraphSession
 
 
@@ -30,8 +29,9 @@ def report(fashion_artifact):
     """The CLI's JSON report on 100 held-out images (faithfulness on 16 of them)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code, _ = run_cli("evaluate", fashion_artifact, "--json", "--max-images", 100,
-                          "--faith-images", 16)  # fmt: skip
+        code, _ = run_cli(
+            "evaluate", fashion_artifact, "--json", "--max-images", 100, "--faith-images", 16
+        )
     assert code == 0
     return json.loads(buf.getvalue())
 
@@ -40,6 +40,7 @@ def report(fashion_artifact):
 def fashion_torch(fashion_artifact):
     """24 held-out images: the black box's logits and pooled features from torch, and the
     graph's outputs on the same preprocessed batch."""
+    torch = pytest.importorskip("torch")
     from protonmf.converter.models import recorded_model
 
     manifest = load_manifest(fashion_artifact)
@@ -68,20 +69,25 @@ def test_ablation_heads_against_torch(fashion_torch):
     np.testing.assert_allclose(heads["black_box"], bb_logits, atol=1e-5 * scale)
     assert (out["logits"].argmax(1) == bb_logits.argmax(1)).all()
     # NMF-only and residual-only from torch's pooled features and the converter's a, B, R
-    a, B, R = (tensors[k].astype(np.float64) for k in ("coefficients", "nmf_prototypes", "residuals"))
+    a, B, R = (
+        tensors[k].astype(np.float64) for k in ("coefficients", "nmf_prototypes", "residuals")
+    )
     bias = tensors["bias"].astype(np.float64)
     assert {d["fold"] for d in manifest["diagnostics"]["per_class"]} <= {"sum", "min_norm"}
-    np.testing.assert_allclose(heads["nmf_only"], pooled @ np.einsum("cp,cpd->cd", a, B).T + bias,
-                               atol=1e-5 * scale)  # fmt: skip
+    np.testing.assert_allclose(
+        heads["nmf_only"], pooled @ np.einsum("cp,cpd->cd", a, B).T + bias, atol=1e-5 * scale
+    )
     np.testing.assert_allclose(heads["residual_only"], pooled @ R.T + bias, atol=1e-5 * scale)
     # the two parts add up to the graph's logits
-    np.testing.assert_allclose(heads["nmf_only"] + heads["residual_only"] - bias, out["logits"],
-                               atol=1e-5 * scale)  # fmt: skip
+    np.testing.assert_allclose(
+        heads["nmf_only"] + heads["residual_only"] - bias, out["logits"], atol=1e-5 * scale
+    )
 
 
 def test_head_logits_layer_norm_against_torch():
     """LayerNorm head: V = W·γ and bias = b + W·β (the artifact's tensors) give torch's
     Linear(LayerNorm(f))."""
+    torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(0)
     N, D, C, eps = 7, 12, 5, 1e-6
     f = torch.randn(N, D, generator=g, dtype=torch.float64) * 3 + 1
@@ -121,7 +127,8 @@ def test_explained_share_matches_conversion_diagnostics(report, fashion_artifact
     ratio = np.linalg.norm(aB, axis=1) / np.linalg.norm(tensors["class_vectors"], axis=1)
     np.testing.assert_allclose([got[d["class"]]["norm_ratio"] for d in per_class], ratio, rtol=1e-5)
     assert report["explained_share"]["mean_energy"] == pytest.approx(
-        np.mean([1 - d["head_rel_error"] ** 2 for d in per_class]), abs=1e-5)
+        np.mean([1 - d["head_rel_error"] ** 2 for d in per_class]), abs=1e-5
+    )
 
 
 # --- residual share ----------------------------------------------------------------------------
@@ -137,8 +144,9 @@ def test_residual_share_against_torch(fashion_torch):
     n = np.arange(len(pred))
     other = np.argsort(-bb_logits, 1)[:, 1]
     logit_share = (pooled @ R.T)[n, pred] / (pooled @ V.T)[n, pred]
-    margin = ((pooled @ R.T)[n, pred] - (pooled @ R.T)[n, other]) / (bb_logits[n, pred]
-                                                                    - bb_logits[n, other])  # fmt: skip
+    margin = ((pooled @ R.T)[n, pred] - (pooled @ R.T)[n, other]) / (
+        bb_logits[n, pred] - bb_logits[n, other]
+    )
     assert got["logit_median"] == pytest.approx(np.median(logit_share), rel=1e-4, abs=1e-6)
     assert got["logit_mean"] == pytest.approx(np.mean(logit_share), rel=1e-4, abs=1e-6)
     assert got["margin_median"] == pytest.approx(np.median(margin), rel=1e-4, abs=1e-6)
@@ -149,10 +157,14 @@ def test_residual_share_against_torch(fashion_torch):
 
 
 def test_intervention_hand_made_case():
-    logits = np.array([[5.0, 4.0, 0.0],   # label 1 = runner-up: the oracle's −3 fixes it
-                       [1.0, 6.0, 5.5],   # label 2 = runner-up: −1.0 fixes it (both rules)
-                       [0.0, 2.0, 7.0],   # label 0 third: no switch-off can promote it
-                       [3.0, 1.0, 0.0]])  # correct; switching off 2.5 would break it
+    logits = np.array(
+        [
+            [5.0, 4.0, 0.0],  # label 1 = runner-up: the oracle's −3 fixes it
+            [1.0, 6.0, 5.5],  # label 2 = runner-up: −1.0 fixes it (both rules)
+            [0.0, 2.0, 7.0],  # label 0 third: no switch-off can promote it
+            [3.0, 1.0, 0.0],
+        ]
+    )  # correct; switching off 2.5 would break it
     labels = np.array([1, 2, 0, 0])
     pred = logits.argmax(1)
     contributions = np.array([[3.0, 0.5], [0.2, 1.0], [6.0, 1.0], [2.5, 0.5]])
@@ -210,8 +222,16 @@ def test_deletion_insertion_known_saliency(rgb):
     assert auc(fractions, d)[0] == pytest.approx(0.875)
     assert auc(fractions, i)[0] == pytest.approx(0.125)
     # the end points given instead of run: the same curves
-    d2, i2 = deletion_insertion(crops, last, baseline, _corner_model, np.array([0]), steps=4,
-                                p_original=np.array([1.0]), p_baseline=np.array([0.0]))  # fmt: skip
+    d2, i2 = deletion_insertion(
+        crops,
+        last,
+        baseline,
+        _corner_model,
+        np.array([0]),
+        steps=4,
+        p_original=np.array([1.0]),
+        p_baseline=np.array([0.0]),
+    )
     np.testing.assert_allclose(d2, d)
     np.testing.assert_allclose(i2, i)
 
@@ -298,23 +318,36 @@ def test_evenly_spread_covers_every_class():
     assert (evenly_spread(7, None) == np.arange(7)).all() and len(evenly_spread(7, 100)) == 7
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--sweep-p", "0,3"], "--sweep-p"),
-    (["--sweep-p", "a"], "--sweep-p"),
-    (["--faith-steps", "1"], "--faith-steps"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sweep-p", "0,3"], "--sweep-p"),
+        (["--sweep-p", "a"], "--sweep-p"),
+        (["--faith-steps", "1"], "--faith-steps"),
+    ],
+)
 def test_cli_refuses_bad_flags(fashion_artifact, args, message, capsys):
     code, _ = run_cli("evaluate", fashion_artifact, "--json", "--max-images", 5, *args)
     assert code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_no_faithfulness_and_text_output(fashion_artifact, capsys):
-    code, out = run_cli("evaluate", fashion_artifact, "--max-images", 20, "--no-faithfulness",
-                        capsys=capsys)  # fmt: skip
+    code, out = run_cli(
+        "evaluate", fashion_artifact, "--max-images", 20, "--no-faithfulness", capsys=capsys
+    )
     assert code == 0
     assert "ablation" in out and "oracle_top1" in out and "skipped" in out
-    code, out = run_cli("evaluate", fashion_artifact, "--max-images", 10, "--faith-images", 2,
-                        "--faith-steps", 4, capsys=capsys)  # fmt: skip
+    code, out = run_cli(
+        "evaluate",
+        fashion_artifact,
+        "--max-images",
+        10,
+        "--faith-images",
+        2,
+        "--faith-steps",
+        4,
+        capsys=capsys,
+    )
     assert code == 0 and "deletion_auc" in out
     assert len(next(ln for ln in out.splitlines() if "deletion_curve" in ln).split()) == 1 + 5
 
@@ -343,11 +376,22 @@ def test_sweep_head_error_falls_with_p(fashion_artifact):
 def test_sweep_at_the_artifacts_p_reproduces_its_conversion(fashion_artifact, capsys):
     """Same images, same NMF settings and seed: the artifact's own head error per class."""
     m = load_manifest(fashion_artifact)
-    code, out = run_cli("evaluate", fashion_artifact, "--json", "--max-images", 10,
-                        "--no-faithfulness", "--sweep-p", m["p"], capsys=capsys)  # fmt: skip
+    code, out = run_cli(
+        "evaluate",
+        fashion_artifact,
+        "--json",
+        "--max-images",
+        10,
+        "--no-faithfulness",
+        "--sweep-p",
+        m["p"],
+        capsys=capsys,
+    )
     (row,) = json.loads(out)["sweep"]
     per_class = m["diagnostics"]["per_class"]
     assert row["head_rel_error"] == pytest.approx(
-        np.mean([d["head_rel_error"] for d in per_class]), rel=1e-5)
+        np.mean([d["head_rel_error"] for d in per_class]), rel=1e-5
+    )
     assert row["feature_rel_error"] == pytest.approx(
-        np.mean([d["feature_rel_error"] for d in per_class]), rel=1e-5)
+        np.mean([d["feature_rel_error"] for d in per_class]), rel=1e-5
+    )

@@ -7,13 +7,14 @@ import shutil
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 from helpers import FASHION_DATA, FASHION_MODEL, REPO, run_cli
 
 from protonmf.artifact import ArtifactError, Preprocessing, load_manifest, load_tensors, preprocess
-from protonmf.converter.models import ModelSource, load_model
-from protonmf.data import load_samples
 from protonmf.artifact.exemplars import load_exemplars
+from protonmf.data import load_samples
+
+torch = pytest.importorskip("torch")  # the timm model's features: the convert extra
+from protonmf.converter.models import ModelSource, load_model  # noqa: E402
 
 PER_CLASS = 12  # a small conversion: 120 images
 M = 4
@@ -22,8 +23,21 @@ M = 4
 @pytest.fixture(scope="module")
 def small_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("exemplars") / "artifact"
-    code, _ = run_cli("convert", "--quiet", "--model", FASHION_MODEL, "--data", FASHION_DATA,
-                      "--max-per-class", PER_CLASS, "--exemplars", M, "--presence", "--out", out)  # fmt: skip
+    code, _ = run_cli(
+        "convert",
+        "--quiet",
+        "--model",
+        FASHION_MODEL,
+        "--data",
+        FASHION_DATA,
+        "--max-per-class",
+        PER_CLASS,
+        "--exemplars",
+        M,
+        "--presence",
+        "--out",
+        out,
+    )
     assert code == 0
     return out
 
@@ -48,16 +62,17 @@ def test_augmented_exemplars_are_the_top_presence_images(small_artifact):
         A = clipped_features(m, [s.open() for s in mine])  # (n, H, W, D)
         n, H, W, D = A.shape
         # Eq. 9 by numpy's least squares: E' = argmin ||A − E' B'||² per position
-        E = np.linalg.lstsq(t["prototypes"][c].astype(np.float64).T, A.reshape(-1, D).T,
-                            rcond=None)[0].T.reshape(n, H, W, -1)  # fmt: skip
+        E = np.linalg.lstsq(
+            t["prototypes"][c].astype(np.float64).T, A.reshape(-1, D).T, rcond=None
+        )[0].T.reshape(n, H, W, -1)
         peak = E.reshape(n, H * W, -1).max(1)  # (n, p)
         for i in range(m["p"]):
             want = np.argsort(-peak[:, i], kind="stable")[:M]
             names = [e["source"] for e in ex.entries(c, i)]
-            assert names == [str(mine[j].source.relative_to(FASHION_DATA / "train"))
-                             for j in want]  # fmt: skip
-            np.testing.assert_allclose([e["presence"] for e in ex.entries(c, i)], peak[want, i],
-                                       rtol=1e-4, atol=1e-5)  # fmt: skip
+            assert names == [str(mine[j].source.relative_to(FASHION_DATA / "train")) for j in want]
+            np.testing.assert_allclose(
+                [e["presence"] for e in ex.entries(c, i)], peak[want, i], rtol=1e-4, atol=1e-5
+            )
             thumbs, maps = ex.strip(c, i)
             np.testing.assert_allclose(maps, E[want, :, :, i], rtol=1e-4, atol=1e-5)
             assert thumbs.shape == (M, 56, 56) and thumbs.dtype == np.uint8
@@ -86,15 +101,17 @@ def test_presence_output_is_eq9_least_squares(small_artifact):
     samples = load_samples(FASHION_DATA / "test", m["classes"])[::50][:6]
     images = [s.open() for s in samples]
     prep = Preprocessing.from_dict(m["preprocessing"])
-    session = ort.InferenceSession(str(small_artifact / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    session = ort.InferenceSession(
+        str(small_artifact / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     x = np.stack([preprocess(im, prep) for im in images])
     out = dict(zip(m["graph"]["outputs"], session.run(None, {"image": x}), strict=True))
     A = clipped_features(m, images)
     n, H, W, D = A.shape
     for c in range(len(m["classes"])):
-        E = np.linalg.lstsq(t["prototypes"][c].astype(np.float64).T, A.reshape(-1, D).T,
-                            rcond=None)[0].T.reshape(n, H, W, -1)  # fmt: skip
+        E = np.linalg.lstsq(
+            t["prototypes"][c].astype(np.float64).T, A.reshape(-1, D).T, rcond=None
+        )[0].T.reshape(n, H, W, -1)
         got = out["presence"][:, c].transpose(0, 2, 3, 1)  # (n, H, W, p)
         scale = np.abs(E).max()
         assert np.abs(got - E).max() <= 1e-4 * scale
@@ -124,8 +141,9 @@ def test_no_exemplars_and_corrupt_exemplars(small_artifact, tmp_path, capsys):
 
 def test_export_keeps_exemplars(small_artifact, tmp_path):
     out = tmp_path / "topk"
-    code, _ = run_cli("export", small_artifact, "--maps", "topk", "--scores", "topk",
-                      "--presence", "--out", out)  # fmt: skip
+    code, _ = run_cli(
+        "export", small_artifact, "--maps", "topk", "--scores", "topk", "--presence", "--out", out
+    )
     assert code == 0
     m = load_manifest(out)
     assert "exemplars.safetensors" in m["files"] and load_exemplars(out, m) is not None
@@ -136,8 +154,22 @@ def test_convert_checks_its_onnx_graph(tmp_path, capsys):
     """convert runs the exported graph with onnxruntime against the black box and exits 1
     when it is not within --rtol (0 here: float rounding alone exceeds it)."""
     out = tmp_path / "art"
-    code, _ = run_cli("convert", "--quiet", "--model", FASHION_MODEL, "--data", FASHION_DATA,
-                      "--max-per-class", 3, "--exemplars", 0, "--rtol", 0, "--out", out)  # fmt: skip
+    code, _ = run_cli(
+        "convert",
+        "--quiet",
+        "--model",
+        FASHION_MODEL,
+        "--data",
+        FASHION_DATA,
+        "--max-per-class",
+        3,
+        "--exemplars",
+        0,
+        "--rtol",
+        0,
+        "--out",
+        out,
+    )
     err = capsys.readouterr().err
     assert code == 1 and "the ONNX graph is not exact" in err and "rtol 0" in err
     onnx = load_manifest(out)["diagnostics"]["onnx_exactness"]
@@ -153,13 +185,20 @@ def test_streamed_conversion_equals_in_memory(tmp_path, caplog):
     holds one class's features at a time; decoding in 1 worker process vs in-process."""
     from protonmf.converter.convert import ConvertConfig, convert
 
-    common = dict(model=str(FASHION_MODEL), data=str(FASHION_DATA), max_per_class=20,
-                  exemplars=3, progress=False, nmf_batch_floats=1.0)  # fmt: skip
+    common = dict(
+        model=str(FASHION_MODEL),
+        data=str(FASHION_DATA),
+        max_per_class=20,
+        exemplars=3,
+        progress=False,
+        nmf_batch_floats=1.0,
+    )
     caplog.set_level("INFO", logger="protonmf.converter.convert")
     whole = convert(ConvertConfig(out=str(tmp_path / "whole"), workers=0, **common))
     assert "200 images in 1 chunk(s)" in caplog.text
-    streamed = convert(ConvertConfig(out=str(tmp_path / "streamed"), workers=1,
-                                     memory_budget=1, **common))  # fmt: skip
+    streamed = convert(
+        ConvertConfig(out=str(tmp_path / "streamed"), workers=1, memory_budget=1, **common)
+    )
     assert "200 images in 10 chunk(s)" in caplog.text
     for name in ("prototypes.safetensors", "exemplars.safetensors", "model.onnx"):
         assert (whole / name).read_bytes() == (streamed / name).read_bytes(), name
@@ -178,13 +217,22 @@ def test_killed_conversion_resumes_from_finished_batches(tmp_path, caplog):
 
     from protonmf.converter.convert import ConvertConfig, convert
 
-    common = dict(model=str(FASHION_MODEL), data=str(FASHION_DATA), max_per_class=20,
-                  exemplars=2, progress=False, nmf_batch_floats=1.0, memory_budget=1,
-                  workers=0)  # fmt: skip
+    common = dict(
+        model=str(FASHION_MODEL),
+        data=str(FASHION_DATA),
+        max_per_class=20,
+        exemplars=2,
+        progress=False,
+        nmf_batch_floats=1.0,
+        memory_budget=1,
+        workers=0,
+    )
     out = tmp_path / "art"
     parts = tmp_path / ".art.parts"
-    script = ("import sys; from protonmf.converter.convert import ConvertConfig, convert; "
-              f"convert(ConvertConfig(out={str(out)!r}, **{common!r}))")  # fmt: skip
+    script = (
+        "import sys; from protonmf.converter.convert import ConvertConfig, convert; "
+        f"convert(ConvertConfig(out={str(out)!r}, **{common!r}))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
     try:
         deadline = time.monotonic() + 180
@@ -214,13 +262,22 @@ def test_sharded_conversion_merges_to_the_single_process_artifact(tmp_path):
 
     from protonmf.converter.convert import ConvertConfig, convert
 
-    common = dict(model=str(FASHION_MODEL), data=str(FASHION_DATA), max_per_class=20,
-                  exemplars=2, progress=False, nmf_batch_floats=1.0, workers=0)  # fmt: skip
+    common = dict(
+        model=str(FASHION_MODEL),
+        data=str(FASHION_DATA),
+        max_per_class=20,
+        exemplars=2,
+        progress=False,
+        nmf_batch_floats=1.0,
+        workers=0,
+    )
     out = tmp_path / "art"
 
     def shard(i: int) -> subprocess.Popen:
-        script = ("from protonmf.converter.convert import ConvertConfig, convert; "
-                  f"convert(ConvertConfig(out={str(out)!r}, shard=({i}, 2), **{common!r}))")  # fmt: skip
+        script = (
+            "from protonmf.converter.convert import ConvertConfig, convert; "
+            f"convert(ConvertConfig(out={str(out)!r}, shard=({i}, 2), **{common!r}))"
+        )
         return subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
 
     assert shard(0).wait(timeout=300) == 0

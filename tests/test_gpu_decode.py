@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from protonmf.artifact import Preprocessing, resize_crop
-from protonmf.service.ops.errors import PayloadTooLarge
+from protonmf.graph import ProviderError
 from protonmf.service.decode.gpu import GpuJpegDecoder
 from protonmf.service.decode.images import Limits, decode_image
-from protonmf.graph import ProviderError
+from protonmf.service.ops.errors import PayloadTooLarge
 from protonmf.service.ops.settings import Settings, SettingsError
 
 SPEC = Preprocessing(height=224, width=224, resize=256, interpolation="bicubic")
@@ -88,9 +88,11 @@ def _fake_nvimgcodec(monkeypatch, decoder_error=None, answer="rgb"):
             return Decoded(pixels if answer == "rgb" else pixels[..., 0])
 
     module = types.SimpleNamespace(
-        Decoder=Decoder, CodeStream=lambda data: types.SimpleNamespace(data=data),
-        DecodeParams=lambda **kw: kw, ColorSpec=types.SimpleNamespace(SRGB="srgb"),
-    )  # fmt: skip
+        Decoder=Decoder,
+        CodeStream=lambda data: types.SimpleNamespace(data=data),
+        DecodeParams=lambda **kw: kw,
+        ColorSpec=types.SimpleNamespace(SRGB="srgb"),
+    )
     package = types.ModuleType("nvidia")
     package.nvimgcodec = module
     monkeypatch.setitem(sys.modules, "nvidia", package)
@@ -127,8 +129,7 @@ def test_refused_without_nvimgcodec_or_without_a_gpu(monkeypatch):
 
 def test_setting_refused_with_decode_processes():
     with pytest.raises(SettingsError, match="PROTONMF_DECODE_PROCESSES=0"):
-        Settings.from_env({"PROTONMF_JPEG_DECODER": "nvimgcodec",
-                           "PROTONMF_DECODE_PROCESSES": "2"})  # fmt: skip
+        Settings.from_env({"PROTONMF_JPEG_DECODER": "nvimgcodec", "PROTONMF_DECODE_PROCESSES": "2"})
     assert Settings.from_env({"PROTONMF_JPEG_DECODER": "nvimgcodec"}).jpeg_decoder == "nvimgcodec"
 
 
@@ -138,35 +139,38 @@ def test_gpu_jpeg_pixels_and_logits_close_to_pillows(lite0_artifact):
     the figures go to the log (benchmarks/gpu_checks.sh run)."""
     pytest.importorskip("nvidia.nvimgcodec")
     from protonmf.sample_data import imagenet_photo_files
-    from protonmf.service.engine.core import Core
+    from protonmf.service.engine.model import Model
 
-    core = Core.load(lite0_artifact)
+    model = Model.load(lite0_artifact)
     gpu = GpuJpegDecoder()
     blobs = [f.read_bytes() for f in imagenet_photo_files()]
-    pillow = np.stack([core.prepare(b) for b in blobs])
-    core.jpeg_decoder = gpu.decode
-    nvjpeg = np.stack([core.prepare(b) for b in blobs])
+    pillow = np.stack([model.prepare(b) for b in blobs])
+    model.jpeg_decoder = gpu.decode
+    nvjpeg = np.stack([model.prepare(b) for b in blobs])
     diff = np.abs(pillow.astype(int) - nvjpeg.astype(int))
-    a = core.infer(pillow, {"logits"})["logits"]
-    b = core.infer(nvjpeg, {"logits"})["logits"]
-    print(f"\nnvImageCodec vs Pillow on {len(blobs)} photos: pixels max |Δ| {diff.max()}, mean "
-          f"{diff.mean():.3f}; logits max |Δ| {np.abs(a - b).max():.4f}; top-1 agree "
-          f"{(a.argmax(1) == b.argmax(1)).sum()}/{len(blobs)}")  # fmt: skip
+    a = model.infer(pillow, {"logits"})["logits"]
+    b = model.infer(nvjpeg, {"logits"})["logits"]
+    print(
+        f"\nnvImageCodec vs Pillow on {len(blobs)} photos: pixels max |Δ| {diff.max()}, mean "
+        f"{diff.mean():.3f}; logits max |Δ| {np.abs(a - b).max():.4f}; top-1 agree "
+        f"{(a.argmax(1) == b.argmax(1)).sum()}/{len(blobs)}"
+    )
     assert diff.mean() < 2 and (a.argmax(1) == b.argmax(1)).mean() >= 0.9
 
 
 def test_data_plane_refuses_to_start_without_nvimgcodec(fashion_artifact, monkeypatch):
-    """The setting is not ignored where it cannot work: DataPlane.load fails, naming it."""
-    from protonmf.service.engine.pipeline import DataPlane
+    """The setting is not ignored where it cannot work: Engine.load fails, naming it."""
+    from protonmf.service.engine.pipeline import Engine
 
     monkeypatch.setitem(sys.modules, "nvidia", None)
     env = {"PROTONMF_ARTIFACT": str(fashion_artifact), "PROTONMF_JPEG_DECODER": "nvimgcodec"}
     with pytest.raises(ProviderError, match="PROTONMF_JPEG_DECODER=nvimgcodec needs"):
-        DataPlane.load(Settings.from_env(env))
+        Engine.load(Settings.from_env(env))
     _fake_nvimgcodec(monkeypatch)
-    plane = DataPlane.load(Settings.from_env(env))
-    assert plane.core.jpeg_decoder is not None
+    plane = Engine.load(Settings.from_env(env))
+    assert plane.model.jpeg_decoder is not None
     jpeg = _encoded("JPEG")
-    np.testing.assert_array_equal(plane.core.prepare(jpeg),
-                                  resize_crop(decode_image(jpeg, Limits(), plane.core.spec),
-                                              plane.core.spec))  # fmt: skip
+    np.testing.assert_array_equal(
+        plane.model.prepare(jpeg),
+        resize_crop(decode_image(jpeg, Limits(), plane.model.spec), plane.model.spec),
+    )

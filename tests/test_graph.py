@@ -9,10 +9,9 @@ import pytest
 from helpers import FASHION_DATA, manifest_of, run_cli
 from onnx import numpy_helper
 
-from protonmf.artifact import FORMAT_VERSION, ArtifactError
-from protonmf.converter.export import gathernd_to_gather
-from protonmf.data import load_image_folder
 from protonmf.analysis.evaluate import explanation_residual
+from protonmf.artifact import FORMAT_VERSION, ArtifactError
+from protonmf.data import load_image_folder
 from protonmf.graph import GraphSession, ProviderError, create_session
 
 
@@ -61,9 +60,12 @@ def test_contributions_add_up_to_logits(fashion_batch):
     total = out["topk_contributions"].sum(-1) + out["topk_bias"]
     scale = np.abs(out["logits"]).max(1, keepdims=True)
     assert (np.abs(total - logits) / scale).max() <= 1e-5
-    np.testing.assert_allclose(out["topk_contributions"],
-                               out["topk_scores"] * ex.tensors["coefficients"][top],
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        out["topk_contributions"],
+        out["topk_scores"] * ex.tensors["coefficients"][top],
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert explanation_residual(out).max() <= 1e-5
 
 
@@ -90,8 +92,13 @@ def all_outputs(fashion_artifact, fashion_batch):
     ex = GraphSession.load(fashion_artifact)
     # format 3: a constant bias is not a graph output; GraphSession.run adds the tensor.
     # format 4: pooled features in every graph (the residual split needs them)
-    assert list(ex.manifest["graph"]["outputs"]) == ["logits", "scores", "contributions",
-                                                     "pooled", "maps"]  # fmt: skip
+    assert list(ex.manifest["graph"]["outputs"]) == [
+        "logits",
+        "scores",
+        "contributions",
+        "pooled",
+        "maps",
+    ]
     out = ex.run(x)
     np.testing.assert_array_equal(out["bias"][0], ex.tensors["bias"])
     return out
@@ -147,20 +154,28 @@ def head_ops(graph, grid: str) -> Counter:
 def test_gathernd_rewritten_as_gather():
     from onnx import TensorProto, helper
 
+    pytest.importorskip("torch")  # the exporter's module (the convert extra)
+    from protonmf.converter.export import gathernd_to_gather
+
     nodes = [
         helper.make_node("Unsqueeze", ["idx", "axes"], ["idx1"], name="u"),
         helper.make_node("GatherND", ["table", "idx1"], ["rows"], name="g1"),
         helper.make_node("GatherND", ["coef", "idx1"], ["coefs"], name="g2"),
     ]
     graph = helper.make_graph(
-        nodes, "t",
+        nodes,
+        "t",
         [helper.make_tensor_value_info("idx", TensorProto.INT64, ["N", 2])],
-        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["N", 2, 3, 2]),
-         helper.make_tensor_value_info("coefs", TensorProto.FLOAT, ["N", 2])],
-        [numpy_helper.from_array(np.array([-1], np.int64), "axes"),
-         numpy_helper.from_array(np.arange(24, dtype=np.float32).reshape(4, 3, 2), "table"),
-         numpy_helper.from_array(np.arange(4, dtype=np.float32), "coef")],
-    )  # fmt: skip
+        [
+            helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["N", 2, 3, 2]),
+            helper.make_tensor_value_info("coefs", TensorProto.FLOAT, ["N", 2]),
+        ],
+        [
+            numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+            numpy_helper.from_array(np.arange(24, dtype=np.float32).reshape(4, 3, 2), "table"),
+            numpy_helper.from_array(np.arange(4, dtype=np.float32), "coef"),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     idx = np.array([[3, 1], [0, 0]], np.int64)
     before = ort_run(model, idx)
@@ -208,9 +223,17 @@ def test_topk_graph_structure(fashion_topk_artifact, lite0_artifact):
         # contributions (Mul). Per-node overhead is the head's cost at batch 1.
         # (pooled: GlobalAveragePool + Flatten, the layout onnxruntime's convolutions keep)
         grid = next(n for n in g.graph.node if n.op_type == "GlobalAveragePool").input[0]
-        assert head_ops(g, grid) == Counter(GlobalAveragePool=1, Flatten=1, ReduceMean=1,
-                                            MatMul=2, Add=1, TopK=1, Gather=3, Reshape=3,
-                                            Mul=1)  # fmt: skip
+        assert head_ops(g, grid) == Counter(
+            GlobalAveragePool=1,
+            Flatten=1,
+            ReduceMean=1,
+            MatMul=2,
+            Add=1,
+            TopK=1,
+            Gather=3,
+            Reshape=3,
+            Mul=1,
+        )
         assert ops["GatherND"] == 0 and ops["Einsum"] == 0
         # no C·p-filter conv, and no (D, C·p) matmul: all-class scores are not computed
         C, p, D = len(m["classes"]), m["p"], m["feature_dim"]
@@ -236,9 +259,9 @@ def test_all_classes_graph_structure(fashion_artifact):
     # maps (Reshape), scores (ReduceMean), contributions (Mul), logits (ReduceSum, Add), and
     # pooled (format 4: the residual split of any class needs it) as GlobalAveragePool +
     # Flatten: beside the conv, a ReduceMean cost ~4% at batch 1 (export.pooled_as_global_pool)
-    assert head_ops(g, conv.input[0]) == Counter(Conv=1, Reshape=1, ReduceMean=1, Mul=1,
-                                                 ReduceSum=1, Add=1, GlobalAveragePool=1,
-                                                 Flatten=1)  # fmt: skip
+    assert head_ops(g, conv.input[0]) == Counter(
+        Conv=1, Reshape=1, ReduceMean=1, Mul=1, ReduceSum=1, Add=1, GlobalAveragePool=1, Flatten=1
+    )
     ops = op_counts(fashion_artifact / "model.onnx")
     assert ops["TopK"] == ops["Gather"] == ops["MatMul"] == ops["Gemm"] == ops["Expand"] == 0
 
@@ -258,7 +281,9 @@ def test_cuda_tf32_off_unless_asked():
     # exact fp32 is the contract; no per-shape benchmarking under adaptive batching
     assert cuda_options() == {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
     assert cuda_options(tf32=True, search="exhaustive") == {
-        "use_tf32": "1", "cudnn_conv_algo_search": "EXHAUSTIVE"}  # fmt: skip
+        "use_tf32": "1",
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+    }
     with pytest.raises(ValueError, match="cuDNN search"):
         cuda_options(search="fastest")
 
@@ -328,8 +353,13 @@ def test_int8_and_fp16_variants(fashion_artifact, tmp_path):
     g = onnx.load(str(art / "model.int8.onnx")).graph
     C, p, D = len(m["classes"]), m["p"], m["feature_dim"]
     weights = {i.name: i for i in g.initializer}
-    (head,) = [n for n in g.node if n.op_type == "Conv" and n.input[1] in weights
-               and tuple(weights[n.input[1]].dims) == (C * p, D, 1, 1)]  # fmt: skip
+    (head,) = [
+        n
+        for n in g.node
+        if n.op_type == "Conv"
+        and n.input[1] in weights
+        and tuple(weights[n.input[1]].dims) == (C * p, D, 1, 1)
+    ]
     assert weights[head.input[1]].data_type == onnx.TensorProto.FLOAT
     with pytest.raises(ArtifactError, match="has no 'bf16' graph"):
         GraphSession.load(art, variant="bf16")

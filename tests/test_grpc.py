@@ -14,11 +14,17 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from helpers import REPO
+from helpers import (
+    REPO,
+    animated,
+    bomb_png,
+    half_jpeg,
+    histogram_count,
+    png_bytes,
+    sample_images,
+)
 from PIL import Image
 from served import free_port, serve
-from test_service_core import animated, bomb_png, png_bytes
-from test_service_http import _half_jpeg, histogram_count, sample_images
 
 from protonmf.client import GrpcClient, RequestFailed, RestClient
 from protonmf.service.grpc.server import GrpcConfig, GrpcServer, pb, pb_grpc
@@ -41,8 +47,9 @@ def wait_serving(target: str, timeout: float = 60.0) -> list[str]:
         stub = health_pb2_grpc.HealthStub(channel)
         for _ in range(int(timeout / 0.2)):
             try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service="protonmf.v1.ProtoNMF"),
-                                    timeout=2).status  # fmt: skip
+                status = stub.Check(
+                    health_pb2.HealthCheckRequest(service="protonmf.v1.ProtoNMF"), timeout=2
+                ).status
                 seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
             except grpc.RpcError as e:
                 seen.append(e.code().name)
@@ -74,23 +81,24 @@ def assert_same_explanation(rest: dict, rpc: dict):
 
 
 def test_generated_code_matches_proto(tmp_path):
-    subprocess.run(["bash", str(REPO / "scripts/gen_proto.sh"), str(tmp_path)], check=True,
-                   env={**os.environ, "PY": sys.executable})  # fmt: skip
+    pytest.importorskip("grpc_tools")  # grpcio-tools: the dev extra
+    subprocess.run(
+        ["bash", str(REPO / "scripts/gen_proto.sh"), str(tmp_path)],
+        check=True,
+        env={**os.environ, "PY": sys.executable},
+    )
     committed = REPO / "protonmf/api/proto/protonmf/v1"
     for name in ("protonmf_pb2.py", "protonmf_pb2.pyi", "protonmf_pb2_grpc.py"):
-        assert (tmp_path / name).read_text() == (committed / name).read_text(), \
+        assert (tmp_path / name).read_text() == (committed / name).read_text(), (
             f"{name} is stale: run scripts/gen_proto.sh"
+        )
 
 
-def test_health_is_not_serving_until_ready(fashion_artifact):
+def test_health_is_not_serving_until_ready(make_engine):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from protonmf.service.engine.core import Core
-    from protonmf.service.engine.pipeline import DataPlane
-    from protonmf.service.ops.settings import Settings
-
     async def scenario():
-        plane = DataPlane(Core.load(fashion_artifact), Settings.from_env({}))
+        plane = make_engine()
         config = GrpcConfig(port=free_port(), host="127.0.0.1", max_message_bytes=1 << 20)
         server = GrpcServer(plane, config)
         await server.start(ready=False)
@@ -114,7 +122,10 @@ def test_health_is_not_serving_until_ready(fashion_artifact):
         return statuses
 
     assert asyncio.run(scenario()) == [
-        "NOT_SERVING", "UNAVAILABLE the model is warming up; retry shortly [not_ready]", "SERVING"]
+        "NOT_SERVING",
+        "UNAVAILABLE the model is warming up; retry shortly [not_ready]",
+        "SERVING",
+    ]
 
 
 # --- a real server ----------------------------------------------------------------------
@@ -127,10 +138,16 @@ def test_every_rpc_and_parity_with_rest(served):
     with RestClient(served.url) as rest, GrpcClient(served.grpc_target) as rpc:
         assert rpc.classify(blobs, top_k=4) == rest.classify(blobs, top_k=4)
         assert rpc.model() == rest.model()
-        for kwargs in ({}, {"heatmaps": False, "top_k": 6}, {"interventions": iv},
-                       {"map_kind": "contribution", "top_k": 2}):  # fmt: skip
-            assert_same_explanation(rest.explain(blobs, **kwargs).model_dump(mode="json"),
-                                    rpc.explain(blobs, **kwargs).model_dump(mode="json"))
+        for kwargs in (
+            {},
+            {"heatmaps": False, "top_k": 6},
+            {"interventions": iv},
+            {"map_kind": "contribution", "top_k": 2},
+        ):
+            assert_same_explanation(
+                rest.explain(blobs, **kwargs).model_dump(mode="json"),
+                rpc.explain(blobs, **kwargs).model_dump(mode="json"),
+            )
         body = rpc.explain(blobs, interventions=iv).model_dump(mode="json")
         assert rpc.prototypes() == rest.prototypes()
         assert rpc.prototypes(["bag", 3]) == rest.prototypes(["bag", 3])
@@ -143,15 +160,20 @@ def test_every_rpc_and_parity_with_rest(served):
     assert entry["residual_share"]["versus"] and entry["prototypes"][0]["exemplars"]
     for e in body["explanations"]:
         assert e["exactness"] <= 1e-4
-        assert e["intervention"]["switched_off"] == [{"class": "tshirt_top", "prototype": 0},
-                                                     {"class": "bag", "prototype": 1}]
+        assert e["intervention"]["switched_off"] == [
+            {"class": "tshirt_top", "prototype": 0},
+            {"class": "bag", "prototype": 1},
+        ]
 
 
 def connections_to(port: int) -> set:
     import psutil  # a BentoML dependency
 
-    return {c.laddr for c in psutil.Process().net_connections("tcp")
-            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}  # fmt: skip
+    return {
+        c.laddr
+        for c in psutil.Process().net_connections("tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    }
 
 
 def test_client_channels_are_separate_connections(served):
@@ -179,24 +201,56 @@ def _status(target, request) -> tuple[str, str]:
 BLOB = sample_images()[0]
 HOSTILE = {
     "zero bytes": (pb.ExplainRequest(images=[b""]), "INVALID_ARGUMENT", "empty"),
-    "text file": (pb.ExplainRequest(images=[b"hello, world"]), "INVALID_ARGUMENT", "unsupported_format"),
-    "truncated jpeg": (pb.ExplainRequest(images=[_half_jpeg()]), "INVALID_ARGUMENT", "corrupt"),
-    "1x1": (pb.ExplainRequest(images=[png_bytes(Image.new("L", (1, 1)))]), "INVALID_ARGUMENT", "too_small"),
+    "text file": (
+        pb.ExplainRequest(images=[b"hello, world"]),
+        "INVALID_ARGUMENT",
+        "unsupported_format",
+    ),
+    "truncated jpeg": (pb.ExplainRequest(images=[half_jpeg()]), "INVALID_ARGUMENT", "corrupt"),
+    "1x1": (
+        pb.ExplainRequest(images=[png_bytes(Image.new("L", (1, 1)))]),
+        "INVALID_ARGUMENT",
+        "too_small",
+    ),
     "animated png": (pb.ExplainRequest(images=[animated("PNG")]), "INVALID_ARGUMENT", "animated"),
     "bomb": (pb.ExplainRequest(images=[bomb_png()]), "INVALID_ARGUMENT", "too_many_pixels"),
-    "top_k over classes": (pb.ExplainRequest(images=[BLOB], top_k=11), "INVALID_ARGUMENT", "top_k_out_of_range"),
+    "top_k over classes": (
+        pb.ExplainRequest(images=[BLOB], top_k=11),
+        "INVALID_ARGUMENT",
+        "top_k_out_of_range",
+    ),
     "no images": (pb.ExplainRequest(), "INVALID_ARGUMENT", "no_images"),
     "too many": (pb.ExplainRequest(images=[BLOB] * 17), "INVALID_ARGUMENT", "too_many_images"),
-    "top_k 0": (pb.ExplainRequest(images=[BLOB], top_k=0), "INVALID_ARGUMENT", "top_k_out_of_range"),
-    "unknown class": (pb.ExplainRequest(images=[BLOB], interventions=[
-        pb.Intervention(class_name="unicorn", prototype=0)]), "INVALID_ARGUMENT", "unknown_class"),
-    "unknown prototype": (pb.ExplainRequest(images=[BLOB], interventions=[
-        pb.Intervention(class_name="bag", prototype=99)]), "INVALID_ARGUMENT", "unknown_prototype"),
-    "unknown map kind": (pb.ExplainRequest(images=[BLOB], map_kind="saliency"), "INVALID_ARGUMENT",
-                         "unknown_map_kind"),
-    "no presence maps": (pb.ExplainRequest(images=[BLOB], map_kind="presence"), "INVALID_ARGUMENT",
-                         "no_presence_maps"),
-}  # fmt: skip
+    "top_k 0": (
+        pb.ExplainRequest(images=[BLOB], top_k=0),
+        "INVALID_ARGUMENT",
+        "top_k_out_of_range",
+    ),
+    "unknown class": (
+        pb.ExplainRequest(
+            images=[BLOB], interventions=[pb.Intervention(class_name="unicorn", prototype=0)]
+        ),
+        "INVALID_ARGUMENT",
+        "unknown_class",
+    ),
+    "unknown prototype": (
+        pb.ExplainRequest(
+            images=[BLOB], interventions=[pb.Intervention(class_name="bag", prototype=99)]
+        ),
+        "INVALID_ARGUMENT",
+        "unknown_prototype",
+    ),
+    "unknown map kind": (
+        pb.ExplainRequest(images=[BLOB], map_kind="saliency"),
+        "INVALID_ARGUMENT",
+        "unknown_map_kind",
+    ),
+    "no presence maps": (
+        pb.ExplainRequest(images=[BLOB], map_kind="presence"),
+        "INVALID_ARGUMENT",
+        "no_presence_maps",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", HOSTILE)
@@ -223,8 +277,11 @@ def test_message_limit_and_deadline(served):
 
 
 def test_grpcurl_lists_and_calls_through_reflection(served):
-    run = lambda *a, **kw: subprocess.run([GRPCURL, "-plaintext", *a], capture_output=True,  # noqa: E731
-                                          text=True, timeout=60, **kw)  # fmt: skip
+    def run(*args, **kw):
+        return subprocess.run(
+            [GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=60, **kw
+        )
+
     listed = run(served.grpc_target, "list")
     assert listed.returncode == 0, listed.stderr
     assert {"protonmf.v1.ProtoNMF", "grpc.health.v1.Health"} <= set(listed.stdout.split())
@@ -235,8 +292,12 @@ def test_grpcurl_lists_and_calls_through_reflection(served):
     with RestClient(served.url) as rest:  # (grpcurl leaves out zero-valued fields)
         expected = rest.classify(sample_images()[:1], top_k=2).predictions[0].top_k
     assert [(t["class"], t["logit"]) for t in top] == [(t.class_name, t.logit) for t in expected]
-    bad = run("-d", json.dumps({"images": [base64.b64encode(b"text").decode()]}),
-              served.grpc_target, "protonmf.v1.ProtoNMF/Explain")  # fmt: skip
+    bad = run(
+        "-d",
+        json.dumps({"images": [base64.b64encode(b"text").decode()]}),
+        served.grpc_target,
+        "protonmf.v1.ProtoNMF/Explain",
+    )
     assert "InvalidArgument" in bad.stderr and "[unsupported_format]" in bad.stderr
 
 
@@ -247,8 +308,9 @@ def test_concurrent_grpc_calls_share_the_batcher(served):
     async def burst():
         async with grpc.aio.insecure_channel(served.grpc_target) as channel:
             stub = pb_grpc.ProtoNMFStub(channel)
-            return await asyncio.gather(*(stub.Explain(pb.ExplainRequest(images=[b]), timeout=60)
-                                          for b in blobs))  # fmt: skip
+            return await asyncio.gather(
+                *(stub.Explain(pb.ExplainRequest(images=[b]), timeout=60) for b in blobs)
+            )
 
     responses = asyncio.run(burst())
     after = httpx.get(f"{served.url}/metrics").text
@@ -258,6 +320,7 @@ def test_concurrent_grpc_calls_share_the_batcher(served):
     name = "protonmf_inference_batch_size"
     batches = histogram_count(after, f"{name}_count") - histogram_count(before, f"{name}_count")
     assert 0 < batches < len(blobs), "32 concurrent gRPC calls should merge into fewer batches"
-    stages = histogram_count(after, "protonmf_images_per_request_count") - \
-        histogram_count(before, "protonmf_images_per_request_count")
+    stages = histogram_count(after, "protonmf_images_per_request_count") - histogram_count(
+        before, "protonmf_images_per_request_count"
+    )
     assert stages == len(blobs), "gRPC requests count in the same metrics as REST"

@@ -14,16 +14,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import MONITORING, REPO, run, tool
-from test_deploy import (
+from helpers import (
     CRD_KINDS,
     K8S,
     K8S_VERSIONS,
     KIND_IDS,
+    MONITORING,
     OVERLAYS,
+    REPO,
     crd_errors,
-    crd_validators,  # noqa: F401  (fixture)
     kubernetes_validate,
+    run,
+    tool,
 )
 
 pytestmark = pytest.mark.deploy
@@ -32,8 +34,16 @@ CHART = REPO / "deploy" / "helm" / "protonmf"
 # The release name that gives the Kustomize names (protonmf, app.kubernetes.io/instance).
 RELEASE = "protonmf"
 VALUES = {"cpu": [], "gpu": ["-f", CHART / "values-gpu.yaml"]}
-KINDS = {"ServiceAccount", "ConfigMap", "Service", "Deployment", "PodDisruptionBudget",
-         "HorizontalPodAutoscaler", "NetworkPolicy", *CRD_KINDS}  # fmt: skip
+KINDS = {
+    "ServiceAccount",
+    "ConfigMap",
+    "Service",
+    "Deployment",
+    "PodDisruptionBudget",
+    "HorizontalPodAutoscaler",
+    "NetworkPolicy",
+    *CRD_KINDS,
+}
 
 
 def helm(*args) -> str:
@@ -101,7 +111,7 @@ def test_chart_validates_strictly(charts, kind, version):
 
 
 @pytest.mark.parametrize("kind", OVERLAYS, ids=KIND_IDS)
-def test_chart_crds_validate_against_their_schemas(charts, crd_validators, kind):  # noqa: F811
+def test_chart_crds_validate_against_their_schemas(charts, crd_validators, kind):
     objs = objects(charts[kind].read_text())
     for crd in CRD_KINDS:
         assert objs[crd]["apiVersion"] == "monitoring.coreos.com/v1"
@@ -113,8 +123,9 @@ def test_chart_carries_the_rule_file():
     (a chart cannot read outside itself), and the PrometheusRule carries its groups."""
     copy_ = CHART / "files" / "prometheus-rules.yaml"
     assert not copy_.is_symlink()
-    assert copy_.read_bytes() == (MONITORING / "prometheus-rules.yaml").read_bytes(), \
-        "stale: cp deploy/monitoring/prometheus-rules.yaml deploy/helm/protonmf/files/"  # fmt: skip
+    assert copy_.read_bytes() == (MONITORING / "prometheus-rules.yaml").read_bytes(), (
+        "stale: cp deploy/monitoring/prometheus-rules.yaml deploy/helm/protonmf/files/"
+    )
     rule = objects(template())["PrometheusRule"]
     groups = yaml.safe_load((MONITORING / "prometheus-rules.yaml").read_text())["groups"]
     assert rule["spec"] == {"groups": groups}
@@ -132,9 +143,13 @@ def normalized(obj: dict) -> dict:
     spec = obj["spec"]
     if obj["kind"] == "Deployment":
         meta = spec["template"]["metadata"]
-        meta["labels"] = {k: v for k, v in meta["labels"].items()
-                          if not k.startswith(("helm.sh/", "app.kubernetes.io/managed-by",
-                                               "app.kubernetes.io/version"))}  # fmt: skip
+        meta["labels"] = {
+            k: v
+            for k, v in meta["labels"].items()
+            if not k.startswith(
+                ("helm.sh/", "app.kubernetes.io/managed-by", "app.kubernetes.io/version")
+            )
+        }
         meta.pop("annotations", None)  # checksum/config
         for c in spec["template"]["spec"]["containers"]:
             for source in c.get("envFrom", []):
@@ -158,8 +173,18 @@ def test_deployment_fields_agree(charts, overlays):
         h, k = objects(charts[kind].read_text()), overlays[kind]
         hpod, kpod = (o["Deployment"]["spec"]["template"]["spec"] for o in (h, k))
         (hc,), (kc,) = hpod["containers"], kpod["containers"]
-        for field in ("image", "ports", "startupProbe", "readinessProbe", "livenessProbe",
-                      "resources", "env", "securityContext", "volumeMounts", "lifecycle"):  # fmt: skip
+        for field in (
+            "image",
+            "ports",
+            "startupProbe",
+            "readinessProbe",
+            "livenessProbe",
+            "resources",
+            "env",
+            "securityContext",
+            "volumeMounts",
+            "lifecycle",
+        ):
             assert hc[field] == kc[field], (kind, field)
         assert hpod["securityContext"] == kpod["securityContext"], kind
         assert hpod["volumes"] == kpod["volumes"], kind
@@ -177,7 +202,8 @@ def test_chart_matches_the_overlay(charts, overlays, kind):
     assert h["ServiceAccount"]["automountServiceAccountToken"] is False
     for name, obj in h.items():
         assert obj["metadata"]["name"] == (
-            "protonmf-config" if name == "ConfigMap" else "protonmf"), name  # fmt: skip
+            "protonmf-config" if name == "ConfigMap" else "protonmf"
+        ), name
         assert k[name]["metadata"]["labels"].items() <= obj["metadata"]["labels"].items(), name
 
 
@@ -187,8 +213,9 @@ def test_workers_fill_the_cpu_limit(charts):
         data = h["ConfigMap"]["data"]
         limits = h["Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
         if kind == "cpu":
-            assert int(data["PROTONMF_WORKERS"]) * int(data["PROTONMF_ORT_THREADS"]) == \
-                int(limits["cpu"])  # fmt: skip
+            assert int(data["PROTONMF_WORKERS"]) * int(data["PROTONMF_ORT_THREADS"]) == int(
+                limits["cpu"]
+            )
         else:
             assert data["PROTONMF_DEVICE"] == "cuda" and limits["nvidia.com/gpu"] == "1"
 
@@ -222,10 +249,15 @@ def test_auth_secret_is_off_by_default_and_validates(tmp_path):
     h = objects(text)
     secret = h["Secret"]
     assert secret["stringData"] == {"api-keys": "k1,k2"}
-    (ref,) = [e for e in h["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
-              if e["name"] == "PROTONMF_API_KEYS"]  # fmt: skip
-    assert ref["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"],
-                                                "key": "api-keys"}  # fmt: skip
+    (ref,) = [
+        e
+        for e in h["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"] == "PROTONMF_API_KEYS"
+    ]
+    assert ref["valueFrom"]["secretKeyRef"] == {
+        "name": secret["metadata"]["name"],
+        "key": "api-keys",
+    }
     path = tmp_path / "auth.yaml"
     path.write_text(text)
     for version in K8S_VERSIONS:
@@ -239,10 +271,21 @@ def test_auth_secret_is_off_by_default_and_validates(tmp_path):
 
 
 def test_optional_objects_switch_off():
-    h = objects(template("--set", "autoscaling.enabled=false", "--set", "replicaCount=3",
-                         "--set", "podDisruptionBudget.enabled=false",
-                         "--set", "networkPolicy.enabled=false",
-                         "--set", "serviceMonitor.enabled=false",
-                         "--set", "prometheusRule.enabled=false"))  # fmt: skip
+    h = objects(
+        template(
+            "--set",
+            "autoscaling.enabled=false",
+            "--set",
+            "replicaCount=3",
+            "--set",
+            "podDisruptionBudget.enabled=false",
+            "--set",
+            "networkPolicy.enabled=false",
+            "--set",
+            "serviceMonitor.enabled=false",
+            "--set",
+            "prometheusRule.enabled=false",
+        )
+    )
     assert set(h) == {"ServiceAccount", "ConfigMap", "Service", "Deployment"}
     assert h["Deployment"]["spec"]["replicas"] == 3

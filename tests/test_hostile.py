@@ -1,10 +1,10 @@
-"""The hostile corpus (scripts/hostile_corpus.py): every case refused with its 4xx and
+"""The hostile corpus (tests/hostile_corpus.py): every case refused with its 4xx and
 reason, or answered — through the core (fast), and against a served REST + gRPC server
 (slow): no 5xx or gRPC UNKNOWN/INTERNAL, every answer within 5 s, the worker's memory back
 to where it was.
 
     .venv/bin/python -m pytest tests/test_hostile.py            # both
-    .venv/bin/python scripts/hostile_corpus.py OUT_DIR          # the corpus as files
+    .venv/bin/python tests/hostile_corpus.py OUT_DIR            # the corpus as files
 """
 
 import base64
@@ -14,17 +14,19 @@ import time
 from pathlib import Path
 
 import grpc
+import hostile_corpus
 import httpx
 import numpy as np
 import pytest
-from helpers import REPO, hostile_corpus, stub_core
+from helpers import REPO, stub_core
 from served import serve
 
 from protonmf.artifact import Preprocessing
-from protonmf.service.engine.core import Core, Intervention
-from protonmf.service.ops.errors import ServiceError
-from protonmf.service.grpc.server import pb
 from protonmf.service.decode.images import Limits, count_jpeg_scans, decode_image
+from protonmf.service.engine.model import Model
+from protonmf.service.engine.options import Intervention
+from protonmf.service.grpc.server import pb
+from protonmf.service.ops.errors import ServiceError
 from protonmf.service.ops.settings import Settings, SettingsError
 
 REQUEST_SECONDS = 5.0  # every answer, refusal or not, within this
@@ -36,7 +38,7 @@ PEAK_RSS = 1 << 30  # worker peak RSS (VmHWM) below 1 GiB
 def corpus(tmp_path_factory) -> list[dict]:
     """The corpus written by the script; each index entry with its bytes as ``data``."""
     folder = tmp_path_factory.mktemp("hostile")
-    assert hostile_corpus().main([str(folder)]) == 0
+    assert hostile_corpus.main([str(folder)]) == 0
     index = json.loads((folder / "index.json").read_text())["cases"]
     return [dict(c, data=(folder / c["file"]).read_bytes()) for c in index]
 
@@ -47,8 +49,22 @@ def test_corpus_is_large_and_covers_every_kind(corpus):
     assert kinds == {"image", "class", "base64", "multipart", "protobuf"}
     assert {c["expect"] for c in corpus} == {"2xx", "4xx"}
     names = " ".join(c["name"] for c in corpus)
-    for kind in ("png_8x3000000", "jpeg_scans", "gif", "webp", "tiff", "bmp", "truncated",
-                 "exif", "palette", "1x16384", "cmyk", "grey16", "frames", "then_zip"):  # fmt: skip
+    for kind in (
+        "png_8x3000000",
+        "jpeg_scans",
+        "gif",
+        "webp",
+        "tiff",
+        "bmp",
+        "truncated",
+        "exif",
+        "palette",
+        "1x16384",
+        "cmyk",
+        "grey16",
+        "frames",
+        "then_zip",
+    ):
         assert kind in names, kind
 
 
@@ -56,13 +72,14 @@ def test_corpus_is_large_and_covers_every_kind(corpus):
 
 
 SPECS = {
-    "grey56": Preprocessing(height=56, width=56, resize=56, color_mode="L", mean=(0.3,),
-                            std=(0.35,)),  # fmt: skip
+    "grey56": Preprocessing(
+        height=56, width=56, resize=56, color_mode="L", mean=(0.3,), std=(0.35,)
+    ),
     "rgb224": Preprocessing(height=224, width=224, resize=256, interpolation="bicubic"),
 }
 
 
-def core_answer(core: Core, case: dict) -> tuple[str, str]:
+def core_answer(core: Model, case: dict) -> tuple[str, str]:
     """(status class, reason) the core gives the case; "5xx" for anything untyped."""
     try:
         if case["kind"] == "image":
@@ -101,16 +118,27 @@ def test_corpus_through_the_core(corpus, spec):
 
 
 def test_limits_from_env_and_their_defaults():
-    limits = Settings.from_env({"PROTONMF_MAX_SIDE": "4096", "PROTONMF_MAX_ASPECT": "4",
-                              "PROTONMF_MAX_SCANS": "16", "PROTONMF_MAX_DECODE_MS": "500",
-                              "PROTONMF_MAX_RASTER_BYTES": "1048576"}).limits()  # fmt: skip
-    assert (limits.max_side, limits.max_aspect, limits.max_scans, limits.max_decode_ms,
-            limits.max_raster_bytes) == (4096, 4, 16, 500, 1 << 20)  # fmt: skip
+    limits = Settings.from_env(
+        {
+            "PROTONMF_MAX_SIDE": "4096",
+            "PROTONMF_MAX_ASPECT": "4",
+            "PROTONMF_MAX_SCANS": "16",
+            "PROTONMF_MAX_DECODE_MS": "500",
+            "PROTONMF_MAX_RASTER_BYTES": "1048576",
+        }
+    ).limits()
+    assert (
+        limits.max_side,
+        limits.max_aspect,
+        limits.max_scans,
+        limits.max_decode_ms,
+        limits.max_raster_bytes,
+    ) == (4096, 4, 16, 500, 1 << 20)
     default = Limits()
     assert (default.max_side, default.max_aspect, default.max_scans) == (16384, 32, 64)
     core = stub_core(SPECS["grey56"])
     core.limits = limits
-    wide = hostile_corpus().png_flat(512, 64)  # within the defaults, not within these
+    wide = hostile_corpus.png_flat(512, 64)  # within the defaults, not within these
     with pytest.raises(ServiceError, match="at most 4× the shorter"):
         core.prepare(wide)
     with pytest.raises(SettingsError, match="PROTONMF_MAX_SCANS: Input should be greater"):
@@ -118,7 +146,7 @@ def test_limits_from_env_and_their_defaults():
 
 
 def test_jpeg_scans_are_counted_exactly_on_real_files():
-    module = hostile_corpus()
+    module = hostile_corpus
     photo = module._photo((256, 256))
     for kw, scans in (({}, 1), ({"progressive": True}, None)):
         blob = module._save(photo, "JPEG", **kw)
@@ -131,9 +159,10 @@ def test_jpeg_scans_are_counted_exactly_on_real_files():
 def test_decoding_stops_at_its_deadline_in_the_decoding_thread():
     """A JPEG of 200,000 comment segments (within every other limit) costs ~0.4 s of
     header reading: with a 50 ms budget it is refused, and promptly."""
-    module = hostile_corpus()
-    blob = module.jpeg_with_segments(module._save(module._photo(), "JPEG"), b"\xff\xfe\x00\x02",
-                                     200_000)  # fmt: skip
+    module = hostile_corpus
+    blob = module.jpeg_with_segments(
+        module._save(module._photo(), "JPEG"), b"\xff\xfe\x00\x02", 200_000
+    )
     t = time.perf_counter()
     with pytest.raises(ServiceError, match="ms to decode") as e:
         decode_image(blob, Limits(max_decode_ms=50))
@@ -146,12 +175,12 @@ def grpc_codes(register, requests: list[bytes]) -> list[tuple[str, str]]:
     server whose data plane has the stub core (``register``: how it is added)."""
     import asyncio
 
-    from protonmf.service.engine.pipeline import DataPlane
+    from protonmf.service.engine.pipeline import Engine
     from protonmf.service.grpc.server import ProtoNMFServicer
 
     async def scenario():
         server = grpc.aio.server()
-        plane = DataPlane(stub_core(SPECS["grey56"]), Settings.from_env({}))
+        plane = Engine(stub_core(SPECS["grey56"]), Settings.from_env({}))
         servicer = ProtoNMFServicer(plane)
         servicer.ready = True
         register(servicer, server)
@@ -180,14 +209,21 @@ def test_grpc_malformed_messages_and_unicode_digits_are_invalid_argument(corpus)
     malformed = [c["data"] for c in corpus if c["kind"] == "protobuf"]
     names = [c["data"].decode() for c in corpus if c["kind"] == "class"]
     image = corpus[0]["data"]
-    unknown = [pb.ExplainRequest(images=[image], interventions=[
-        pb.Intervention(class_name=n, prototype=0)]).SerializeToString() for n in names]  # fmt: skip
+    unknown = [
+        pb.ExplainRequest(
+            images=[image], interventions=[pb.Intervention(class_name=n, prototype=0)]
+        ).SerializeToString()
+        for n in names
+    ]
     answers = grpc_codes(add_servicer, malformed + unknown)
-    first, then = answers[:len(malformed)], answers[len(malformed):]
-    assert all(code == "INVALID_ARGUMENT" and details.endswith("[malformed_message]")
-               for code, details in first), first  # fmt: skip
-    assert all(code == "INVALID_ARGUMENT" and details.endswith("[unknown_class]")
-               for code, details in then), then  # fmt: skip
+    first, then = answers[: len(malformed)], answers[len(malformed) :]
+    assert all(
+        code == "INVALID_ARGUMENT" and details.endswith("[malformed_message]")
+        for code, details in first
+    ), first
+    assert all(
+        code == "INVALID_ARGUMENT" and details.endswith("[unknown_class]") for code, details in then
+    ), then
     # the bug, with the generated registration: grpc.aio answers UNKNOWN and the exception
     generated = grpc_codes(pb_grpc.add_ProtoNMFServicer_to_server, malformed)
     assert {code for code, _ in generated} == {"UNKNOWN"}
@@ -202,7 +238,7 @@ def descendants(pid: int) -> list[int]:
         if d.name.isdigit():
             try:
                 stat = (d / "stat").read_text()
-                parents[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+                parents[int(d.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
             except (OSError, ValueError):
                 continue
     found, frontier = [], [pid]
@@ -215,8 +251,11 @@ def descendants(pid: int) -> list[int]:
 
 def worker_pid(root: int) -> int:
     """The one BentoML worker under ``protonmf serve`` (where the model and gRPC live)."""
-    workers = [p for p in descendants(root)
-               if b"_bentoml_impl.worker.service" in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+    workers = [
+        p
+        for p in descendants(root)
+        if b"_bentoml_impl.worker.service" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
     assert len(workers) == 1, workers
     return workers[0]
 
@@ -230,13 +269,24 @@ def rest_requests(case: dict, image: bytes) -> list[tuple[str, dict]]:
     """(label, httpx.post keyword arguments to /explain or another endpoint) for ``case``."""
     data, kind = case["data"], case["kind"]
     if kind == "image":
-        return [("rest-multipart", {"files": {"images": ("x", data, "application/octet-stream")}}),
-                ("rest-json", {"json": {"images_base64": [base64.b64encode(data).decode()]}})]
+        return [
+            ("rest-multipart", {"files": {"images": ("x", data, "application/octet-stream")}}),
+            ("rest-json", {"json": {"images_base64": [base64.b64encode(data).decode()]}}),
+        ]
     if kind == "class":
         name = data.decode()
-        return [("rest-json", {"json": {"images_base64": [base64.b64encode(image).decode()],
-                                        "interventions": [{"class": name, "prototype": 0}]}}),
-                ("rest-prototypes", {"url": "/prototypes", "json": {"classes": [name]}})]  # fmt: skip
+        return [
+            (
+                "rest-json",
+                {
+                    "json": {
+                        "images_base64": [base64.b64encode(image).decode()],
+                        "interventions": [{"class": name, "prototype": 0}],
+                    }
+                },
+            ),
+            ("rest-prototypes", {"url": "/prototypes", "json": {"classes": [name]}}),
+        ]
     if kind == "base64":
         return [("rest-json", {"json": {"images_base64": [data.decode()]}})]
     if kind == "multipart":
@@ -251,11 +301,17 @@ def grpc_requests(case: dict, image: bytes) -> list[tuple[str, str, bytes]]:
         return [("grpc", "Explain", pb.ExplainRequest(images=[data]).SerializeToString())]
     if kind == "class":
         name = data.decode()
-        explain = pb.ExplainRequest(images=[image], interventions=[
-            pb.Intervention(class_name=name, prototype=0)])  # fmt: skip
-        return [("grpc", "Explain", explain.SerializeToString()),
-                ("grpc-prototypes", "Prototypes",
-                 pb.PrototypesRequest(classes=[name]).SerializeToString())]  # fmt: skip
+        explain = pb.ExplainRequest(
+            images=[image], interventions=[pb.Intervention(class_name=name, prototype=0)]
+        )
+        return [
+            ("grpc", "Explain", explain.SerializeToString()),
+            (
+                "grpc-prototypes",
+                "Prototypes",
+                pb.PrototypesRequest(classes=[name]).SerializeToString(),
+            ),
+        ]
     if kind == "protobuf":
         return [("grpc", "Explain", data)]
     return []
@@ -279,23 +335,34 @@ def grpc_answer(channel: grpc.Channel, method: str, request: bytes) -> tuple[str
 
 def test_corpus_against_served_rest_and_grpc(corpus, fashion_artifact, tmp_path_factory):
     image = next((REPO / "data" / "fashion-mnist" / "test" / "bag").glob("*.png")).read_bytes()
-    with serve(fashion_artifact, tmp_path_factory.mktemp("hostile-server")) as served, \
-            httpx.Client(base_url=served.url, timeout=30) as client, \
-            grpc.insecure_channel(served.grpc_target, options=[
-                ("grpc.max_send_message_length", 64 << 20)]) as channel:  # fmt: skip
+    with (
+        serve(fashion_artifact, tmp_path_factory.mktemp("hostile-server")) as served,
+        httpx.Client(base_url=served.url, timeout=30) as client,
+        grpc.insecure_channel(
+            served.grpc_target, options=[("grpc.max_send_message_length", 64 << 20)]
+        ) as channel,
+    ):
         worker = worker_pid(served.proc.pid)
         grpc.channel_ready_future(channel).result(timeout=30)
         for _ in range(20):  # the steady state the corpus is compared with
             assert client.post("/explain", files={"images": ("x", image)}).status_code == 200
-            assert grpc_answer(channel, "Explain",
-                               pb.ExplainRequest(images=[image]).SerializeToString())[0] == "2xx"  # fmt: skip
+            assert (
+                grpc_answer(
+                    channel, "Explain", pb.ExplainRequest(images=[image]).SerializeToString()
+                )[0]
+                == "2xx"
+            )
         before = memory_kb(worker, "VmRSS")
         failures, slowest = [], (0.0, "")
         for case in corpus:
-            calls = [(label, lambda kw=kw: rest_answer(client, kw))
-                     for label, kw in rest_requests(case, image)]  # fmt: skip
-            calls += [(label, lambda m=m, r=r: grpc_answer(channel, m, r))
-                      for label, m, r in grpc_requests(case, image)]  # fmt: skip
+            calls = [
+                (label, lambda kw=kw: rest_answer(client, kw))
+                for label, kw in rest_requests(case, image)
+            ]
+            calls += [
+                (label, lambda m=m, r=r: grpc_answer(channel, m, r))
+                for label, m, r in grpc_requests(case, image)
+            ]
             for label, call in calls:
                 t = time.perf_counter()
                 got, text = call()
@@ -307,8 +374,10 @@ def test_corpus_against_served_rest_and_grpc(corpus, fashion_artifact, tmp_path_
         after, peak = memory_kb(worker, "VmRSS"), memory_kb(worker, "VmHWM")
         still_fine = client.post("/explain", files={"images": ("x", image)}).status_code
         ready = client.get("/readyz").status_code
-    print(f"worker RSS {before / 1024:.0f} → {after / 1024:.0f} MB, peak {peak / 1024:.0f} MB; "
-          f"slowest {slowest[0]:.2f} s ({slowest[1]})")
+    print(
+        f"worker RSS {before / 1024:.0f} → {after / 1024:.0f} MB, peak {peak / 1024:.0f} MB; "
+        f"slowest {slowest[0]:.2f} s ({slowest[1]})"
+    )
     assert failures == []
     assert (still_fine, ready) == (200, 200)
     assert after <= RSS_GROWTH * before, (before, after)

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from helpers import FASHION_DATA
 
-from protonmf.service.engine.core import Core, ExplainOptions
 from protonmf.graph import BucketGraphs, GraphSession, ProviderError
+from protonmf.service.engine.model import Model
+from protonmf.service.engine.options import ExplainOptions
 
 MAP_OUTPUTS = {"maps", "topk_maps", "presence", "topk_presence"}
 
@@ -151,11 +152,11 @@ def test_explainer_and_warm_up_through_bucket_graphs_on_cpu(artifact):
     """The graph path's outputs equal session.run's for every subset (bias included), and
     warm-up runs each bucket past its capture, so every graph is captured before ready."""
     plain = GraphSession.load(artifact)
-    core = Core.load(artifact)
-    ex = core.explainer
+    model = Model.load(artifact)
+    ex = model.graph
     ex.graphs = BucketGraphs(ex.session, (1, 4), device="cpu")
     assert ex.warm_up_runs == BucketGraphs.REGULAR_RUNS + 2
-    assert core.warm_up(4) == [4, 1]  # the graph sizes when the caller names none
+    assert model.warm_up(4) == [4, 1]  # the graph sizes when the caller names none
     assert ex.graphs.captured() == (1, 4)
     assert all(b.runs == ex.warm_up_runs for b in ex.graphs.buckets.values())
     batch = _batch(plain, 4, seed=7)
@@ -167,15 +168,18 @@ def test_explainer_and_warm_up_through_bucket_graphs_on_cpu(artifact):
 def test_data_plane_settings_plumbing(fashion_artifact):
     """PROTONMF_IO_BINDING=on serves the same answers as off, bit for bit; CUDA graphs on
     this CPU machine are refused at load with the variable's name."""
-    from protonmf.service.engine.pipeline import DataPlane
+    from protonmf.service.engine.pipeline import Engine
     from protonmf.service.ops.settings import Settings
 
     blobs = [p.read_bytes() for p in sorted((FASHION_DATA / "test" / "bag").glob("*.png"))[:3]]
 
     async def answers(io_binding: str):
-        plane = DataPlane.load(Settings.from_env({"PROTONMF_ARTIFACT": str(fashion_artifact),
-                                                  "PROTONMF_IO_BINDING": io_binding}))  # fmt: skip
-        assert plane.core.explainer.io_binding is (io_binding == "on")
+        plane = Engine.load(
+            Settings.from_env(
+                {"PROTONMF_ARTIFACT": str(fashion_artifact), "PROTONMF_IO_BINDING": io_binding}
+            )
+        )
+        assert plane.model.graph.io_binding is (io_binding == "on")
         await plane.start()
         try:
             options = ExplainOptions(top_k=3, map_kind="contribution")
@@ -191,10 +195,11 @@ def test_data_plane_settings_plumbing(fashion_artifact):
 
     env = {"PROTONMF_ARTIFACT": str(fashion_artifact), "PROTONMF_CUDA_GRAPHS": "true"}
     with pytest.raises(ValueError, match="PROTONMF_CUDA_GRAPHS runs on CUDA only"):
-        DataPlane.load(Settings.from_env(env))
+        Engine.load(Settings.from_env(env))
     with pytest.raises(ValueError, match="PROTONMF_CUDA_GRAPHS needs batch buckets"):
-        DataPlane.load(Settings.from_env({**env, "PROTONMF_DEVICE": "cuda",
-                                          "PROTONMF_BATCH_BUCKETS": "off"}))  # fmt: skip
+        Engine.load(
+            Settings.from_env({**env, "PROTONMF_DEVICE": "cuda", "PROTONMF_BATCH_BUCKETS": "off"})
+        )
 
 
 def test_cuda_graph_provider_option():
@@ -212,23 +217,24 @@ def test_cuda_io_binding_and_graphs_equal_session_run(fashion_topk_artifact):
     plain = GraphSession.load(fashion_topk_artifact, device="cuda", io_binding="off")
     auto = GraphSession.load(fashion_topk_artifact, device="cuda", io_binding="auto")
     assert plain.provider == auto.provider == "CUDAExecutionProvider" and auto.io_binding
-    core = Core.load(fashion_topk_artifact, device="cuda", cuda_graphs=True, buckets=(1, 4))
-    graphs = core.explainer.graphs
-    assert core.warm_up(4) == [4, 1] and graphs.captured() == (1, 4)
+    model = Model.load(fashion_topk_artifact, device="cuda", cuda_graphs=True, buckets=(1, 4))
+    graphs = model.graph.graphs
+    assert model.warm_up(4) == [4, 1] and graphs.captured() == (1, 4)
     worst = {}
     for n in (1, 4):
         for seed in (n, n + 10):
             batch = _batch(plain, n, seed=seed)
             for outputs in _subsets(plain):
                 want = plain.run(batch, outputs)
-                for name, ex in (("iobinding", auto), ("cuda-graphs", core.explainer)):
+                for name, ex in (("iobinding", auto), ("cuda-graphs", model.graph)):
                     got = ex.run(batch, outputs)
                     assert list(got) == list(want)
                     for k in want:
-                        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5,
-                                                   err_msg=f"{name} {k}")  # fmt: skip
+                        np.testing.assert_allclose(
+                            got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=f"{name} {k}"
+                        )
                         diff = float(np.abs(got[k].astype(np.float64) - want[k]).max())
                         worst[name] = max(worst.get(name, 0.0), diff)
     print(f"max |Δ| against session.run on CUDA: {worst}")  # recorded by gpu_checks.sh
     with pytest.raises(ValueError, match="not one of the batch buckets"):
-        core.explainer.run(_batch(plain, 3))
+        model.graph.run(_batch(plain, 3))

@@ -10,14 +10,19 @@ from protonmf.artifact import ArtifactError, load_manifest
 from protonmf.artifact.manifest import Manifest
 
 
-@pytest.mark.parametrize(("edit", "reason"), [
-    (lambda m: m.update(p="three"), "p: Input should be a valid integer"),
-    (lambda m: m.update(classes=[]), "classes: List should have at least 1 item"),
-    (lambda m: m["graph"].update(k=0), "graph.k: Input should be greater than or equal to 1"),
-    (lambda m: m.update(class_descriptions=["one"]), "class_descriptions has 1 entries"),
-    (lambda m: m["diagnostics"]["per_class"][0].update(n_images=-1),
-     "diagnostics.per_class.0.n_images"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda m: m.update(p="three"), "p: Input should be a valid integer"),
+        (lambda m: m.update(classes=[]), "classes: List should have at least 1 item"),
+        (lambda m: m["graph"].update(k=0), "graph.k: Input should be greater than or equal to 1"),
+        (lambda m: m.update(class_descriptions=["one"]), "class_descriptions has 1 entries"),
+        (
+            lambda m: m["diagnostics"]["per_class"][0].update(n_images=-1),
+            "diagnostics.per_class.0.n_images",
+        ),
+    ],
+)
 def test_a_mistyped_manifest_is_refused_with_its_field(fashion_artifact, tmp_path, edit, reason):
     art = tmp_path / "art"
     shutil.copytree(fashion_artifact, art)

@@ -53,8 +53,12 @@ def test_rest_refuses_without_a_key_and_serves_with_one(keyed):
     url = keyed.url
     r = httpx.post(f"{url}/classify", files=files)
     assert r.status_code == 401 and r.json()["reason"] == "unauthenticated"
-    assert httpx.post(f"{url}/classify", files=files,
-                      headers={"Authorization": "Bearer nope"}).status_code == 401  # fmt: skip
+    assert (
+        httpx.post(
+            f"{url}/classify", files=files, headers={"Authorization": "Bearer nope"}
+        ).status_code
+        == 401
+    )
     assert httpx.post(f"{url}/model", json={}).status_code == 401
     assert httpx.get(f"{url}/ui/").status_code == 401
     for headers in ({"Authorization": "Bearer key-one"}, {"X-API-Key": "key-two"}):
@@ -81,8 +85,9 @@ def test_grpc_refuses_without_a_key_and_serves_with_one(keyed):
                     await stub.Classify(request, metadata=metadata)
                 except grpc.aio.AioRpcError as e:
                     codes.append((e.code().name, e.details().endswith("[unauthenticated]")))
-            call = stub.Classify(request, metadata=(("x-api-key", "key-one"),
-                                                    ("x-request-id", "grpc-req-1")))  # fmt: skip
+            call = stub.Classify(
+                request, metadata=(("x-api-key", "key-one"), ("x-request-id", "grpc-req-1"))
+            )
             answer = await call
             echoed = dict(await call.initial_metadata())["x-request-id"]
             return status, codes, answer, echoed
@@ -94,15 +99,21 @@ def test_grpc_refuses_without_a_key_and_serves_with_one(keyed):
 
 
 def test_one_json_log_line_per_request_with_its_id(keyed):
-    r = httpx.post(f"{keyed.url}/classify", files={"images": ("bag.png", IMAGE, "image/png")},
-                   headers={"X-API-Key": "key-one", "X-Request-ID": "rest-req-42"})  # fmt: skip
+    r = httpx.post(
+        f"{keyed.url}/classify",
+        files={"images": ("bag.png", IMAGE, "image/png")},
+        headers={"X-API-Key": "key-one", "X-Request-ID": "rest-req-42"},
+    )
     assert r.status_code == 200 and r.headers["x-request-id"] == "rest-req-42"
     made = httpx.get(f"{keyed.url}/readyz").headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", made)  # every answer has one
     lines = []
     for _ in range(50):  # the worker's stderr reaches the log file asynchronously
-        lines = [json.loads(line[line.index("{"):]) for line in keyed.log.read_text().splitlines()
-                 if '"protonmf.access"' in line and "rest-req-42" in line]  # fmt: skip
+        lines = [
+            json.loads(line[line.index("{") :])
+            for line in keyed.log.read_text().splitlines()
+            if '"protonmf.access"' in line and "rest-req-42" in line
+        ]
         if lines:
             break
         time.sleep(0.1)
@@ -114,56 +125,84 @@ def test_one_json_log_line_per_request_with_its_id(keyed):
     with grpc.insecure_channel(keyed.grpc_target) as channel:
         pb_grpc.ProtoNMFStub(channel).Classify(
             pb.ClassifyRequest(images=[IMAGE]),
-            metadata=(("x-api-key", "key-one"), ("x-request-id", "grpc-req-log")))
+            metadata=(("x-api-key", "key-one"), ("x-request-id", "grpc-req-log")),
+        )
     grpc_lines = []
     for _ in range(50):
-        grpc_lines = [line for line in keyed.log.read_text().splitlines()
-                      if "grpc-req-log" in line and '"transport": "grpc"' in line]  # fmt: skip
+        grpc_lines = [
+            line
+            for line in keyed.log.read_text().splitlines()
+            if "grpc-req-log" in line and '"transport": "grpc"' in line
+        ]
         if grpc_lines:
             break
         time.sleep(0.1)
     assert grpc_lines, "gRPC calls are logged the same way"
     text = httpx.get(f"{keyed.url}/metrics").text
-    assert re.search(r'protonmf_requests_total\{endpoint="/classify",status="200",transport="rest"\}', text)
-    assert re.search(r'protonmf_requests_total\{endpoint="Classify",status="OK",transport="grpc"\}', text)
+    assert re.search(
+        r'protonmf_requests_total\{endpoint="/classify",status="200",transport="rest"\}', text
+    )
+    assert re.search(
+        r'protonmf_requests_total\{endpoint="Classify",status="OK",transport="grpc"\}', text
+    )
 
 
-def test_grpc_over_tls(fashion_artifact, tmp_path):
+def test_grpc_over_tls(make_engine, tmp_path):
     """PROTONMF_GRPC_TLS_CERT/KEY: the port speaks TLS; a plaintext client is refused."""
     import subprocess
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from served import free_port
 
-    from protonmf.service.engine.core import Core
-    from protonmf.service.engine.pipeline import DataPlane
     from protonmf.service.grpc.server import GrpcServer
-    from protonmf.service.ops.settings import Settings
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     port = free_port()
-    settings = Settings.from_env({"PROTONMF_GRPC_TLS_CERT": str(cert),
-                                  "PROTONMF_GRPC_TLS_KEY": str(key),
-                                  "PROTONMF_GRPC_PORT": str(port),
-                                  "PROTONMF_GRPC_HOST": "127.0.0.1"})  # fmt: skip
+    env = {
+        "PROTONMF_GRPC_TLS_CERT": str(cert),
+        "PROTONMF_GRPC_TLS_KEY": str(key),
+        "PROTONMF_GRPC_PORT": str(port),
+        "PROTONMF_GRPC_HOST": "127.0.0.1",
+    }
 
     async def scenario():
-        plane = DataPlane(Core.load(fashion_artifact), settings)
+        plane = make_engine(env)
         await plane.start()
-        server = GrpcServer(plane, settings)
+        server = GrpcServer(plane, plane.settings)
         await server.start()
         try:
             creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
             async with grpc.aio.secure_channel(f"localhost:{port}", creds) as channel:
                 answer = await pb_grpc.ProtoNMFStub(channel).Classify(
-                    pb.ClassifyRequest(images=[IMAGE], top_k=1), timeout=30)
+                    pb.ClassifyRequest(images=[IMAGE], top_k=1), timeout=30
+                )
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 try:
                     await health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=5)
+                        health_pb2.HealthCheckRequest(), timeout=5
+                    )
                     plaintext = "OK"
                 except grpc.aio.AioRpcError as e:
                     plaintext = e.code().name
@@ -193,20 +232,18 @@ def _memory_exporter():
     return exporter
 
 
-def test_a_traced_request_exports_decode_infer_explain_spans(fashion_artifact):
+def test_a_traced_request_exports_decode_infer_explain_spans(make_engine):
     """The data plane's spans: decode, infer, explain (over REST they sit under BentoML's
     server span); a gRPC call opens its server span, continuing the caller's trace from
     the metadata, with the three under it."""
-    from protonmf.service.engine.core import Core, ExplainOptions
-    from protonmf.service.engine.pipeline import DataPlane
+    from protonmf.service.engine.options import ExplainOptions
     from protonmf.service.grpc.server import ProtoNMFServicer, add_servicer
-    from protonmf.service.ops.settings import Settings
 
     exporter = _memory_exporter()
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
     async def scenario():
-        plane = DataPlane(Core.load(fashion_artifact), Settings.from_env({}))
+        plane = make_engine()
         await plane.start()
         await plane.explain([IMAGE], ExplainOptions(top_k=2))
         server = grpc.aio.server()
@@ -217,7 +254,8 @@ def test_a_traced_request_exports_decode_infer_explain_spans(fashion_artifact):
         await server.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             await pb_grpc.ProtoNMFStub(channel).Explain(
-                pb.ExplainRequest(images=[IMAGE]), metadata=(("traceparent", traceparent),))
+                pb.ExplainRequest(images=[IMAGE]), metadata=(("traceparent", traceparent),)
+            )
         await server.stop(0)
         await plane.stop()
 

@@ -32,29 +32,33 @@ from starlette.middleware import Middleware
 from starlette.routing import Mount
 from starlette.testclient import TestClient
 
+from protonmf.api.proto.inference import grpc_predict_v2_pb2 as pb
 from protonmf.artifact import normalize
-from protonmf.service.engine.options import ExplainOptions, Intervention
 from protonmf.service.engine.model import Model
+from protonmf.service.engine.options import ExplainOptions, Intervention
 from protonmf.service.engine.pipeline import Engine
 from protonmf.service.oip.grpc import add_oip_servicer
 from protonmf.service.oip.rest import V2Root, build_app
-from protonmf.api.proto.inference import grpc_predict_v2_pb2 as pb
 from protonmf.service.ops.settings import Settings
 
 BLOBS = [p.read_bytes() for p in sorted((FASHION_DATA / "test" / "bag").glob("*.png"))[:2]] + [
     p.read_bytes() for p in sorted((FASHION_DATA / "test" / "sneaker").glob("*.png"))[:1]
 ]
-OPTIONS = ExplainOptions(top_k=2, heatmaps=True, map_kind="contribution",
-                         interventions=(Intervention("bag", 0),))  # fmt: skip
-OPTION_PARAMS = {"top_k": 2, "heatmaps": True, "map_kind": "contribution",
-                 "interventions": json.dumps([{"class": "bag", "prototype": 0}])}  # fmt: skip
+OPTIONS = ExplainOptions(
+    top_k=2, heatmaps=True, map_kind="contribution", interventions=(Intervention("bag", 0),)
+)
+OPTION_PARAMS = {
+    "top_k": 2,
+    "heatmaps": True,
+    "map_kind": "contribution",
+    "interventions": json.dumps([{"class": "bag", "prototype": 0}]),
+}
 
 
 def mounted(plane_holder: dict, lifespan=None) -> Starlette:
     """The OIP app as the service mounts it: under /v2, V2Root in front."""
     app = build_app(lambda: plane_holder.get("plane"), "protonmf")
-    return Starlette(routes=[Mount("/v2", app)], middleware=[Middleware(V2Root)],
-                     lifespan=lifespan)  # fmt: skip
+    return Starlette(routes=[Mount("/v2", app)], middleware=[Middleware(V2Root)], lifespan=lifespan)
 
 
 def roundtrip(body):
@@ -127,11 +131,13 @@ def test_model_metadata_lists_every_output(rest):
     assert inputs == {
         "images": {"name": "images", "datatype": "BYTES", "shape": [-1]},
         "crops": {"name": "crops", "datatype": "UINT8", "shape": [-1, *core.model.crop_shape]},
-        graph_input: {"name": graph_input, "datatype": "FP32",
-                      "shape": [-1, core.model.spec.channels, core.model.spec.height, core.model.spec.width]},
-    }  # fmt: skip
-    for path in ("/v2/models/other", "/v2/models/protonmf/versions/2",
-                 "/v2/models/other/ready"):  # fmt: skip
+        graph_input: {
+            "name": graph_input,
+            "datatype": "FP32",
+            "shape": [-1, core.model.spec.channels, core.model.spec.height, core.model.spec.width],
+        },
+    }
+    for path in ("/v2/models/other", "/v2/models/protonmf/versions/2", "/v2/models/other/ready"):
         r = rest.get(path)
         assert r.status_code == 404 and "error" in r.json(), path
 
@@ -153,11 +159,18 @@ def test_json_infer_equals_the_data_plane(rest):
     request = {
         "id": "req-1",
         "parameters": OPTION_PARAMS,
-        "inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(BLOBS)],
-                    "data": [b64(b) for b in BLOBS]}],
-        "outputs": [{"name": n} for n in ("logits", "scores", "contributions", "maps",
-                                          "explanation")],
-    }  # fmt: skip
+        "inputs": [
+            {
+                "name": "images",
+                "datatype": "BYTES",
+                "shape": [len(BLOBS)],
+                "data": [b64(b) for b in BLOBS],
+            }
+        ],
+        "outputs": [
+            {"name": n} for n in ("logits", "scores", "contributions", "maps", "explanation")
+        ],
+    }
     r = rest.post("/v2/models/protonmf/infer", json=request)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/json"
@@ -168,15 +181,18 @@ def test_json_infer_equals_the_data_plane(rest):
     for name in ("logits", "scores", "contributions", "maps"):
         expected = np.stack([o[name] for o in outs])
         assert got[name]["datatype"] == "FP32" and got[name]["shape"] == list(expected.shape)
-        np.testing.assert_array_equal(np.asarray(got[name]["data"], np.float32).reshape(expected.shape),
-                                      expected)  # fmt: skip
+        np.testing.assert_array_equal(
+            np.asarray(got[name]["data"], np.float32).reshape(expected.shape), expected
+        )
     explained = call(rest, plane.explain, BLOBS, OPTIONS)["explanations"]
     assert got["explanation"]["datatype"] == "BYTES" and got["explanation"]["shape"] == [3]
     assert [json.loads(s) for s in got["explanation"]["data"]] == roundtrip(explained)
     classified = call(rest, plane.classify, BLOBS, 3)["predictions"]
     logits = np.asarray(got["logits"]["data"], np.float32).reshape(3, -1)
     for row, pred in zip(logits, classified, strict=True):
-        assert [float(row[t["index"]]) for t in pred["top_k"]] == [t["logit"] for t in pred["top_k"]]
+        assert [float(row[t["index"]]) for t in pred["top_k"]] == [
+            t["logit"] for t in pred["top_k"]
+        ]
     # the versioned route and the default output (logits only)
     del request["outputs"]
     r = rest.post("/v2/models/protonmf/versions/1/infer", json=request)
@@ -194,21 +210,42 @@ def test_crops_and_normalised_input_give_the_same_logits(rest):
         assert r.status_code == 200, r.text
         return r.json()["outputs"][0]["data"]
 
-    from_images = logits({"name": "images", "datatype": "BYTES", "shape": [3],
-                          "data": [b64(b) for b in BLOBS]})  # fmt: skip
-    from_crops = logits({"name": "crops", "datatype": "UINT8", "shape": list(crops.shape),
-                         "data": crops.tolist()})  # fmt: skip
+    from_images = logits(
+        {"name": "images", "datatype": "BYTES", "shape": [3], "data": [b64(b) for b in BLOBS]}
+    )
+    from_crops = logits(
+        {"name": "crops", "datatype": "UINT8", "shape": list(crops.shape), "data": crops.tolist()}
+    )
     x = normalize(crops, core.model.spec)
     graph_input = core.model.manifest["graph"]["input"]["name"]
-    from_fp32 = logits({"name": graph_input, "datatype": "FP32", "shape": list(x.shape),
-                        "data": x.ravel().tolist()})  # fmt: skip
+    from_fp32 = logits(
+        {
+            "name": graph_input,
+            "datatype": "FP32",
+            "shape": list(x.shape),
+            "data": x.ravel().tolist(),
+        }
+    )
     assert from_images == from_crops == from_fp32
     # the binary tensor extension: the crops raw after the JSON header, logits back raw
-    head = orjson.dumps({"inputs": [{"name": "crops", "datatype": "UINT8", "shape": list(crops.shape),
-                                     "parameters": {"binary_data_size": crops.nbytes}}],
-                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]})  # fmt: skip
-    r = rest.post("/v2/models/protonmf/infer", content=head + crops.tobytes(),
-                  headers={"Inference-Header-Content-Length": str(len(head))})  # fmt: skip
+    head = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "crops",
+                    "datatype": "UINT8",
+                    "shape": list(crops.shape),
+                    "parameters": {"binary_data_size": crops.nbytes},
+                }
+            ],
+            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+        }
+    )
+    r = rest.post(
+        "/v2/models/protonmf/infer",
+        content=head + crops.tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
     assert r.status_code == 200, r.text
     n = int(r.headers["inference-header-content-length"])
     out = json.loads(r.content[:n])["outputs"][0]
@@ -216,9 +253,20 @@ def test_crops_and_normalised_input_give_the_same_logits(rest):
     raw = np.frombuffer(r.content[n:], "<f4").reshape(out["shape"])
     np.testing.assert_array_equal(raw, np.asarray(from_images, np.float32).reshape(out["shape"]))
     # FP32 that is no uint8 crop is refused, not quietly rounded
-    r = rest.post("/v2/models/protonmf/infer", json={**base, "inputs": [
-        {"name": graph_input, "datatype": "FP32", "shape": list(x.shape),
-         "data": (x + 0.1).ravel().tolist()}]})  # fmt: skip
+    r = rest.post(
+        "/v2/models/protonmf/infer",
+        json={
+            **base,
+            "inputs": [
+                {
+                    "name": graph_input,
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "data": (x + 0.1).ravel().tolist(),
+                }
+            ],
+        },
+    )
     assert r.status_code == 400 and "not_a_crop" in r.json()["error"]
 
 
@@ -227,36 +275,104 @@ def test_crops_and_normalised_input_give_the_same_logits(rest):
     [
         (b"{not json", 400, "bad_json"),
         ({"inputs": "x"}, 400, "bad_request"),
-        ({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1], "data": [1]}]},
-         400, "unknown_input"),
-        ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]},
-         400, "bad_base64"),
-        ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2], "data": ["AAAA"]}]},
-         400, "bad_tensor"),
-        ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
-                      "data": [b64(b"not an image at all")]}]}, 415, "unsupported_format"),
-        ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
-         400, "bad_datatype"),
-        ({"inputs": [{"name": "crops", "datatype": "UINT8", "shape": [1, 2, 2], "data": [0] * 4}]},
-         400, "bad_shape"),
-        ({"inputs": [{"name": "crops", "datatype": "UINT8", "shape": [1], "data": [300]}]},
-         400, "bad_tensor"),
-        ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}],
-          "outputs": [{"name": "saliency"}]}, 400, "unknown_output"),
-        ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}],
-          "outputs": [{"name": "explanation", "parameters": {"top_k": 99}}]},
-         422, "top_k_out_of_range"),
-        ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}],
-          "parameters": {"interventions": "[{\"class\": \"nope\", \"prototype\": 0}]"},
-          "outputs": [{"name": "explanation"}]}, 422, "unknown_class"),
-        ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [0], "data": []}]},
-         422, "no_images"),
-        ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
-                      "parameters": {"binary_data_size": 10}}]}, 400, "bad_tensor"),
+        (
+            {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1], "data": [1]}]},
+            400,
+            "unknown_input",
+        ),
+        (
+            {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]},
+            400,
+            "bad_base64",
+        ),
+        (
+            {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2], "data": ["AAAA"]}]},
+            400,
+            "bad_tensor",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "data": [b64(b"not an image at all")],
+                    }
+                ]
+            },
+            415,
+            "unsupported_format",
+        ),
+        (
+            {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
+            400,
+            "bad_datatype",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "crops", "datatype": "UINT8", "shape": [1, 2, 2], "data": [0] * 4}
+                ]
+            },
+            400,
+            "bad_shape",
+        ),
+        (
+            {"inputs": [{"name": "crops", "datatype": "UINT8", "shape": [1], "data": [300]}]},
+            400,
+            "bad_tensor",
+        ),
+        (
+            {
+                "inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}],
+                "outputs": [{"name": "saliency"}],
+            },
+            400,
+            "unknown_output",
+        ),
+        (
+            {
+                "inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}],
+                "outputs": [{"name": "explanation", "parameters": {"top_k": 99}}],
+            },
+            422,
+            "top_k_out_of_range",
+        ),
+        (
+            {
+                "inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}],
+                "parameters": {"interventions": '[{"class": "nope", "prototype": 0}]'},
+                "outputs": [{"name": "explanation"}],
+            },
+            422,
+            "unknown_class",
+        ),
+        (
+            {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [0], "data": []}]},
+            422,
+            "no_images",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 10},
+                    }
+                ]
+            },
+            400,
+            "bad_tensor",
+        ),
     ],
-)  # fmt: skip
+)
 def test_errors_answer_with_the_protocol_body(rest, request_body, status, reason):
-    kwargs = {"content": request_body} if isinstance(request_body, bytes) else {"json": request_body}
+    kwargs = (
+        {"content": request_body} if isinstance(request_body, bytes) else {"json": request_body}
+    )
     r = rest.post("/v2/models/protonmf/infer", **kwargs)
     assert r.status_code == status, r.text
     body = r.json()
@@ -352,8 +468,10 @@ def test_tritonclient_http(served):
     assert {o["name"] for o in meta["outputs"]} >= {"logits", "contributions", "explanation"}
     images = httpclient.InferInput("images", [len(BLOBS)], "BYTES")
     images.set_data_from_numpy(np.array(BLOBS, dtype=object), binary_data=True)
-    outputs = [httpclient.InferRequestedOutput(n, binary_data=True)
-               for n in ("logits", "contributions", "maps", "explanation")]  # fmt: skip
+    outputs = [
+        httpclient.InferRequestedOutput(n, binary_data=True)
+        for n in ("logits", "contributions", "maps", "explanation")
+    ]
     result = client.infer("protonmf", [images], outputs=outputs, parameters=OPTION_PARAMS)
     outs, explained = expected(served)
     for name in ("logits", "contributions", "maps"):
@@ -363,8 +481,9 @@ def test_tritonclient_http(served):
     crops = np.stack([served.plane.model.prepare(b) for b in BLOBS])
     inp = httpclient.InferInput("crops", list(crops.shape), "UINT8")
     inp.set_data_from_numpy(crops, binary_data=False)
-    result = client.infer("protonmf", [inp], outputs=[httpclient.InferRequestedOutput(
-        "logits", binary_data=False)])  # fmt: skip
+    result = client.infer(
+        "protonmf", [inp], outputs=[httpclient.InferRequestedOutput("logits", binary_data=False)]
+    )
     np.testing.assert_array_equal(result.as_numpy("logits"), np.stack([o["logits"] for o in outs]))
     with pytest.raises(Exception, match="unknown_output"):
         client.infer("protonmf", [inp], outputs=[httpclient.InferRequestedOutput("nope")])
@@ -411,9 +530,19 @@ def test_tritonclient_grpc(served, tmp_path):
     (tmp_path / "blobs.json").write_text(json.dumps([b.hex() for b in BLOBS]))
     out = str(tmp_path / "out.npz")
     (tmp_path / "client.py").write_text(TRITON_GRPC_CLIENT)
-    subprocess.run([sys.executable, str(tmp_path / "client.py"), f"127.0.0.1:{served.grpc_port}",
-                    str(tmp_path / "blobs.json"), json.dumps(OPTION_PARAMS), out],
-                   check=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(tmp_path / "client.py"),
+            f"127.0.0.1:{served.grpc_port}",
+            str(tmp_path / "blobs.json"),
+            json.dumps(OPTION_PARAMS),
+            out,
+        ],
+        check=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     got = np.load(out)
     side = json.loads((tmp_path / "out.npz.json").read_text())
     outs, explained = expected(served)
@@ -440,43 +569,66 @@ def test_raw_grpc_stubs(served):
         assert stub.ServerMetadata(pb.ServerMetadataRequest()).name == "protonmf"
         meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="protonmf", version="1"))
         shapes = {o.name: (o.datatype, list(o.shape)) for o in meta.outputs}
-        assert shapes == {n: ("FP32", [-1, *s[1:]]) for n, s in
-                          core.model.graph.output_shapes.items()} | {"explanation": ("BYTES", [-1])}  # fmt: skip
+        assert shapes == {
+            n: ("FP32", [-1, *s[1:]]) for n, s in core.model.graph.output_shapes.items()
+        } | {"explanation": ("BYTES", [-1])}
         param = pb.InferParameter
         typed = pb.ModelInferRequest(
-            model_name="protonmf", id="x",
-            inputs=[pb.ModelInferRequest.InferInputTensor(
-                name="images", datatype="BYTES", shape=[len(BLOBS)],
-                contents=pb.InferTensorContents(bytes_contents=BLOBS))],
-            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="logits"),
-                     pb.ModelInferRequest.InferRequestedOutputTensor(
-                         name="explanation", parameters={
-                             "top_k": param(int64_param=2), "heatmaps": param(bool_param=True),
-                             "map_kind": param(string_param="contribution"),
-                             "interventions": param(string_param=OPTION_PARAMS["interventions"])})],
-        )  # fmt: skip
+            model_name="protonmf",
+            id="x",
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name="images",
+                    datatype="BYTES",
+                    shape=[len(BLOBS)],
+                    contents=pb.InferTensorContents(bytes_contents=BLOBS),
+                )
+            ],
+            outputs=[
+                pb.ModelInferRequest.InferRequestedOutputTensor(name="logits"),
+                pb.ModelInferRequest.InferRequestedOutputTensor(
+                    name="explanation",
+                    parameters={
+                        "top_k": param(int64_param=2),
+                        "heatmaps": param(bool_param=True),
+                        "map_kind": param(string_param="contribution"),
+                        "interventions": param(string_param=OPTION_PARAMS["interventions"]),
+                    },
+                ),
+            ],
+        )
         r = stub.ModelInfer(typed)
         assert r.id == "x" and not r.raw_output_contents
-        logits = np.asarray(r.outputs[0].contents.fp32_contents, np.float32).reshape(r.outputs[0].shape)
+        logits = np.asarray(r.outputs[0].contents.fp32_contents, np.float32).reshape(
+            r.outputs[0].shape
+        )
         np.testing.assert_array_equal(logits, np.stack([o["logits"] for o in outs]))
         assert [json.loads(s) for s in r.outputs[1].contents.bytes_contents] == explained
         crops = np.stack([core.model.prepare(b) for b in BLOBS])
         raw = pb.ModelInferRequest(
             model_name="protonmf",
-            inputs=[pb.ModelInferRequest.InferInputTensor(name="crops", datatype="UINT8",
-                                                          shape=list(crops.shape))],
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name="crops", datatype="UINT8", shape=list(crops.shape)
+                )
+            ],
             raw_input_contents=[crops.tobytes()],
-        )  # fmt: skip
+        )
         r = stub.ModelInfer(raw)
         assert len(r.raw_output_contents) == 1 and not r.outputs[0].HasField("contents")
-        np.testing.assert_array_equal(np.frombuffer(r.raw_output_contents[0], "<f4").reshape(logits.shape),
-                                      logits)  # fmt: skip
+        np.testing.assert_array_equal(
+            np.frombuffer(r.raw_output_contents[0], "<f4").reshape(logits.shape), logits
+        )
         for request, code in [
             (pb.ModelInferRequest(model_name="nope"), grpc.StatusCode.NOT_FOUND),
             (pb.ModelInferRequest(model_name="protonmf"), grpc.StatusCode.INVALID_ARGUMENT),
-            (pb.ModelInferRequest(model_name="protonmf", inputs=raw.inputs,
-                                  raw_input_contents=[b"short"]), grpc.StatusCode.INVALID_ARGUMENT),
-        ]:  # fmt: skip
+            (
+                pb.ModelInferRequest(
+                    model_name="protonmf", inputs=raw.inputs, raw_input_contents=[b"short"]
+                ),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+        ]:
             with pytest.raises(grpc.RpcError) as e:
                 stub.ModelInfer(request)
             assert e.value.code() == code
@@ -490,12 +642,21 @@ def test_raw_grpc_stubs(served):
 
 
 def test_generated_code_matches_proto(tmp_path):
-    subprocess.run(["bash", str(REPO / "scripts/gen_oip_proto.sh"), str(tmp_path)], check=True,
-                   env={**os.environ, "PY": sys.executable})  # fmt: skip
+    pytest.importorskip("grpc_tools")  # the dev extra: the generator
+    subprocess.run(
+        ["bash", str(REPO / "scripts/gen_oip_proto.sh"), str(tmp_path)],
+        check=True,
+        env={**os.environ, "PY": sys.executable},
+    )
     committed = REPO / "protonmf/api/proto/inference"
-    for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi", "grpc_predict_v2_pb2_grpc.py"):
-        assert (tmp_path / name).read_text() == (committed / name).read_text(), \
+    for name in (
+        "grpc_predict_v2_pb2.py",
+        "grpc_predict_v2_pb2.pyi",
+        "grpc_predict_v2_pb2_grpc.py",
+    ):
+        assert (tmp_path / name).read_text() == (committed / name).read_text(), (
             f"{name} is stale: run scripts/gen_oip_proto.sh"
+        )
 
 
 def test_the_served_service_speaks_v2_on_both_transports(fashion_artifact, tmp_path):
@@ -512,17 +673,22 @@ def test_the_served_service_speaks_v2_on_both_transports(fashion_artifact, tmp_p
         assert client.is_server_live() and client.is_model_ready("protonmf")
         images = triton_http.InferInput("images", [1], "BYTES")
         images.set_data_from_numpy(np.array([BLOBS[0]], dtype=object), binary_data=True)
-        result = client.infer("protonmf", [images],
-                              outputs=[triton_http.InferRequestedOutput("logits")])  # fmt: skip
+        result = client.infer(
+            "protonmf", [images], outputs=[triton_http.InferRequestedOutput("logits")]
+        )
         logits = result.as_numpy("logits")[0]
-        rest = httpx.post(f"{s.url}/classify", files={"images": ("x.png", BLOBS[0], "image/png")},
-                          data={"top_k": "3"}).json()["predictions"][0]["top_k"]  # fmt: skip
+        rest = httpx.post(
+            f"{s.url}/classify",
+            files={"images": ("x.png", BLOBS[0], "image/png")},
+            data={"top_k": "3"},
+        ).json()["predictions"][0]["top_k"]
         assert [float(logits[t["index"]]) for t in rest] == [t["logit"] for t in rest]
         code = textwrap.dedent(f"""
             import tritonclient.grpc as g
             c = g.InferenceServerClient("{s.grpc_target}")
             print(c.is_server_ready(), c.is_model_ready("protonmf"))
         """)  # the client's own inference.* messages clash with ours in one process
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=60)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
         assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]

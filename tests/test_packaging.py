@@ -16,8 +16,10 @@ from helpers import FASHION_DATA, REPO
 
 PRODUCT = ("service", "converter", "protonmf")
 # private names of our dependencies, and walking the interpreter's frames
-FORBIDDEN = re.compile(r"_bentoml_impl|_bentoml_sdk|_pybind_state|currentframe|sys\._getframe"
-                       r"|f_back|f_locals")  # fmt: skip
+FORBIDDEN = re.compile(
+    r"_bentoml_impl|_bentoml_sdk|_pybind_state|currentframe|sys\._getframe"
+    r"|f_back|f_locals"
+)
 
 
 def test_product_uses_no_private_dependency_names_or_frame_walks():
@@ -35,8 +37,12 @@ def test_product_uses_no_private_dependency_names_or_frame_walks():
 def test_only_the_documented_bentoml_patch_touches_bentoml_internals():
     """bentoml._internal appears in one module: the TimeoutMiddleware fix
     (docs/architecture.md, "Upstream bugs worked around")."""
-    users = {str(p.relative_to(REPO)) for folder in PRODUCT for p in (REPO / folder).rglob("*.py")
-             if "bentoml._internal" in p.read_text()}  # fmt: skip
+    users = {
+        str(p.relative_to(REPO))
+        for folder in PRODUCT
+        for p in (REPO / folder).rglob("*.py")
+        if "bentoml._internal" in p.read_text()
+    }
     assert users == {"service/rest/bentoml_fixes.py"}
 
 
@@ -46,8 +52,13 @@ def service_imports(path) -> list[tuple[int, bool]]:
     top = {id(node) for node in tree.body}
     found = []
     for node in ast.walk(tree):
-        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])  # fmt: skip
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
         if any(n == "protonmf.service" or n.startswith("protonmf.service.") for n in names):
             found.append((node.lineno, id(node) in top))
     return found
@@ -57,10 +68,12 @@ def test_converter_never_imports_the_service():
     """The converter is the offline half (torch, no BentoML): it takes the graph session
     from protonmf.graph and the evaluation from protonmf.analysis, never protonmf.service
     (not even as a string for importlib)."""
-    found = [f"{path.relative_to(REPO)}:{n}: {line.strip()}"
-             for path in sorted((REPO / "converter").rglob("*.py"))
-             for n, line in enumerate(path.read_text().splitlines(), 1)
-             if "protonmf.service" in line]  # fmt: skip
+    found = [
+        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+        for path in sorted((REPO / "converter").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "protonmf.service" in line
+    ]
     assert not found, "\n".join(found)
 
 
@@ -87,9 +100,24 @@ def test_protonmf_imports_the_service_only_lazily_where_allowed():
 def wheel(tmp_path_factory) -> Path:
     """The wheel `pip wheel` builds from the checkout (no build isolation: offline)."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(REPO)],
-                   check=True, capture_output=True, cwd=out, timeout=300)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=out,
+        timeout=300,
+    )
     (built,) = out.glob("protonmf-*.whl")
     return built
 
@@ -100,11 +128,19 @@ def test_wheel_installs_everything_under_protonmf(wheel):
     site-packages and nothing generic like a top-level `service` or `converter`."""
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
-    assert {n.split("/")[0] for n in names} == {"protonmf", wheel.name.split("-py3")[0] + ".dist-info"}
-    for module in ("protonmf/graph.py", "protonmf/analysis/report.py",
-                   "protonmf/api/proto/protonmf/v1/protonmf_pb2.py",
-                   "protonmf/service/engine/pipeline.py", "protonmf/service/rest/ui/index.html",
-                   "protonmf/converter/convert.py", "protonmf/client.py"):  # fmt: skip
+    assert {n.split("/")[0] for n in names} == {
+        "protonmf",
+        wheel.name.split("-py3")[0] + ".dist-info",
+    }
+    for module in (
+        "protonmf/graph.py",
+        "protonmf/analysis/report.py",
+        "protonmf/api/proto/protonmf/v1/protonmf_pb2.py",
+        "protonmf/service/engine/pipeline.py",
+        "protonmf/service/rest/ui/index.html",
+        "protonmf/converter/convert.py",
+        "protonmf/client.py",
+    ):
         assert module in names, module
 
 
@@ -114,11 +150,29 @@ def installed_venv(wheel: Path, root: Path) -> Path:
     run the .pth hooks of the editable install there, so the wheel's protonmf, in the
     fresh site-packages, is the one imported)."""
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   capture_output=True, timeout=120)  # fmt: skip
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
-                    "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (site,) = (venv / "lib").glob("python3*/site-packages")
     (site / "outer_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return venv
@@ -126,13 +180,20 @@ def installed_venv(wheel: Path, root: Path) -> Path:
 
 def venv_env(venv: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    return dict(env, VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}",
-                **extra)  # fmt: skip
+    return dict(
+        env, VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}", **extra
+    )
 
 
 def run_in(venv: Path, cwd: Path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd,
-                          env=venv_env(venv), timeout=120)  # fmt: skip
+    return subprocess.run(
+        [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=venv_env(venv),
+        timeout=120,
+    )
 
 
 @pytest.mark.e2e
@@ -145,9 +206,14 @@ def test_installed_wheel_works_outside_the_checkout(wheel, fashion_artifact, tmp
     venv = installed_venv(wheel, tmp_path)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    where = run_in(venv, work, venv / "bin" / "python", "-c",
-                   "import protonmf, protonmf.service as s, protonmf.converter as c; "
-                   "print(protonmf.__file__, s.__file__, c.__file__)")  # fmt: skip
+    where = run_in(
+        venv,
+        work,
+        venv / "bin" / "python",
+        "-c",
+        "import protonmf, protonmf.service as s, protonmf.converter as c; "
+        "print(protonmf.__file__, s.__file__, c.__file__)",
+    )
     assert where.returncode == 0, where.stderr
     for path in where.stdout.split():
         assert Path(path).is_relative_to(venv), where.stdout
@@ -170,13 +236,28 @@ def test_installed_wheel_works_outside_the_checkout(wheel, fashion_artifact, tmp
     port = free_port()
     log = tmp_path / "server.log"
     env = venv_env(venv, BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=str(tmp_path / "bentoml"))
-    proc = start_process([str(cli), "serve", str(fashion_artifact), "--port", str(port),
-                          "--grpc-port", str(free_port())], log, env, cwd=work)  # fmt: skip
+    proc = start_process(
+        [
+            str(cli),
+            "serve",
+            str(fashion_artifact),
+            "--port",
+            str(port),
+            "--grpc-port",
+            str(free_port()),
+        ],
+        log,
+        env,
+        cwd=work,
+    )
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", proc, log)
         blob = sorted((FASHION_DATA / "test" / "bag").glob("*.png"))[0].read_bytes()
-        r = httpx.post(f"http://127.0.0.1:{port}/classify", timeout=30,
-                       files={"images": ("bag.png", blob, "image/png")})  # fmt: skip
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/classify",
+            timeout=30,
+            files={"images": ("bag.png", blob, "image/png")},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["predictions"][0]["top_k"][0]["class"] == "bag"
     finally:

@@ -11,19 +11,29 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from protonmf.artifact import Preprocessing, preprocess, resize_crop
-from protonmf.converter.models import preprocessing_from_timm
 
+torch = pytest.importorskip("torch")  # timm and the converter: the convert extra
 timm = pytest.importorskip("timm")
 from timm.data import create_transform, resolve_data_config  # noqa: E402
 
+from protonmf.converter.models import preprocessing_from_timm  # noqa: E402
+
 # (width, height): landscape, portrait, odd, square, exactly the crop, very wide, very tall,
 # smaller than the crop, one pixel off square.
-SIZES = [(500, 375), (375, 500), (333, 251), (640, 640), (224, 224), (1001, 199), (97, 403),
-         (100, 80), (257, 256)]  # fmt: skip
+SIZES = [
+    (500, 375),
+    (375, 500),
+    (333, 251),
+    (640, 640),
+    (224, 224),
+    (1001, 199),
+    (97, 403),
+    (100, 80),
+    (257, 256),
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,10 +46,17 @@ def _one_torch_thread():
 
 
 @functools.cache
-def _model(name="resnet10t", crop_pct=0.875, input_size=(3, 224, 224), interpolation="bilinear",
-           crop_mode="center", **kwargs):  # fmt: skip
-    overlay = dict(crop_pct=crop_pct, input_size=input_size, interpolation=interpolation,
-                   crop_mode=crop_mode)  # fmt: skip
+def _model(
+    name="resnet10t",
+    crop_pct=0.875,
+    input_size=(3, 224, 224),
+    interpolation="bilinear",
+    crop_mode="center",
+    **kwargs,
+):
+    overlay = dict(
+        crop_pct=crop_pct, input_size=input_size, interpolation=interpolation, crop_mode=crop_mode
+    )
     if input_size[0] == 1:
         overlay.update(mean=(0.45,), std=(0.27,))
         kwargs["in_chans"] = 1
@@ -140,7 +157,7 @@ def test_resize_is_floor_of_size_over_crop_pct():
     [
         (dict(crop_mode="fancy"), "crop_mode 'fancy'"),
         (dict(interpolation="random"), "interpolation 'random'"),
-    ],  # fmt: skip
+    ],
 )
 def test_transform_that_cannot_be_reproduced_is_refused(cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -148,8 +165,15 @@ def test_transform_that_cannot_be_reproduced_is_refused(cfg, match):
 
 
 def test_older_manifests_load_and_default_specs_write_the_old_keys():
-    old = {"height": 224, "width": 224, "resize": 256, "color_mode": "RGB",
-           "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}  # fmt: skip
+    old = {
+        "height": 224,
+        "width": 224,
+        "resize": 256,
+        "color_mode": "RGB",
+        "interpolation": "bicubic",
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
     spec = Preprocessing.from_dict(old)
     assert spec.crop_mode == "center" and spec.resize_hw is None
     assert spec.to_dict() == old  # an older service can read what we write for square crops
@@ -177,8 +201,7 @@ def test_jpeg_draft_keeps_enough_pixels(input_size, crop_mode):
     from protonmf.artifact.preprocessing import _resized_size
     from protonmf.service.decode.images import Limits, decode_image
 
-    spec = preprocessing_from_timm(_model(crop_pct=0.9, input_size=input_size,
-                                          crop_mode=crop_mode))  # fmt: skip
+    spec = preprocessing_from_timm(_model(crop_pct=0.9, input_size=input_size, crop_mode=crop_mode))
     for size in [(1200, 900), (900, 1200), (2400, 600), (600, 2400)]:
         blob = io.BytesIO()
         _image((size[0] // 8, size[1] // 8), "RGB").resize(size).save(blob, format="JPEG")
@@ -249,8 +272,9 @@ def _assert_same_logits(model, photos):
 def test_random_model_logits_equal_timm_on_photos(imagenet_photos):
     torch.manual_seed(0)
     overlay = dict(crop_pct=0.9, input_size=(3, 224, 224), interpolation="bilinear")
-    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=50,
-                              pretrained_cfg_overlay=overlay).eval()  # fmt: skip
+    model = timm.create_model(
+        "test_efficientnet", pretrained=False, num_classes=50, pretrained_cfg_overlay=overlay
+    ).eval()
     assert preprocessing_from_timm(model).resize == 248
     _assert_same_logits(model, _photos(imagenet_photos)[0])
 

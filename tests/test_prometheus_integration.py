@@ -40,14 +40,26 @@ def prometheus(service, tmp_path_factory):
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "protonmf", "scrape_timeout": "1s",
-                            "static_configs": [{"targets": [f"127.0.0.1:{service['port']}"]}]}],
-    }  # fmt: skip
+        "scrape_configs": [
+            {
+                "job_name": "protonmf",
+                "scrape_timeout": "1s",
+                "static_configs": [{"targets": [f"127.0.0.1:{service['port']}"]}],
+            }
+        ],
+    }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = tmp / "prometheus.log"
-    proc = start_process([tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
-                  f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-                  "--log.level=warn"], log)  # fmt: skip
+    proc = start_process(
+        [
+            tool("prometheus"),
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        log,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(f"{url}/-/ready", proc, log, timeout=30)
@@ -82,8 +94,11 @@ def value(result: list[dict]) -> float:
 
 
 def images(counts: dict[str, int]) -> list[tuple[str, bytes]]:
-    return [(cls, f.read_bytes()) for cls, n in counts.items()
-            for f in sorted((FASHION_DATA / "test" / cls).glob("*.png"))[:n]]  # fmt: skip
+    return [
+        (cls, f.read_bytes())
+        for cls, n in counts.items()
+        for f in sorted((FASHION_DATA / "test" / cls).glob("*.png"))[:n]
+    ]
 
 
 def png(size) -> bytes:
@@ -98,14 +113,19 @@ def traffic(service, prometheus) -> dict:
     url = service["url"]
     top1 = []
     with httpx.Client(base_url=url, timeout=60) as c:
-        r = c.post("/classify", files=[("images", (f"{cls}.png", blob, "image/png"))
-                                       for cls, blob in images(CLASSIFY)])  # fmt: skip
+        r = c.post(
+            "/classify",
+            files=[("images", (f"{cls}.png", blob, "image/png")) for cls, blob in images(CLASSIFY)],
+        )
         assert r.status_code == 200, r.text
         top1 += [p["top_k"][0]["class"] for p in r.json()["predictions"]]
         gaps = []
         for _, blob in images(EXPLAIN):
-            r = c.post("/explain", files={"images": ("x.png", blob, "image/png")},
-                       data={"interventions": '[{"class": "bag", "prototype": 1}]'})  # fmt: skip
+            r = c.post(
+                "/explain",
+                files={"images": ("x.png", blob, "image/png")},
+                data={"interventions": '[{"class": "bag", "prototype": 1}]'},
+            )
             assert r.status_code == 200, r.text
             e = r.json()["explanations"][0]
             top1.append(e["top_k"][0]["class"])
@@ -122,36 +142,67 @@ def test_metrics_page_lints_and_has_what_rules_and_dashboard_read(service, traff
     page = httpx.get(f"{service['url']}/metrics", timeout=10).text
     r = run(tool("promtool"), "check", "metrics", input=page)
     assert r.returncode == 0, r.stdout + r.stderr
-    exposed = {re.split(r"[{ ]", line, maxsplit=1)[0] for line in page.splitlines()
-               if line and not line.startswith("#")}  # fmt: skip
+    exposed = {
+        re.split(r"[{ ]", line, maxsplit=1)[0]
+        for line in page.splitlines()
+        if line and not line.startswith("#")
+    }
     rules = RULES.read_text()
     exprs = [e for es in dashboard_exprs().values() for e in es]
     wanted = set(re.findall(r"\b((?:bentoml|protonmf)_[a-z_]+)\b", rules + " ".join(exprs)))
     assert len(wanted) >= 12
     assert wanted <= exposed, wanted - exposed
     # Label names the rules and panels group by.
-    for label in ("endpoint", "http_response_code", "stage", "class_name", "prototype", "reason",
-                  "transport", "status"):  # fmt: skip
+    for label in (
+        "endpoint",
+        "http_response_code",
+        "stage",
+        "class_name",
+        "prototype",
+        "reason",
+        "transport",
+        "status",
+    ):
         assert f'{label}="' in page, label
 
 
 def test_scraped_values_match_the_traffic(prometheus, traffic):
     n = len(traffic["top1"])
     poll(prometheus, 'sum(protonmf_predictions_total{job="protonmf"})', lambda r: value(r) == n)
-    by_class = poll(prometheus, 'sum by (class_name) (protonmf_predictions_total{job="protonmf"})',
-                    lambda r: sum(float(s["value"][1]) for s in r) == n)  # fmt: skip
-    assert {s["metric"]["class_name"]: float(s["value"][1]) for s in by_class} == \
-        {c: float(traffic["top1"].count(c)) for c in set(traffic["top1"])}  # fmt: skip
-    poll(prometheus, 'sum(protonmf_prototype_top_contribution_total{job="protonmf"})',
-         lambda r: value(r) == n)  # fmt: skip
-    poll(prometheus, 'protonmf_interventions_total{job="protonmf"}',
-         lambda r: value(r) == traffic["explain_requests"])  # fmt: skip
-    poll(prometheus, 'protonmf_rejected_requests_total{job="protonmf", reason="unsupported_format"}',
-         lambda r: value(r) == 2)  # fmt: skip
-    poll(prometheus, 'protonmf_rejected_requests_total{job="protonmf", reason="too_small"}',
-         lambda r: value(r) == 1)  # fmt: skip
-    poll(prometheus, 'sum(bentoml_service_request_total{job="protonmf", endpoint="/explain", '
-                     'http_response_code="415"})', lambda r: value(r) == 2)  # fmt: skip
+    by_class = poll(
+        prometheus,
+        'sum by (class_name) (protonmf_predictions_total{job="protonmf"})',
+        lambda r: sum(float(s["value"][1]) for s in r) == n,
+    )
+    assert {s["metric"]["class_name"]: float(s["value"][1]) for s in by_class} == {
+        c: float(traffic["top1"].count(c)) for c in set(traffic["top1"])
+    }
+    poll(
+        prometheus,
+        'sum(protonmf_prototype_top_contribution_total{job="protonmf"})',
+        lambda r: value(r) == n,
+    )
+    poll(
+        prometheus,
+        'protonmf_interventions_total{job="protonmf"}',
+        lambda r: value(r) == traffic["explain_requests"],
+    )
+    poll(
+        prometheus,
+        'protonmf_rejected_requests_total{job="protonmf", reason="unsupported_format"}',
+        lambda r: value(r) == 2,
+    )
+    poll(
+        prometheus,
+        'protonmf_rejected_requests_total{job="protonmf", reason="too_small"}',
+        lambda r: value(r) == 1,
+    )
+    poll(
+        prometheus,
+        'sum(bentoml_service_request_total{job="protonmf", endpoint="/explain", '
+        'http_response_code="415"})',
+        lambda r: value(r) == 2,
+    )
     poll(
         prometheus,
         'sum(bentoml_service_request_total{job="protonmf", endpoint="/explain", '
@@ -160,16 +211,26 @@ def test_scraped_values_match_the_traffic(prometheus, traffic):
     )
     gap = value(poll(prometheus, 'max(protonmf_exactness_gap_max{job="protonmf"})', lambda r: True))
     assert 0 <= gap <= max(traffic["gaps"]) + 1e-12 and gap < 1e-4
-    stages = poll(prometheus, 'sum by (stage) (protonmf_stage_duration_seconds_count{job="protonmf"})',
-                  lambda r: len(r) >= 3)  # fmt: skip
+    stages = poll(
+        prometheus,
+        'sum by (stage) (protonmf_stage_duration_seconds_count{job="protonmf"})',
+        lambda r: len(r) >= 3,
+    )
     assert {"decode", "infer", "explain"} <= {s["metric"]["stage"] for s in stages}
     # Recording rules evaluate on the live series (the service creates each endpoint's
     # success series at start, so their first sample predates the traffic and the rate
     # sees it).
-    poll(prometheus, 'protonmf:requests:rate5m{transport="rest", endpoint="/explain", status="200"}',
-         lambda r: value(r) > 0)  # fmt: skip
-    poll(prometheus, 'sum(protonmf_requests_total{job="protonmf", transport="rest", '
-                     'endpoint="/explain", status="415"})', lambda r: value(r) == 2)  # fmt: skip
+    poll(
+        prometheus,
+        'protonmf:requests:rate5m{transport="rest", endpoint="/explain", status="200"}',
+        lambda r: value(r) > 0,
+    )
+    poll(
+        prometheus,
+        'sum(protonmf_requests_total{job="protonmf", transport="rest", '
+        'endpoint="/explain", status="415"})',
+        lambda r: value(r) == 2,
+    )
     poll(prometheus, "protonmf:images:rate5m", lambda r: True)
 
 
@@ -197,9 +258,16 @@ def test_dashboard_queries_run_on_live_data(prometheus, traffic):
             if not query(prometheus, expr):
                 empty.append(title)
     # Panels on what the traffic produced must show it.
-    for title in ("Request rate by endpoint", "Predictions by class", "Prototype usage",
-                  "Exactness gap (max)", "Rejections by reason", "Stage latency p50 / p99",
-                  "Batch size (micro-batcher)", "Scrape targets up"):  # fmt: skip
+    for title in (
+        "Request rate by endpoint",
+        "Predictions by class",
+        "Prototype usage",
+        "Exactness gap (max)",
+        "Rejections by reason",
+        "Stage latency p50 / p99",
+        "Batch size (micro-batcher)",
+        "Scrape targets up",
+    ):
         assert title not in empty, title
 
 
@@ -212,8 +280,10 @@ def test_stopped_service_turns_alerts_pending(service, prometheus, traffic):
 
     def pending(r):
         states = {a["labels"]["alertname"]: a["state"] for a in r}
-        return states.get("ProtoNMFTargetDown") == "pending" and \
-            states.get("ProtoNMFUnavailable") == "pending"  # fmt: skip
+        return (
+            states.get("ProtoNMFTargetDown") == "pending"
+            and states.get("ProtoNMFUnavailable") == "pending"
+        )
 
     deadline = time.monotonic() + 20
     while True:

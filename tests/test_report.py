@@ -84,8 +84,9 @@ def _external_refs(page: str) -> list[str]:
 @pytest.mark.e2e
 def test_report_opens_offline_with_one_strip_per_prototype(report_artifact, tmp_path, capsys):
     out = tmp_path / "report.html"
-    code, stdout = run_cli("report", report_artifact, "--max-images", 60, "--quiet",
-                           "--out", out, capsys=capsys)  # fmt: skip
+    code, stdout = run_cli(
+        "report", report_artifact, "--max-images", 60, "--quiet", "--out", out, capsys=capsys
+    )
     assert code == 0 and str(out) in stdout
     page = out.read_text()
     assert _external_refs(page) == []
@@ -101,8 +102,7 @@ def test_report_opens_offline_with_one_strip_per_prototype(report_artifact, tmp_
     for kind in ("augmented", "nmf"):
         got = {(c, i): n for (k, c, i), n in parsed.strips.items() if k == kind}
         assert len(got) == C * p, kind
-        want = {(c, i): int((ex.index[kind][c, i] >= 0).sum()) for c in range(C)
-                for i in range(p)}  # fmt: skip
+        want = {(c, i): int((ex.index[kind][c, i] >= 0).sum()) for c in range(C) for i in range(p)}
         assert got == want, kind
     assert parsed.strips[("augmented", 0, 0)] == 3 and parsed.strips[("augmented", 1, 2)] == 0
     assert all(s.startswith("data:image/png;base64,") for s in parsed.srcs)
@@ -135,10 +135,12 @@ def test_report_without_exemplars_shows_reasons(fashion_artifact, tmp_path):
         "ablation": {"unavailable": "the graph has no pooled output"},
         "faithfulness": {"baselines": {"mean": {"unavailable": "no maps in this graph"}}},
         "intervention": [1, 2, 3],  # not a dict: shown as JSON
-        "sweep": [{"p": 1, "feature_rel_error": 0.5, "nmf_only_top1": 0.2},
-                  {"p": 3, "feature_rel_error": 0.3, "nmf_only_top1": 0.4}],
+        "sweep": [
+            {"p": 1, "feature_rel_error": 0.5, "nmf_only_top1": 0.2},
+            {"p": 3, "feature_rel_error": 0.3, "nmf_only_top1": 0.4},
+        ],
         "something_new": {"x": [1, 2]},
-    }  # fmt: skip
+    }
     page = build_report(art, evaluation=evaluation)
     C, p = len(manifest["classes"]), manifest["p"]
     assert 'id="no-exemplars"' in page and 'class="exemplar-strip' not in page

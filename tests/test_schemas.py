@@ -18,6 +18,7 @@ from helpers import FASHION_DATA, assert_same_body, run_images
 
 from protonmf.api import protomap
 from protonmf.api import schemas as S
+from protonmf.api.proto.protonmf.v1 import protonmf_pb2 as pb
 from protonmf.service.ops.errors import (
     InvalidInput,
     NotReady,
@@ -27,44 +28,39 @@ from protonmf.service.ops.errors import (
     Unprocessable,
     UnsupportedMediaType,
 )
-from protonmf.api.proto.protonmf.v1 import protonmf_pb2 as pb
 
 # --- the core's bodies -------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def images() -> list[bytes]:
-    return [next((FASHION_DATA / "test" / c).glob("*.png")).read_bytes()
-            for c in ("bag", "sandal", "trouser")]  # fmt: skip
+    return [
+        next((FASHION_DATA / "test" / c).glob("*.png")).read_bytes()
+        for c in ("bag", "sandal", "trouser")
+    ]
 
 
-@pytest.fixture(scope="module")
-def core_all(fashion_artifact):
-    """Fashion's default graph: every class's scores, contributions and maps."""
-    from protonmf.service.engine.core import Core
-
-    return Core.load(fashion_artifact)
-
-
-@pytest.fixture(scope="module")
-def core_topk(fashion_topk_artifact):
-    """The top-k graph: maps and terms of the k best classes, the rest from pooled."""
-    from protonmf.service.engine.core import Core
-
-    return Core.load(fashion_topk_artifact)
-
-
+# core_all, core_topk: conftest.py
 @pytest.fixture(scope="module")
 def core_presence(fashion_artifact, tmp_path_factory):
     """The top-k graph with Eq. 9's presence maps too (the third map kind)."""
     from protonmf.cli import main
-    from protonmf.service.engine.core import Core
+    from protonmf.service.engine.pipeline import Engine
 
     out = tmp_path_factory.mktemp("presence") / "artifact"
-    args = ["export", fashion_artifact, "--maps", "topk", "--scores", "topk", "--presence",
-            "--out", out]  # fmt: skip
+    args = [
+        "export",
+        fashion_artifact,
+        "--maps",
+        "topk",
+        "--scores",
+        "topk",
+        "--presence",
+        "--out",
+        out,
+    ]
     assert main([str(a) for a in args]) == 0
-    return Core.load(out)
+    return Engine.from_artifact(out)
 
 
 @pytest.fixture(scope="module", params=["all", "topk", "presence"])
@@ -74,17 +70,22 @@ def core(request, fashion_artifact, fashion_topk_artifact):  # named: the tier s
 
 def explain_body(core, images, **options) -> dict:
     """The REST /explain body for ``images``; interventions as (class, prototype) pairs."""
-    from protonmf.service.engine.core import ExplainOptions, Intervention
+    from protonmf.service.engine.options import ExplainOptions, Intervention
 
     interventions = options.pop("interventions", ())
-    opts = ExplainOptions(interventions=tuple(Intervention(c, p) for c, p in interventions),
-                          **options)  # fmt: skip
-    return {"explanations": [core.explanation(o, opts) for o in run_images(core, images)],
-            "provider": core.explainer.provider}  # fmt: skip
+    opts = ExplainOptions(
+        interventions=tuple(Intervention(c, p) for c, p in interventions), **options
+    )
+    return {
+        "explanations": [core.explanations.explanation(o, opts) for o in run_images(core, images)],
+        "provider": core.model.graph.provider,
+    }
 
 
 def test_classification_validates(core, images):
-    body = {"predictions": [core.classification(o, 5) for o in run_images(core, images)]}
+    body = {
+        "predictions": [core.explanations.classification(o, 5) for o in run_images(core, images)]
+    }
     model = S.ClassifyResponse.model_validate(body)
     assert model.predictions[0].top_k[0].class_name == "bag"
     assert model.model_dump(mode="json") == body  # nothing lost, nothing added
@@ -92,7 +93,7 @@ def test_classification_validates(core, images):
 
 def test_explanation_validates_every_map_kind(core, images):
     kinds = core.model_info()["map_kinds"]
-    assert ("presence" in kinds) == core.has_presence
+    assert ("presence" in kinds) == core.model.has_presence
     for kind in kinds:
         body = explain_body(core, images, top_k=3, map_kind=kind)
         model = S.ExplainResponse.model_validate(body)
@@ -108,40 +109,48 @@ def test_presence_is_among_the_kinds_where_exported(core_presence, core_all):
 
 def test_explanation_with_interventions_validates(core, images):
     # one of the top class's prototypes and a class outside the graph's top-k
-    body = explain_body(core, images, top_k=2, interventions=[("bag", 0), ("ankle_boot", 1),
-                                                               (3, 2)])  # fmt: skip
+    body = explain_body(
+        core, images, top_k=2, interventions=[("bag", 0), ("ankle_boot", 1), (3, 2)]
+    )
     model = S.ExplainResponse.model_validate(body)
     for e in model.explanations:
         assert e.intervention is not None
         assert {(s.class_name, s.prototype) for s in e.intervention.switched_off} == {
-            ("bag", 0), ("ankle_boot", 1), ("dress", 2)}
+            ("bag", 0),
+            ("ankle_boot", 1),
+            ("dress", 2),
+        }
         assert set(e.intervention.logits) == {"bag", "ankle_boot", "dress"}
     assert model.model_dump(mode="json", exclude_unset=True) == json.loads(json.dumps(body))
 
 
 def test_explanation_without_heatmaps_validates(core, images):
-    body = explain_body(core, images, top_k=len(core.classes), heatmaps=False)
+    body = explain_body(core, images, top_k=len(core.model.classes), heatmaps=False)
     model = S.ExplainResponse.model_validate(body)
     protos = [p for e in model.explanations for c in e.top_k for p in c.prototypes]
     assert protos and all(p.heatmap is None for p in protos)
-    assert all("heatmap" not in p for e in body["explanations"] for c in e["top_k"]
-               for p in c["prototypes"])  # fmt: skip
+    assert all(
+        "heatmap" not in p
+        for e in body["explanations"]
+        for c in e["top_k"]
+        for p in c["prototypes"]
+    )
     # exclude_unset: the body leaves heatmap out, the model does not invent it
     assert model.model_dump(mode="json", exclude_unset=True) == json.loads(json.dumps(body))
 
 
 def test_prototypes_validate(core):
     for classes in (None, ["bag", 0, "3"]):
-        body = core.prototypes(classes)
+        body = core.listings.prototypes(classes)
         model = S.PrototypesResponse.model_validate(body)
-        assert model.p == core.p and model.exemplar_kinds == ["augmented", "nmf"]
+        assert model.p == core.model.p and model.exemplar_kinds == ["augmented", "nmf"]
         assert model.model_dump(mode="json") == json.loads(json.dumps(body))
 
 
 def test_model_info_validates(core):
     info = core.model_info()
     model = S.ModelInfo.model_validate(info)
-    assert model.limits.max_images == core.limits.max_images
+    assert model.limits.max_images == core.model.limits.max_images
     assert model.artifact.format_version == info["artifact"]["format_version"]
     # crop_mode is written only where not the default; the model says it either way
     assert model.preprocessing.crop_mode == info["preprocessing"].get("crop_mode", "center")
@@ -161,8 +170,11 @@ def test_a_drifting_body_fails(core_all, images):
 
 # --- models alone ------------------------------------------------------------------------
 
-MODELS = [m for m in vars(S).values()
-          if isinstance(m, type) and issubclass(m, pydantic.BaseModel) and m.__module__ == S.__name__]  # fmt: skip
+MODELS = [
+    m
+    for m in vars(S).values()
+    if isinstance(m, type) and issubclass(m, pydantic.BaseModel) and m.__module__ == S.__name__
+]
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
@@ -179,9 +191,15 @@ def test_examples_validate_and_are_singular(model):
 
 
 def test_error_body_is_every_service_errors_dict():
-    for error in (ServiceError("boom"), InvalidInput("x"), PayloadTooLarge("x", "too_many_images"),
-                  UnsupportedMediaType("x"), Unprocessable("x", "unknown_class"),
-                  Overloaded("x"), NotReady("x")):  # fmt: skip
+    for error in (
+        ServiceError("boom"),
+        InvalidInput("x"),
+        PayloadTooLarge("x", "too_many_images"),
+        UnsupportedMediaType("x"),
+        Unprocessable("x", "unknown_class"),
+        Overloaded("x"),
+        NotReady("x"),
+    ):
         body = S.ErrorBody.model_validate(error.to_dict())
         assert body.model_dump() == error.to_dict()
         assert error.status in S.ERROR_STATUSES
@@ -191,8 +209,12 @@ def test_request_models_match_the_endpoints():
     assert S.PrototypeImageIn is S.PrototypeImageRequest
     assert S.ClassifyRequest().top_k == 5 and S.ExplainRequest().top_k == 3
     e = S.ExplainRequest()
-    assert (e.heatmaps, e.box_percentile, e.map_kind, e.interventions) == (True, 90.0,
-                                                                           "similarity", [])  # fmt: skip
+    assert (e.heatmaps, e.box_percentile, e.map_kind, e.interventions) == (
+        True,
+        90.0,
+        "similarity",
+        [],
+    )
     assert (S.OverlayRequest().rank, S.OverlayRequest().map_kind) == (0, "contribution")
     assert S.PrototypeImageRequest.model_validate({"class": 3, "prototype": 1}).kind == "augmented"
     for bad in ({"top_k": 0}, {"topk": 3}, {"interventions": [{"class": "bag"}]}):
@@ -207,15 +229,17 @@ def test_request_models_match_the_endpoints():
 
 
 def test_intervention_in_to_core(core_all):
-    from protonmf.service.engine.core import Intervention
+    from protonmf.service.engine.options import Intervention
 
     assert S.InterventionIn(class_name="bag", prototype=2).to_core() == Intervention("bag", 2)
 
 
 def test_importable_without_bentoml_or_onnxruntime():
-    code = ("import sys; import protonmf.api.schemas, protonmf.api.protomap; "
-            "bad = {'bentoml', 'onnxruntime', 'torch', 'numpy'} & set(sys.modules); "
-            "sys.exit(str(bad) if bad else 0)")  # fmt: skip
+    code = (
+        "import sys; import protonmf.api.schemas, protonmf.api.protomap; "
+        "bad = {'bentoml', 'onnxruntime', 'torch', 'numpy'} & set(sys.modules); "
+        "sys.exit(str(bad) if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr + r.stdout
 
@@ -225,25 +249,53 @@ def test_importable_without_bentoml_or_onnxruntime():
 
 def _generated_spec() -> dict:
     """The shape BentoML 1.4 generates (abridged): its 400/404/500, an infra route."""
-    bentoml_400 = {"description": "Bad Request",
-                   "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InvalidArgument"}}}}  # fmt: skip
-    ok = {"description": "Successful Response", "content": {"application/json": {
-        "schema": {"type": "object", "title": "ExplainResponseIODescriptor",
-                   "properties": {"explanations": {"type": "array", "items": {
-                       "$ref": "#/components/schemas/Explanation"}}}}}}}  # fmt: skip
+    bentoml_400 = {
+        "description": "Bad Request",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InvalidArgument"}}
+        },
+    }
+    ok = {
+        "description": "Successful Response",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "title": "ExplainResponseIODescriptor",
+                    "properties": {
+                        "explanations": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/Explanation"},
+                        }
+                    },
+                }
+            }
+        },
+    }
     return {
         "openapi": "3.0.2",
         "paths": {
-            "/healthz": {"get": {"responses": {200: {"description": "ok"}},
-                                 "tags": ["Infrastructure"]}},
-            "/explain": {"post": {"responses": {200: ok, 400: bentoml_400, 404: {"description": "x"}},
-                                  "tags": ["Service APIs"]}},
-            "/model": {"post": {"responses": {"200": {"description": "ok"}}, "tags": ["Service APIs"]}},
+            "/healthz": {
+                "get": {"responses": {200: {"description": "ok"}}, "tags": ["Infrastructure"]}
+            },
+            "/explain": {
+                "post": {
+                    "responses": {200: ok, 400: bentoml_400, 404: {"description": "x"}},
+                    "tags": ["Service APIs"],
+                }
+            },
+            "/model": {
+                "post": {"responses": {"200": {"description": "ok"}}, "tags": ["Service APIs"]}
+            },
         },
-        "components": {"schemas": {"ExplainResponseIODescriptor": {"title": "ExplainResponseIODescriptor"},
-                                   "Explanation": {"title": "Explanation"},
-                                   "InvalidArgument": {"title": "InvalidArgument"}}},
-    }  # fmt: skip
+        "components": {
+            "schemas": {
+                "ExplainResponseIODescriptor": {"title": "ExplainResponseIODescriptor"},
+                "Explanation": {"title": "Explanation"},
+                "InvalidArgument": {"title": "InvalidArgument"},
+            }
+        },
+    }
 
 
 def test_with_error_responses():
@@ -267,10 +319,18 @@ def test_with_error_responses():
 
 def test_without_io_suffix():
     out = S.without_io_suffix(_generated_spec())
-    assert set(out["components"]["schemas"]) == {"ExplainResponse", "Explanation", "InvalidArgument"}
-    schema = out["paths"]["/explain"]["post"]["responses"][200]["content"]["application/json"]["schema"]
+    assert set(out["components"]["schemas"]) == {
+        "ExplainResponse",
+        "Explanation",
+        "InvalidArgument",
+    }
+    schema = out["paths"]["/explain"]["post"]["responses"][200]["content"]["application/json"][
+        "schema"
+    ]
     assert schema["title"] == "ExplainResponse"
-    assert schema["properties"]["explanations"]["items"]["$ref"] == "#/components/schemas/Explanation"
+    assert (
+        schema["properties"]["explanations"]["items"]["$ref"] == "#/components/schemas/Explanation"
+    )
     spec = _generated_spec()
     spec["components"]["schemas"]["ExplainResponse"] = {}  # the name is taken: left as it is
     assert "ExplainResponseIODescriptor" in S.without_io_suffix(spec)["components"]["schemas"]
@@ -299,7 +359,7 @@ def _models_in(annotation) -> set[type[pydantic.BaseModel]]:
 
 
 def _shape(annotation) -> str:
-    """"list", "dict" or "one" (None allowed or not aside)."""
+    """ "list", "dict" or "one" (None allowed or not aside)."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         shapes = {_shape(a) for a in typing.get_args(annotation) if a is not type(None)}
@@ -316,7 +376,9 @@ def _check_pair(model, descriptor, seen: set[str], path: str) -> None:
     fields = {f.alias or name: f for name, f in model.model_fields.items()}
     keys = {REQUEST_IMAGES.get(k, k) if descriptor.name.endswith("Request") else k for k in fields}
     proto = {protomap.body_key(f): f for f in descriptor.fields}
-    assert keys == set(proto), f"{path}: model {sorted(keys)} vs {descriptor.full_name} {sorted(proto)}"
+    assert keys == set(proto), (
+        f"{path}: model {sorted(keys)} vs {descriptor.full_name} {sorted(proto)}"
+    )
     for key, info in fields.items():
         field = proto[REQUEST_IMAGES.get(key, key) if descriptor.name.endswith("Request") else key]
         where = f"{path}.{key}"
@@ -350,8 +412,11 @@ def test_models_and_messages_have_the_same_fields():
     # every message of the .proto is covered (ModelInfo's: the test below; PNG bytes have
     # no model)
     every = {m.full_name for m in pb.DESCRIPTOR.message_types_by_name.values()}
-    assert every - seen == {"protonmf.v1.ModelInfoRequest", "protonmf.v1.ModelInfoResponse",
-                            "protonmf.v1.PrototypeImageResponse"}  # fmt: skip
+    assert every - seen == {
+        "protonmf.v1.ModelInfoRequest",
+        "protonmf.v1.ModelInfoResponse",
+        "protonmf.v1.PrototypeImageResponse",
+    }
 
 
 def test_model_info_message_carries_the_body(core_all):
@@ -363,12 +428,17 @@ def test_model_info_message_carries_the_body(core_all):
     assert own <= set(S.ModelInfo.model_fields) and artifact <= set(S.ArtifactInfo.model_fields)
     info = core_all.model_info()
     message = protomap.model_info_message(info, pb.ModelInfoResponse)
-    assert (list(message.classes), message.p, message.provider) == (info["classes"], info["p"],
-                                                                     info["provider"])  # fmt: skip
+    assert (list(message.classes), message.p, message.provider) == (
+        info["classes"],
+        info["p"],
+        info["provider"],
+    )
     assert message.model_sha256 == info["artifact"]["model_sha256"]
     assert message.format_version == info["artifact"]["format_version"]
     back = pb.ModelInfoResponse.FromString(message.SerializeToString())
-    assert S.ModelInfo.model_validate(protomap.model_info_from_message(back)) == S.ModelInfo.model_validate(info)
+    assert S.ModelInfo.model_validate(
+        protomap.model_info_from_message(back)
+    ) == S.ModelInfo.model_validate(info)
 
 
 def test_renames_are_the_protos_json_names():
@@ -396,61 +466,83 @@ def test_renames_are_the_protos_json_names():
 
 
 def _score(d: dict) -> pb.ClassScore:
-    return pb.ClassScore(class_name=d["class"], index=d["index"], logit=d["logit"],
-                         probability=d["probability"])  # fmt: skip
+    return pb.ClassScore(
+        class_name=d["class"], index=d["index"], logit=d["logit"], probability=d["probability"]
+    )
 
 
 def _heatmap(h: dict) -> pb.Heatmap:
     box = h["box"]
     return pb.Heatmap(
-        shape=h["shape"], values=[v for row in h["values"] for v in row], peak=pb.Peak(**h["peak"]),
-        box=pb.Box(percentile=box["percentile"], feature=pb.Rect(**box["feature"]),
-                   input=pb.Rect(**box["input"])),
+        shape=h["shape"],
+        values=[v for row in h["values"] for v in row],
+        peak=pb.Peak(**h["peak"]),
+        box=pb.Box(
+            percentile=box["percentile"],
+            feature=pb.Rect(**box["feature"]),
+            input=pb.Rect(**box["input"]),
+        ),
         kind=h["kind"],
-    )  # fmt: skip
+    )
 
 
 def _exemplars(entries: list[dict]) -> list[pb.Exemplar]:
-    return [pb.Exemplar(image=x["image"], source=x["source"], presence=x["presence"])
-            for x in entries]  # fmt: skip
+    return [
+        pb.Exemplar(image=x["image"], source=x["source"], presence=x["presence"]) for x in entries
+    ]
 
 
 def _class_entry(e: dict) -> pb.ClassExplanation:
     protos = [
         pb.PrototypeExplanation(
-            prototype=d["prototype"], coefficient=d["coefficient"], score=d["score"],
-            contribution=d["contribution"], share_of_logit=d["share_of_logit"],
+            prototype=d["prototype"],
+            coefficient=d["coefficient"],
+            score=d["score"],
+            contribution=d["contribution"],
+            share_of_logit=d["share_of_logit"],
             heatmap=_heatmap(d["heatmap"]) if "heatmap" in d else None,
             nmf_contribution=d["nmf_contribution"],
             residual_contribution=d["residual_contribution"],
             exemplars=_exemplars(d["exemplars"]),
         )
         for d in e["prototypes"]
-    ]  # fmt: skip
+    ]
     share = e["residual_share"]
     return pb.ClassExplanation(
-        class_name=e["class"], index=e["index"], description=e["description"], logit=e["logit"],
-        probability=e["probability"], bias=e["bias"], exactness_gap=e["exactness_gap"],
-        prototypes=protos, residual_share=pb.ResidualShare(**share) if share else None,
-    )  # fmt: skip
+        class_name=e["class"],
+        index=e["index"],
+        description=e["description"],
+        logit=e["logit"],
+        probability=e["probability"],
+        bias=e["bias"],
+        exactness_gap=e["exactness_gap"],
+        prototypes=protos,
+        residual_share=pb.ResidualShare(**share) if share else None,
+    )
 
 
 def _intervention(d: dict | None) -> pb.InterventionResult | None:
     if d is None:
         return None
     return pb.InterventionResult(
-        switched_off=[pb.SwitchedOff(class_name=s["class"], prototype=s["prototype"])
-                      for s in d["switched_off"]],
-        logits=d["logits"], top_k=[_score(s) for s in d["top_k"]],
-        prediction_before=d["prediction_before"], prediction_after=d["prediction_after"],
+        switched_off=[
+            pb.SwitchedOff(class_name=s["class"], prototype=s["prototype"])
+            for s in d["switched_off"]
+        ],
+        logits=d["logits"],
+        top_k=[_score(s) for s in d["top_k"]],
+        prediction_before=d["prediction_before"],
+        prediction_after=d["prediction_after"],
         prediction_changed=d["prediction_changed"],
-    )  # fmt: skip
+    )
 
 
 def explanation_to_proto(explanation: dict) -> pb.Explanation:
-    return pb.Explanation(top_k=[_class_entry(e) for e in explanation["top_k"]],
-                          exactness=explanation["exactness"],
-                          intervention=_intervention(explanation["intervention"]))  # fmt: skip
+    return pb.Explanation(
+        top_k=[_class_entry(e) for e in explanation["top_k"]],
+        exactness=explanation["exactness"],
+        intervention=_intervention(explanation["intervention"]),
+    )
 
 
 def classification_to_proto(classification: dict) -> pb.Classification:
@@ -460,24 +552,35 @@ def classification_to_proto(classification: dict) -> pb.Classification:
 def prototypes_to_proto(body: dict) -> pb.PrototypesResponse:
     classes = [
         pb.ClassPrototypes(
-            class_name=c["class"], index=c["index"], explained=c["explained"], fold=c["fold"],
+            class_name=c["class"],
+            index=c["index"],
+            explained=c["explained"],
+            fold=c["fold"],
             explained_share=pb.ExplainedShare(**c["explained_share"]),
-            prototypes=[pb.PrototypeInfo(
-                prototype=d["prototype"], coefficient=d["coefficient"],
-                fold_weight=d["fold_weight"],
-                exemplars={k: pb.ExemplarList(entries=_exemplars(v))
-                           for k, v in d["exemplars"].items()},
-            ) for d in c["prototypes"]],
+            prototypes=[
+                pb.PrototypeInfo(
+                    prototype=d["prototype"],
+                    coefficient=d["coefficient"],
+                    fold_weight=d["fold_weight"],
+                    exemplars={
+                        k: pb.ExemplarList(entries=_exemplars(v)) for k, v in d["exemplars"].items()
+                    },
+                )
+                for d in c["prototypes"]
+            ],
         )
         for c in body["classes"]
-    ]  # fmt: skip
-    return pb.PrototypesResponse(p=body["p"], exemplar_kinds=body["exemplar_kinds"],
-                                 classes=classes)  # fmt: skip
+    ]
+    return pb.PrototypesResponse(
+        p=body["p"], exemplar_kinds=body["exemplar_kinds"], classes=classes
+    )
 
 
 def hand_explain_response(body: dict) -> pb.ExplainResponse:
-    return pb.ExplainResponse(explanations=[explanation_to_proto(e) for e in body["explanations"]],
-                              provider=body["provider"])  # fmt: skip
+    return pb.ExplainResponse(
+        explanations=[explanation_to_proto(e) for e in body["explanations"]],
+        provider=body["provider"],
+    )
 
 
 def _same(a, b) -> None:
@@ -488,10 +591,17 @@ def _same(a, b) -> None:
 def test_protomap_explanations_equal_the_hand_written(core, images):
     kinds = core.model_info()["map_kinds"]
     bodies = [explain_body(core, images, top_k=3, map_kind=k) for k in kinds]
-    bodies += [explain_body(core, images, top_k=2, heatmaps=False),
-               explain_body(core, images, top_k=len(core.classes), heatmaps=False,
-                            interventions=[("bag", 0), (9, 1)]),
-               explain_body(core, images, top_k=1, interventions=[("sandal", 2)])]  # fmt: skip
+    bodies += [
+        explain_body(core, images, top_k=2, heatmaps=False),
+        explain_body(
+            core,
+            images,
+            top_k=len(core.model.classes),
+            heatmaps=False,
+            interventions=[("bag", 0), (9, 1)],
+        ),
+        explain_body(core, images, top_k=1, interventions=[("sandal", 2)]),
+    ]
     for body in bodies:
         message = protomap.to_message(body, pb.ExplainResponse)
         _same(message, hand_explain_response(body))
@@ -501,19 +611,25 @@ def test_protomap_explanations_equal_the_hand_written(core, images):
         wire = pb.ExplainResponse.FromString(message.SerializeToString())
         back = S.ExplainResponse.model_validate(protomap.from_message(wire))
         rest = S.ExplainResponse.model_validate(body)
-        assert_same_body(rest.model_dump(mode="json"), back.model_dump(mode="json"), same_types=True)
+        assert_same_body(
+            rest.model_dump(mode="json"), back.model_dump(mode="json"), same_types=True
+        )
 
 
 def test_protomap_classifications_and_prototypes_equal_the_hand_written(core, images):
     outs = run_images(core, images)
-    for top_k in (1, 5, len(core.classes)):
-        body = {"predictions": [core.classification(o, top_k) for o in outs]}
+    for top_k in (1, 5, len(core.model.classes)):
+        body = {"predictions": [core.explanations.classification(o, top_k) for o in outs]}
         message = protomap.to_message(body, pb.ClassifyResponse)
-        _same(message, pb.ClassifyResponse(predictions=[classification_to_proto(c)
-                                                        for c in body["predictions"]]))  # fmt: skip
+        _same(
+            message,
+            pb.ClassifyResponse(
+                predictions=[classification_to_proto(c) for c in body["predictions"]]
+            ),
+        )
         assert protomap.from_message(message) == body
     for classes in (None, ["bag", 1]):
-        body = core.prototypes(classes)
+        body = core.listings.prototypes(classes)
         message = protomap.to_message(body, pb.PrototypesResponse)
         _same(message, prototypes_to_proto(body))
         wire = pb.PrototypesResponse.FromString(message.SerializeToString())

@@ -1,51 +1,40 @@
 """Tier 1: the transport-free core, called directly (no BentoML, no torch in service/)."""
 
 import io
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
-from helpers import FASHION_DATA, run_images
+from helpers import (
+    FASHION_DATA,
+    animated,
+    bomb_png,
+    jpeg_bytes,
+    png_bytes,
+    proto_model_from_artifact,
+    run_images,
+)
 from PIL import Image
 
-from protonmf.service.engine.options import ExplainOptions, Intervention
+from protonmf.service.decode.images import Limits, decode_image
 from protonmf.service.engine.model import Model
+from protonmf.service.engine.options import ExplainOptions, Intervention
 from protonmf.service.engine.pipeline import Engine
+from protonmf.service.engine.render import render_overlay
 from protonmf.service.ops.errors import (
     InvalidInput,
     PayloadTooLarge,
     Unprocessable,
     UnsupportedMediaType,
 )
-from protonmf.service.decode.images import Limits, decode_image
-from protonmf.service.engine.render import render_overlay
 
 
 @pytest.fixture(scope="module")
-def core(fashion_topk_artifact):
-    """The top-k graph: maps and terms of the k predicted classes, the rest from pooled."""
-    return Engine.from_artifact(fashion_topk_artifact)
-
-
-@pytest.fixture(scope="module")
-def core_all(fashion_artifact):
-    """The Fashion default: every class's scores, contributions and maps (C ≤ 2k)."""
-    return Engine.from_artifact(fashion_artifact)
-
-
-def png_bytes(image: Image.Image, **kw) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG", **kw)
-    return out.getvalue()
-
-
-def jpeg_bytes(image: Image.Image, **kw) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=95, **kw)
-    return out.getvalue()
+def core(core_topk):
+    """The top-k graph: maps and terms of the k predicted classes, the rest from pooled
+    (``core_all``, conftest: the Fashion default with every class's maps)."""
+    return core_topk
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +90,9 @@ def test_exactness_metric_keeps_the_largest_gap(core, bag_png):
     assert core.explanations.explanation(broken, ExplainOptions(heatmaps=False))["exactness"] > 1e-3
     breach = METRICS.exactness_gap._value.get()
     assert breach > 1e-3
-    core.explanations.explanation(out, ExplainOptions(heatmaps=False))  # a good one after the breach
+    core.explanations.explanation(
+        out, ExplainOptions(heatmaps=False)
+    )  # a good one after the breach
     assert METRICS.exactness_gap._value.get() == breach
 
 
@@ -109,8 +100,6 @@ def scores_all_v1_copy(artifact, dst):
     """The artifact as format version 1 wrote it: all-class scores, no ``graph.scores``."""
     import json
     import shutil
-
-    from test_convert import proto_model_from_artifact
 
     from protonmf.artifact import sha256_file
     from protonmf.converter.export import export_onnx, graph_spec
@@ -126,8 +115,9 @@ def scores_all_v1_copy(artifact, dst):
     return dst
 
 
-def test_version1_all_scores_artifact_explains_the_same(core, fashion_topk_artifact, bag_png,
-                                                        tmp_path):  # fmt: skip
+def test_version1_all_scores_artifact_explains_the_same(
+    core, fashion_topk_artifact, bag_png, tmp_path
+):
     """Both scores modes give the same explanation and interventions, in the top-k and
     outside it (computed from the pooled features in the top-k mode)."""
     old = Engine.from_artifact(scores_all_v1_copy(fashion_topk_artifact, tmp_path / "v1"))
@@ -136,10 +126,16 @@ def test_version1_all_scores_artifact_explains_the_same(core, fashion_topk_artif
     (old_out,) = run_images(old, [bag_png])
     assert "contributions" in old_out and "contributions" not in new_out
     outside = [c for c in range(len(core.model.classes)) if c not in new_out["topk_classes"]]
-    pairs = (Intervention(core.model.classes[int(new_out["topk_classes"][0])], 0),
-             Intervention(core.model.classes[outside[0]], 1), Intervention(outside[-1], 2))  # fmt: skip
+    pairs = (
+        Intervention(core.model.classes[int(new_out["topk_classes"][0])], 0),
+        Intervention(core.model.classes[outside[0]], 1),
+        Intervention(outside[-1], 2),
+    )
     opts = ExplainOptions(top_k=3, interventions=pairs)
-    new, old_exp = core.explanations.explanation(new_out, opts), old.explanations.explanation(old_out, opts)
+    new, old_exp = (
+        core.explanations.explanation(new_out, opts),
+        old.explanations.explanation(old_out, opts),
+    )
     assert new["intervention"]["switched_off"] == old_exp["intervention"]["switched_off"]
     for c, v in old_exp["intervention"]["logits"].items():
         assert new["intervention"]["logits"][c] == pytest.approx(v, rel=1e-5, abs=1e-5)
@@ -218,7 +214,10 @@ def test_all_classes_graph_explains_like_the_topk_graph(core, core_all, bag_png)
     np.testing.assert_array_equal(out["bias"], core_all.model.graph.tensors["bias"])
     ivs = (Intervention("bag", 0), Intervention("coat", 2))  # coat: outside the top-k graph's k
     opts = ExplainOptions(top_k=5, interventions=ivs)
-    got, want = core_all.explanations.explanation(out, opts), core.explanations.explanation(topk_out, opts)
+    got, want = (
+        core_all.explanations.explanation(out, opts),
+        core.explanations.explanation(topk_out, opts),
+    )
     assert got["exactness"] <= 1e-5
     assert [e["class"] for e in got["top_k"]] == [e["class"] for e in want["top_k"]]
     for a, b in zip(got["top_k"], want["top_k"], strict=True):
@@ -232,8 +231,9 @@ def test_all_classes_graph_explains_like_the_topk_graph(core, core_all, bag_png)
     core_all.model.check_request(1, ExplainOptions(top_k=10))
     every = core_all.explanations.explanation(out, ExplainOptions(top_k=10))
     last = every["top_k"][-1]
-    np.testing.assert_allclose([p["heatmap"]["values"] for p in last["prototypes"]],
-                               out["maps"][last["index"]], atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        [p["heatmap"]["values"] for p in last["prototypes"]], out["maps"][last["index"]], atol=1e-5
+    )
     png = core_all.listings.overlay(core_all.model.prepare(bag_png), out, rank=9)
     assert Image.open(io.BytesIO(png)).format == "PNG"
     info = core_all.listings.model_info()
@@ -259,33 +259,22 @@ def test_graph_without_maps_refuses_heatmaps(fashion_artifact, tmp_path, bag_png
 # --- hostile and unusual images -----------------------------------------------------
 
 
-def bomb_png(width=100_000, height=100_000) -> bytes:
-    """A tiny PNG whose header declares 10^10 pixels."""
-    data = png_bytes(Image.new("L", (8, 8)))
-    ihdr = struct.pack(">II", width, height) + data[24:29]
-    crc = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
-    return data[:16] + ihdr + crc + data[33:]
-
-
-def animated(fmt: str) -> bytes:
-    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
-    out = io.BytesIO()
-    frames[0].save(out, format=fmt, save_all=True, append_images=frames[1:])
-    return out.getvalue()
-
-
 HOSTILE = [
     ("zero bytes", lambda j: b"", InvalidInput, "empty"),
     ("text file", lambda j: b"hello, this is text\n" * 10, UnsupportedMediaType, "not a decodable"),
     ("truncated JPEG", lambda j: j[: len(j) // 2], InvalidInput, "cannot decode"),
     ("1x1 image", lambda j: png_bytes(Image.new("L", (1, 1))), Unprocessable, "at least 8"),
     ("decompression bomb", lambda j: bomb_png(), PayloadTooLarge, "pixels"),
-    ("over pixel limit", lambda j: png_bytes(Image.new("L", (5000, 5000))), PayloadTooLarge,
-     "limit is 24000000"),
+    (
+        "over pixel limit",
+        lambda j: png_bytes(Image.new("L", (5000, 5000))),
+        PayloadTooLarge,
+        "limit is 24000000",
+    ),
     ("animated GIF", lambda j: animated("GIF"), UnsupportedMediaType, "not a decodable"),
     ("animated PNG", lambda j: animated("PNG"), UnsupportedMediaType, "animated"),
     ("over byte limit", lambda j: j + b"\0" * (9 * 2**20), PayloadTooLarge, "bytes"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name, make, error, match", HOSTILE, ids=[h[0] for h in HOSTILE])
@@ -357,12 +346,22 @@ def _heatmap_reference(m, percentile, height, width):
     rows, cols = np.nonzero(m >= np.percentile(m, percentile))
     box = [int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1]
     sy, sx = height / H, width / W
-    return {"kind": "similarity", "shape": [H, W], "values": np.round(m, 5).tolist(),
-            "peak": {"row": int(peak[0]), "col": int(peak[1])},
-            "box": {"percentile": percentile,
-                    "feature": {"top": box[0], "left": box[1], "bottom": box[2], "right": box[3]},
-                    "input": {"top": box[0] * sy, "left": box[1] * sx,
-                              "bottom": box[2] * sy, "right": box[3] * sx}}}  # fmt: skip
+    return {
+        "kind": "similarity",
+        "shape": [H, W],
+        "values": np.round(m, 5).tolist(),
+        "peak": {"row": int(peak[0]), "col": int(peak[1])},
+        "box": {
+            "percentile": percentile,
+            "feature": {"top": box[0], "left": box[1], "bottom": box[2], "right": box[3]},
+            "input": {
+                "top": box[0] * sy,
+                "left": box[1] * sx,
+                "bottom": box[2] * sy,
+                "right": box[3] * sx,
+            },
+        },
+    }
 
 
 @pytest.mark.parametrize("percentile", [0.0, 50.0, 90.0, 100.0])
@@ -373,7 +372,10 @@ def test_heatmaps_equal_the_per_map_reference(core, percentile):
     maps[2, 3:, :] = 0.0  # ties at the bottom
     maps[3] = np.round(maps[3], 1)  # many ties
     got = core.explanations._heatmaps(maps, percentile)
-    want = [_heatmap_reference(m, percentile, core.model.spec.height, core.model.spec.width) for m in maps]
+    want = [
+        _heatmap_reference(m, percentile, core.model.spec.height, core.model.spec.width)
+        for m in maps
+    ]
     assert got == want
 
 
@@ -410,7 +412,9 @@ def old_format_copy(artifact, dst):
 
 @pytest.fixture(scope="module")
 def core_old(fashion_artifact, tmp_path_factory):
-    return Engine.from_artifact(old_format_copy(fashion_artifact, tmp_path_factory.mktemp("v3") / "a"))
+    return Engine.from_artifact(
+        old_format_copy(fashion_artifact, tmp_path_factory.mktemp("v3") / "a")
+    )
 
 
 def _export(artifact, out, *args):
@@ -425,8 +429,9 @@ def presence_cores(fashion_artifact, tmp_path_factory):
     """(all classes, top-k) graphs with presence maps, exported from the Fashion artifact."""
     root = tmp_path_factory.mktemp("presence")
     every = _export(fashion_artifact, root / "all", "--presence")
-    topk = _export(fashion_artifact, root / "topk", "--maps", "topk", "--scores", "topk",
-                   "--presence")  # fmt: skip
+    topk = _export(
+        fashion_artifact, root / "topk", "--maps", "topk", "--scores", "topk", "--presence"
+    )
     return Engine.from_artifact(every), Engine.from_artifact(topk)
 
 
@@ -446,27 +451,38 @@ def numpy_split(artifact, c: int, pooled: np.ndarray):
     inv_sigma = 1.0
     if m["head"]["kind"] == "avg_norm_linear":
         inv_sigma = 1.0 / np.sqrt(f.var() + m["head"]["norm_eps"])
-    return (a * (nmf @ f) * inv_sigma, a * ((served - nmf) @ f) * inv_sigma,
-            np.abs(a) * (np.abs(served) @ np.abs(f)) * inv_sigma)  # fmt: skip
+    return (
+        a * (nmf @ f) * inv_sigma,
+        a * ((served - nmf) @ f) * inv_sigma,
+        np.abs(a) * (np.abs(served) @ np.abs(f)) * inv_sigma,
+    )
 
 
 def fashion_blobs(n_per_class=2):
-    return [f.read_bytes() for cls in ("bag", "coat", "shirt", "sneaker", "dress")
-            for f in sorted((FASHION_DATA / "test" / cls).glob("*.png"))[:n_per_class]]  # fmt: skip
+    return [
+        f.read_bytes()
+        for cls in ("bag", "coat", "shirt", "sneaker", "dress")
+        for f in sorted((FASHION_DATA / "test" / cls).glob("*.png"))[:n_per_class]
+    ]
 
 
 @pytest.mark.parametrize("which", ["all", "topk"])
-def test_residual_split_adds_up_and_equals_numpy(which, core, core_all, fashion_artifact,
-                                                 fashion_topk_artifact):  # fmt: skip
+def test_residual_split_adds_up_and_equals_numpy(
+    which, core, core_all, fashion_artifact, fashion_topk_artifact
+):
     """Every explained prototype: nmf + residual = contribution (exactly: the split is of
     the reported number), each part equal to the numpy reference from the artifact's
     tensors and the pooled features within float32 rounding (1e-6 of the dot product's
     magnitude); top_k=10 covers classes the top-k graph leaves to the pooled features."""
-    served, artifact = (core_all, fashion_artifact) if which == "all" else (core, fashion_topk_artifact)
+    served, artifact = (
+        (core_all, fashion_artifact) if which == "all" else (core, fashion_topk_artifact)
+    )
     seen_residual = seen_nmf = 0
     for blob in fashion_blobs():
         (out,) = run_images(served, [blob])
-        for entry in served.explanations.explanation(out, ExplainOptions(top_k=10, heatmaps=False))["top_k"]:
+        for entry in served.explanations.explanation(out, ExplainOptions(top_k=10, heatmaps=False))[
+            "top_k"
+        ]:
             nmf_ref, residual_ref, scale = numpy_split(artifact, entry["index"], out["pooled"])
             for i, proto in enumerate(entry["prototypes"]):
                 nmf, residual = proto["nmf_contribution"], proto["residual_contribution"]
@@ -495,8 +511,7 @@ def test_residual_share_of_logit_and_margin(core_all, fashion_artifact):
             share = entry["residual_share"]
             assert share["versus"] == core_all.model.classes[o]
             assert share["logit"] == pytest.approx(r_c / (logits[c] - entry["bias"]), rel=1e-5)
-            assert share["margin"] == pytest.approx((r_c - r_o) / (logits[c] - logits[o]),
-                                                    rel=1e-5)  # fmt: skip
+            assert share["margin"] == pytest.approx((r_c - r_o) / (logits[c] - logits[o]), rel=1e-5)
 
 
 def test_residual_split_of_a_class_that_is_all_residual(core_all, bag_png, monkeypatch):
@@ -507,7 +522,9 @@ def test_residual_split_of_a_class_that_is_all_residual(core_all, bag_png, monke
     folds = list(core_all.explanations.folds)
     folds[c] = "class_vector"
     monkeypatch.setattr(core_all.explanations, "folds", folds)
-    entry = core_all.explanations.explanation(out, ExplainOptions(top_k=1, heatmaps=False))["top_k"][0]
+    entry = core_all.explanations.explanation(out, ExplainOptions(top_k=1, heatmaps=False))[
+        "top_k"
+    ][0]
     for proto in entry["prototypes"]:
         assert proto["nmf_contribution"] == 0.0
         assert proto["residual_contribution"] == proto["contribution"]
@@ -541,9 +558,13 @@ def test_map_kinds(which, core, core_all, bag_png):
     served = core_all if which == "all" else core
     (out,) = run_images(served, [bag_png])
     plain = served.explanations.explanation(out, ExplainOptions(top_k=3))
-    similarity = served.explanations.explanation(out, ExplainOptions(top_k=3, map_kind="similarity"))
+    similarity = served.explanations.explanation(
+        out, ExplainOptions(top_k=3, map_kind="similarity")
+    )
     assert plain == similarity
-    contribution = served.explanations.explanation(out, ExplainOptions(top_k=3, map_kind="contribution"))
+    contribution = served.explanations.explanation(
+        out, ExplainOptions(top_k=3, map_kind="contribution")
+    )
     for rank, (s, c) in enumerate(zip(similarity["top_k"], contribution["top_k"], strict=True)):
         graph_maps = out["maps"][s["index"]] if which == "all" else out["topk_maps"][rank]
         for i, (ps, pc) in enumerate(zip(s["prototypes"], c["prototypes"], strict=True)):
@@ -571,13 +592,17 @@ def test_presence_maps_from_both_graph_kinds(presence_cores, bag_png):
     (out_topk,) = run_images(topk, [bag_png])
     opts = ExplainOptions(top_k=3, map_kind="presence")
     every.model.check_request(1, opts)
-    a, b = every.explanations.explanation(out_all, opts), topk.explanations.explanation(out_topk, opts)
+    a, b = (
+        every.explanations.explanation(out_all, opts),
+        topk.explanations.explanation(out_topk, opts),
+    )
     assert [e["class"] for e in a["top_k"]] == [e["class"] for e in b["top_k"]]
     for ea, eb in zip(a["top_k"], b["top_k"], strict=True):
         for i, (pa, pb) in enumerate(zip(ea["prototypes"], eb["prototypes"], strict=True)):
             assert pa["heatmap"]["kind"] == "presence"
-            np.testing.assert_allclose(pa["heatmap"]["values"], out_all["presence"][ea["index"], i],
-                                       atol=1e-5)  # fmt: skip
+            np.testing.assert_allclose(
+                pa["heatmap"]["values"], out_all["presence"][ea["index"], i], atol=1e-5
+            )
             np.testing.assert_allclose(pa["heatmap"]["values"], pb["heatmap"]["values"], atol=1e-4)
         assert not np.allclose(out_all["presence"][ea["index"]], out_all["maps"][ea["index"]])
 
@@ -608,8 +633,9 @@ def test_prototypes_listing(core_all, fashion_artifact):
         aB = t["coefficients"][c].astype(np.float64) @ t["nmf_prototypes"][c].astype(np.float64)
         share = entry["explained_share"]
         assert share["energy"] == pytest.approx(1 - (R @ R) / (V @ V), rel=1e-6, abs=1e-9)
-        assert share["norm_ratio"] == pytest.approx(np.linalg.norm(aB) / np.linalg.norm(V),
-                                                    rel=1e-6)  # fmt: skip
+        assert share["norm_ratio"] == pytest.approx(
+            np.linalg.norm(aB) / np.linalg.norm(V), rel=1e-6
+        )
         assert 0 < share["energy"] < 1
         assert entry["fold"] == core_all.model.manifest["diagnostics"]["per_class"][c]["fold"]
         for i, proto in enumerate(entry["prototypes"]):
@@ -630,8 +656,11 @@ def test_prototype_image(core_all):
     m = len(core_all.model.exemplars.entries(8, 1))
     assert im.format == "PNG" and im.size[0] >= m * 112 and im.size[1] >= 112
     assert core_all.listings.prototype_image(8, 1, "nmf") != png
-    for args, reason in ((("bag", 3), "unknown_prototype"), (("zebra", 0), "unknown_class"),
-                         (("bag", 0, "best"), "unknown_exemplar_kind")):  # fmt: skip
+    for args, reason in (
+        (("bag", 3), "unknown_prototype"),
+        (("zebra", 0), "unknown_class"),
+        (("bag", 0, "best"), "unknown_exemplar_kind"),
+    ):
         with pytest.raises(Unprocessable) as e:
             core_all.listings.prototype_image(*args)
         assert e.value.reason == reason
@@ -662,7 +691,10 @@ def test_overlay_map_kinds(core, presence_cores, bag_png):
     every, _ = presence_cores
     crop = every.model.prepare(bag_png)
     (out,) = run_images(every, [bag_png])
-    pngs = {k: every.listings.overlay(crop, out, 0, k) for k in ("contribution", "similarity", "presence")}
+    pngs = {
+        k: every.listings.overlay(crop, out, 0, k)
+        for k in ("contribution", "similarity", "presence")
+    }
     assert len(set(pngs.values())) == 3
     assert all(Image.open(io.BytesIO(p)).format == "PNG" for p in pngs.values())
     (plain,) = run_images(core, [bag_png])
@@ -685,8 +717,9 @@ def test_bucketed_batches_and_fewer_outputs_give_the_same_answers(fashion_artifa
     blobs = [p.read_bytes() for p in sorted((FASHION_DATA / "test" / "bag").glob("*.png"))[:3]]
 
     async def answers(buckets: str):
-        plane = Engine(Model.load(fashion_artifact),
-                          Settings.from_env({"PROTONMF_BATCH_BUCKETS": buckets}))  # fmt: skip
+        plane = Engine(
+            Model.load(fashion_artifact), Settings.from_env({"PROTONMF_BATCH_BUCKETS": buckets})
+        )
         await plane.start()
         try:
             options = ExplainOptions(top_k=3, map_kind="contribution")
@@ -711,8 +744,11 @@ def test_bucketed_batches_and_fewer_outputs_give_the_same_answers(fashion_artifa
             assert ca["logit"] == pytest.approx(cb["logit"], rel=1e-5, abs=1e-5)
             for pa, pb in zip(ca["prototypes"], cb["prototypes"], strict=True):
                 assert pa["contribution"] == pytest.approx(pb["contribution"], rel=1e-5, abs=1e-5)
-                np.testing.assert_allclose(pa["heatmap"]["values"], pb["heatmap"]["values"],
-                                           rtol=1e-4, atol=1e-4)  # fmt: skip
+                np.testing.assert_allclose(
+                    pa["heatmap"]["values"], pb["heatmap"]["values"], rtol=1e-4, atol=1e-4
+                )
     core = Engine.from_artifact(fashion_artifact)
-    assert "maps" in core.model.outputs_for("similarity") and "maps" not in core.model.outputs_for(None)
+    assert "maps" in core.model.outputs_for("similarity") and "maps" not in core.model.outputs_for(
+        None
+    )
     assert core.model.outputs_for(None) | {"maps"} == core.model.outputs_for("contribution")

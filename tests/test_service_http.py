@@ -9,18 +9,9 @@ import re
 
 import httpx
 import pytest
-from helpers import FASHION_DATA
+from helpers import animated, bomb_png, half_jpeg, histogram_count, png_bytes, sample_images
 from PIL import Image
 from served import serve
-from test_service_core import animated, bomb_png, jpeg_bytes, png_bytes
-
-
-def sample_images():
-    files = []
-    for cls in ("bag", "coat", "sneaker", "trouser"):
-        files += sorted((FASHION_DATA / "test" / cls).glob("*.png"))[:8]
-    return [f.read_bytes() for f in files]  # 32 images
-
 
 # --- tier 2: ASGI in-process ------------------------------------------------------------
 
@@ -39,10 +30,12 @@ def client(fashion_artifact):
 
 def test_asgi_explain_multipart_and_json_agree(client):
     blob = sample_images()[0]
-    a = client.post("/explain", files={"images": ("bag.png", blob, "image/png")},
-                    data={"top_k": "2"})  # fmt: skip
-    b = client.post("/explain", json={"images_base64": [base64.b64encode(blob).decode()],
-                                      "top_k": 2})  # fmt: skip
+    a = client.post(
+        "/explain", files={"images": ("bag.png", blob, "image/png")}, data={"top_k": "2"}
+    )
+    b = client.post(
+        "/explain", json={"images_base64": [base64.b64encode(blob).decode()], "top_k": 2}
+    )
     assert a.status_code == b.status_code == 200, (a.text, b.text)
     ea, eb = a.json()["explanations"][0], b.json()["explanations"][0]
     assert ea["top_k"][0]["class"] == "bag" and ea == eb
@@ -64,11 +57,19 @@ def test_asgi_reads_a_prebuilt_multipart_body_as_an_upload(client):
     """Load generators (wrk in benchmarks/bench_service.py) send pre-built multipart bodies
     with their own boundary: the service must read one as it reads a client's upload."""
     blob, boundary = sample_images()[0], "protonmf-bench-boundary"
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="images"; '
-            f'filename="bag.png"\r\nContent-Type: image/png\r\n\r\n').encode() + blob + \
-        f"\r\n--{boundary}--\r\n".encode()  # fmt: skip
-    a = client.post("/explain", content=body,
-                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="images"; '
+            f'filename="bag.png"\r\nContent-Type: image/png\r\n\r\n'
+        ).encode()
+        + blob
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    a = client.post(
+        "/explain",
+        content=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     b = client.post("/explain", files={"images": ("bag.png", blob, "image/png")})
     assert a.status_code == b.status_code == 200, a.text
     assert a.json() == b.json()
@@ -78,16 +79,33 @@ def test_asgi_openapi_documents_every_endpoint(client):
     r = client.get("/docs.json")
     assert r.status_code == 200, r.text
     spec = r.json()
-    assert {"/classify", "/explain", "/overlay", "/model", "/prototypes",
-            "/prototype_image"} <= spec["paths"].keys()  # fmt: skip
+    assert {
+        "/classify",
+        "/explain",
+        "/overlay",
+        "/model",
+        "/prototypes",
+        "/prototype_image",
+    } <= spec["paths"].keys()
     text = json.dumps(spec)
     assert '"prototype": 1' in text  # the intervention example is in the schema
-    for documented in ("map_kind", "residual_share", "nmf_contribution", "explained_share",
-                       "no_exemplars", '"kind": "augmented"'):  # fmt: skip
+    for documented in (
+        "map_kind",
+        "residual_share",
+        "nmf_contribution",
+        "explained_share",
+        "no_exemplars",
+        '"kind": "augmented"',
+    ):
         assert documented in text, documented
     schemas = spec["components"]["schemas"]
-    assert {"ExplainResponse", "ClassifyResponse", "PrototypesResponse", "ModelInfo",
-            "ErrorBody"} <= schemas.keys()  # fmt: skip
+    assert {
+        "ExplainResponse",
+        "ClassifyResponse",
+        "PrototypesResponse",
+        "ModelInfo",
+        "ErrorBody",
+    } <= schemas.keys()
     explain = spec["paths"]["/explain"]["post"]["responses"]
     typed = explain["200"]["content"]["application/json"]["schema"]
     assert typed.get("title") == "ExplainResponse" and "explanations" in typed["properties"]
@@ -124,9 +142,11 @@ def test_asgi_prototypes_and_prototype_image(client):
     assert Image.open(io.BytesIO(png.content)).format == "PNG"
     nmf = client.post("/prototype_image", json={"class": 8, "prototype": 1, "kind": "nmf"})
     assert nmf.status_code == 200 and nmf.content != png.content
-    for body, reason in (({"class": "zebra", "prototype": 0}, "unknown_class"),
-                         ({"class": "bag", "prototype": 9}, "unknown_prototype"),
-                         ({"class": "bag", "prototype": 0, "kind": "x"}, "unknown_exemplar_kind")):  # fmt: skip
+    for body, reason in (
+        ({"class": "zebra", "prototype": 0}, "unknown_class"),
+        ({"class": "bag", "prototype": 9}, "unknown_prototype"),
+        ({"class": "bag", "prototype": 0, "kind": "x"}, "unknown_exemplar_kind"),
+    ):
         bad = client.post("/prototype_image", json=body)
         assert bad.status_code == 422 and reason in bad.text, bad.text
     assert client.post("/prototypes", json={"classes": ["zebra"]}).status_code == 422
@@ -134,16 +154,16 @@ def test_asgi_prototypes_and_prototype_image(client):
 
 def test_asgi_intervention(client):
     blob = sample_images()[0]
-    r = client.post("/explain", json={"images_base64": [base64.b64encode(blob).decode()],
-                                      "interventions": [{"class": "bag", "prototype": 1}]})  # fmt: skip
+    r = client.post(
+        "/explain",
+        json={
+            "images_base64": [base64.b64encode(blob).decode()],
+            "interventions": [{"class": "bag", "prototype": 1}],
+        },
+    )
     assert r.status_code == 200, r.text
     iv = r.json()["explanations"][0]["intervention"]
     assert iv["switched_off"] == [{"class": "bag", "prototype": 1}]
-
-
-def _half_jpeg():
-    blob = jpeg_bytes(Image.new("RGB", (64, 64), "gray"))
-    return blob[: len(blob) // 2]
 
 
 def b64(blob):
@@ -152,35 +172,68 @@ def b64(blob):
 
 BAD_REQUESTS = [
     ("zero bytes", dict(files={"images": ("a.png", b"", "image/png")}), 400, "empty"),
-    ("text file", dict(files={"images": ("a.txt", b"hello" * 20, "text/plain")}), 415,
-     "unsupported_format"),
-    ("truncated JPEG", dict(json={"images_base64": [b64(_half_jpeg())]}), 400, "corrupt"),
-    ("1x1", dict(json={"images_base64": [b64(png_bytes(Image.new("L", (1, 1))))]}), 422,
-     "too_small"),
+    (
+        "text file",
+        dict(files={"images": ("a.txt", b"hello" * 20, "text/plain")}),
+        415,
+        "unsupported_format",
+    ),
+    ("truncated JPEG", dict(json={"images_base64": [b64(half_jpeg())]}), 400, "corrupt"),
+    (
+        "1x1",
+        dict(json={"images_base64": [b64(png_bytes(Image.new("L", (1, 1))))]}),
+        422,
+        "too_small",
+    ),
     ("bomb", dict(json={"images_base64": [b64(bomb_png())]}), 413, "too_many_pixels"),
     ("animated", dict(json={"images_base64": [b64(animated("PNG"))]}), 415, "animated"),
     ("bad base64", dict(json={"images_base64": ["***"]}), 400, "bad_base64"),
     ("wrong JSON types", dict(json={"images_base64": "x", "top_k": "many"}), 400, "validation"),
     ("no images", dict(json={}), 422, "no images"),
     ("too many images", dict(json={"images_base64": [b64(b"x")] * 17}), 413, "too_many_images"),
-    ("unknown class", dict(json={"images_base64": [b64(b"x")],
-                                 "interventions": [{"class": "zebra", "prototype": 0}]}), 422,
-     "unknown_class"),
-    ("unknown prototype", dict(json={"images_base64": [b64(b"x")],
-                                     "interventions": [{"class": "bag", "prototype": 9}]}), 422,
-     "unknown_prototype"),
-    ("top_k over classes", dict(json={"images_base64": [b64(b"x")], "top_k": 11}), 422,
-     "top_k_out_of_range"),
-    ("unknown map kind", dict(json={"images_base64": [b64(b"x")], "map_kind": "saliency"}), 422,
-     "unknown_map_kind"),
-    ("presence without presence maps", dict(json={"images_base64": [b64(b"x")],
-                                                  "map_kind": "presence"}), 422,
-     "no_presence_maps"),
-]  # fmt: skip
+    (
+        "unknown class",
+        dict(
+            json={
+                "images_base64": [b64(b"x")],
+                "interventions": [{"class": "zebra", "prototype": 0}],
+            }
+        ),
+        422,
+        "unknown_class",
+    ),
+    (
+        "unknown prototype",
+        dict(
+            json={"images_base64": [b64(b"x")], "interventions": [{"class": "bag", "prototype": 9}]}
+        ),
+        422,
+        "unknown_prototype",
+    ),
+    (
+        "top_k over classes",
+        dict(json={"images_base64": [b64(b"x")], "top_k": 11}),
+        422,
+        "top_k_out_of_range",
+    ),
+    (
+        "unknown map kind",
+        dict(json={"images_base64": [b64(b"x")], "map_kind": "saliency"}),
+        422,
+        "unknown_map_kind",
+    ),
+    (
+        "presence without presence maps",
+        dict(json={"images_base64": [b64(b"x")], "map_kind": "presence"}),
+        422,
+        "no_presence_maps",
+    ),
+]
 
 
-@pytest.mark.parametrize("name, kwargs, status, reason", BAD_REQUESTS,
-                         ids=[b[0] for b in BAD_REQUESTS])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, kwargs, status, reason", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
+)
 def test_asgi_bad_input_gets_4xx(client, name, kwargs, status, reason):
     r = client.post("/explain", **kwargs)
     assert r.status_code == status, r.text
@@ -195,28 +248,19 @@ def test_asgi_bad_input_gets_4xx(client, name, kwargs, status, reason):
 def server(fashion_artifact, request, tmp_path_factory):
     """param: {"workers": N} (default 1)."""
     param = getattr(request, "param", {})
-    with serve(fashion_artifact, tmp_path_factory.mktemp("server"), param.get("workers", 1),
-               {}) as served:  # fmt: skip
+    with serve(
+        fashion_artifact, tmp_path_factory.mktemp("server"), param.get("workers", 1), {}
+    ) as served:
         yield served.url
 
 
 async def explain_all(url, blobs):
     async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-        rs = await asyncio.gather(*(
-            c.post("/explain", files={"images": ("x.png", b, "image/png")}) for b in blobs
-        ))  # fmt: skip
+        rs = await asyncio.gather(
+            *(c.post("/explain", files={"images": ("x.png", b, "image/png")}) for b in blobs)
+        )
     assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
     return [r.json()["explanations"][0] for r in rs]
-
-
-def histogram_count(text: str, name: str, le: str | None = None) -> float:
-    """Sum of a metric's samples over all label sets (and workers), optionally one bucket."""
-    total = 0.0
-    for line in text.splitlines():
-        metric = re.split(r"[{ ]", line, maxsplit=1)[0]
-        if metric == name and (le is None or f'le="{le}"' in line):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_concurrent_requests_are_batched_and_identical(server):
@@ -231,13 +275,18 @@ def test_concurrent_requests_are_batched_and_identical(server):
             assert em["logit"] == pytest.approx(es["logit"], rel=1e-5, abs=1e-5)
     name = "protonmf_inference_batch_size"
     batches = histogram_count(after, f"{name}_count") - histogram_count(before, f"{name}_count")
-    ones = histogram_count(after, f"{name}_bucket", "1.0") - histogram_count(before, f"{name}_bucket", "1.0")
+    ones = histogram_count(after, f"{name}_bucket", "1.0") - histogram_count(
+        before, f"{name}_bucket", "1.0"
+    )
     assert 0 < batches < 32, "32 concurrent requests should merge into fewer batches"
     assert batches - ones >= 1, "at least one batch should hold more than one request"
     assert all(e["exactness"] <= 1e-4 for e in merged)
     assert re.search(r"^protonmf_batch_queue_images 0\.0$", after, re.M), "the queue drained"
-    queue = [line for line in after.splitlines()
-             if line.startswith("protonmf_stage_duration_seconds_count") and 'stage="queue"' in line]
+    queue = [
+        line
+        for line in after.splitlines()
+        if line.startswith("protonmf_stage_duration_seconds_count") and 'stage="queue"' in line
+    ]
     assert queue and float(queue[0].rsplit(" ", 1)[1]) >= 32, "time in the queue is measured"
 
 
@@ -249,9 +298,12 @@ def test_sustained_concurrency_has_no_server_errors(server):
         codes = []
         async with httpx.AsyncClient(base_url=server, timeout=120) as c:
             for _ in range(5):  # 5 × 32 concurrent requests: 160 internal calls
-                rs = await asyncio.gather(*(
-                    c.post("/classify", files={"images": ("x.png", b, "image/png")}) for b in blobs
-                ))  # fmt: skip
+                rs = await asyncio.gather(
+                    *(
+                        c.post("/classify", files={"images": ("x.png", b, "image/png")})
+                        for b in blobs
+                    )
+                )
                 codes += [r.status_code for r in rs]
         return codes
 
@@ -273,8 +325,10 @@ def test_single_request_latency_recovers_right_after_a_burst(server):
         with httpx.Client(base_url=server, timeout=60) as c:
             for _ in range(n):
                 t = time.perf_counter()
-                assert c.post("/classify", files={"images": ("x.png", blob, "image/png")}
-                              ).status_code == 200  # fmt: skip
+                assert (
+                    c.post("/classify", files={"images": ("x.png", blob, "image/png")}).status_code
+                    == 200
+                )
                 times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
 
@@ -299,9 +353,14 @@ def test_server_metrics_and_hostile_input(server):
     assert r.status_code == 415
     assert httpx.get(f"{server}/readyz").status_code == 200
     text = httpx.get(f"{server}/metrics").text
-    for metric in ("protonmf_stage_duration_seconds", "protonmf_inference_batch_size",
-                   "protonmf_predictions_total", "protonmf_prototype_top_contribution_total",
-                   "protonmf_rejected_requests_total", "protonmf_exactness_gap_max"):  # fmt: skip
+    for metric in (
+        "protonmf_stage_duration_seconds",
+        "protonmf_inference_batch_size",
+        "protonmf_predictions_total",
+        "protonmf_prototype_top_contribution_total",
+        "protonmf_rejected_requests_total",
+        "protonmf_exactness_gap_max",
+    ):
         assert metric in text, metric
     assert re.search(r'protonmf_rejected_requests_total\{reason="unsupported_format"\} [1-9]', text)
 

@@ -15,20 +15,32 @@ from protonmf.service.ops.settings import Settings, SettingsError
 
 
 def test_limits_and_types_from_env():
-    s = Settings.from_env({"PROTONMF_MAX_IMAGES": "4", "PROTONMF_JPEG_DRAFT": "false",
-                           "PROTONMF_DEVICE": "cuda", "PROTONMF_BATCH_WAIT_MS": "2.5",
-                           "OTHER": "ignored"})  # fmt: skip
+    s = Settings.from_env(
+        {
+            "PROTONMF_MAX_IMAGES": "4",
+            "PROTONMF_JPEG_DRAFT": "false",
+            "PROTONMF_DEVICE": "cuda",
+            "PROTONMF_BATCH_WAIT_MS": "2.5",
+            "OTHER": "ignored",
+        }
+    )
     assert s.limits().max_images == 4 and s.limits().jpeg_draft is False
     assert s.device == "cuda" and s.batch_wait_ms == 2.5
     assert Settings.from_env({}).limits().max_images == 16  # the Limits default
 
 
-@pytest.mark.parametrize("env, match", [
-    ({"PROTONMF_MAX_BYTES": "0"}, "PROTONMF_MAX_BYTES: Input should be greater than or equal to 1"),
-    ({"PROTONMF_DEVICE": "tpu"}, "PROTONMF_DEVICE: Input should be 'cpu', 'cuda' or 'auto'"),
-    ({"PROTONMF_WORKERS": "two"}, "PROTONMF_WORKERS: Input should be a valid integer"),
-    ({"PROTONMF_MAX_BATCHSIZE": "8"}, "unknown setting.*PROTONMF_MAX_BATCHSIZE"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "env, match",
+    [
+        (
+            {"PROTONMF_MAX_BYTES": "0"},
+            "PROTONMF_MAX_BYTES: Input should be greater than or equal to 1",
+        ),
+        ({"PROTONMF_DEVICE": "tpu"}, "PROTONMF_DEVICE: Input should be 'cpu', 'cuda' or 'auto'"),
+        ({"PROTONMF_WORKERS": "two"}, "PROTONMF_WORKERS: Input should be a valid integer"),
+        ({"PROTONMF_MAX_BATCHSIZE": "8"}, "unknown setting.*PROTONMF_MAX_BATCHSIZE"),
+    ],
+)
 def test_bad_settings_name_the_variable(env, match):
     with pytest.raises(SettingsError, match=match):
         Settings.from_env(env)
@@ -39,13 +51,16 @@ def test_removed_setting_warns_and_is_ignored(caplog):
     assert "PROTONMF_BATCH_PATH is ignored" in caplog.text
 
 
-@pytest.mark.parametrize("files, want", [
-    ({"cpu.max": "150000 100000\n"}, 2),  # v2: 1.5 CPUs, rounded up
-    ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
-    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
-    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, none
-    ({}, None),  # no cgroup files
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "files, want",
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # v2: 1.5 CPUs, rounded up
+        ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, none
+        ({}, None),  # no cgroup files
+    ],
+)
 def test_available_cpus_follow_a_cgroup_cpu_limit(tmp_path, files, want):
     from protonmf.service.ops.settings import available_cpus
 
@@ -78,15 +93,24 @@ def test_ort_threads_share_the_cpus_between_workers():
     assert two.ort_threads_per_worker() == max(1, cpus // 2)
     many = Settings.from_env({"PROTONMF_WORKERS": str(cpus * 4)})
     assert many.ort_threads_per_worker() == 1  # never 0
-    assert Settings.from_env({"PROTONMF_WORKERS": "2", "PROTONMF_ORT_THREADS": "3"}
-                             ).ort_threads_per_worker() == 3  # fmt: skip
+    assert (
+        Settings.from_env(
+            {"PROTONMF_WORKERS": "2", "PROTONMF_ORT_THREADS": "3"}
+        ).ort_threads_per_worker()
+        == 3
+    )
 
 
 def test_configuration_doc_is_current():
-    doc = subprocess.run([sys.executable, "-m", "protonmf.service.ops.settings", "--markdown"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    assert (REPO / "docs" / "configuration.md").read_text() == doc, \
+    doc = subprocess.run(
+        [sys.executable, "-m", "protonmf.service.ops.settings", "--markdown"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert (REPO / "docs" / "configuration.md").read_text() == doc, (
         "docs/configuration.md is stale: python -m protonmf.service.ops.settings --markdown > docs/configuration.md"
+    )
     for name in Settings.model_fields:
         assert f"`PROTONMF_{name.upper()}`" in doc
 
@@ -126,8 +150,10 @@ def test_concurrent_submits_merge_and_keep_their_order():
     async def scenario():
         b = _batcher(max_batch=8)
         b.start()
-        requests = [[np.full(2, i * 10 + j, np.float32) for j in range(n)]
-                    for i, n in enumerate((1, 3, 2, 5))]  # fmt: skip
+        requests = [
+            [np.full(2, i * 10 + j, np.float32) for j in range(n)]
+            for i, n in enumerate((1, 3, 2, 5))
+        ]
         results = await asyncio.gather(*(b.submit(r) for r in requests))
         await b.stop()
         return requests, results
@@ -245,10 +271,13 @@ def test_a_batch_fetches_the_union_of_what_its_images_need():
         gate = asyncio.Event()
         b = MicroBatcher(run, _per_image, max_batch=8, wait_s=0.05)
         b.start()
-        await asyncio.gather(b.submit([np.zeros(1)], frozenset({"logits"})),
-                             b.submit([np.ones(1)], frozenset({"logits", "maps"})))  # fmt: skip
-        await asyncio.gather(b.submit([np.zeros(1)], frozenset({"logits"})),
-                             b.submit([np.ones(1)], None))  # fmt: skip
+        await asyncio.gather(
+            b.submit([np.zeros(1)], frozenset({"logits"})),
+            b.submit([np.ones(1)], frozenset({"logits", "maps"})),
+        )
+        await asyncio.gather(
+            b.submit([np.zeros(1)], frozenset({"logits"})), b.submit([np.ones(1)], None)
+        )
         gate.set()
         await b.stop()
 
@@ -256,12 +285,15 @@ def test_a_batch_fetches_the_union_of_what_its_images_need():
     assert seen == [frozenset({"logits", "maps"}), None]  # None: every output
 
 
-@pytest.mark.parametrize("value, provider, expected", [
-    ("auto", "CPUExecutionProvider", None),
-    ("auto", "CUDAExecutionProvider", (1, 2, 4, 8, 16, 32)),
-    ("off", "CUDAExecutionProvider", None),
-    ("1,3,64", "CPUExecutionProvider", (1, 3, 32)),  # capped at the limit, which is a bucket
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "value, provider, expected",
+    [
+        ("auto", "CPUExecutionProvider", None),
+        ("auto", "CUDAExecutionProvider", (1, 2, 4, 8, 16, 32)),
+        ("off", "CUDAExecutionProvider", None),
+        ("1,3,64", "CPUExecutionProvider", (1, 3, 32)),  # capped at the limit, which is a bucket
+    ],
+)
 def test_bucket_settings(value, provider, expected):
     s = Settings.from_env({"PROTONMF_BATCH_BUCKETS": value})
     assert s.buckets(provider) == expected
@@ -274,9 +306,24 @@ def test_serve_refuses_settings_this_machine_cannot_run_in_one_line(fashion_arti
     setting that fails there (CUDA graphs on the CPU) exits 2 with its reason, instead of a
     worker that BentoML restarts forever (the server never exited before)."""
     env = dict(os.environ, PROTONMF_CUDA_GRAPHS="true", BENTOML_DO_NOT_TRACK="true")
-    r = subprocess.run([sys.executable, "-m", "protonmf.cli", "serve", str(fashion_artifact),
-                        "--port", "0", "--device", "cpu"], capture_output=True, text=True,
-                       env=env, cwd=REPO, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "protonmf.cli",
+            "serve",
+            str(fashion_artifact),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 2, (r.stdout[-500:], r.stderr[-2000:])
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "PROTONMF_CUDA_GRAPHS runs on CUDA only" in r.stderr

@@ -47,15 +47,15 @@ async def drive(url: str, out: Path) -> dict:
 
         # Upload an image through the file input; wait for the explanation and its strips.
         doc = await page.send("DOM.getDocument")
-        node = await page.send("DOM.querySelector", nodeId=doc["root"]["nodeId"],
-                               selector="#file")  # fmt: skip
+        node = await page.send("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")
         await page.send("DOM.setFileInputFiles", files=[str(UPLOAD)], nodeId=node["nodeId"])
         await page.wait_for("document.querySelector('#result').dataset.state === 'explained'")
         top_k = int(await page.js("Number(document.querySelector('#top-k').value)"))
         rows = await page.js("[...document.querySelectorAll('.proto-row')].length")
         assert rows == top_k * model["p"]
-        shown = await page.js("[...document.querySelectorAll('#topk tbody tr')]"
-                              ".map(r => r.dataset.class)")  # fmt: skip
+        shown = await page.js(
+            "[...document.querySelectorAll('#topk tbody tr')].map(r => r.dataset.class)"
+        )
         blob = UPLOAD.read_bytes()
         body = {"images_base64": [base64.b64encode(blob).decode()], "top_k": top_k}
         api = httpx.post(f"{url}/explain", json={**body, "heatmaps": False}, timeout=60).json()
@@ -64,10 +64,13 @@ async def drive(url: str, out: Path) -> dict:
         maps = await page.js("document.querySelectorAll('canvas.map').length")
         assert maps == (rows if model["heatmap_classes"] else 0)
         if model["exemplars"]:
-            await page.wait_for(f"document.querySelectorAll('.proto-row .strip img').length"
-                                f" === {rows}")  # fmt: skip
-            await page.wait_for("[...document.querySelectorAll('.strip img')]"
-                                ".every(i => i.complete && i.naturalWidth > 0)")  # fmt: skip
+            await page.wait_for(
+                f"document.querySelectorAll('.proto-row .strip img').length === {rows}"
+            )
+            await page.wait_for(
+                "[...document.querySelectorAll('.strip img')]"
+                ".every(i => i.complete && i.naturalWidth > 0)"
+            )
         check_screenshot(await page.screenshot(out / "explanation.png"), 2000)
 
         # Switch the top class's prototype 1 off with the keyboard (focus + Space).
@@ -77,11 +80,15 @@ async def drive(url: str, out: Path) -> dict:
         await page.key(" ", text=" ")
         await page.wait_for("document.querySelector('#counterfactual').dataset.state === 'ready'")
         assert await page.js(f"document.querySelector('#off-{index}-1').checked")
-        logits = await page.js("Object.fromEntries([...document.querySelectorAll("
-                               "'#cf-logits tbody tr')].map(r => [r.dataset.class, "
-                               "Number(r.dataset.logit)]))")  # fmt: skip
-        new_top = await page.js("[...document.querySelectorAll('#cf-topk tbody tr')]"
-                                ".map(r => [r.dataset.class, Number(r.dataset.logit)])")  # fmt: skip
+        logits = await page.js(
+            "Object.fromEntries([...document.querySelectorAll("
+            "'#cf-logits tbody tr')].map(r => [r.dataset.class, "
+            "Number(r.dataset.logit)]))"
+        )
+        new_top = await page.js(
+            "[...document.querySelectorAll('#cf-topk tbody tr')]"
+            ".map(r => [r.dataset.class, Number(r.dataset.logit)])"
+        )
         want = httpx.post(
             f"{url}/explain",
             json={**body, "heatmaps": False, "interventions": [{"class": cls, "prototype": 1}]},
@@ -125,9 +132,11 @@ async def drive(url: str, out: Path) -> dict:
         protos = await page.js("document.querySelectorAll('.atlas-proto').length")
         assert protos == model["p"]
         if model["exemplars"]:
-            await page.wait_for("[...document.querySelectorAll('.atlas-proto .strip img')]"
-                                ".length > 0 && [...document.querySelectorAll('.atlas-proto "
-                                ".strip img')].every(i => i.complete && i.naturalWidth > 0)")  # fmt: skip
+            await page.wait_for(
+                "[...document.querySelectorAll('.atlas-proto .strip img')]"
+                ".length > 0 && [...document.querySelectorAll('.atlas-proto "
+                ".strip img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
         check_screenshot(await page.screenshot(out / "atlas.png"), 2000)
 
         # Nothing but the service (and data:/blob: URLs the page made itself).

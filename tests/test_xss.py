@@ -31,8 +31,10 @@ RECORD_ALERTS = """window.__alerts = [];
 for (const f of ["alert", "confirm", "prompt"]) window[f] = (m) => { window.__alerts.push(String(m)); };"""
 
 # What an injected name would leave in the DOM: an event handler attribute anywhere.
-HANDLERS = ("[...document.querySelectorAll('*')].filter(e => [...e.attributes]"
-            ".some(a => a.name.startsWith('on'))).map(e => e.outerHTML.slice(0, 120))")  # fmt: skip
+HANDLERS = (
+    "[...document.querySelectorAll('*')].filter(e => [...e.attributes]"
+    ".some(a => a.name.startsWith('on'))).map(e => e.outerHTML.slice(0, 120))"
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,20 @@ def hostile_artifact(tmp_path_factory) -> Path:
             for f in sorted((FASHION_DATA / split / original).glob("*.png"))[:n]:
                 shutil.copy(f, folder / f.name)
     out = root / "artifact"
-    code, _ = run_cli("convert", "--quiet", "--model", model, "--data", root / "data",
-                      "-p", 2, "--exemplars", 3, "--out", out)  # fmt: skip
+    code, _ = run_cli(
+        "convert",
+        "--quiet",
+        "--model",
+        model,
+        "--data",
+        root / "data",
+        "-p",
+        2,
+        "--exemplars",
+        3,
+        "--out",
+        out,
+    )
     assert code == 0
     assert manifest_of(out)["classes"] == names
     return out
@@ -80,10 +94,12 @@ async def assert_inert(page, allowed_images: str) -> None:
     assert not [e for e in page.events if e["method"] == "Page.javascriptDialogOpening"]
     assert await page.js(HANDLERS) == []
     assert await page.js("document.querySelectorAll('svg:not(.plot), i').length") == 0
-    assert await page.js("[...document.querySelectorAll('b')].every(b => "
-                         "/^prototype \\d+$/.test(b.textContent))")  # fmt: skip
-    bad = await page.js(f"[...document.images].filter(i => !({allowed_images}))"
-                        ".map(i => i.outerHTML.slice(0, 120))")  # fmt: skip
+    assert await page.js(
+        "[...document.querySelectorAll('b')].every(b => /^prototype \\d+$/.test(b.textContent))"
+    )
+    bad = await page.js(
+        f"[...document.images].filter(i => !({allowed_images})).map(i => i.outerHTML.slice(0, 120))"
+    )
     assert bad == []
 
 
@@ -95,8 +111,9 @@ def check_screenshot(path: Path) -> None:
 @pytest.mark.e2e
 def test_report_shows_hostile_names_as_text(hostile_artifact, tmp_path, capsys):
     out = tmp_path / "report.html"
-    code, _ = run_cli("report", hostile_artifact, "--max-images", 40, "--quiet", "--out", out,
-                      capsys=capsys)  # fmt: skip
+    code, _ = run_cli(
+        "report", hostile_artifact, "--max-images", 40, "--quiet", "--out", out, capsys=capsys
+    )
     assert code == 0
     page = out.read_text()
     for name in HOSTILE:
@@ -107,17 +124,21 @@ def test_report_shows_hostile_names_as_text(hostile_artifact, tmp_path, capsys):
         async with Browser(tmp_path) as open_page:
             page = await open_hostile(open_page, out.as_uri())
             assert await page.js("document.scripts.length") == 0
-            await assert_inert(page, "i.classList.contains('exemplar') && "
-                                     "i.src.startsWith('data:image/png')")  # fmt: skip
-            atlas = await page.js("[...document.querySelectorAll('.atlas-class')].map(s => "
-                                  "[s.dataset.className, s.querySelector('h3').firstChild"
-                                  ".textContent])")  # fmt: skip
+            await assert_inert(
+                page, "i.classList.contains('exemplar') && i.src.startsWith('data:image/png')"
+            )
+            atlas = await page.js(
+                "[...document.querySelectorAll('.atlas-class')].map(s => "
+                "[s.dataset.className, s.querySelector('h3').firstChild"
+                ".textContent])"
+            )
             assert atlas == [[n, n] for n in names]
-            labels = await page.js("[...document.querySelectorAll('#plot-per-class-top1 "
-                                   "text')].map(t => t.textContent)")  # fmt: skip
+            labels = await page.js(
+                "[...document.querySelectorAll('#plot-per-class-top1 "
+                "text')].map(t => t.textContent)"
+            )
             assert set(names) <= set(labels)
-            tips = await page.js("[...document.querySelectorAll('img.exemplar')]"
-                                 ".map(i => i.title)")  # fmt: skip
+            tips = await page.js("[...document.querySelectorAll('img.exemplar')].map(i => i.title)")
             # the exemplars' sources (FOLDER/FILE) carry the names too
             assert all(any(t.startswith(f"{n}/") for t in tips) for n in HOSTILE)
             text = await page.js("document.body.innerText")
@@ -137,15 +158,17 @@ async def drive_ui(url: str, upload: Path, names: list[str], out: Path) -> None:
         # Every class in the explanation: the top-k table and one card per class.
         await page.js(f"document.querySelector('#top-k').value = '{len(names)}'")
         doc = await page.send("DOM.getDocument")
-        node = await page.send("DOM.querySelector", nodeId=doc["root"]["nodeId"],
-                               selector="#file")  # fmt: skip
+        node = await page.send("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")
         await page.send("DOM.setFileInputFiles", files=[str(upload)], nodeId=node["nodeId"])
         await page.wait_for("document.querySelector('#result').dataset.state === 'explained'")
-        shown = await page.js("[...document.querySelectorAll('#topk tbody th')]"
-                              ".map(t => t.textContent)")  # fmt: skip
+        shown = await page.js(
+            "[...document.querySelectorAll('#topk tbody th')].map(t => t.textContent)"
+        )
         assert sorted(shown) == sorted(names)
-        cards = await page.js("[...document.querySelectorAll('.class-card')]"
-                              ".map(c => [c.dataset.class, c.querySelector('h3').textContent])")  # fmt: skip
+        cards = await page.js(
+            "[...document.querySelectorAll('.class-card')]"
+            ".map(c => [c.dataset.class, c.querySelector('h3').textContent])"
+        )
         assert [c for c, _ in cards] == shown
         assert all(h.endswith(f" {c}") for c, h in cards)
         # A hostile class's prototype off: the counterfactual names it.
@@ -153,29 +176,38 @@ async def drive_ui(url: str, upload: Path, names: list[str], out: Path) -> None:
         await page.wait_for("document.querySelector('#counterfactual').dataset.state === 'ready'")
         off = await page.js("document.querySelector('#cf-off').textContent")
         assert off == f"Off: {names[0]} #0"
-        await page.wait_for("[...document.querySelectorAll('.proto-row .strip img')]"
-                            f".length === {2 * len(names)}")  # fmt: skip
-        await assert_inert(page, "i.src.startsWith('blob:') || "
-                                 "i.getAttribute('src').startsWith('samples/')")  # fmt: skip
+        await page.wait_for(
+            f"[...document.querySelectorAll('.proto-row .strip img')].length === {2 * len(names)}"
+        )
+        await assert_inert(
+            page, "i.src.startsWith('blob:') || i.getAttribute('src').startsWith('samples/')"
+        )
         await page.screenshot(out / "ui-explanation.png")
 
         # The atlas: the class list and a hostile class's page.
         await page.js("document.querySelector('#tab-atlas').click()")
         await page.wait_for("document.querySelector('#atlas-detail').dataset.state === 'ready'")
-        options = await page.js("[...document.querySelector('#atlas-class').options]"
-                                ".map(o => o.textContent)")  # fmt: skip
+        options = await page.js(
+            "[...document.querySelector('#atlas-class').options].map(o => o.textContent)"
+        )
         assert options == [f"{i} · {n}" for i, n in enumerate(names)]
         for i in range(len(HOSTILE)):
-            await page.js(f"{{ const s = document.querySelector('#atlas-class'); s.value = '{i}'; "
-                          "s.dispatchEvent(new Event('change')); }")  # fmt: skip
-            await page.wait_for(f"document.querySelector('#atlas-detail').dataset.class === "
-                                f"{json.dumps(names[i])}")  # fmt: skip
+            await page.js(
+                f"{{ const s = document.querySelector('#atlas-class'); s.value = '{i}'; "
+                "s.dispatchEvent(new Event('change')); }"
+            )
+            await page.wait_for(
+                f"document.querySelector('#atlas-detail').dataset.class === {json.dumps(names[i])}"
+            )
             title = await page.js("document.querySelector('#atlas-detail h2').textContent")
             assert title == f"{i} · {names[i]}"
-        await page.wait_for("[...document.querySelectorAll('.atlas-proto .strip img')]"
-                            ".every(i => i.complete && i.naturalWidth > 0)")  # fmt: skip
-        await assert_inert(page, "i.src.startsWith('blob:') || "
-                                 "i.getAttribute('src').startsWith('samples/')")  # fmt: skip
+        await page.wait_for(
+            "[...document.querySelectorAll('.atlas-proto .strip img')]"
+            ".every(i => i.complete && i.naturalWidth > 0)"
+        )
+        await assert_inert(
+            page, "i.src.startsWith('blob:') || i.getAttribute('src').startsWith('samples/')"
+        )
         await page.screenshot(out / "ui-atlas.png")
         await page.close()
 

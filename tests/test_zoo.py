@@ -6,10 +6,11 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from protonmf.cli import main
+
+torch = pytest.importorskip("torch")  # the convert extra: timm checkpoints are torch files
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +21,28 @@ def data(tmp_path_factory):
     for c in range(3):
         (root / str(c)).mkdir()
         for j in range(2):
-            Image.fromarray(rng.integers(0, 255, (40 + j, 48, 3), np.uint8)).save(root / str(c) / f"{j}.png")
+            Image.fromarray(rng.integers(0, 255, (40 + j, 48, 3), np.uint8)).save(
+                root / str(c) / f"{j}.png"
+            )
     return root
 
 
 def convert(capsys, tmp_path, data, *args) -> tuple[int, str]:
-    code = main(["convert", "--quiet", "--exemplars", "2", "-p", "2", "--data", str(data),
-                 "--out", str(tmp_path / "out"), *map(str, args)])  # fmt: skip
+    code = main(
+        [
+            "convert",
+            "--quiet",
+            "--exemplars",
+            "2",
+            "-p",
+            "2",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+            *map(str, args),
+        ]
+    )
     return code, capsys.readouterr().err
 
 
@@ -53,12 +69,23 @@ def test_unreadable_checkpoints(tmp_path, capsys, data):
     (tmp_path / "random.safetensors").write_bytes(os.urandom(2000))
     (tmp_path / "text.pth").write_text("not a checkpoint\n")
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
-    for name, reason in (("random.pth", "not a readable PyTorch checkpoint"),
-                         ("random.safetensors", "not a readable safetensors checkpoint"),
-                         ("text.pth", "not a readable PyTorch checkpoint"),
-                         ("tensor.pth", "holds a Tensor, not a state dict")):  # fmt: skip
-        code, err = convert(capsys, tmp_path, data, "--model", "resnet10t", "--checkpoint",
-                            tmp_path / name, "--model-kwargs", KW3)  # fmt: skip
+    for name, reason in (
+        ("random.pth", "not a readable PyTorch checkpoint"),
+        ("random.safetensors", "not a readable safetensors checkpoint"),
+        ("text.pth", "not a readable PyTorch checkpoint"),
+        ("tensor.pth", "holds a Tensor, not a state dict"),
+    ):
+        code, err = convert(
+            capsys,
+            tmp_path,
+            data,
+            "--model",
+            "resnet10t",
+            "--checkpoint",
+            tmp_path / name,
+            "--model-kwargs",
+            KW3,
+        )
         refused(code, err, reason)
 
 
@@ -67,13 +94,24 @@ def test_wrong_model_settings(tmp_path, capsys, data):
     cases = [
         (["--model", "resnet10t", "--model-kwargs", KW3], "fc.weight has shape (5, 512)"),
         (["--model", "no_such_net"], "Unknown model"),
-        (["--model", "resnet10t", "--model-kwargs", '{"num_classes": 5, "bogus": 1}'],
-         "unexpected keyword argument 'bogus'"),
-        (["--model", "resnet10t", "--model-kwargs", '{"num_classes": 5}', "-p", "1000"],
-         "-p 1000 exceeds the feature dimension D = 512"),
-        (["--model", "deit_tiny_distilled_patch16_224", "--model-kwargs",
-          '{"num_classes": 3, "global_pool": "avg"}'], "timm cannot create"),
-    ]  # fmt: skip
+        (
+            ["--model", "resnet10t", "--model-kwargs", '{"num_classes": 5, "bogus": 1}'],
+            "unexpected keyword argument 'bogus'",
+        ),
+        (
+            ["--model", "resnet10t", "--model-kwargs", '{"num_classes": 5}', "-p", "1000"],
+            "-p 1000 exceeds the feature dimension D = 512",
+        ),
+        (
+            [
+                "--model",
+                "deit_tiny_distilled_patch16_224",
+                "--model-kwargs",
+                '{"num_classes": 3, "global_pool": "avg"}',
+            ],
+            "timm cannot create",
+        ),
+    ]
     for args, reason in cases:
         code, err = convert(capsys, tmp_path, data, "--checkpoint", ckpt, *args)
         refused(code, err, reason)
@@ -96,12 +134,24 @@ ZOO = [
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize(("arch", "kwargs", "reason"), ZOO,
-                         ids=[f"{a}-{'-'.join(map(str, k.values())) or 'default'}" for a, k, _ in ZOO])  # fmt: skip
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "reason"),
+    ZOO,
+    ids=[f"{a}-{'-'.join(map(str, k.values())) or 'default'}" for a, k, _ in ZOO],
+)
 def test_timm_zoo_exact_or_refused(arch, kwargs, reason, tmp_path, capsys, data):
     kwargs = {"num_classes": 3, **kwargs}
-    code, err = convert(capsys, tmp_path, data, "--model", arch, "--checkpoint",
-                        saved(tmp_path, arch, **kwargs), "--model-kwargs", json.dumps(kwargs))  # fmt: skip
+    code, err = convert(
+        capsys,
+        tmp_path,
+        data,
+        "--model",
+        arch,
+        "--checkpoint",
+        saved(tmp_path, arch, **kwargs),
+        "--model-kwargs",
+        json.dumps(kwargs),
+    )
     if reason is not None:
         refused(code, err, reason)
         return

@@ -9,9 +9,11 @@ worker RSS after the load is ≤ 1.2× before, and — with ``--settle S`` > 0 �
 single-request /explain latency S seconds after the load is within 1.5× of before it
 (issue #16: "2 minutes after a burst": ``--settle 120``).
 
-    .venv/bin/python scripts/check_load.py ARTIFACT                      # 64 × 60 s
-    .venv/bin/python scripts/check_load.py ARTIFACT --settle 120         # and the recovery
-    .venv/bin/python scripts/check_load.py ARTIFACT --seconds 10 --clients 16
+    .venv/bin/python -m tests.acceptance.check_load ARTIFACT                  # 64 × 60 s
+    .venv/bin/python -m tests.acceptance.check_load ARTIFACT --settle 120     # and the recovery
+    .venv/bin/python -m tests.acceptance.check_load ARTIFACT --seconds 10 --clients 16
+
+(from the repository root: tests.acceptance is a package there)
 
 Exit 0: passed; 1: failed (what failed is printed).
 """
@@ -27,8 +29,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_common import fashion_images, memory, mib, percentile, served, worker_pids  # noqa: E402
+from tests.acceptance.common import fashion_images, memory, mib, percentile, served, worker_pids
 
 RSS_GROWTH = 1.2
 RECOVERY = 1.5
@@ -104,18 +105,26 @@ async def load(url, target, images, ref, clients: int, seconds: float) -> dict:
             stats["latency"][f"{t} {m}"] = []
     until = time.monotonic() + seconds
     t0 = time.monotonic()
-    await asyncio.gather(*(client(i, url, target, images, ref, until, stats) for i in range(clients)))
+    await asyncio.gather(
+        *(client(i, url, target, images, ref, until, stats) for i in range(clients))
+    )
     stats["seconds"] = time.monotonic() - t0
     return stats
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--settle", type=float, default=0.0,
-                    help="seconds to wait after the load before the recovery check (0: none)")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds to wait after the load before the recovery check (0: none)",
+    )
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args(argv)
     named = fashion_images(3)
@@ -133,27 +142,35 @@ def main(argv=None) -> int:
         pids_after = worker_pids(s.proc.pid)
     total = sum(stats["requests"].values())
     print(f"reference: {len(images)} images, top-1 of REST = gRPC: {Counter(ref).most_common()}")
-    print(f"{args.clients} clients × {stats['seconds']:.1f} s ({args.workers} worker(s)): "
-          f"{total} requests, {stats['images']} images "
-          f"({stats['images'] / stats['seconds']:.1f} img/s), errors {len(stats['errors'])}")  # fmt: skip
+    print(
+        f"{args.clients} clients × {stats['seconds']:.1f} s ({args.workers} worker(s)): "
+        f"{total} requests, {stats['images']} images "
+        f"({stats['images'] / stats['seconds']:.1f} img/s), errors {len(stats['errors'])}"
+    )
     for key, lat in stats["latency"].items():
-        print(f"  {key:14} {len(lat):6} requests  p50 {percentile(lat, 50) * 1000:6.0f} ms  "
-              f"p99 {percentile(lat, 99) * 1000:6.0f} ms  max {max(lat, default=0) * 1000:6.0f} ms")  # fmt: skip
+        print(
+            f"  {key:14} {len(lat):6} requests  p50 {percentile(lat, 50) * 1000:6.0f} ms  "
+            f"p99 {percentile(lat, 99) * 1000:6.0f} ms  max {max(lat, default=0) * 1000:6.0f} ms"
+        )
     for e in stats["errors"][:20]:
         print("  error:", e)
     ok = not stats["errors"] and total > 0
     for p in pids:
         b, a = before[p], after.get(p) or {}
         growth = a.get("rss", 0) / b["rss"] if b else float("inf")
-        print(f"worker {p}: RSS {mib(b['rss'])} before, {mib(a.get('rss', 0))} after "
-              f"({growth:.2f}×), peak {mib(a.get('peak', 0))}")  # fmt: skip
+        print(
+            f"worker {p}: RSS {mib(b['rss'])} before, {mib(a.get('rss', 0))} after "
+            f"({growth:.2f}×), peak {mib(a.get('peak', 0))}"
+        )
         ok &= growth <= RSS_GROWTH
     if set(pids) != set(pids_after) or not pids:
         print(f"FAIL: workers {pids} before, {pids_after} after (restarted?)")
         ok = False
     ratio = after_latency / before_latency
-    print(f"single /explain median: {before_latency * 1000:.1f} ms before, "
-          f"{after_latency * 1000:.1f} ms {args.settle:g} s after the load ({ratio:.2f}×)")  # fmt: skip
+    print(
+        f"single /explain median: {before_latency * 1000:.1f} ms before, "
+        f"{after_latency * 1000:.1f} ms {args.settle:g} s after the load ({ratio:.2f}×)"
+    )
     if args.settle > 0 and ratio > RECOVERY:
         print(f"FAIL: latency after the load over {RECOVERY}× before")
         ok = False

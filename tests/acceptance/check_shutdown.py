@@ -15,8 +15,10 @@ runtime signals) gets SIGTERM. From then on, every ``--probe-every`` seconds, a 
 REST and gRPC are measured and judged separately; the printed timeline shows what each
 transport did after SIGTERM.
 
-    .venv/bin/python scripts/check_shutdown.py ARTIFACT
-    .venv/bin/python scripts/check_shutdown.py ARTIFACT --rest 4 --grpc 4 --warmup 2
+    .venv/bin/python -m tests.acceptance.check_shutdown ARTIFACT
+    .venv/bin/python -m tests.acceptance.check_shutdown ARTIFACT --rest 4 --grpc 4 --warmup 2
+
+(from the repository root: tests.acceptance is a package there)
 
 Exit 0: passed; 1: failed (what failed is printed).
 """
@@ -33,8 +35,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_common import fashion_images, served  # noqa: E402
+from tests.acceptance.common import fashion_images, served
 
 CLEAN = ("refused", "reset", "503", "UNAVAILABLE")
 DETAILS: dict[str, str] = {}  # outcome → the first error text seen with it
@@ -66,8 +67,11 @@ def _grpc_outcome(e: Exception) -> str:
 
 async def rest_call(client, url: str, images: list[bytes], timeout: float) -> str:
     try:
-        r = await client.post(f"{url}/explain", timeout=timeout,
-                              files=[("images", ("x.png", b, "image/png")) for b in images])  # fmt: skip
+        r = await client.post(
+            f"{url}/explain",
+            timeout=timeout,
+            files=[("images", ("x.png", b, "image/png")) for b in images],
+        )
         return "200" if r.status_code == 200 else str(r.status_code)
     except Exception as e:  # noqa: BLE001 - the outcome is the point
         return _rest_outcome(e)
@@ -84,8 +88,8 @@ async def grpc_call(stub, pb, images: list[bytes], timeout: float) -> str:
 def _grpc_stub(target: str):
     import grpc
 
-    from protonmf.client import grpc_channel_options
     from protonmf.api.proto.protonmf.v1 import protonmf_pb2, protonmf_pb2_grpc
+    from protonmf.client import grpc_channel_options
 
     channel = grpc.aio.insecure_channel(target, options=grpc_channel_options(own_connection=True))
     return channel, protonmf_pb2_grpc.ProtoNMFStub(channel), protonmf_pb2
@@ -132,16 +136,24 @@ async def probe(transport, s, image, hang: float) -> str:
 async def scenario(s, images, args) -> dict:
     state = {"exited": False, "sigterm": None, "exit_at": None}
     log, probes = [], []
-    clients = [asyncio.ensure_future(load_client(i, t, s, images, state, log))
-               for i, t in enumerate(["rest"] * args.rest + ["grpc"] * args.grpc)]  # fmt: skip
+    clients = [
+        asyncio.ensure_future(load_client(i, t, s, images, state, log))
+        for i, t in enumerate(["rest"] * args.rest + ["grpc"] * args.grpc)
+    ]
     await asyncio.sleep(args.warmup)
     state["sigterm"] = t_sig = time.monotonic()
     os.kill(s.proc.pid, signal.SIGTERM)
     pending = set()
 
     async def one(transport, t):
-        probes.append((transport, t - t_sig, await probe(transport, s, images[0], args.hang),
-                       time.monotonic() - t))  # fmt: skip
+        probes.append(
+            (
+                transport,
+                t - t_sig,
+                await probe(transport, s, images[0], args.hang),
+                time.monotonic() - t,
+            )
+        )
 
     while time.monotonic() - t_sig < args.max_wait:
         if s.proc.poll() is not None:
@@ -181,12 +193,16 @@ def judge(transport: str, result: dict, args) -> bool:
     hung = [p for p in probes if p[2] == "hung"]
     late = [p for p in probes if p[2] == "200" and p[1] > args.accept_window]
     unclean = [p for p in probes if p[2] not in CLEAN + ("200", "hung")]
-    print(f"{transport.upper()}: {len(before)} requests sent before SIGTERM, {len(in_flight)} "
-          f"in flight at SIGTERM, lost {len(lost)} {dict(Counter(r[3] for r in lost))}; "
-          f"sent on kept-alive connections after SIGTERM: {dict(after)}")  # fmt: skip
+    print(
+        f"{transport.upper()}: {len(before)} requests sent before SIGTERM, {len(in_flight)} "
+        f"in flight at SIGTERM, lost {len(lost)} {dict(Counter(r[3] for r in lost))}; "
+        f"sent on kept-alive connections after SIGTERM: {dict(after)}"
+    )
     served_after = [p[1] for p in probes if p[2] == "200"]
-    print(f"  new connections after SIGTERM: {dict(Counter(p[2] for p in probes))}; last served at "
-          f"+{max(served_after, default=0):.1f} s; hung (> {args.hang:g} s) {len(hung)}")  # fmt: skip
+    print(
+        f"  new connections after SIGTERM: {dict(Counter(p[2] for p in probes))}; last served at "
+        f"+{max(served_after, default=0):.1f} s; hung (> {args.hang:g} s) {len(hung)}"
+    )
     print(f"  timeline: {timeline(probes)}")
     problems = []
     if lost:
@@ -194,18 +210,24 @@ def judge(transport: str, result: dict, args) -> bool:
     if hung:
         problems.append(f"{len(hung)} new connections hung")
     if late:
-        problems.append(f"{len(late)} new connections served later than "
-                        f"{args.accept_window:g} s after SIGTERM (until +{late[-1][1]:.1f} s)")  # fmt: skip
+        problems.append(
+            f"{len(late)} new connections served later than "
+            f"{args.accept_window:g} s after SIGTERM (until +{late[-1][1]:.1f} s)"
+        )
     if unclean:
-        problems.append(f"{len(unclean)} new connections answered otherwise: "
-                        f"{dict(Counter(p[2] for p in unclean))}")  # fmt: skip
+        problems.append(
+            f"{len(unclean)} new connections answered otherwise: "
+            f"{dict(Counter(p[2] for p in unclean))}"
+        )
     for p in problems:
         print(f"  FAIL ({transport}): {p}")
     return not problems
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--rest", type=int, default=16, help="REST load clients")
     ap.add_argument("--grpc", type=int, default=16, help="gRPC load clients")
@@ -222,16 +244,23 @@ def main(argv=None) -> int:
         result = asyncio.run(scenario(s, images, args))
         code = s.proc.poll()
     exit_at = result["exit_at"]
-    print(f"SIGTERM to PID {s.proc.pid}: exited "
-          + (f"after {exit_at:.1f} s with code {code}" if exit_at is not None
-             else f"not within {args.max_wait:g} s (then stopped by the harness)"))  # fmt: skip
+    print(
+        f"SIGTERM to PID {s.proc.pid}: exited "
+        + (
+            f"after {exit_at:.1f} s with code {code}"
+            if exit_at is not None
+            else f"not within {args.max_wait:g} s (then stopped by the harness)"
+        )
+    )
     for outcome, text in sorted(DETAILS.items()):
         print(f"  {outcome}: {text!r}")
     ok_rest = judge("rest", result, args)
     ok_grpc = judge("grpc", result, args)
     ok = ok_rest and ok_grpc and exit_at is not None
-    print(f"REST {'PASS' if ok_rest else 'FAIL'}, gRPC {'PASS' if ok_grpc else 'FAIL'}, "
-          f"exit {'in time' if exit_at is not None else 'FAIL'}")  # fmt: skip
+    print(
+        f"REST {'PASS' if ok_rest else 'FAIL'}, gRPC {'PASS' if ok_grpc else 'FAIL'}, "
+        f"exit {'in time' if exit_at is not None else 'FAIL'}"
+    )
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -10,8 +10,10 @@ after another; passes when
   slot, so a slow body holds a connection, never a slot), and
 - the service is ready afterwards.
 
-    .venv/bin/python scripts/check_slow_clients.py ARTIFACT
-    .venv/bin/python scripts/check_slow_clients.py ARTIFACT --body-timeout 3 --slow 256
+    .venv/bin/python -m tests.acceptance.check_slow_clients ARTIFACT
+    .venv/bin/python -m tests.acceptance.check_slow_clients ARTIFACT --body-timeout 3 --slow 256
+
+(from the repository root: tests.acceptance is a package there)
 
 Exit 0: passed; 1: failed (what failed is printed).
 """
@@ -24,22 +26,24 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_common import fashion_images, percentile, served  # noqa: E402
+from tests.acceptance.common import fashion_images, percentile, served
 
 SLACK_S = 3.0
 
 
-async def slow_client(host: str, port: int, trickle: bool, ready: asyncio.Event,
-                      hold_s: float) -> dict:  # fmt: skip
+async def slow_client(
+    host: str, port: int, trickle: bool, ready: asyncio.Event, hold_s: float
+) -> dict:
     """Headers of an /explain with a 100 kB body, then nothing (or a byte every 0.5 s)."""
     t0 = time.monotonic()
     try:
         reader, writer = await asyncio.open_connection(host, port)
     except OSError as e:
         return {"outcome": f"connect failed: {e}", "seconds": time.monotonic() - t0}
-    writer.write(b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
-                 b"boundary=B\r\nContent-Length: 100000\r\n\r\n")  # fmt: skip
+    writer.write(
+        b"POST /explain HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+        b"boundary=B\r\nContent-Length: 100000\r\n\r\n"
+    )
     await writer.drain()
     sent = time.monotonic()
     ready.set()
@@ -61,7 +65,9 @@ async def slow_client(host: str, port: int, trickle: bool, ready: asyncio.Event,
     if first.startswith(b"HTTP/1.1 "):
         status = int(first.split()[1])
         body = await asyncio.wait_for(_rest_of_answer(reader), 5)
-        reason = "body_timeout" if b"body_timeout" in body else body[:120].decode("utf-8", "replace")
+        reason = (
+            "body_timeout" if b"body_timeout" in body else body[:120].decode("utf-8", "replace")
+        )
     else:
         reason = first.decode("utf-8", "replace") or "no answer"
     writer.close()
@@ -91,7 +97,9 @@ async def real_requests(url: str, images: list[bytes], until: asyncio.Event) -> 
                 if path == "/readyz":
                     r = await client.get(url + path)
                 else:
-                    r = await client.post(url + path, files={"images": ("x.png", image, "image/png")})
+                    r = await client.post(
+                        url + path, files={"images": ("x.png", image, "image/png")}
+                    )
             status = r.status_code
         except httpx.HTTPError as e:
             status = f"{type(e).__name__}"
@@ -103,8 +111,10 @@ async def real_requests(url: str, images: list[bytes], until: asyncio.Event) -> 
 async def scenario(url: str, slow: int, trickle: int, hold_s: float, images) -> tuple:
     host, port = url.split("//")[1].split(":")
     events = [asyncio.Event() for _ in range(slow)]
-    tasks = [asyncio.ensure_future(slow_client(host, int(port), i < trickle, events[i], hold_s))
-             for i in range(slow)]  # fmt: skip
+    tasks = [
+        asyncio.ensure_future(slow_client(host, int(port), i < trickle, events[i], hold_s))
+        for i in range(slow)
+    ]
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 30)
     connected = time.monotonic()
     stop = asyncio.Event()
@@ -126,13 +136,23 @@ async def real_requests_once(url, images) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--slow", type=int, default=256, help="slow connections (256)")
-    ap.add_argument("--trickle", type=int, default=0,
-                    help="of those, how many send a byte every 0.5 s instead of nothing")
-    ap.add_argument("--body-timeout", type=float, default=10.0,
-                    help="PROTONMF_BODY_TIMEOUT_S for the server (10, the default)")
+    ap.add_argument(
+        "--trickle",
+        type=int,
+        default=0,
+        help="of those, how many send a byte every 0.5 s instead of nothing",
+    )
+    ap.add_argument(
+        "--body-timeout",
+        type=float,
+        default=10.0,
+        help="PROTONMF_BODY_TIMEOUT_S for the server (10, the default)",
+    )
     ap.add_argument("--max-latency", type=float, default=2.0)
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args(argv)
@@ -141,7 +161,8 @@ def main(argv=None) -> int:
     hold_s = args.body_timeout + SLACK_S + 5  # how long a slow client waits for its answer
     with served(args.artifact, workers=args.workers, env=env) as s:
         slow, during, after, hung_for = asyncio.run(
-            scenario(s.url, args.slow, args.trickle, hold_s, images))
+            scenario(s.url, args.slow, args.trickle, hold_s, images)
+        )
         import httpx
 
         ready = httpx.get(f"{s.url}/readyz", timeout=5).status_code == 200
@@ -151,17 +172,21 @@ def main(argv=None) -> int:
     slow_408 = [r["seconds"] for r in slow if r["outcome"] == 408 and r["reason"] == "body_timeout"]
     lat = [r["seconds"] for r in during]
     bad = [r for r in during + after if r["status"] != 200 or r["seconds"] > args.max_latency]
-    print(f"{args.slow} slow connections ({args.trickle} trickling), body timeout "
-          f"{args.body_timeout:g} s, held open {hung_for:.1f} s: outcomes {outcomes}")  # fmt: skip
+    print(
+        f"{args.slow} slow connections ({args.trickle} trickling), body timeout "
+        f"{args.body_timeout:g} s, held open {hung_for:.1f} s: outcomes {outcomes}"
+    )
     if slow_408:
         print(f"  408 after {min(slow_408):.2f}–{max(slow_408):.2f} s")
-    print(f"real requests while they hung: {len(during)}, non-200 or over {args.max_latency:g} s: "
-          f"{len(bad)}; latency p50 {percentile(lat, 50) * 1000:.0f} ms, p99 "
-          f"{percentile(lat, 99) * 1000:.0f} ms, max {max(lat, default=0) * 1000:.0f} ms")  # fmt: skip
+    print(
+        f"real requests while they hung: {len(during)}, non-200 or over {args.max_latency:g} s: "
+        f"{len(bad)}; latency p50 {percentile(lat, 50) * 1000:.0f} ms, p99 "
+        f"{percentile(lat, 99) * 1000:.0f} ms, max {max(lat, default=0) * 1000:.0f} ms"
+    )
     for r in bad[:20]:
         print("  ", r)
     late = [s_ for s_ in slow_408 if s_ > args.body_timeout + SLACK_S]
-    ok = (len(slow_408) == args.slow and not late and not bad and len(during) >= 3 and ready)
+    ok = len(slow_408) == args.slow and not late and not bad and len(during) >= 3 and ready
     if len(slow_408) != args.slow:
         print(f"FAIL: {args.slow - len(slow_408)} slow connections without a 408 body_timeout")
     if late:

@@ -1,7 +1,7 @@
-"""Shared by the acceptance scripts (scripts/check_*.py; not a check itself): the served
-process (tests/served.py), the Fashion test images, worker processes and their memory.
+"""Shared by the acceptance checks (tests/acceptance/check_*.py; not a check itself): the
+served process (tests/served.py), the Fashion test images, worker processes and their memory.
 
-Every script serves the artifact it is given on free loopback ports, in its own
+Every check serves the artifact it is given on free loopback ports, in its own
 BENTOML_HOME under a temporary folder, and stops it by PID (process group) at the end.
 """
 
@@ -13,16 +13,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "tests") not in sys.path:
-    sys.path.insert(0, str(REPO / "tests"))
+from tests.served import Served, serve
 
-from served import Served, serve  # noqa: E402
-
+REPO = Path(__file__).resolve().parents[2]
 FASHION_TEST = REPO / "data" / "fashion-mnist" / "test"
 WORKER_MARK = "_bentoml_impl.worker"
 
-__all__ = ["REPO", "Served", "served", "fashion_images", "worker_pids", "memory", "percentile"]
+__all__ = [
+    "REPO",
+    "Served",
+    "served",
+    "fashion_images",
+    "worker_pids",
+    "memory",
+    "percentile",
+    "mib",
+]
 
 
 @contextlib.contextmanager
@@ -38,8 +44,10 @@ def served(artifact: Path, workers: int = 1, env: dict | None = None, keep: Path
             try:
                 yield s
             except BaseException:
-                print("--- server log tail ---\n" + s.log.read_text(errors="replace")[-3000:],
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    "--- server log tail ---\n" + s.log.read_text(errors="replace")[-3000:],
+                    file=sys.stderr,
+                )
                 raise
 
 
@@ -77,7 +85,10 @@ def memory(pid: int) -> dict[str, int]:
     except OSError:
         return {}
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    return {"rss": int(fields["VmRSS"].split()[0]) << 10, "peak": int(fields["VmHWM"].split()[0]) << 10}
+    return {
+        "rss": int(fields["VmRSS"].split()[0]) << 10,
+        "peak": int(fields["VmHWM"].split()[0]) << 10,
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
