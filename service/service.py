@@ -26,7 +26,6 @@ import signal
 from pathlib import Path
 
 import bentoml
-import orjson
 from bentoml.exceptions import BentoMLException
 from PIL import Image
 from starlette.responses import Response
@@ -38,11 +37,11 @@ from protonmf.service.grpc.server import GrpcServer
 from protonmf.service.oip.rest import V2Root
 from protonmf.service.oip.rest import build_app as build_oip_app
 from protonmf.service.ops.errors import InvalidInput, ServiceError
-from protonmf.service.ops.metrics import METRICS
 from protonmf.service.ops.observability import ApiKeys, configure_logging, initialize
 from protonmf.service.ops.settings import Settings
 from protonmf.service.rest import bentoml_fixes
 from protonmf.service.rest.guard import RequestGuard
+from protonmf.service.rest.responses import error_response, json_response
 from protonmf.service.rest.webui import app as ui_app
 
 SETTINGS = Settings.from_env()  # the decorator below needs the worker count now
@@ -51,31 +50,13 @@ bentoml_fixes.document_errors()
 ENDPOINTS = ("classify", "explain", "overlay", "prototypes", "prototype_image", "model")
 
 
-def _json(body: dict, status: int = 200, headers: dict | None = None) -> Response:
-    """JSON encoded once by orjson. Returning a dict made BentoML rebuild the output schema,
-    run pydantic's model_dump twice and json.dumps per response: ~2 ms of the event loop
-    per /explain image (profiled, 2 vCPUs). NaN/Inf become null."""
-    return Response(
-        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
-
-
-def _error(e: ServiceError) -> Response:
-    METRICS.rejected.labels(reason=e.reason).inc()
-    retry = getattr(e, "retry_after_s", None)
-    return _json(e.to_dict(), e.status, {"Retry-After": str(retry)} if retry else None)
-
-
 async def _answer(work, media_type: str | None = None) -> Response:
     """The engine's answer (a dict, or bytes of ``media_type``) or its typed error."""
     try:
         result = await work
     except ServiceError as e:
-        return _error(e)
-    return _json(result) if media_type is None else Response(result, media_type=media_type)
+        return error_response(e)
+    return json_response(result) if media_type is None else Response(result, media_type=media_type)
 
 
 def _read(images: list[Path], images_base64: list[str]) -> list[bytes]:
@@ -219,7 +200,7 @@ class ProtoNMFService:
     @bentoml.api(output_spec=S.ModelInfo)
     def model(self) -> dict:
         """Classes, p, coefficients, prototype descriptions, artifact identity, provider."""
-        return _json(self.engine.model_info())
+        return json_response(self.engine.model_info())
 
 
 ProtoNMFService.add_asgi_middleware(V2Root)  # GET /v2 without Starlette's redirect to /v2/

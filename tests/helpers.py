@@ -274,3 +274,19 @@ def stub_core(spec, limits=None):
         tensors={"coefficients": np.ones((10, 3), np.float32)},
     )
     return Model(explainer, limits)
+
+
+def memory_exporter():
+    """An in-memory span exporter on this process's tracer provider (set once)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+        provider = trace.get_tracer_provider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter

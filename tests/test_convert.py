@@ -16,15 +16,22 @@ from PIL import Image
 
 from protonmf.analysis.evaluate import explanation_residual
 from protonmf.artifact import load_tensors
-from protonmf.converter.convert import ConvertConfig, convert, exactness, logits_of
-from protonmf.converter.models import ModelSource, UnsupportedModelError, analyse_head, load_model
-from protonmf.converter.reexport import reexport
-from protonmf.converter.verify import verify
 from protonmf.data import load_image_folder
 from protonmf.graph import GraphSession
 from protonmf.sample_data import lite0_checkpoint
 
-torch = pytest.importorskip("torch")  # the converter's tests; the unit tier runs without it
+# the converter's tests: skipped where only the serving extra is installed (no torch)
+torch = pytest.importorskip("torch")
+
+from protonmf.converter.convert import ConvertConfig, convert, exactness, logits_of  # noqa: E402
+from protonmf.converter.models import (  # noqa: E402
+    ModelSource,
+    UnsupportedModelError,
+    analyse_head,
+    load_model,
+)
+from protonmf.converter.reexport import reexport  # noqa: E402
+from protonmf.converter.verify import verify  # noqa: E402
 
 
 def torch_parity(artifact, data):

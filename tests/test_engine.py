@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import pytest
-from helpers import FASHION_DATA, run_images
+from helpers import FASHION_DATA, memory_exporter, run_images
 from PIL import Image
 
 from protonmf import explain
@@ -134,16 +134,4 @@ def test_oip_images_decode_in_the_decode_processes_with_the_engines_spans(
 
 @pytest.fixture
 def exporter():
-    """An in-memory span exporter on this process's tracer provider."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        trace.set_tracer_provider(TracerProvider())
-        provider = trace.get_tracer_provider()
-    memory = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    return memory
+    return memory_exporter()

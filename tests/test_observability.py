@@ -9,7 +9,7 @@ import time
 import grpc
 import httpx
 import pytest
-from helpers import FASHION_DATA
+from helpers import FASHION_DATA, memory_exporter
 from served import serve
 
 from protonmf.service.grpc.server import pb, pb_grpc
@@ -216,22 +216,6 @@ def test_grpc_over_tls(make_engine, tmp_path):
     assert plaintext == "UNAVAILABLE"
 
 
-def _memory_exporter():
-    """An in-memory span exporter on this process's tracer provider (set once)."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        trace.set_tracer_provider(TracerProvider())
-        provider = trace.get_tracer_provider()
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
-
-
 def test_a_traced_request_exports_decode_infer_explain_spans(make_engine):
     """The data plane's spans: decode, infer, explain (over REST they sit under BentoML's
     server span); a gRPC call opens its server span, continuing the caller's trace from
@@ -239,7 +223,7 @@ def test_a_traced_request_exports_decode_infer_explain_spans(make_engine):
     from protonmf.service.engine.options import ExplainOptions
     from protonmf.service.grpc.server import ProtoNMFServicer, add_servicer
 
-    exporter = _memory_exporter()
+    exporter = memory_exporter()
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
     async def scenario():

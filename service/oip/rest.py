@@ -43,7 +43,7 @@ from protonmf import __version__ as PROTONMF_VERSION
 from protonmf.artifact import normalize
 from protonmf.service.engine.options import ExplainOptions, Intervention
 from protonmf.service.ops.errors import InvalidInput, NotReady, PayloadTooLarge, ServiceError
-from protonmf.service.ops.metrics import METRICS
+from protonmf.service.rest.responses import error_response, json_response
 
 __all__ = ["MODEL_VERSION", "ModelNotFound", "OipModel", "V2Root", "build_app"]
 
@@ -459,23 +459,6 @@ class OipModel:
 # --- REST -----------------------------------------------------------------------------------
 
 
-def _json(body: dict, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(
-        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
-
-
-def _error(e: ServiceError) -> Response:
-    """The protocol's error body ``{"error": "..."}`` (with the service's reason and status
-    beside it, as its REST errors have), the typed error's status code."""
-    METRICS.rejected.labels(reason=e.reason).inc()
-    retry = getattr(e, "retry_after_s", None)
-    return _json(e.to_dict(), e.status, {"Retry-After": str(retry)} if retry else None)
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -631,35 +614,37 @@ def build_app(
             try:
                 return await func(request)
             except ServiceError as e:
-                return _error(e)
+                return error_response(e)
             except ClientDisconnect:
                 return Response(status_code=499)
 
         return endpoint
 
     async def live(request: Request) -> Response:
-        return _json({"live": True})
+        return json_response({"live": True})
 
     async def ready(request: Request) -> Response:
         try:
             ok = model().engine.ready
         except ServiceError:
             ok = False
-        return _json({"ready": ok}, 200 if ok else 503)
+        return json_response({"ready": ok}, 200 if ok else 503)
 
     async def server_metadata(request: Request) -> Response:
-        return _json({"name": model_name, "version": PROTONMF_VERSION, "extensions": EXTENSIONS})
+        return json_response(
+            {"name": model_name, "version": PROTONMF_VERSION, "extensions": EXTENSIONS}
+        )
 
     async def model_metadata(request: Request) -> Response:
         m = model()
         m.check_name(request.path_params["name"], request.path_params.get("version"))
-        return _json(m.metadata())
+        return json_response(m.metadata())
 
     async def model_ready(request: Request) -> Response:
         m = model()
         m.check_name(request.path_params["name"], request.path_params.get("version"))
         ok = bool(m.engine.ready)
-        return _json({"name": m.name, "ready": ok}, 200 if ok else 503)
+        return json_response({"name": m.name, "ready": ok}, 200 if ok else 503)
 
     async def infer(request: Request) -> Response:
         m = model()
