@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from protonmf.artifact import ArtifactError, Preprocessing, sha256_file
+from protonmf.artifact.manifest import Manifest
 
 __all__ = [
     "HeadSpec",
@@ -60,7 +61,7 @@ class ModelSource:
 def recorded_model(manifest: dict) -> nn.Module:
     """The timm model an artifact was converted from, as its manifest records it; refused
     if the weights there are not the ones converted (SHA-256)."""
-    b = manifest["backbone"]
+    b = Manifest.of(manifest).backbone
     source = ModelSource(b["model"], b.get("checkpoint"), b.get("model_kwargs"))
     model = load_model(source)
     if b.get("weights_sha256") and source.weights_sha256 != b["weights_sha256"]:

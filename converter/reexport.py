@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from protonmf.artifact import (
-    Preprocessing,
     kept_files,
     load_manifest,
     load_tensors,
     scratch,
     write_artifact,
 )
+from protonmf.artifact.manifest import Manifest
 from protonmf.converter.exemplars import presence_filters
 from protonmf.converter.export import export_onnx, graph_spec
 from protonmf.converter.models import analyse_head, recorded_model
@@ -38,10 +38,11 @@ def prototype_model(
 ) -> ProtoModel:
     """The artifact's prototype model on its original backbone, in the given head modes
     (k: the artifact's when None; presence: with Eq. 9's presence maps)."""
+    info = Manifest.of(manifest)
     model = recorded_model(manifest)
-    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    prep = info.preprocessing
     head = analyse_head(model, torch.randn(2, prep.channels, prep.height, prep.width))
-    k = k or manifest["graph"].get("k") or manifest["conversion"].get("k") or 5
+    k = k or (info.graph and info.graph.k) or info.conversion.get("k") or 5
     return ProtoModel(
         model,
         head,
@@ -66,7 +67,7 @@ def reexport(
     if "presence_filters" not in tensors:  # before format 4
         tensors["presence_filters"] = presence_filters(tensors["prototypes"]).astype("float32")
     proto = prototype_model(manifest, tensors, maps, scores, k, presence)
-    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    prep = Manifest.of(manifest).preprocessing
     input_shape = (prep.channels, prep.height, prep.width)
     manifest = dict(manifest)
     variants = manifest.pop("variants", None) or {}

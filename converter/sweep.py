@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from protonmf.analysis.evaluate import head_logits, heldout_samples
-from protonmf.artifact import Preprocessing, load_manifest
+from protonmf.artifact import load_manifest
+from protonmf.artifact.manifest import Manifest
 from protonmf.converter.convert import ConvertConfig, _device, _run_nmf, extract_features
 from protonmf.converter.head import fit_coefficients, fold_residual
 from protonmf.converter.models import analyse_head, recorded_model
@@ -33,11 +34,12 @@ log = logging.getLogger(__name__)
 
 def _config(manifest: dict, device: str) -> ConvertConfig:
     """The NMF/head settings the artifact was converted with (defaults for older records)."""
-    conv = manifest["conversion"]
+    info = Manifest.of(manifest)
+    conv = info.conversion
     names = {f.name for f in dataclasses.fields(ConvertConfig)} - {"model", "data", "out", "device"}
     known = {k: v for k, v in conv.items() if k in names}
     return ConvertConfig(
-        model=manifest["backbone"]["model"], data=conv["data"], out="", device=device, **known
+        model=info.backbone["model"], data=conv["data"], out="", device=device, **known
     )
 
 
@@ -68,9 +70,10 @@ def sweep(
         cfg.max_per_class = min(max_per_class, cfg.max_per_class or max_per_class)
     dev = _device(device)
     batch_size = batch_size or cfg.batch_size
-    classes = manifest["classes"]
+    info = Manifest.of(manifest)
+    classes = info.classes
     model = recorded_model(manifest).to(dev)
-    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    prep = info.preprocessing
     torch.manual_seed(cfg.seed)
     probe = torch.randn(2, prep.channels, prep.height, prep.width, device=dev)
     head = analyse_head(model, probe)

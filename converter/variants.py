@@ -19,7 +19,6 @@ import numpy as np
 
 from protonmf.artifact import (
     MODEL_FILE,
-    Preprocessing,
     kept_files,
     load_manifest,
     load_tensors,
@@ -27,6 +26,7 @@ from protonmf.artifact import (
     scratch,
     write_artifact,
 )
+from protonmf.artifact.manifest import Manifest
 from protonmf.data import load_samples
 
 __all__ = ["add_variants"]
@@ -36,9 +36,10 @@ VARIANT_FILES = {"int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 
 
 def _images(manifest, folder, limit):
-    samples = load_samples(folder, manifest["classes"])
+    info = Manifest.of(manifest)
+    samples = load_samples(folder, info.classes)
     step = max(1, len(samples) // limit)
-    spec = Preprocessing.from_dict(manifest["preprocessing"])
+    spec = info.preprocessing
     return np.stack([preprocess(s.open(), spec) for s in samples[::step][:limit]])
 
 
@@ -156,7 +157,8 @@ def add_variants(
                 raise ValueError(f"unknown variant {kind!r}; choose from {sorted(VARIANT_FILES)}")
             out = Path(tmp) / VARIANT_FILES[kind]
             if kind == "int8":
-                keep = _prototype_convs(fp32, len(manifest["classes"]) * manifest["p"])
+                info = Manifest.of(manifest)
+                keep = _prototype_convs(fp32, len(info.classes) * info.p)
                 _quantize_int8(fp32, out, calib, keep)
             else:
                 _to_fp16(fp32, out)

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from protonmf.artifact import Preprocessing, preprocess
+from protonmf.artifact import preprocess
+from protonmf.artifact.manifest import Manifest
 from protonmf.converter.convert import exactness
 from protonmf.converter.models import recorded_model
 from protonmf.data import load_samples
@@ -18,7 +19,7 @@ __all__ = ["verify"]
 
 
 def default_data(manifest: dict) -> str:
-    conv = manifest["conversion"]
+    conv = Manifest.of(manifest).conversion
     data = conv.get("heldout") or conv.get("data")
     if not data or not Path(data).exists():
         raise FileNotFoundError(
@@ -34,9 +35,9 @@ def verify(
     explainer = GraphSession.load(artifact, device=device)
     manifest = explainer.manifest
     data = data or default_data(manifest)
-    samples = load_samples(data, manifest["classes"])[:max_images]
+    samples = load_samples(data, explainer.info.classes)[:max_images]
     model = recorded_model(manifest)
-    prep = Preprocessing.from_dict(manifest["preprocessing"])
+    prep = explainer.info.preprocessing
     want, got = [], []
     with torch.no_grad():
         for i in tqdm(range(0, len(samples), batch_size), desc="verify", disable=not progress):

@@ -314,50 +314,13 @@ class GraphSession:
         on CUDA). ``cuda_graphs`` (PROTONMF_CUDA_GRAPHS): one CUDA graph per size of
         ``buckets`` (``BucketGraphs``, bound buffers of its own); refused without CUDA or
         buckets."""
-        if io_binding not in ("auto", "on", "off"):
-            raise ValueError(f"io_binding must be 'auto', 'on' or 'off', got {io_binding!r}")
-        if cuda_graphs:
-            # (CUDA graphs bind their own buffers: IOBinding whatever ``io_binding`` says)
-            problem = (
-                "needs batch buckets, and PROTONMF_BATCH_BUCKETS is off"
-                if not buckets
-                else "runs on CUDA only, and the device is cpu"
-                if device == "cpu"
-                else None
-            )
-            if problem:
-                raise ValueError(f"{GRAPHS_SETTING} {problem}")
+        _check_run_modes(io_binding, cuda_graphs, buckets, device)
         artifact_dir = Path(artifact_dir)
         manifest = load_manifest(artifact_dir)
-        info = Manifest.of(manifest)
-        if MODEL_FILE not in info.files:
-            raise ArtifactError(f"{artifact_dir} has no {MODEL_FILE}: re-run `protonmf convert`")
-        graph = MODEL_FILE
-        if variant != "fp32":
-            known = info.variants
-            if variant not in known:
-                raise ArtifactError(
-                    f"{artifact_dir} has no {variant!r} graph (has: fp32"
-                    f"{''.join(', ' + k for k in known)}); see `protonmf variants`"
-                )
-            graph = known[variant].file
+        graph = _graph_file(artifact_dir, Manifest.of(manifest), variant)
         tensors = load_tensors(artifact_dir, manifest)
-        if cuda_graphs:
-            cuda = {**(cuda or {}), "graphs": True}
-        try:
-            session, provider = create_session(
-                artifact_dir / graph, device, threads, spinning, cuda
-            )
-        except Exception as e:  # noqa: BLE001
-            # onnxruntime refuses enable_cuda_graph at session creation with exception
-            # classes of its private module (pybind11's, deriving from Exception only)
-            if not cuda_graphs or isinstance(e, ProviderError):
-                raise
-            raise ProviderError(
-                f"onnxruntime could not create the session with {GRAPHS_SETTING} "
-                f"on (a CUDA graph needs every node on the CUDA provider): "
-                f"{e}"
-            ) from e
+        path = artifact_dir / graph
+        session, provider = _session(path, device, threads, spinning, cuda, cuda_graphs)
         check_graph(artifact_dir, manifest, session)
         on_cuda = provider == "CUDAExecutionProvider"
         if cuda_graphs and not on_cuda:
@@ -430,3 +393,44 @@ class GraphSession:
         """Runs per batch size before ready: 1; with CUDA graphs the regular runs, the
         capture and one replay (``BucketGraphs``)."""
         return 1 if self.graphs is None else BucketGraphs.REGULAR_RUNS + 2
+
+
+def _check_run_modes(io_binding: str, cuda_graphs: bool, buckets, device: str) -> None:
+    if io_binding not in ("auto", "on", "off"):
+        raise ValueError(f"io_binding must be 'auto', 'on' or 'off', got {io_binding!r}")
+    # (CUDA graphs bind their own buffers: IOBinding whatever ``io_binding`` says)
+    if cuda_graphs and not buckets:
+        raise ValueError(f"{GRAPHS_SETTING} needs batch buckets, and PROTONMF_BATCH_BUCKETS is off")
+    if cuda_graphs and device == "cpu":
+        raise ValueError(f"{GRAPHS_SETTING} runs on CUDA only, and the device is cpu")
+
+
+def _graph_file(artifact_dir: Path, info: Manifest, variant: str) -> str:
+    """The ONNX file of ``variant``: model.onnx for fp32, else the manifest's variant."""
+    if MODEL_FILE not in info.files:
+        raise ArtifactError(f"{artifact_dir} has no {MODEL_FILE}: re-run `protonmf convert`")
+    if variant == "fp32":
+        return MODEL_FILE
+    if variant not in info.variants:
+        raise ArtifactError(
+            f"{artifact_dir} has no {variant!r} graph (has: fp32"
+            f"{''.join(', ' + k for k in info.variants)}); see `protonmf variants`"
+        )
+    return info.variants[variant].file
+
+
+def _session(path: Path, device, threads, spinning, cuda, cuda_graphs: bool):
+    """``create_session``, with a CUDA graph's refusal said as what it is."""
+    if cuda_graphs:
+        cuda = {**(cuda or {}), "graphs": True}
+    try:
+        return create_session(path, device, threads, spinning, cuda)
+    except Exception as e:  # noqa: BLE001
+        # onnxruntime refuses enable_cuda_graph at session creation with exception
+        # classes of its private module (pybind11's, deriving from Exception only)
+        if not cuda_graphs or isinstance(e, ProviderError):
+            raise
+        raise ProviderError(
+            f"onnxruntime could not create the session with {GRAPHS_SETTING} "
+            f"on (a CUDA graph needs every node on the CUDA provider): {e}"
+        ) from e

@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from protonmf.artifact import Preprocessing, preprocess  # noqa: E402
-from protonmf.data import read_idx  # noqa: E402
+from protonmf.artifact import Preprocessing, preprocess
+from protonmf.data import read_idx
 
 CLASS_NAMES = [
     "tshirt_top",

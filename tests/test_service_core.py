@@ -18,6 +18,7 @@ from helpers import (
 from PIL import Image
 
 from protonmf.service.decode.images import Limits, decode_image
+from protonmf.service.engine.explanations import heatmap_entries
 from protonmf.service.engine.model import Model
 from protonmf.service.engine.options import ExplainOptions, Intervention
 from protonmf.service.engine.pipeline import Engine
@@ -371,7 +372,7 @@ def test_heatmaps_equal_the_per_map_reference(core, percentile):
     maps[1] = 0.25  # constant map: every cell is hot
     maps[2, 3:, :] = 0.0  # ties at the bottom
     maps[3] = np.round(maps[3], 1)  # many ties
-    got = core.explanations._heatmaps(maps, percentile)
+    got = heatmap_entries(maps, percentile, (core.model.spec.height, core.model.spec.width))
     want = [
         _heatmap_reference(m, percentile, core.model.spec.height, core.model.spec.width)
         for m in maps

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from protonmf import explain
 from protonmf.artifact import normalize, resize_crop
+from protonmf.artifact.manifest import Manifest
 from protonmf.data import load_samples
 from protonmf.graph import GraphSession
 
@@ -81,11 +82,12 @@ def evenly_spread(n: int, m: int | None) -> np.ndarray:
 def heldout_samples(manifest: dict, data=None, max_images: int | None = None):
     """The labelled images to evaluate on: ``data`` or the artifact's held-out images, an
     evenly spread ``max_images`` of them. Returns (samples, data path)."""
-    conv = manifest["conversion"]
+    info = Manifest.of(manifest)
+    conv = info.conversion
     data = data or conv.get("heldout") or conv.get("data")
     if not data or not Path(data).exists():
         raise FileNotFoundError(f"no labelled images at {data}; pass --data DIR")
-    samples = load_samples(data, manifest["classes"])
+    samples = load_samples(data, info.classes)
     return [samples[i] for i in evenly_spread(len(samples), max_images)], data
 
 
@@ -137,7 +139,7 @@ def explained_share(manifest: dict, tensors: dict) -> dict:
     energy, ratio = explain.explained_share(tensors, explain.folds(manifest))
     per_class = {
         name: {"energy": _number(e), "norm_ratio": _number(r)}
-        for name, e, r in zip(manifest["classes"], energy, ratio, strict=True)
+        for name, e, r in zip(Manifest.of(manifest).classes, energy, ratio, strict=True)
     }
     return {
         "per_class": per_class,
@@ -369,7 +371,7 @@ def faithfulness(
     if steps < 2:
         raise ValueError(f"--faith-steps must be >= 2, got {steps}")
     spec = explainer.preprocessing
-    name = explainer.manifest["graph"]["input"]["name"]
+    name = explainer.info.graph.input.name
 
     run_batch = max(batch_size, 128)  # thousands of runs: larger batches run faster
 
@@ -474,10 +476,30 @@ def evaluate(
     """
     t0 = time.perf_counter()
     explainer = GraphSession.load(artifact, device=device)
-    manifest, tensors = explainer.manifest, explainer.tensors
-    samples, data = heldout_samples(manifest, data, max_images)
-    labels = np.array([s.label for s in samples])
-    faith_idx = set(evenly_spread(len(samples), faith_images).tolist())
+    samples, data = heldout_samples(explainer.manifest, data, max_images)
+    faith_idx = sorted(set(evenly_spread(len(samples), faith_images).tolist()))
+    run = _run_images(explainer, samples, set(faith_idx), batch_size, progress)
+    t_main = time.perf_counter() - t0
+    report = _accuracy(explainer, run, data)
+    report.update(_explanation_figures(explainer, run))
+    t1 = time.perf_counter()
+    if not faithfulness_on:
+        report["faithfulness"] = _unavailable("skipped (--no-faithfulness)")
+    elif run["faith_maps"] is None:
+        report["faithfulness"] = _unavailable("the graph has no similarity maps (--maps none)")
+    else:
+        report["faithfulness"] = _faithfulness(
+            explainer, run, faith_idx, faith_steps, batch_size, progress
+        )
+    report["seconds"] = {
+        "graph": round(t_main, 2),
+        "faithfulness": round(time.perf_counter() - t1, 2),
+    }
+    return report
+
+
+def _run_images(explainer, samples, faith_idx: set, batch_size: int, progress: bool) -> dict:
+    """One pass of the graph over ``samples``: what every figure needs, concatenated."""
     spec = explainer.preprocessing
     keep = {k: [] for k in ("logits", "residual", "pooled", "pred", "contributions")}
     faith = {"crops": [], "maps": []}
@@ -487,74 +509,81 @@ def evaluate(
         pixel_sum = pixel_sum + crops.sum(0, dtype=np.float64)
         out = explainer.run(normalize(crops, spec))
         pred, contributions, maps = _predicted_terms(out)
-        keep["logits"].append(out["logits"])
-        keep["residual"].append(explanation_residual(out))
-        keep["pooled"].append(out.get("pooled"))
-        keep["pred"].append(pred)
-        keep["contributions"].append(contributions)
+        terms = {
+            "logits": out["logits"],
+            "residual": explanation_residual(out),
+            "pooled": out.get("pooled"),
+            "pred": pred,
+            "contributions": contributions,
+        }
+        for key, value in terms.items():
+            keep[key].append(value)
         rows = [j for j in range(len(crops)) if i + j in faith_idx]
         faith["crops"].append(crops[rows])
         faith["maps"].append(None if maps is None else maps[rows])
-    logits = np.concatenate(keep["logits"])
-    pred = np.concatenate(keep["pred"])
-    contributions = np.concatenate(keep["contributions"])
-    pooled = None if keep["pooled"][0] is None else np.concatenate(keep["pooled"])
-    t_main = time.perf_counter() - t0
+    run = {k: np.concatenate(v) for k, v in keep.items() if k != "pooled"}
+    run["pooled"] = None if keep["pooled"][0] is None else np.concatenate(keep["pooled"])
+    run["labels"] = np.array([s.label for s in samples])
+    run["mean_image"] = (pixel_sum / len(samples)).astype(np.float32)
+    run["faith_crops"] = np.concatenate(faith["crops"])
+    run["faith_maps"] = None if faith["maps"][0] is None else np.concatenate(faith["maps"])
+    return run
 
+
+def _accuracy(explainer, run: dict, data) -> dict:
+    logits, labels = run["logits"], run["labels"]
     top5 = np.argsort(-logits, axis=1)[:, :5]
-    per_class = {}
-    for c in np.unique(labels):
-        mask = labels == c
-        per_class[explainer.classes[c]] = float((logits[mask].argmax(1) == c).mean())
-    report = {
+    per_class = {
+        explainer.classes[c]: float((logits[labels == c].argmax(1) == c).mean())
+        for c in np.unique(labels)
+    }
+    return {
         "top1_accuracy": float((logits.argmax(1) == labels).mean()),
         "top5_accuracy": float((top5 == labels[:, None]).any(1).mean()),
         "n_images": int(len(labels)),
-        "max_explanation_residual": float(np.concatenate(keep["residual"]).max()),
+        "max_explanation_residual": float(run["residual"].max()),
         "per_class_top1": per_class,
         "provider": explainer.provider,
         "data": str(Path(data).resolve()),
     }
-    no_pooled = (
-        "the graph has no 'pooled' output (an all-class graph before format 4): "
-        "re-export the artifact with `protonmf export`"
-    )
+
+
+def _explanation_figures(explainer, run: dict) -> dict:
+    """Ablation, residual and explained shares, intervention (module docstring)."""
+    manifest, tensors = explainer.manifest, explainer.tensors
+    logits, pooled, pred, labels = run["logits"], run["pooled"], run["pred"], run["labels"]
+    figures = {}
     if pooled is None:
-        report["ablation"] = _unavailable(no_pooled)
-        report["residual_share"] = _unavailable(no_pooled)
-    else:
-        report["ablation"] = ablation(manifest, tensors, logits, pooled, labels)
-        report["residual_share"] = residual_share(manifest, tensors, logits, pooled, pred)
-    report["explained_share"] = explained_share(manifest, tensors)
-    report["intervention"] = intervention(
-        logits, pred, contributions, tensors["coefficients"], labels
-    )
-    t1 = time.perf_counter()
-    if not faithfulness_on:
-        report["faithfulness"] = _unavailable("skipped (--no-faithfulness)")
-    elif faith["maps"][0] is None:
-        report["faithfulness"] = _unavailable("the graph has no similarity maps (--maps none)")
-    else:
-        rows = sorted(faith_idx)
-        p_original = _softmax(logits[rows])[np.arange(len(rows)), pred[rows]]
-        mean_image = (pixel_sum / len(samples)).astype(np.float32)
-        report["faithfulness"] = faithfulness(
-            explainer,
-            np.concatenate(faith["crops"]),
-            np.concatenate(faith["maps"]),
-            contributions[rows],
-            pred[rows],
-            p_original,
-            mean_image,
-            faith_steps,
-            batch_size,
-            progress,
+        no_pooled = _unavailable(
+            "the graph has no 'pooled' output (an all-class graph before format 4): "
+            "re-export the artifact with `protonmf export`"
         )
-    report["seconds"] = {
-        "graph": round(t_main, 2),
-        "faithfulness": round(time.perf_counter() - t1, 2),
-    }
-    return report
+        figures["ablation"] = figures["residual_share"] = no_pooled
+    else:
+        figures["ablation"] = ablation(manifest, tensors, logits, pooled, labels)
+        figures["residual_share"] = residual_share(manifest, tensors, logits, pooled, pred)
+    figures["explained_share"] = explained_share(manifest, tensors)
+    figures["intervention"] = intervention(
+        logits, pred, run["contributions"], tensors["coefficients"], labels
+    )
+    return figures
+
+
+def _faithfulness(explainer, run, rows, steps, batch_size, progress) -> dict:
+    logits, pred = run["logits"], run["pred"]
+    p_original = _softmax(logits[rows])[np.arange(len(rows)), pred[rows]]
+    return faithfulness(
+        explainer,
+        run["faith_crops"],
+        run["faith_maps"],
+        run["contributions"][rows],
+        pred[rows],
+        p_original,
+        run["mean_image"],
+        steps,
+        batch_size,
+        progress,
+    )
 
 
 def format_report(report: dict) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from protonmf.artifact.manifest import Manifest
 from protonmf.artifact.store import ArtifactError
 
 __all__ = ["EXEMPLARS_FILE", "KINDS", "Exemplars", "load_exemplars", "save_exemplars"]
@@ -79,13 +80,13 @@ def save_exemplars(path: str | os.PathLike, ex: Exemplars) -> None:
     save_file(tensors, str(path), metadata={"sources": json.dumps(ex.sources)})
 
 
-def load_exemplars(artifact_dir: str | os.PathLike, manifest: dict) -> Exemplars | None:
+def load_exemplars(artifact_dir: str | os.PathLike, manifest: dict | Manifest) -> Exemplars | None:
     """The artifact's exemplars checked against its manifest, or None if it has none
     (older formats, or converted with ``--exemplars 0``). The file's checksum is checked by
     ``load_manifest``."""
     from safetensors import safe_open
 
-    info = manifest.get("exemplars")
+    info = Manifest.of(manifest).exemplars
     if not info:
         return None
     path = Path(artifact_dir) / info.get("file", EXEMPLARS_FILE)
@@ -109,11 +110,12 @@ def load_exemplars(artifact_dir: str | os.PathLike, manifest: dict) -> Exemplars
 
 
 def _check(ex: Exemplars, manifest: dict, path: Path) -> None:
-    C, p = len(manifest["classes"]), manifest["p"]
-    H, W = manifest["feature_grid"]
-    m = manifest["exemplars"].get("m")
-    pre = manifest["preprocessing"]
-    crop = (pre["height"], pre["width"]) + (() if pre.get("color_mode") == "L" else (3,))
+    info = Manifest.of(manifest)
+    C, p = len(info.classes), info.p
+    H, W = info.feature_grid
+    m = info.exemplars.get("m")
+    pre = info.preprocessing
+    crop = (pre.height, pre.width) + (() if pre.color_mode == "L" else (3,))
     problems = []
     if not ex.index:
         problems.append("no exemplar kinds")

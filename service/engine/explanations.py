@@ -15,7 +15,7 @@ from protonmf.service.engine.model import Model
 from protonmf.service.engine.options import ExplainOptions
 from protonmf.service.ops.metrics import METRICS, class_label, stage
 
-__all__ = ["Explanations"]
+__all__ = ["Explanations", "heatmap_entries"]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -26,6 +26,49 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def _finite(x) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def heatmap_entries(
+    maps: np.ndarray, percentile: float, crop_hw: tuple[int, int], kind: str = "similarity"
+) -> list[dict]:
+    """One class's p maps (p, H, W) → per map: values, peak, and the box around the cells
+    at or above the map's ``percentile``, in feature cells and in the input crop's pixels
+    (``crop_hw``). All maps at once: per-map numpy calls were most of /explain's CPU time
+    (9 maps per image at top-3)."""
+    n, H, W = maps.shape
+    flat = maps.reshape(n, -1)
+    hot = maps >= np.percentile(flat, percentile, axis=1)[:, None, None]  # (n, H, W)
+    rows, cols = hot.any(2), hot.any(1)  # (n, H), (n, W); each has a True: the max is hot
+    top, left = rows.argmax(1), cols.argmax(1)
+    bottom, right = H - rows[:, ::-1].argmax(1), W - cols[:, ::-1].argmax(1)
+    peak_row, peak_col = np.divmod(flat.argmax(1), W)
+    values = np.round(maps, 5).tolist()
+    sy, sx = crop_hw[0] / H, crop_hw[1] / W
+    return [
+        {
+            "kind": kind,
+            "shape": [H, W],
+            "values": values[i],
+            "peak": {"row": int(peak_row[i]), "col": int(peak_col[i])},
+            "box": {
+                "percentile": percentile,
+                "feature": {
+                    "top": int(top[i]),
+                    "left": int(left[i]),
+                    "bottom": int(bottom[i]),
+                    "right": int(right[i]),
+                },
+                # in the model's input crop (preprocessing.height × width pixels)
+                "input": {
+                    "top": int(top[i]) * sy,
+                    "left": int(left[i]) * sx,
+                    "bottom": int(bottom[i]) * sy,
+                    "right": int(right[i]) * sx,
+                },
+            },
+        }
+        for i in range(n)
+    ]
 
 
 class Explanations:
@@ -168,7 +211,12 @@ class Explanations:
         maps = None
         if options.heatmaps:
             kind = options.map_kind
-            maps = self._heatmaps(self.class_maps(out, c, rank, kind), options.box_percentile, kind)
+            maps = heatmap_entries(
+                self.class_maps(out, c, rank, kind),
+                options.box_percentile,
+                (self.spec.height, self.spec.width),
+                kind,
+            )
         for i in range(self.p):
             proto = {
                 "prototype": i,
@@ -184,47 +232,6 @@ class Explanations:
                 proto["heatmap"] = maps[i]
             entry["prototypes"].append(proto)
         return entry
-
-    def _heatmaps(
-        self, maps: np.ndarray, percentile: float, kind: str = "similarity"
-    ) -> list[dict]:
-        """One class's p maps (p, H, W) → per map: values, peak, and the box around the cells
-        at or above the map's ``percentile``. All maps at once: per-map numpy calls were
-        most of /explain's CPU time (9 maps per image at top-3)."""
-        n, H, W = maps.shape
-        flat = maps.reshape(n, -1)
-        hot = maps >= np.percentile(flat, percentile, axis=1)[:, None, None]  # (n, H, W)
-        rows, cols = hot.any(2), hot.any(1)  # (n, H), (n, W); each has a True: the max is hot
-        top, left = rows.argmax(1), cols.argmax(1)
-        bottom, right = H - rows[:, ::-1].argmax(1), W - cols[:, ::-1].argmax(1)
-        peak_row, peak_col = np.divmod(flat.argmax(1), W)
-        values = np.round(maps, 5).tolist()
-        sy, sx = self.spec.height / H, self.spec.width / W
-        return [
-            {
-                "kind": kind,
-                "shape": [H, W],
-                "values": values[i],
-                "peak": {"row": int(peak_row[i]), "col": int(peak_col[i])},
-                "box": {
-                    "percentile": percentile,
-                    "feature": {
-                        "top": int(top[i]),
-                        "left": int(left[i]),
-                        "bottom": int(bottom[i]),
-                        "right": int(right[i]),
-                    },
-                    # in the model's input crop (preprocessing.height × width pixels)
-                    "input": {
-                        "top": int(top[i]) * sy,
-                        "left": int(left[i]) * sx,
-                        "bottom": int(bottom[i]) * sy,
-                        "right": int(right[i]) * sx,
-                    },
-                },
-            }
-            for i in range(n)
-        ]
 
     def top_classes(self, logits: np.ndarray, k: int) -> list[int]:
         return [int(c) for c in np.argsort(-logits, kind="stable")[:k]]

@@ -479,15 +479,7 @@ def parse_infer_request(
 ) -> tuple[list[InputTensor], list[tuple[str, dict]] | None, dict, dict, object]:
     """HTTP/JSON (and binary tensor extension) request → inputs, outputs (name, parameters;
     None if not given), request parameters, per-output "binary_data" wishes, and its id."""
-    if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise InvalidInput(
-                "Inference-Header-Content-Length must be the JSON header's size in bytes",
-                "bad_header_length",
-            )
-        head, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
-    else:
-        head, binary = body, memoryview(b"")
+    head, binary = _split_body(body, header_length)
     try:
         request = orjson.loads(head)
     except orjson.JSONDecodeError as e:
@@ -497,8 +489,27 @@ def parse_infer_request(
     params = request.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object", "bad_request")
+    inputs = _inputs(request["inputs"], binary)
+    outputs, binary_wish = _outputs(request.get("outputs"))
+    return inputs, outputs, params, binary_wish, request.get("id")
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """The JSON header and the binary tensor data after it (the binary extension)."""
+    if header_length is None:
+        return body, memoryview(b"")
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise InvalidInput(
+            "Inference-Header-Content-Length must be the JSON header's size in bytes",
+            "bad_header_length",
+        )
+    return body[: int(header_length)], memoryview(body)[int(header_length) :]
+
+
+def _inputs(items: list, binary: memoryview) -> list[InputTensor]:
+    """The request's input tensors: JSON ``data`` or their slice of the binary data."""
     inputs, offset = [], 0
-    for i, t in enumerate(request["inputs"]):
+    for i, t in enumerate(items):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             raise InvalidInput(f"inputs[{i}] must be an object with a name", "bad_request")
         name = t["name"]
@@ -510,8 +521,7 @@ def parse_infer_request(
             if (
                 isinstance(size, bool)
                 or not isinstance(size, int)
-                or size < 0
-                or offset + size > len(binary)
+                or not 0 <= size <= len(binary) - offset
             ):
                 raise InvalidInput(
                     f"input {name!r}: binary_data_size {size!r} does not fit the "
@@ -530,21 +540,26 @@ def parse_infer_request(
         raise InvalidInput(
             f"{len(binary) - offset} bytes of binary data belong to no input", "bad_tensor"
         )
-    outputs, binary_wish = None, {}
-    if request.get("outputs") is not None:
-        if not isinstance(request["outputs"], list):
-            raise InvalidInput("'outputs' must be a list", "bad_request")
-        outputs = []
-        for i, o in enumerate(request["outputs"]):
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise InvalidInput(f"outputs[{i}] must be an object with a name", "bad_request")
-            oparams = o.get("parameters") or {}
-            if not isinstance(oparams, dict):
-                raise InvalidInput(f"outputs[{i}].parameters must be an object", "bad_request")
-            if "binary_data" in oparams:
-                binary_wish[o["name"]] = _bool(oparams, "binary_data", False)
-            outputs.append((o["name"], oparams))
-    return inputs, outputs, params, binary_wish, request.get("id")
+    return inputs
+
+
+def _outputs(items) -> tuple[list[tuple[str, dict]] | None, dict]:
+    """The outputs asked for (None: not said) and their "binary_data" wishes."""
+    if items is None:
+        return None, {}
+    if not isinstance(items, list):
+        raise InvalidInput("'outputs' must be a list", "bad_request")
+    outputs, binary_wish = [], {}
+    for i, o in enumerate(items):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise InvalidInput(f"outputs[{i}] must be an object with a name", "bad_request")
+        oparams = o.get("parameters") or {}
+        if not isinstance(oparams, dict):
+            raise InvalidInput(f"outputs[{i}].parameters must be an object", "bad_request")
+        if "binary_data" in oparams:
+            binary_wish[o["name"]] = _bool(oparams, "binary_data", False)
+        outputs.append((o["name"], oparams))
+    return outputs, binary_wish
 
 
 def infer_response(
@@ -588,6 +603,84 @@ class V2Root:
         await self.app(scope, receive, send)
 
 
+class _Routes:
+    """The v2 REST routes over the worker's engine (``get_engine()``; None: not loaded)."""
+
+    def __init__(self, get_engine, model_name: str, max_body_bytes: int | None):
+        self.get_engine, self.model_name, self.max_body_bytes = (
+            get_engine,
+            model_name,
+            max_body_bytes,
+        )
+        self._models: dict[int, OipModel] = {}
+
+    def model(self) -> OipModel:
+        engine = self.get_engine()
+        if engine is None:
+            raise NotReady("the model is not loaded yet; retry shortly", "not_ready")
+        m = self._models.get(id(engine))
+        if m is None or m.engine is not engine:
+            self._models.clear()
+            m = self._models[id(engine)] = OipModel(engine, self.model_name)
+        return m
+
+    def named(self, request: Request) -> OipModel:
+        m = self.model()
+        m.check_name(request.path_params["name"], request.path_params.get("version"))
+        return m
+
+    async def live(self, request: Request) -> Response:
+        return json_response({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        try:
+            ok = self.model().engine.ready
+        except ServiceError:
+            ok = False
+        return json_response({"ready": ok}, 200 if ok else 503)
+
+    async def server_metadata(self, request: Request) -> Response:
+        body = {"name": self.model_name, "version": PROTONMF_VERSION, "extensions": EXTENSIONS}
+        return json_response(body)
+
+    async def model_metadata(self, request: Request) -> Response:
+        return json_response(self.named(request).metadata())
+
+    async def model_ready(self, request: Request) -> Response:
+        m = self.named(request)
+        ok = bool(m.engine.ready)
+        return json_response({"name": m.name, "ready": ok}, 200 if ok else 503)
+
+    async def infer(self, request: Request) -> Response:
+        m = self.named(request)
+        if request.headers.get("content-encoding", "identity") != "identity":
+            raise InvalidInput(
+                "compressed request bodies are not supported", "unsupported_encoding"
+            )
+        limit = self.max_body_bytes or m.engine.settings.body_bytes()
+        body = await _read_body(request, limit)
+        inputs, outputs, params, binary, request_id = parse_infer_request(
+            body, request.headers.get(HEADER_LENGTH)
+        )
+        default_binary = _bool(params, "binary_data_output", False)
+        tensors = await m.infer(inputs, outputs, params)
+        return infer_response(m, tensors, request_id, binary, default_binary)
+
+
+def _handled(func):
+    """``func``'s answer; a typed error as its response; 499 for a client gone."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await func(request)
+        except ServiceError as e:
+            return error_response(e)
+        except ClientDisconnect:
+            return Response(status_code=499)
+
+    return endpoint
+
+
 def build_app(
     get_engine: Callable[[], object | None],
     model_name: str = "protonmf",
@@ -597,80 +690,16 @@ def build_app(
     worker's Engine, or None while there is none (everything but liveness answers 503).
     ``max_body_bytes``: default the engine's ``settings.body_bytes()`` (the RequestGuard's
     limit for the service's own endpoints does not reach mounted apps)."""
-    models: dict[int, OipModel] = {}
-
-    def model() -> OipModel:
-        engine = get_engine()
-        if engine is None:
-            raise NotReady("the model is not loaded yet; retry shortly", "not_ready")
-        m = models.get(id(engine))
-        if m is None or m.engine is not engine:
-            models.clear()
-            m = models[id(engine)] = OipModel(engine, model_name)
-        return m
-
-    def handled(func):
-        async def endpoint(request: Request) -> Response:
-            try:
-                return await func(request)
-            except ServiceError as e:
-                return error_response(e)
-            except ClientDisconnect:
-                return Response(status_code=499)
-
-        return endpoint
-
-    async def live(request: Request) -> Response:
-        return json_response({"live": True})
-
-    async def ready(request: Request) -> Response:
-        try:
-            ok = model().engine.ready
-        except ServiceError:
-            ok = False
-        return json_response({"ready": ok}, 200 if ok else 503)
-
-    async def server_metadata(request: Request) -> Response:
-        return json_response(
-            {"name": model_name, "version": PROTONMF_VERSION, "extensions": EXTENSIONS}
-        )
-
-    async def model_metadata(request: Request) -> Response:
-        m = model()
-        m.check_name(request.path_params["name"], request.path_params.get("version"))
-        return json_response(m.metadata())
-
-    async def model_ready(request: Request) -> Response:
-        m = model()
-        m.check_name(request.path_params["name"], request.path_params.get("version"))
-        ok = bool(m.engine.ready)
-        return json_response({"name": m.name, "ready": ok}, 200 if ok else 503)
-
-    async def infer(request: Request) -> Response:
-        m = model()
-        m.check_name(request.path_params["name"], request.path_params.get("version"))
-        if request.headers.get("content-encoding", "identity") != "identity":
-            raise InvalidInput(
-                "compressed request bodies are not supported", "unsupported_encoding"
-            )
-        limit = max_body_bytes or m.engine.settings.body_bytes()
-        body = await _read_body(request, limit)
-        inputs, outputs, params, binary, request_id = parse_infer_request(
-            body, request.headers.get(HEADER_LENGTH)
-        )
-        default_binary = _bool(params, "binary_data_output", False)
-        tensors = await m.infer(inputs, outputs, params)
-        return infer_response(m, tensors, request_id, binary, default_binary)
-
+    r = _Routes(get_engine, model_name, max_body_bytes)
     routes = [
-        Route("/health/live", handled(live), methods=["GET"]),
-        Route("/health/ready", handled(ready), methods=["GET"]),
-        Route("/", handled(server_metadata), methods=["GET"]),
+        Route("/health/live", _handled(r.live), methods=["GET"]),
+        Route("/health/ready", _handled(r.ready), methods=["GET"]),
+        Route("/", _handled(r.server_metadata), methods=["GET"]),
     ]
     for base in ("/models/{name}", "/models/{name}/versions/{version}"):
         routes += [
-            Route(base, handled(model_metadata), methods=["GET"]),
-            Route(base + "/ready", handled(model_ready), methods=["GET"]),
-            Route(base + "/infer", handled(infer), methods=["POST"]),
+            Route(base, _handled(r.model_metadata), methods=["GET"]),
+            Route(base + "/ready", _handled(r.model_ready), methods=["GET"]),
+            Route(base + "/infer", _handled(r.infer), methods=["POST"]),
         ]
     return Starlette(routes=routes)
