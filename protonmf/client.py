@@ -351,6 +351,18 @@ class _GrpcBase:
     """``channels`` > 1: that many connections, calls spread round-robin over them — how
     one client reaches several server workers (one connection stays on one worker)."""
 
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 60.0,
+        max_message_bytes: int = 256 << 20,
+        channels: int = 1,
+    ):
+        import grpc
+
+        self._grpc = grpc
+        self._open(self._channel_factory(grpc), target, timeout, max_message_bytes, channels)
+
     def _open(
         self, channel_factory, target: str, timeout: float, max_message_bytes: int, channels: int
     ) -> None:
@@ -390,17 +402,9 @@ class _GrpcBase:
 class GrpcClient(_GrpcBase):
     """Calls a ProtoNMF service's gRPC API (protonmf.v1, grpcio)."""
 
-    def __init__(
-        self,
-        target: str,
-        timeout: float = 60.0,
-        max_message_bytes: int = 256 << 20,
-        channels: int = 1,
-    ):
-        import grpc
-
-        self._grpc = grpc
-        self._open(grpc.insecure_channel, target, timeout, max_message_bytes, channels)
+    @staticmethod
+    def _channel_factory(grpc):
+        return grpc.insecure_channel
 
     def _call(self, method, request):
         try:
@@ -459,18 +463,11 @@ class AsyncGrpcClient(_GrpcBase):
     """GrpcClient's methods as coroutines (grpc.aio); create it inside the event loop it
     is used in."""
 
-    def __init__(
-        self,
-        target: str,
-        timeout: float = 60.0,
-        max_message_bytes: int = 256 << 20,
-        channels: int = 1,
-    ):
-        import grpc
+    @staticmethod
+    def _channel_factory(grpc):
         import grpc.aio
 
-        self._grpc = grpc
-        self._open(grpc.aio.insecure_channel, target, timeout, max_message_bytes, channels)
+        return grpc.aio.insecure_channel
 
     async def _call(self, method, request):
         try:

@@ -155,8 +155,10 @@ def check_graph(artifact_dir, manifest: dict | Manifest, session) -> None:
 
 
 GRAPHS_SETTING = "PROTONMF_CUDA_GRAPHS"
-# onnxruntime's tensor types → numpy: BucketGraphs allocates every input and output itself
-_NUMPY_TYPES = {
+# onnxruntime's tensor types → numpy (BucketGraphs allocates every input and output itself;
+# the OIP adapter names its datatypes from it)
+NUMPY_TYPES = {
+    "tensor(uint8)": np.uint8,
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
@@ -217,7 +219,7 @@ class BucketGraphs:
         self.session, self.device = session, device
         inp, outputs = session.get_inputs()[0], session.get_outputs()
         for meta in (inp, *outputs):
-            if meta.type not in _NUMPY_TYPES or not all(isinstance(d, int) for d in meta.shape[1:]):
+            if meta.type not in NUMPY_TYPES or not all(isinstance(d, int) for d in meta.shape[1:]):
                 raise ValueError(
                     f"{GRAPHS_SETTING}: {meta.name!r} is {meta.type} {meta.shape}; "
                     "a graph's buffers need fixed dimensions besides the batch"
@@ -225,7 +227,7 @@ class BucketGraphs:
 
         def buffer(meta, n: int):
             return ort.OrtValue.ortvalue_from_shape_and_type(
-                [n, *meta.shape[1:]], _NUMPY_TYPES[meta.type], device, device_id
+                [n, *meta.shape[1:]], NUMPY_TYPES[meta.type], device, device_id
             )
 
         self.buckets: dict[int, _Bucket] = {}

@@ -67,31 +67,10 @@ class Model:
         )
 
     @classmethod
-    def load(
-        cls,
-        artifact: str | os.PathLike,
-        device: str = "cpu",
-        threads: int | None = None,
-        limits: Limits | None = None,
-        variant: str = "fp32",
-        spinning: bool = True,
-        cuda: dict | None = None,
-        io_binding: str = "off",
-        cuda_graphs: bool = False,
-        buckets=None,
-    ) -> Model:
-        """``io_binding``, ``cuda_graphs``, ``buckets``: see ``GraphSession.load``."""
-        graph = GraphSession.load(
-            Path(artifact),
-            device,
-            threads,
-            variant,
-            spinning,
-            cuda,
-            io_binding=io_binding,
-            cuda_graphs=cuda_graphs,
-            buckets=buckets,
-        )
+    def load(cls, artifact: str | os.PathLike, limits: Limits | None = None, **graph) -> Model:
+        """``graph``: ``GraphSession.load``'s options (device, threads, variant, spinning,
+        cuda, io_binding, cuda_graphs, buckets)."""
+        graph = GraphSession.load(Path(artifact), **graph)
         # exemplars are read once here (thumbnails and maps: ~1 MB for Fashion's 10 classes)
         return cls(graph, limits, load_exemplars(artifact, graph.manifest))
 

@@ -41,6 +41,7 @@ from starlette.routing import Route
 
 from protonmf import __version__ as PROTONMF_VERSION
 from protonmf.artifact import normalize
+from protonmf.graph import NUMPY_TYPES
 from protonmf.service.engine.options import ExplainOptions, Intervention
 from protonmf.service.ops.errors import InvalidInput, NotReady, PayloadTooLarge, ServiceError
 from protonmf.service.rest.responses import error_response, json_response
@@ -69,15 +70,7 @@ NP_OF = {
     "FP64": np.float64,
 }
 DATATYPE_OF = {np.dtype(t): name for name, t in NP_OF.items()}
-ORT_TYPES = {
-    "tensor(float)": "FP32",
-    "tensor(float16)": "FP16",
-    "tensor(double)": "FP64",
-    "tensor(int64)": "INT64",
-    "tensor(int32)": "INT32",
-    "tensor(uint8)": "UINT8",
-    "tensor(bool)": "BOOL",
-}
+ORT_TYPES = {ort: DATATYPE_OF[np.dtype(t)] for ort, t in NUMPY_TYPES.items()}
 
 
 class ModelNotFound(ServiceError):
