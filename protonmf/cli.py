@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from protonmf.artifact.manifest import Manifest
 from protonmf.artifact.store import ArtifactError, load_manifest
 
 # The folder the protonmf package is imported from: the source checkout, or site-packages
@@ -247,36 +248,49 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-def _summary(m: dict, path) -> str:
-    d = m["diagnostics"]
-    ex = d["torch_exactness"]
+def _summary(manifest: dict, path) -> str:
+    m = Manifest.of(manifest)
+    d, conv, graph = m.diagnostics, m.conversion, m.graph
+    ex = d.torch_exactness
+    grid = "x".join(map(str, m.feature_grid or ()))
     lines = [
-        f"ProtoNMF artifact {path} (format v{m['format_version']}, protonmf {m['protonmf_version']})",
-        f"  backbone     {m['backbone'].get('architecture')} ({m['backbone']['model']})",
-        f"  head         {m['head']['kind']}, features {m['feature_dim']} x "
-        f"{m['feature_grid'][0]}x{m['feature_grid'][1]}",
-        f"  classes      {d['classes_total']} ({d['classes_explained']} explained by prototypes)",
-        f"  prototypes   p={m['p']} per class, solver {m['conversion']['solver']}, "
-        f"{m['conversion']['n_images']} images",
-        f"  guarded      {len(d['guarded_classes'])} classes folded by the min-norm split",
-        f"  rebuild      max ||sum a b' - V|| / ||V|| = {d['max_rebuild_rel_error']:.2e}",
-        f"  exactness    torch: max rel logit diff {ex['max_rel_logit_diff']:.2e}, "
-        f"top-1 agreement {ex['top1_agreement']:.2%} on {ex['n_images']} images",
-        *_onnx_line(d.get("onnx_exactness")),
-        f"  exemplars    {_exemplars_text(m.get('exemplars'))}",
-        f"  graph        {', '.join(m['graph']['outputs'])} (opset {m['graph']['opset']}; "
-        f"scores {m['graph'].get('scores')}, maps {m['graph'].get('maps')})",
-        f"  input        {m['graph']['input']['shape']} {m['preprocessing']['color_mode']}",
+        f"ProtoNMF artifact {path} (format v{m.format_version}, protonmf {m.protonmf_version})",
+        f"  backbone     {m.backbone.get('architecture')} ({m.backbone.get('model')})",
+        f"  head         {m.head.kind}, features {m.feature_dim} x {grid}",
+        f"  classes      {d.classes_total} ({d.classes_explained} explained by prototypes)",
+        f"  prototypes   p={m.p} per class, solver {conv.get('solver')}, "
+        f"{conv.get('n_images')} images",
+        f"  guarded      {len(d.guarded_classes)} classes folded by the min-norm split",
+        f"  rebuild      max ||sum a b' - V|| / ||V|| = {_sci(d.max_rebuild_rel_error)}",
+        *_torch_line(ex),
+        *_onnx_line(d.onnx_exactness),
+        f"  exemplars    {_exemplars_text(m.exemplars)}",
+        f"  graph        {', '.join(graph.outputs)} (opset {graph.opset}; "
+        f"scores {graph.scores}, maps {graph.maps})",
+        f"  input        {graph.input.shape} {m.preprocessing.color_mode}",
     ]
     return "\n".join(lines)
 
 
-def _onnx_line(ex: dict | None) -> list[str]:
-    if not ex:
+def _sci(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2e}"
+
+
+def _torch_line(ex) -> list[str]:
+    if ex is None:
+        return []
+    return [
+        f"  exactness    torch: max rel logit diff {ex.max_rel_logit_diff:.2e}, "
+        f"top-1 agreement {ex.top1_agreement:.2%} on {ex.n_images} images"
+    ]
+
+
+def _onnx_line(ex) -> list[str]:
+    if ex is None:
         return []  # artifacts before format 4
     return [
-        f"  exactness    onnx ({ex['provider']}): max rel logit diff "
-        f"{ex['max_rel_logit_diff']:.2e}, top-1 agreement {ex['top1_agreement']:.2%}"
+        f"  exactness    onnx ({ex.provider}): max rel logit diff "
+        f"{ex.max_rel_logit_diff:.2e}, top-1 agreement {ex.top1_agreement:.2%}"
     ]
 
 

@@ -41,5 +41,8 @@ def test_typed_view_of_a_real_manifest(fashion_artifact):
     assert m.folds == [d["fold"] for d in raw["diagnostics"]["per_class"]]
     assert m.graph.maps == raw["graph"]["maps"] and m.preprocessing.height == 56
     assert m.layer_norm_eps is None  # Fashion's head is plain linear
-    assert m.model_extra["feature_dim"] == raw["feature_dim"]  # unknown to the model: kept
+    assert m.feature_dim == raw["feature_dim"] and m.diagnostics.onnx_exactness.n_images > 0
+    first = raw["diagnostics"]["per_class"][0]
+    assert m.diagnostics.per_class[0].model_extra["nmf_iterations"] == first["nmf_iterations"]
+    assert Manifest.of({**raw, "added_later": 1}).model_extra["added_later"] == 1  # kept
     assert Manifest.of(m) is m

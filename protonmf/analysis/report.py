@@ -41,6 +41,7 @@ from markupsafe import Markup
 from protonmf import explain
 from protonmf.artifact import load_manifest, load_tensors
 from protonmf.artifact.exemplars import load_exemplars
+from protonmf.artifact.manifest import Manifest
 
 __all__ = ["build_report", "class_shares", "run_evaluation", "write_report"]
 
@@ -1075,19 +1076,19 @@ def _folds(manifest: dict) -> list[str | None]:
 
 
 def _artifact_meta(artifact: Path, manifest: dict, ex) -> list[tuple[str, str]]:
-    diag = manifest.get("diagnostics", {})
-    backbone = manifest.get("backbone", {})
+    m = Manifest.of(manifest)
+    diag = m.diagnostics
+    explained = "?" if diag.classes_explained is None else diag.classes_explained
     meta = {
         "artifact": artifact.resolve(),
-        "format": f"v{manifest.get('format_version')} (protonmf {manifest.get('protonmf_version')})",
-        "created": manifest.get("created"),
-        "backbone": f"{backbone.get('architecture')} ({backbone.get('model')})",
-        "head": manifest.get("head", {}).get("kind"),
-        "classes": f"{len(manifest['classes'])} ({diag.get('classes_explained', '?')} explained "
-        "by prototypes)",
-        "prototypes": f"p = {manifest.get('p')} per class, features {manifest.get('feature_dim')}"
-        f" × {'×'.join(map(str, manifest.get('feature_grid', [])))}",
-        "rebuild": f"max ‖Σa b′ − V‖/‖V‖ = {_fmt(diag.get('max_rebuild_rel_error'))}",
+        "format": f"v{m.format_version} (protonmf {m.protonmf_version})",
+        "created": m.created,
+        "backbone": f"{m.backbone.get('architecture')} ({m.backbone.get('model')})",
+        "head": m.head.kind,
+        "classes": f"{len(m.classes)} ({explained} explained by prototypes)",
+        "prototypes": f"p = {m.p} per class, features {m.feature_dim}"
+        f" × {'×'.join(map(str, m.feature_grid or ()))}",
+        "rebuild": f"max ‖Σa b′ − V‖/‖V‖ = {_fmt(diag.max_rebuild_rel_error)}",
         "exemplars": (
             f"{ex.m} per prototype, kinds {', '.join(ex.kinds)}, {len(ex.thumbnails)} images"
             if ex is not None

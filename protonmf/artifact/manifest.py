@@ -29,10 +29,27 @@ class ClassDiagnostics(BaseModel):
     fold: str = "sum"  # Eq. 8's even split; "class_vector" / "no_images": prototype 0 is V
 
 
+class Exactness(BaseModel):
+    """The graph (or the rebuilt torch model) against the black box on held-out images."""
+
+    model_config = _OPEN
+
+    max_rel_logit_diff: float
+    top1_agreement: float = Field(ge=0, le=1)
+    n_images: int = Field(ge=0)
+    provider: str | None = None
+
+
 class Diagnostics(BaseModel):
     model_config = _OPEN
 
     per_class: list[ClassDiagnostics] = Field(default_factory=list)
+    classes_total: int | None = None
+    classes_explained: int | None = None
+    guarded_classes: list[str] = Field(default_factory=list)
+    max_rebuild_rel_error: float | None = None
+    torch_exactness: Exactness | None = None
+    onnx_exactness: Exactness | None = None
 
 
 class GraphInput(BaseModel):
@@ -51,6 +68,7 @@ class GraphSpec(BaseModel):
     scores: str = "all"  # "all" | "topk" (format 1 graphs: all)
     k: int | None = Field(default=None, ge=1)
     presence: bool = False
+    opset: int | None = None
 
 
 class HeadInfo(BaseModel):
@@ -77,6 +95,7 @@ class Manifest(BaseModel):
     classes: list[str] = Field(min_length=1)
     class_descriptions: list[str] | None = None
     p: int = Field(ge=1)
+    feature_dim: int | None = Field(default=None, ge=1)
     feature_grid: tuple[int, int] | None = None  # the service needs it, the store does not
     head: HeadInfo = Field(default_factory=HeadInfo)
     backbone: dict[str, Any] = Field(default_factory=dict)
