@@ -53,6 +53,12 @@ def _add_convert(sub):
     )
     p.add_argument("--heldout", help="held-out ImageFolder for verification (overrides split)")
     p.add_argument("--max-per-class", type=int, help="cap on images per class")
+    _add_nmf_options(p)
+    _add_run_options(p)
+
+
+def _add_nmf_options(p) -> None:
+    """How the class features are factorised and the head rebuilt."""
     p.add_argument(
         "-p", "--prototypes", dest="p", type=int, default=3, help="prototypes per class (default 3)"
     )
@@ -79,6 +85,10 @@ def _add_convert(sub):
         help="guard: below this |sum a|/||a||_1 fold the residual by the "
         "minimum-norm split instead of Eq. 8's R/sum(a) (default 0.5)",
     )
+
+
+def _add_run_options(p) -> None:
+    """Where and how the conversion runs, and what it writes."""
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
@@ -485,6 +495,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarise an artifact")
     p.add_argument("artifact")
     p.add_argument("--json", action="store_true", help="print the full manifest as JSON")
+    _add_verify_evaluate(sub)
+    p = sub.add_parser(
+        "export",
+        help="write an artifact's graph again in other --maps/--scores "
+        "modes (no NMF; int8/fp16 variants are dropped)",
+    )
+    p.add_argument("artifact")
+    _add_head_modes(p)
+    p.add_argument("--out", help="write a new artifact here (default: replace ARTIFACT's graph)")
+    p = sub.add_parser("variants", help="add int8 / fp16 graphs with measured agreement")
+    p.add_argument("artifact")
+    p.add_argument("--int8", action="store_true", help="static QDQ int8 (CPU), calibrated")
+    p.add_argument("--fp16", action="store_true", help="half precision (for GPUs)")
+    _add_serve(sub)
+    _add_report(sub)
+    return ap
+
+
+def _add_verify_evaluate(sub) -> None:
     for name, text in (
         ("verify", "ONNX graph vs the original model: exactness on images"),
         ("evaluate", "accuracy of the ONNX graph on labelled images"),
@@ -534,21 +563,6 @@ def build_parser() -> argparse.ArgumentParser:
                 help="also redo NMF + head fit for each p, e.g. 1,3,5,10 (the "
                 "paper's Fig. 5 / Table 3; needs torch: features extracted once)",
             )
-    p = sub.add_parser(
-        "export",
-        help="write an artifact's graph again in other --maps/--scores "
-        "modes (no NMF; int8/fp16 variants are dropped)",
-    )
-    p.add_argument("artifact")
-    _add_head_modes(p)
-    p.add_argument("--out", help="write a new artifact here (default: replace ARTIFACT's graph)")
-    p = sub.add_parser("variants", help="add int8 / fp16 graphs with measured agreement")
-    p.add_argument("artifact")
-    p.add_argument("--int8", action="store_true", help="static QDQ int8 (CPU), calibrated")
-    p.add_argument("--fp16", action="store_true", help="half precision (for GPUs)")
-    _add_serve(sub)
-    _add_report(sub)
-    return ap
 
 
 def _add_serve(sub) -> None:

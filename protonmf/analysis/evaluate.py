@@ -397,24 +397,8 @@ def faithfulness(
         p_base = probs_fn(base[None].astype(np.float32))[0, pred]
         result["baselines"][base_name] = {}
         for sal_name, sal in saliency.items():
-            dele, ins = [], []
-            for s in range(0, len(crops), 64):  # chunks: progress, and memory for big crops
-                sl = slice(s, s + 64)
-                d, i = deletion_insertion(
-                    crops[sl],
-                    sal[sl],
-                    base,
-                    probs_fn,
-                    pred[sl],
-                    steps,
-                    run_batch,
-                    p_original[sl],
-                    p_base[sl],
-                )
-                dele.append(d)
-                ins.append(i)
-                bar.update(len(crops[sl]))
-            dele, ins = np.concatenate(dele), np.concatenate(ins)
+            args = (base, probs_fn, pred, steps, run_batch, p_original, p_base, bar)
+            dele, ins = _curves(crops, sal, *args)
             result["baselines"][base_name][sal_name] = {
                 "deletion_auc": float(auc(fractions, dele).mean()),
                 "insertion_auc": float(auc(fractions, ins).mean()),
@@ -424,6 +408,29 @@ def faithfulness(
             }
     bar.close()
     return result
+
+
+def _curves(crops, sal, base, probs_fn, pred, steps, run_batch, p_original, p_base, bar):
+    """Deletion and insertion curves (N, steps + 1) of one saliency against one baseline,
+    in chunks of 64 images (progress, and memory for big crops)."""
+    dele, ins = [], []
+    for s in range(0, len(crops), 64):
+        sl = slice(s, s + 64)
+        d, i = deletion_insertion(
+            crops[sl],
+            sal[sl],
+            base,
+            probs_fn,
+            pred[sl],
+            steps,
+            run_batch,
+            p_original[sl],
+            p_base[sl],
+        )
+        dele.append(d)
+        ins.append(i)
+        bar.update(len(crops[sl]))
+    return np.concatenate(dele), np.concatenate(ins)
 
 
 # --- the whole evaluation -------------------------------------------------------------------
