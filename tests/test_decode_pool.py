@@ -335,7 +335,7 @@ def test_close_stops_the_children_and_unlinks_shared_memory():
     async def scenario():
         pool = DecodePool(2, Limits(), RGB)
         await pool.start()
-        name = pool._shm.name
+        name = pool._slots.shm.name
         during = shm_segments()
         pid = pool.pids()[0]
         os.kill(pid, signal.SIGKILL)  # a replaced child too

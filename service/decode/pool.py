@@ -182,6 +182,84 @@ def _rebuild(head: dict) -> BaseException:
     return RuntimeError(f"decode process: {head['raise']}: {head['message']}")
 
 
+class _CropSlots:
+    """One shared-memory slot per child, where it leaves its crop (no copy through the
+    pipe); the name is unlinked at close, so nothing is left in /dev/shm."""
+
+    def __init__(self, processes: int, slot_bytes: int):
+        self.slot_bytes = slot_bytes
+        self.shm = shared_memory.SharedMemory(
+            name=f"protonmf-decode-{os.getpid()}-{secrets.token_hex(4)}",
+            create=True,
+            size=processes * slot_bytes,
+        )
+        self.array = np.ndarray((processes, slot_bytes), np.uint8, self.shm.buf)
+
+    def slot(self, index: int) -> tuple[str, int]:
+        """What child ``index`` is told: the segment's name and its slot's offset."""
+        return self.shm.name, index * self.slot_bytes
+
+    def close(self) -> None:
+        self.array = None
+        self.shm.unlink()  # the name first: nothing is left in /dev/shm, whatever happens next
+        with contextlib.suppress(BufferError):  # a view still held: unmapped with it
+            self.shm.close()
+
+
+def _read_reply(child: _Child, slots: _CropSlots | None) -> tuple[dict, np.ndarray | None]:
+    """A child's message: its JSON head and, for a crop, the crop (from its slot, or from
+    the pipe). Raises EOFError/OSError when the child is gone."""
+    head = json.loads(child.conn.recv_bytes())
+    if "ok" not in head:
+        return head, None
+    crop = np.empty(head["ok"], np.uint8)
+    if slots is None:
+        child.conn.recv_bytes_into(crop.reshape(-1))  # flat: bytes
+    else:
+        crop.reshape(-1)[:] = slots.array[child.index, : crop.size]
+    return head, crop
+
+
+class _FreeChildren:
+    """Idle children and the images waiting for one, first come first served."""
+
+    def __init__(self):
+        self.idle: deque[_Child] = deque()
+        self.waiters: deque[asyncio.Future] = deque()
+
+    async def take(self, loop) -> _Child:
+        if self.idle:
+            return self.idle.popleft()
+        waiter = loop.create_future()
+        self.waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed a child, then cancelled
+                self.give(waiter.result())
+            raise
+
+    def give(self, child: _Child) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(child)
+                return
+        self.idle.append(child)
+
+    def forget(self, child: _Child) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(child)
+
+    def fail(self, error: BaseException) -> None:
+        """Every waiting image gets ``error``; nothing is idle any more."""
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
+        self.waiters.clear()
+        self.idle.clear()
+
+
 class DecodePool:
     """``processes`` child processes decoding for one event loop (the one ``start`` ran on).
 
@@ -203,7 +281,7 @@ class DecodePool:
         if transport not in ("pipe", "shm"):
             raise ValueError(f"transport must be 'pipe' or 'shm', got {transport!r}")
         self.transport = transport
-        self._shm = self._slots = None
+        self._slots: _CropSlots | None = None  # crops back through shared memory
         self.processes = processes
         self.limits, self.spec = limits, spec
         self.timeout_s = timeout_s if timeout_s is not None else 2 * limits.max_decode_ms / 1000 + 1
@@ -212,8 +290,7 @@ class DecodePool:
         self._ctx = multiprocessing.get_context(START_METHOD)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._children: list[_Child | None] = [None] * processes
-        self._idle: deque[_Child] = deque()
-        self._waiters: deque[asyncio.Future] = deque()
+        self._free = _FreeChildren()
         self._ready: asyncio.Future | None = None
         self._closed = False
         self._observe = None
@@ -222,9 +299,8 @@ class DecodePool:
 
     async def start(self, timeout_s: float = 60.0) -> None:
         """Start the children; returns once each has imported the decoders and said ready."""
-        from protonmf.service.ops.metrics import (
-            METRICS,
-        )  # the worker's metrics (never imported in a child)
+        # the worker's metrics: imported here, never in a child
+        from protonmf.service.ops.metrics import METRICS
 
         self._observe = METRICS.stage_seconds.labels(stage="decode").observe
         self._loop = loop = asyncio.get_running_loop()
@@ -233,13 +309,7 @@ class DecodePool:
         self._ready = loop.create_future()
         try:
             if self.transport == "shm":
-                n = _crop_bytes(self.spec)
-                self._shm = shared_memory.SharedMemory(
-                    name=f"protonmf-decode-{os.getpid()}-{secrets.token_hex(4)}",
-                    create=True,
-                    size=self.processes * n,
-                )
-                self._slots = np.ndarray((self.processes, n), np.uint8, self._shm.buf)
+                self._slots = _CropSlots(self.processes, _crop_bytes(self.spec))
             spawned = await asyncio.gather(
                 *(loop.run_in_executor(None, self._spawn, i) for i in range(self.processes))
             )
@@ -257,11 +327,7 @@ class DecodePool:
             return
         self._closed = True
         stopping = NotReady("the decode processes are stopping")
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_exception(stopping)
-        self._waiters.clear()
-        self._idle.clear()
+        self._free.fail(stopping)
         children = [c for c in self._children if c is not None]
         for child in children:
             self._unwatch(child)
@@ -277,11 +343,9 @@ class DecodePool:
                 child.process.join(1.0)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(stopping)
-        if self._shm is not None:
-            shm, self._shm, self._slots = self._shm, None, None
-            shm.unlink()  # the name first: nothing is left in /dev/shm, whatever happens next
-            with contextlib.suppress(BufferError):  # a view still held: unmapped with it
-                shm.close()
+        if self._slots is not None:
+            slots, self._slots = self._slots, None
+            slots.close()
 
     def pids(self) -> list[int]:
         return [c.process.pid for c in self._children if c is not None and c.state != "dead"]
@@ -312,32 +376,18 @@ class DecodePool:
     async def _acquire(self) -> _Child:
         if self._closed:
             raise NotReady("the decode processes are stopping")
-        if self._idle:
-            return self._idle.popleft()
-        waiter = self._loop.create_future()
-        self._waiters.append(waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # handed a child, then cancelled
-                self._release(waiter.result())
-            raise
+        return await self._free.take(self._loop)
 
     def _release(self, child: _Child) -> None:
         child.state = "idle"
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(child)
-                return
-        self._idle.append(child)
+        self._free.give(child)
 
     # --- the children, seen from the event loop ------------------------------------------------
 
     def _spawn(self, index: int) -> _Child:
         """Start child ``index`` (any thread: with forkserver, a few ms)."""
         ours, theirs = self._ctx.Pipe(duplex=True)
-        slot = None if self._shm is None else (self._shm.name, index * _crop_bytes(self.spec))
+        slot = None if self._slots is None else self._slots.slot(index)
         process = self._ctx.Process(
             target=_child_main,
             args=(theirs, self.limits, self.spec, slot),
@@ -362,14 +412,7 @@ class DecodePool:
     def _on_readable(self, child: _Child) -> None:
         """A child's message: ready, a crop, an error; or end of file: it died."""
         try:
-            head = json.loads(child.conn.recv_bytes())
-            crop = None
-            if "ok" in head:
-                crop = np.empty(head["ok"], np.uint8)
-                if self._slots is None:
-                    child.conn.recv_bytes_into(crop.reshape(-1))  # flat: bytes
-                else:
-                    crop.reshape(-1)[:] = self._slots[child.index, : crop.size]
+            head, crop = _read_reply(child, self._slots)
         except (EOFError, OSError):  # it died
             self._lost(child)
             return
@@ -428,10 +471,7 @@ class DecodePool:
             return
         was, child.state = child.state, "dead"
         self._unwatch(child)
-        try:
-            self._idle.remove(child)
-        except ValueError:
-            pass
+        self._free.forget(child)
         if child.process.exitcode is None:
             child.process.kill()
         child.process.join(1.0)
