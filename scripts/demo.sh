@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export BENTOML_DO_NOT_TRACK=true
-ART=artifacts/fashion-default
+ART=${ART:-artifacts/fashion-default}
 PORT=${PORT:-3000}
 GRPC_PORT=${GRPC_PORT:-50051}
 .venv/bin/protonmf convert --out "$ART"

@@ -243,6 +243,7 @@ def stub_core(spec, limits=None):
     import numpy as np
 
     from protonmf.artifact import FORMAT_VERSION
+    from protonmf.artifact.manifest import Manifest
     from protonmf.service.engine.model import Model
 
     classes = [
@@ -268,6 +269,7 @@ def stub_core(spec, limits=None):
     }
     explainer = SimpleNamespace(
         manifest=manifest,
+        info=Manifest.of(manifest),
         preprocessing=spec,
         output_shapes={},
         provider="CPUExecutionProvider",

@@ -15,7 +15,6 @@ import numpy as np
 
 from protonmf.artifact import normalize
 from protonmf.artifact.exemplars import Exemplars, load_exemplars
-from protonmf.artifact.manifest import Manifest
 from protonmf.graph import GraphSession
 from protonmf.service.decode.images import Limits
 from protonmf.service.decode.pool import decode_crop
@@ -41,7 +40,7 @@ class Model:
         self.jpeg_decoder = None
         self.limits = limits or Limits()
         self.manifest = graph.manifest  # the dict, as written (model_info shows parts of it)
-        m = self.info = Manifest.of(graph.manifest)  # typed
+        m = self.info = graph.info  # typed (validated once, by GraphSession)
         self.classes: list[str] = m.classes
         self.descriptions: list[str] | None = m.class_descriptions
         self.spec = graph.preprocessing
